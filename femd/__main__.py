@@ -1,0 +1,5 @@
+"""``python -m femd``."""
+
+from femd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""Shared building blocks for every document femd decodes.
+
+Owns the strict base ``Struct``, the constrained string aliases and the one
+duplicate-key-refusing JSON reader. Holds no document types of its own
+(those live in ``envelope``, ``manifest``, ``policy``, ``config``).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "AbsPath",
+    "EnvName",
+    "GitCommit",
+    "GitUrl",
+    "HostPort",
+    "ImageName",
+    "KeyId",
+    "Name",
+    "RelPath",
+    "Sha256Hex",
+    "Strict",
+    "TaskId",
+    "UtcTime",
+    "DuplicateKeyError",
+    "refuse_duplicate_keys",
+]
+
+
+def _full(body: str) -> str:
+    # msgspec uses re.search and Python's `$` accepts a final "\n"; `(?!\n)` closes
+    # that (and is valid ECMA-262, so the generated JSON Schema means the same).
+    return f"^(?:{body})$(?!\\n)"
+
+
+# A path segment that is exactly ".." anywhere after the current position.
+_NO_DOTDOT = r"(?!(?:.*/)?\.\.(?:/|$))"
+
+Name = Annotated[
+    str,
+    Meta(
+        pattern=_full(r"[a-z0-9][a-z0-9._-]{0,62}"),
+        description="Lowercase name: letters, digits, `.`, `_`, `-`; at most 63.",
+    ),
+]
+TaskId = Annotated[
+    str,
+    Meta(
+        pattern=_full(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}"),
+        description="Task id (e.g. a UUID): letters, digits, `_`, `-`; no dots.",
+    ),
+]
+KeyId = Annotated[
+    str,
+    Meta(
+        pattern=_full(r"[0-9a-f]{64}"),
+        description="Lowercase hex SHA-256 of an Ed25519 public key's raw 32 bytes.",
+    ),
+]
+Sha256Hex = Annotated[str, Meta(pattern=_full(r"[0-9a-f]{64}"))]
+GitCommit = Annotated[
+    str,
+    Meta(
+        pattern=_full(r"[0-9a-f]{40}|[0-9a-f]{64}"),
+        description="A full git object id: 40 (SHA-1) or 64 (SHA-256) lowercase hex.",
+    ),
+]
+ImageName = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=512,
+        pattern=_full(r"[a-z0-9][A-Za-z0-9._/:@-]*"),
+        description="Container image reference; policy requires `@sha256:<digest>`.",
+    ),
+]
+GitUrl = Annotated[
+    str,
+    Meta(
+        max_length=2048,
+        pattern=_full(r"(?:https|ssh|git|file)://" + _NO_DOTDOT + r"[^\s?#\\]+"),
+        description="Git repository URL (https, ssh, git or file); no `..` segment.",
+    ),
+]
+AbsPath = Annotated[
+    str,
+    Meta(
+        max_length=4096,
+        pattern=_full(r"/" + _NO_DOTDOT + r"[^\x00-\x1f]*"),
+        description="Absolute path without a `..` segment.",
+    ),
+]
+RelPath = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=4096,
+        pattern=_full(r"(?!/)" + _NO_DOTDOT + r"[^\x00-\x1f]+"),
+        description="Path relative to a root, without a `..` segment.",
+    ),
+]
+EnvName = Annotated[str, Meta(pattern=_full(r"[A-Za-z_][A-Za-z0-9_]{0,127}"))]
+HostPort = Annotated[
+    str,
+    Meta(
+        max_length=300,
+        pattern=_full(r"[A-Za-z0-9*][A-Za-z0-9.*-]*:(?:[0-9]{1,5}|\*)"),
+        description="`host:port`; shell-style `*` allowed in policy patterns.",
+    ),
+]
+UtcTime = Annotated[datetime, Meta(tz=True, description="RFC 3339 time with zone.")]
+
+
+class Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Base for every document femd decodes: immutable, unknown keys rejected."""
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object has the same key twice."""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKeyError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def refuse_duplicate_keys(data: bytes) -> None:
+    """Parse *data* as JSON only to refuse any object with a repeated key.
+
+    DESIGN "manifest": a reviewer must never see one value while the node runs
+    another, and msgspec (like most parsers) silently keeps the last one.
+
+    Raises:
+        DuplicateKeyError: a key repeats in some object.
+        ValueError: the bytes are not UTF-8 JSON or nest too deeply.
+    """
+    try:
+        # SECURITY: the stdlib parser is used for this scan only; values come from
+        # msgspec's typed decode of the same bytes.
+        json.loads(data, object_pairs_hook=_pairs)
+    except RecursionError as e:
+        raise ValueError("JSON nests too deeply") from e
