@@ -62,7 +62,12 @@ class PolicyError(InputError):
     """The policy is invalid; names the file, and where known the line and field."""
 
     def __init__(
-        self, file: str, message: str, *, line: int | None = None, field: str | None = None
+        self,
+        file: str,
+        message: str,
+        *,
+        line: int | None = None,
+        field: str | None = None,
     ) -> None:
         """Build ``file:line: field: message``."""
         self.file = file

@@ -8,6 +8,7 @@ duplicate-key-refusing JSON reader. Holds no document types of its own
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -16,6 +17,7 @@ from msgspec import Meta
 
 __all__ = [
     "AbsPath",
+    "DuplicateKeyError",
     "EnvName",
     "GitCommit",
     "GitUrl",
@@ -28,7 +30,7 @@ __all__ = [
     "Strict",
     "TaskId",
     "UtcTime",
-    "DuplicateKeyError",
+    "explain",
     "refuse_duplicate_keys",
 ]
 
@@ -117,7 +119,9 @@ HostPort = Annotated[
 UtcTime = Annotated[datetime, Meta(tz=True, description="RFC 3339 time with zone.")]
 
 
-class Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Strict(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True
+):
     """Base for every document femd decodes: immutable, unknown keys rejected."""
 
 
@@ -150,3 +154,39 @@ def refuse_duplicate_keys(data: bytes) -> None:
         json.loads(data, object_pairs_hook=_pairs)
     except RecursionError as e:
         raise ValueError("JSON nests too deeply") from e
+
+
+def _descriptions() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for alias in (
+        Name,
+        TaskId,
+        KeyId,
+        GitCommit,
+        ImageName,
+        GitUrl,
+        AbsPath,
+        RelPath,
+        EnvName,
+        HostPort,
+    ):
+        for meta in getattr(alias, "__metadata__", ()):
+            if isinstance(meta, Meta) and meta.pattern and meta.description:
+                found[meta.pattern] = meta.description.rstrip(".")
+    found[Sha256Hex.__metadata__[0].pattern] = "64 lowercase hex digits"
+    return found
+
+
+_PATTERN_TEXT = _descriptions()
+_REGEX_MSG = re.compile(r"Expected `str` matching regex '(.*)'(?= - at |$)")
+
+
+def explain(message: str) -> str:
+    """Turn msgspec's "matching regex '...'" into the alias's plain description."""
+
+    def repl(m: re.Match[str]) -> str:
+        pattern = m.group(1).encode().decode("unicode_escape")
+        text = _PATTERN_TEXT.get(pattern)
+        return f"expected {text[0].lower()}{text[1:]}" if text else m.group(0)
+
+    return _REGEX_MSG.sub(repl, message)

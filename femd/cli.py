@@ -1,0 +1,257 @@
+"""The ``femd`` command line: argument parsing, output, exit codes.
+
+Owns how commands are spelled and what they print; the work is done by the
+modules they call. Every failure is one line on stderr, never a traceback:
+one ``except FemdError`` and one last-resort ``except Exception``.
+Exit codes (DESIGN "command line"): 0 ok/allow, 1 deny, 2 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NoReturn
+
+import msgspec
+
+from femd import __version__
+from femd.errors import FemdError, InputError, ManifestError, cut
+
+__all__ = ["main"]
+
+logger = logging.getLogger("femd")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not usage + error (DESIGN: one clear line for any bad input).
+        self.exit(2, f"femd: error: {message} (see `femd --help`)\n")
+
+
+def _read_input(path: str, what: str) -> bytes:
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read()
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{what} {path}: {e.strerror}") from e
+
+
+def _write_output(path: str | None, data: bytes) -> None:
+    if path is None or path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        Path(path).write_bytes(data)
+    except OSError as e:
+        raise InputError(f"output {path}: {e.strerror}") from e
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise InputError(f"--at: not an RFC 3339 time (got {cut(text)!r})") from e
+    if t.tzinfo is None:
+        raise InputError(f"--at: the time needs a zone, e.g. Z (got {cut(text)!r})")
+    return t.astimezone(UTC)
+
+
+# ---------------------------------------------------------------------------
+# commands
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from femd.keys import write_keypair
+
+    private, public, kid = write_keypair(args.name, Path(args.dir))
+    print(kid)
+    logger.info("wrote %s and %s", private, public)
+    return 0
+
+
+def _load_manifest_doc(path: str) -> bytes:
+    """Read a JSON or YAML manifest, validate it, return canonical JSON bytes."""
+    from datetime import date
+
+    from femd.manifest import Manifest, decode_manifest, encode_manifest
+    from femd.model import explain
+    from femd.yamlfile import YamlError, load_yaml
+
+    raw = _read_input(path, "manifest")
+    if raw.lstrip()[:1] == b"{":
+        manifest = decode_manifest(raw)
+    else:
+        try:
+            data, _ = load_yaml(raw)
+            manifest = msgspec.convert(
+                data, Manifest, strict=True, builtin_types=(datetime, date)
+            )
+        except YamlError as e:
+            at = f" line {e.line}" if e.line else ""
+            raise ManifestError(f"manifest {path}:{at} {e.message}") from e
+        except msgspec.ValidationError as e:
+            raise ManifestError(f"manifest: {cut(explain(str(e)), 200)}") from e
+    return encode_manifest(manifest)
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from femd import envelope
+    from femd.keys import load_private_key
+    from femd.manifest import decode_manifest
+
+    keys = [load_private_key(Path(k)) for k in args.key]
+    if args.add:
+        if args.manifest:
+            raise InputError("sign: give either MANIFEST or --add ENVELOPE, not both")
+        env, payload = envelope.decode_envelope(_read_input(args.add, "envelope"))
+        decode_manifest(payload)  # never co-sign something that is not a manifest
+        signed = envelope.add_signature(env, payload, keys)
+    else:
+        if not args.manifest:
+            raise InputError("sign: a MANIFEST file is required (or --add ENVELOPE)")
+        payload = _load_manifest_doc(args.manifest)
+        signed = envelope.sign(payload, keys)
+    _write_output(args.output, envelope.encode_envelope(signed) + b"\n")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from femd.decision import admit
+    from femd.policy import load_policy
+
+    policy = load_policy(Path(args.policy))
+    data = _read_input(args.envelope, "envelope")
+    now = _parse_time(args.at) if args.at else datetime.now(UTC)
+    node = args.node or policy.policy.node
+    verdict = admit(data, policy, node=node, now=now, skew_s=args.skew)
+    m = verdict.manifest
+    allowed = verdict.decision.allowed
+    if args.json:
+        out = {
+            "decision": "allow" if allowed else "deny",
+            "task_id": m.id if m else None,
+            "project": m.project if m else None,
+            "signers": list(verdict.signers),
+            "reasons": [
+                {"rule": r.rule.value, "message": r.message}
+                for r in verdict.decision.reasons
+            ],
+        }
+        print(json.dumps(out))
+        return 0 if allowed else 1
+    what = f"task {m.id} (project {m.project}, {type(m).__name__})" if m else "envelope"
+    print(f"{'ALLOW' if allowed else 'DENY'}: {what} on node {node}")
+    for r in verdict.decision.reasons:
+        print(f"  - {r.rule.value}: {r.message}")
+    if verdict.signers:
+        print(f"  signed by: {', '.join(verdict.signers)}")
+    check = verdict.check
+    for kid in sorted(check.unknown):
+        print(f"  note: signature from an unknown key {cut(kid, 20) or '(no keyid)'}")
+    for kid in sorted(check.invalid):
+        name = policy.keys[kid].name
+        print(f"  note: bad signature claiming signer {name!r} (ignored)")
+    return 0 if allowed else 1
+
+
+def _cmd_policy_lint(args: argparse.Namespace) -> int:
+    from femd.policy import lint_file, load_policy
+
+    problems = lint_file(Path(args.policy))
+    for p in problems:
+        print(f"femd: error: {p}", file=sys.stderr)
+    if problems:
+        return 2
+    p = load_policy(Path(args.policy)).policy
+    print(
+        f"ok: {args.policy}: node {p.node}, {len(p.signers)} signer(s), "
+        f"{len(p.projects)} project(s), {len(p.datasets)} dataset(s)"
+    )
+    return 0
+
+
+def _cmd_policy_schema(args: argparse.Namespace) -> int:
+    from femd.policy import policy_schema
+
+    print(json.dumps(policy_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="femd", description="Federated Execution Manager daemon")
+    p.add_argument("--version", action="version", version=f"femd {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("keygen", help="write NAME.key and NAME.pub, print the keyid")
+    s.add_argument("name")
+    s.add_argument("--dir", default=".", help="where to write (default: .)")
+    s.set_defaults(func=_cmd_keygen)
+
+    s = sub.add_parser("sign", help="sign a manifest (JSON or YAML) into an envelope")
+    s.add_argument("manifest", nargs="?", help="manifest file (- for stdin)")
+    s.add_argument("--key", action="append", required=True, help="private key (repeat)")
+    s.add_argument("--add", metavar="ENVELOPE", help="add signatures to this envelope")
+    s.add_argument("-o", "--output", help="write the envelope here (default stdout)")
+    s.set_defaults(func=_cmd_sign)
+
+    s = sub.add_parser("check", help="dry run: verify and decide, nothing runs")
+    s.add_argument("envelope", help="envelope file (- for stdin)")
+    s.add_argument("--policy", required=True, help="policy file or directory")
+    s.add_argument("--node", help="decide as this node (default: the policy's node)")
+    s.add_argument("--at", help="decide at this RFC 3339 time (default: now)")
+    s.add_argument("--skew", type=float, default=300, help="clock skew allowed, s")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.set_defaults(func=_cmd_check)
+
+    s = sub.add_parser("policy", help="policy tools")
+    psub = s.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
+    t = psub.add_parser("lint", help="validate a policy file or directory")
+    t.add_argument("policy")
+    t.set_defaults(func=_cmd_policy_lint)
+    t = psub.add_parser("schema", help="print the policy JSON Schema")
+    t.set_defaults(func=_cmd_policy_schema)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code (0 ok/allow, 1 deny, 2 error)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="femd: %(levelname)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except FemdError as e:
+        print(f"femd: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("femd: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2
+    except Exception as e:
+        logger.debug("internal error", exc_info=True)
+        print(
+            f"femd: internal error: {type(e).__name__}: {cut(e, 160)}", file=sys.stderr
+        )
+        return 2

@@ -1,0 +1,124 @@
+"""Ed25519 keys: generate, load, write, and name them.
+
+Owns the key file formats (PKCS#8 PEM private keys written 0600,
+SubjectPublicKeyInfo PEM public keys) and ``keyid()``. Knows nothing of
+envelopes or policies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from femd.errors import InputError, cut
+
+__all__ = [
+    "generate",
+    "keyid",
+    "load_private_key",
+    "load_public_key",
+    "public_pem",
+    "write_keypair",
+]
+
+
+def keyid(key: Ed25519PublicKey) -> str:
+    """Return the lowercase hex SHA-256 of the key's raw 32 bytes (DESIGN "keyid")."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def generate() -> Ed25519PrivateKey:
+    """Return a new Ed25519 private key."""
+    return Ed25519PrivateKey.generate()
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    """Return *key* as SubjectPublicKeyInfo PEM."""
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def write_keypair(name: str, directory: Path) -> tuple[Path, Path, str]:
+    """Write ``NAME.key`` (PKCS#8 PEM, 0600) and ``NAME.pub`` into *directory*.
+
+    Returns:
+        The private key path, the public key path and the keyid.
+
+    Raises:
+        InputError: the name is unusable or a file already exists or cannot be written.
+    """
+    if not name or "/" in name or name.startswith(".") or "\x00" in name:
+        raise InputError(f"keygen: invalid key name (got {cut(name)!r})")
+    private = directory / f"{name}.key"
+    public = directory / f"{name}.pub"
+    key = generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in (private, public):
+            if path.exists():
+                raise InputError(f"keygen: {path}: already exists, not overwritten")
+        # SECURITY: created 0600 atomically (O_EXCL), never world-readable in between.
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        public.write_bytes(public_pem(key.public_key()))
+    except OSError as e:
+        raise InputError(
+            f"keygen: cannot write keys: {e.strerror} ({e.filename})"
+        ) from e
+    return private, public, keyid(key.public_key())
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{what} {path}: {e.strerror}") from e
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """Load an Ed25519 private key from a PEM (PKCS#8) file.
+
+    Raises:
+        InputError: unreadable, not PEM, encrypted, or not Ed25519.
+    """
+    data = _read(path, "private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise InputError(
+            f"private key {path}: not an unencrypted PEM private key"
+        ) from e
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InputError(f"private key {path}: not an Ed25519 key")
+    return key
+
+
+def load_public_key(data: bytes, where: str) -> Ed25519PublicKey:
+    """Parse an Ed25519 public key from SubjectPublicKeyInfo PEM bytes.
+
+    Raises:
+        InputError: not PEM, or not Ed25519; the message starts with *where*.
+    """
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise InputError(f"{where}: not a PEM public key") from e
+    if not isinstance(key, Ed25519PublicKey):
+        raise InputError(f"{where}: not an Ed25519 public key")
+    return key

@@ -1,0 +1,174 @@
+"""The ``femd/v1`` task manifest: the signed payload of an envelope.
+
+Owns the ``Task`` and ``Cancel`` documents and ``decode_manifest()``, the one
+place their bytes are decoded. Decides nothing: whether a valid manifest may
+run is ``decision``'s business.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from femd.errors import ManifestError, cut
+from femd.model import (
+    AbsPath,
+    EnvName,
+    GitCommit,
+    GitUrl,
+    HostPort,
+    ImageName,
+    Name,
+    RelPath,
+    Strict,
+    TaskId,
+    UtcTime,
+    explain,
+    refuse_duplicate_keys,
+)
+
+__all__ = [
+    "Cancel",
+    "Input",
+    "Manifest",
+    "NetworkEgress",
+    "NetworkNone",
+    "Outputs",
+    "Resources",
+    "Source",
+    "Task",
+    "decode_manifest",
+    "encode_manifest",
+]
+
+_Arg = Annotated[str, Meta(max_length=65536)]
+
+
+class Source(Strict, kw_only=True):
+    """Code to fetch: a git repository at one exact commit."""
+
+    git: GitUrl
+    commit: GitCommit
+    path: RelPath = "."
+
+
+class Input(Strict, kw_only=True):
+    """A dataset, named as the node's policy names it, mounted read-only."""
+
+    dataset: Name
+    mount: AbsPath
+
+
+class Outputs(Strict, kw_only=True):
+    """The one writable directory whose contents are sent back, and its cap."""
+
+    path: AbsPath = "/out"
+    max_bytes: Annotated[int, Meta(ge=0)] | None = None
+
+
+class Resources(Strict, kw_only=True, omit_defaults=True):
+    """Requested limits; an omitted one is the policy's maximum for the project."""
+
+    cpus: Annotated[float, Meta(gt=0, le=1024)] | None = None
+    memory_mb: Annotated[int, Meta(ge=1)] | None = None
+    timeout_s: Annotated[int, Meta(ge=1)] | None = None
+    pids: Annotated[int, Meta(ge=1)] | None = None
+
+
+class NetworkNone(Strict, tag_field="mode", tag="none"):
+    """No network at all (the default)."""
+
+
+class NetworkEgress(Strict, tag_field="mode", tag="egress"):
+    """Outbound connections to the listed ``host:port`` only."""
+
+    allow: Annotated[tuple[HostPort, ...], Meta(min_length=1, max_length=64)]
+
+
+class _Message(Strict, tag_field="kind"):
+    api_version: Literal["femd/v1"] = msgspec.field(name="apiVersion")
+
+
+class Task(_Message, tag="Task", kw_only=True):
+    """A signed request to run one workload on the nodes it lists."""
+
+    id: TaskId
+    project: Name
+    issuer: Annotated[str, Meta(max_length=256)] | None = None
+    issued_at: UtcTime
+    expires_at: UtcTime
+    nodes: Annotated[tuple[Name, ...], Meta(min_length=1, max_length=256)]
+    launcher: Literal["podman", "process"]
+    profile: Name = "default"
+    image: ImageName | None = None
+    source: Source | None = None
+    command: Annotated[tuple[_Arg, ...], Meta(max_length=4096)] = ()
+    env: Annotated[dict[EnvName, _Arg], Meta(max_length=1024)] = msgspec.field(
+        default_factory=dict
+    )
+    inputs: Annotated[tuple[Input, ...], Meta(max_length=64)] = ()
+    outputs: Outputs = msgspec.field(default_factory=Outputs)
+    resources: Resources = msgspec.field(default_factory=Resources)
+    network: NetworkNone | NetworkEgress = msgspec.field(default_factory=NetworkNone)
+
+    def __post_init__(self) -> None:
+        """Check what one field alone cannot say (DESIGN "task manifest")."""
+        if self.expires_at <= self.issued_at:
+            raise ValueError("`expires_at` must be later than `issued_at`")
+        if self.launcher == "podman" and self.image is None:
+            raise ValueError("`image` is required when `launcher` is `podman`")
+        if self.launcher == "process" and not self.command:
+            raise ValueError("`command` is required when `launcher` is `process`")
+        if len(set(self.nodes)) != len(self.nodes):
+            raise ValueError("`nodes` lists a node twice")
+        targets = [i.mount.rstrip("/") or "/" for i in self.inputs]
+        out = self.outputs.path.rstrip("/") or "/"
+        for t in [*targets, out]:
+            if t == "/":
+                raise ValueError("a mount or output path cannot be `/`")
+        if len(set(targets)) != len(targets) or out in targets:
+            raise ValueError("`inputs` mounts and `outputs.path` must all differ")
+
+
+class Cancel(_Message, tag="Cancel", kw_only=True):
+    """A signed request to stop a queued or running task (same signers as tasks)."""
+
+    id: TaskId
+    project: Name
+    target: TaskId
+    issued_at: UtcTime
+    expires_at: UtcTime
+    nodes: Annotated[tuple[Name, ...], Meta(min_length=1, max_length=256)]
+    issuer: Annotated[str, Meta(max_length=256)] | None = None
+
+    def __post_init__(self) -> None:
+        """Check the time window is well-formed."""
+        if self.expires_at <= self.issued_at:
+            raise ValueError("`expires_at` must be later than `issued_at`")
+
+
+Manifest = Task | Cancel
+
+_decoder: Final = msgspec.json.Decoder(Manifest)
+_encoder: Final = msgspec.json.Encoder()
+
+
+def decode_manifest(payload: bytes) -> Manifest:
+    """Decode a verified payload into a ``Task`` or ``Cancel``.
+
+    Raises:
+        ManifestError: not UTF-8 JSON, a duplicate key anywhere, an unknown
+            field, a wrong type or value; the message names the field path.
+    """
+    try:
+        refuse_duplicate_keys(payload)
+        return _decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
+        raise ManifestError(f"manifest: {cut(explain(str(e)), 200)}") from e
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    """Return *manifest* as compact JSON bytes (what ``femd sign`` signs)."""
+    return _encoder.encode(manifest)

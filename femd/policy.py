@@ -1,0 +1,409 @@
+"""The node's policy, written by its data stewards: types, loading, lint.
+
+Owns the policy document (``kind: Policy``), ``load_policy()`` (one file or a
+directory of ``*.yaml`` merged in name order, key files resolved relative to
+the policy file) and ``lint()``. Errors name the file, line and field. Applying
+the policy to a task is ``decision``'s business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from datetime import date, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from msgspec import Meta
+
+from femd.errors import InputError, PolicyError
+from femd.keys import keyid, load_public_key
+from femd.model import AbsPath, HostPort, KeyId, Name, Strict, explain
+from femd.yamlfile import YamlError, field_of, line_of, load_yaml, split_error
+
+__all__ = [
+    "Dataset",
+    "Defaults",
+    "EgressPolicy",
+    "LoadedPolicy",
+    "MaxResources",
+    "OutputsPolicy",
+    "Policy",
+    "Problem",
+    "Project",
+    "Signer",
+    "SignerKey",
+    "lint",
+    "lint_file",
+    "load_policy",
+    "policy_schema",
+]
+
+_Pattern = Annotated[str, Meta(min_length=1, max_length=512)]
+
+
+class Signer(Strict, kw_only=True):
+    """A person or service whose Ed25519 key may sign tasks.
+
+    Give exactly one of `public_key_file` (a PEM file, relative to the policy
+    file) or `public_key` (the PEM text). A signer counts only for the projects
+    that list it. After `expires` (a UTC date, valid through that day) the
+    signer no longer counts and any task it signed is denied (`signer.expired`).
+    """
+
+    public_key_file: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    public_key: Annotated[str, Meta(max_length=4096)] | None = None
+    expires: date | None = None
+
+    def __post_init__(self) -> None:
+        """Exactly one source of the key."""
+        if (self.public_key_file is None) == (self.public_key is None):
+            raise ValueError("give exactly one of `public_key_file` or `public_key`")
+
+
+class Dataset(Strict, kw_only=True):
+    """A dataset on this node; only the policy knows its host path."""
+
+    path: AbsPath
+
+
+class MaxResources(Strict, kw_only=True):
+    """Upper limits for a task; a task asking more is denied (`resources.exceeded`).
+
+    A field left out takes the node-wide value from `defaults.max_resources`.
+    """
+
+    cpus: Annotated[float, Meta(gt=0, le=1024)] | None = None
+    memory_mb: Annotated[int, Meta(ge=1)] | None = None
+    timeout_s: Annotated[int, Meta(ge=1)] | None = None
+    pids: Annotated[int, Meta(ge=1)] | None = None
+
+
+class OutputsPolicy(Strict, kw_only=True):
+    """How many bytes of outputs may leave the node for one task."""
+
+    max_bytes: Annotated[int, Meta(ge=0)]
+
+
+class EgressPolicy(Strict, kw_only=True):
+    """Outbound connections tasks may open: `host:port` shell-style patterns."""
+
+    egress: Annotated[tuple[HostPort, ...], Meta(min_length=1)]
+
+
+class Project(Strict, kw_only=True):
+    """What one project may run here. Anything a project does not list is denied.
+
+    `images` are shell-style globs on the image repository (the part before
+    `@sha256:`); the digest is always required. `git` globs match whole
+    repository URLs. `datasets` name entries of the top-level `datasets`.
+    """
+
+    signers: Annotated[tuple[Name, ...], Meta(min_length=1)]
+    threshold: Annotated[int, Meta(ge=1)] = 1
+    launchers: tuple[Literal["podman", "process"], ...] = ()
+    images: tuple[_Pattern, ...] = ()
+    git: tuple[_Pattern, ...] = ()
+    datasets: tuple[Name, ...] = ()
+    max_resources: MaxResources | None = None
+    network: Literal["none"] | EgressPolicy = "none"
+    outputs: OutputsPolicy | None = None
+
+
+def _default_limits() -> MaxResources:
+    return MaxResources(cpus=1, memory_mb=1024, timeout_s=600, pids=128)
+
+
+def _default_outputs() -> OutputsPolicy:
+    return OutputsPolicy(max_bytes=10 * 1024 * 1024)
+
+
+class Defaults(Strict, kw_only=True):
+    """Node-wide limits for projects that set none.
+
+    Small and safe by default: 1 cpu, 1024 MB, 600 s, 128 pids, 10 MiB of outputs.
+    """
+
+    max_resources: MaxResources = msgspec.field(default_factory=_default_limits)
+    outputs: OutputsPolicy = msgspec.field(default_factory=_default_outputs)
+
+
+class Policy(Strict, kw_only=True):
+    """A femd node policy (`apiVersion: femd/v1`, `kind: Policy`). Default deny."""
+
+    api_version: Literal["femd/v1"] = msgspec.field(name="apiVersion")
+    kind: Literal["Policy"]
+    node: Name
+    signers: dict[Name, Signer] = msgspec.field(default_factory=dict)
+    revoked_keyids: tuple[KeyId, ...] = ()
+    datasets: dict[Name, Dataset] = msgspec.field(default_factory=dict)
+    projects: dict[Name, Project] = msgspec.field(default_factory=dict)
+    defaults: Defaults = msgspec.field(default_factory=Defaults)
+
+
+class SignerKey(msgspec.Struct, frozen=True):
+    """A signer's loaded public key."""
+
+    name: str
+    keyid: str
+    key: Ed25519PublicKey
+    expires: date | None
+
+
+class LoadedPolicy(msgspec.Struct, frozen=True):
+    """A validated policy with its keys loaded; what the agent and `check` use.
+
+    ``sha256`` covers every file read (policy files and key files).
+    """
+
+    policy: Policy
+    keys: Mapping[str, SignerKey]
+    sha256: str
+    source: str
+
+    @property
+    def revoked(self) -> frozenset[str]:
+        """Keyids that never count."""
+        return frozenset(self.policy.revoked_keyids)
+
+    def limits(self, project: Project) -> MaxResources:
+        """Return the project's effective maxima (defaults fill the gaps)."""
+        base = self.policy.defaults.max_resources
+        own = project.max_resources or MaxResources()
+        d = _default_limits()
+        return MaxResources(
+            cpus=own.cpus or base.cpus or d.cpus,
+            memory_mb=own.memory_mb or base.memory_mb or d.memory_mb,
+            timeout_s=own.timeout_s or base.timeout_s or d.timeout_s,
+            pids=own.pids or base.pids or d.pids,
+        )
+
+    def max_output_bytes(self, project: Project) -> int:
+        """Return the project's effective outputs cap."""
+        return (project.outputs or self.policy.defaults.outputs).max_bytes
+
+
+class Problem(msgspec.Struct, frozen=True):
+    """One semantic problem of a policy, at a dotted field path."""
+
+    path: tuple[str | int, ...]
+    message: str
+
+    @property
+    def field(self) -> str:
+        """Dotted field name."""
+        return field_of(list(self.path))
+
+
+def lint(policy: Policy) -> list[Problem]:
+    """Return every semantic problem of a well-typed policy (empty when clean)."""
+    problems: list[Problem] = []
+    for name, project in policy.projects.items():
+        at: tuple[str | int, ...] = ("projects", name)
+        for i, signer in enumerate(project.signers):
+            if signer not in policy.signers:
+                problems.append(
+                    Problem((*at, "signers", i), f"unknown signer {signer!r}")
+                )
+        if len(set(project.signers)) != len(project.signers):
+            problems.append(Problem((*at, "signers"), "a signer is listed twice"))
+        if project.threshold > len(set(project.signers)):
+            problems.append(
+                Problem(
+                    (*at, "threshold"),
+                    f"needs {project.threshold} signatures but only "
+                    f"{len(set(project.signers))} signers are listed",
+                )
+            )
+        for i, ds in enumerate(project.datasets):
+            if ds not in policy.datasets:
+                problems.append(
+                    Problem((*at, "datasets", i), f"unknown dataset {ds!r}")
+                )
+        for i, pattern in enumerate(project.images):
+            if "@" in pattern:
+                problems.append(
+                    Problem(
+                        (*at, "images", i),
+                        "an image pattern matches the repository only; "
+                        "leave out the `@sha256:` digest",
+                    )
+                )
+    return problems
+
+
+def policy_schema() -> dict[str, Any]:
+    """Return the policy's JSON Schema, generated from the types above."""
+    return msgspec.json.schema(Policy)
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+
+class _Doc(msgspec.Struct):
+    path: Path
+    raw: bytes
+    data: Any
+    node: Any
+
+
+def _fail(
+    doc: _Doc | None, where: str, parts: list[str | int], message: str
+) -> PolicyError:
+    line = line_of(doc.node, parts)[0] if doc is not None else None
+    return PolicyError(where, message, line=line, field=field_of(parts) or None)
+
+
+def _read_docs(path: Path) -> list[_Doc]:
+    try:
+        if path.is_dir():
+            files = sorted(
+                p for p in path.iterdir() if p.suffix == ".yaml" and p.is_file()
+            )
+            if not files:
+                raise PolicyError(str(path), "directory holds no *.yaml policy file")
+        else:
+            files = [path]
+        docs = []
+        for f in files:
+            raw = f.read_bytes()
+            try:
+                data, node = load_yaml(raw)
+            except YamlError as e:
+                raise PolicyError(str(f), e.message, line=e.line) from e
+            if not isinstance(data, dict):
+                raise PolicyError(str(f), "expected a mapping at the top level", line=1)
+            docs.append(_Doc(f, raw, data, node))
+    except OSError as e:
+        raise PolicyError(str(e.filename or path), e.strerror or "cannot read") from e
+    return docs
+
+
+def _merge(docs: list[_Doc]) -> dict[str, Any]:
+    """Merge documents in name order (DESIGN "config": a directory of *.yaml)."""
+    merged: dict[str, Any] = {}
+    origin: dict[tuple[str, str], Path] = {}
+    for doc in docs:
+        for key, value in doc.data.items():
+            if key not in merged:
+                merged[key] = dict(value) if isinstance(value, dict) else value
+                if isinstance(value, dict):
+                    origin.update({(key, k): doc.path for k in value})
+            elif isinstance(value, dict) and isinstance(merged[key], dict):
+                for k, v in value.items():
+                    if k in merged[key]:
+                        raise _fail(
+                            doc,
+                            str(doc.path),
+                            [key, k],
+                            f"already defined in {origin[(key, k)].name}",
+                        )
+                    merged[key][k] = v
+                    origin[(key, k)] = doc.path
+            elif isinstance(value, list) and isinstance(merged[key], list):
+                merged[key] = merged[key] + value
+            elif value != merged[key]:
+                raise _fail(doc, str(doc.path), [key], "differs from an earlier file")
+    return merged
+
+
+def _locate(docs: list[_Doc], parts: list[str | int]) -> _Doc:
+    return max(docs, key=lambda d: line_of(d.node, parts)[1])
+
+
+def _load_keys(
+    policy: Policy, docs: list[_Doc], base: Path
+) -> tuple[dict[str, SignerKey], list[bytes]]:
+    keys: dict[str, SignerKey] = {}
+    blobs: list[bytes] = []
+    for name, signer in policy.signers.items():
+        parts: list[str | int] = ["signers", name]
+        doc = _locate(docs, parts)
+        try:
+            if signer.public_key_file is not None:
+                parts.append("public_key_file")
+                file = base / signer.public_key_file
+                try:
+                    pem = file.read_bytes()
+                except OSError as e:
+                    raise InputError(f"cannot read {file}: {e.strerror}") from e
+            else:
+                parts.append("public_key")
+                pem = (signer.public_key or "").encode()
+            key = load_public_key(pem, "key")
+        except InputError as e:
+            raise _fail(doc, str(doc.path), parts, str(e)) from e
+        kid = keyid(key)
+        if kid in keys:
+            raise _fail(
+                doc,
+                str(doc.path),
+                parts,
+                f"same key as signer {keys[kid].name!r} (a key counts once)",
+            )
+        keys[kid] = SignerKey(name=name, keyid=kid, key=key, expires=signer.expires)
+        blobs.append(pem)
+    return keys, blobs
+
+
+def load_policy(path: Path) -> LoadedPolicy:
+    """Load, validate and lint a policy file or directory; load its keys.
+
+    Raises:
+        PolicyError: the first problem, as ``file:line: field: message``.
+    """
+    docs = _read_docs(path)
+    data = _merge(docs) if len(docs) > 1 else docs[0].data
+    try:
+        policy = msgspec.convert(
+            data, Policy, strict=True, builtin_types=(datetime, date)
+        )
+    except msgspec.ValidationError as e:
+        message, parts = split_error(explain(str(e)))
+        doc = _locate(docs, parts)
+        raise _fail(doc, str(doc.path), parts, message[0].lower() + message[1:]) from e
+    problems = lint(policy)
+    if problems:
+        p = problems[0]
+        doc = _locate(docs, list(p.path))
+        raise _fail(doc, str(doc.path), list(p.path), p.message)
+    base = path if path.is_dir() else path.parent
+    keys, blobs = _load_keys(policy, docs, base)
+    digest = hashlib.sha256()
+    for blob in [d.raw for d in docs] + blobs:
+        digest.update(hashlib.sha256(blob).digest())
+    return LoadedPolicy(
+        policy=policy, keys=keys, sha256=digest.hexdigest(), source=str(path)
+    )
+
+
+def lint_file(path: Path) -> list[str]:
+    """Return every problem of a policy file as ``file:line: field: message`` lines.
+
+    A policy that cannot be typed at all yields its one decoding error.
+    """
+    try:
+        docs = _read_docs(path)
+        data = _merge(docs) if len(docs) > 1 else docs[0].data
+        try:
+            policy = msgspec.convert(
+                data, Policy, strict=True, builtin_types=(datetime, date)
+            )
+        except msgspec.ValidationError:
+            load_policy(path)  # raises the located error
+            raise RuntimeError(
+                "unreachable: conversion failed twice differently"
+            ) from None
+        out = []
+        for p in lint(policy):
+            doc = _locate(docs, list(p.path))
+            out.append(str(_fail(doc, str(doc.path), list(p.path), p.message)))
+        if out:
+            return out
+        load_policy(path)
+    except PolicyError as e:
+        return [str(e)]
+    return []

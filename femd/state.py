@@ -1,0 +1,624 @@
+"""Durable node state: tasks, their transitions and the status-event outbox.
+
+Owns ``state_dir/state.sqlite`` and is the only module that speaks SQL. Every
+write is one short ``BEGIN IMMEDIATE`` transaction in WAL mode with
+``synchronous=FULL``, so what a method returned is on disk: the agent acks a
+delivery only after ``record()`` returned (DESIGN "Broker topology"). Status
+events are written to the outbox in the same transaction as the task change they
+describe; the broker module publishes them and calls ``mark_published``.
+
+One writer (the agent's main thread) and any number of readers (``femd tasks``
+in another process) may use the file at once. Does not decide, publish, audit
+or run anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Literal
+
+import msgspec
+
+from femd.errors import StateError, cut
+
+__all__ = [
+    "STATES",
+    "TERMINAL_STATES",
+    "OutboxEvent",
+    "State",
+    "TaskRow",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+_BUSY_MS: Final = 5000
+
+TERMINAL_STATES: Final[frozenset[str]] = frozenset(
+    {"rejected", "succeeded", "failed", "timed_out", "cancelled"}
+)
+# DESIGN "Broker topology" states, plus the node-local `queued`.
+STATES: Final[frozenset[str]] = TERMINAL_STATES | {
+    "received",
+    "queued",
+    "staging",
+    "running",
+    "uploading",
+}
+
+_SCHEMA: Final = """
+CREATE TABLE tasks (
+    task_id TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    decision TEXT CHECK (decision IN ('allow', 'deny')),
+    reasons TEXT NOT NULL DEFAULT '[]',
+    manifest_sha256 TEXT NOT NULL,
+    payload BLOB,
+    signer_keyids TEXT NOT NULL DEFAULT '[]',
+    launcher TEXT,
+    received_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    exit_code INTEGER,
+    output_sha256 TEXT,
+    output_bytes INTEGER,
+    output_chunks INTEGER,
+    error TEXT
+);
+CREATE INDEX tasks_received ON tasks (received_at);
+CREATE TABLE transitions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL REFERENCES tasks (task_id),
+    state TEXT NOT NULL,
+    at TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX transitions_task ON transitions (task_id, id);
+CREATE TABLE outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    routing_key TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created_at TEXT NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0 CHECK (published IN (0, 1))
+);
+CREATE INDEX outbox_pending ON outbox (published, seq);
+"""
+
+_COLUMNS: Final = (
+    "task_id, project, kind, state, decision, reasons, manifest_sha256, payload, "
+    "signer_keyids, launcher, received_at, updated_at, exit_code, output_sha256, "
+    "output_bytes, output_chunks, error"
+)
+_INSERT_TRANSITION: Final = (
+    "INSERT INTO transitions (task_id, state, at, detail) VALUES (?, ?, ?, ?)"
+)
+
+
+class TaskRow(msgspec.Struct, frozen=True):
+    """One task as the node recorded it, with its latest state."""
+
+    task_id: str
+    project: str
+    kind: str
+    state: str
+    decision: Literal["allow", "deny"] | None
+    reasons: tuple[tuple[str, str], ...]
+    manifest_sha256: str
+    payload: bytes | None
+    signer_keyids: tuple[str, ...]
+    launcher: str | None
+    received_at: datetime
+    updated_at: datetime
+    exit_code: int | None
+    output_sha256: str | None
+    output_bytes: int | None
+    output_chunks: int | None
+    error: str | None
+
+
+class OutboxEvent(msgspec.Struct, frozen=True):
+    """A status event waiting to be published; ``seq`` is monotonic per node."""
+
+    seq: int
+    routing_key: str
+    body: bytes
+
+
+class _ReasonJson(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    rule: str
+    message: str
+
+
+_decode_reasons = msgspec.json.Decoder(tuple[_ReasonJson, ...]).decode
+_decode_keyids = msgspec.json.Decoder(tuple[str, ...]).decode
+
+
+def _time_text(at: datetime) -> str:
+    """Return *at* as fixed-width RFC 3339 UTC text (sorts as it compares)."""
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError("state: times must be timezone-aware")
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _reasons_json(reasons: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"rule": rule, "message": message} for rule, message in reasons]
+
+
+def _check_state(state: str) -> None:
+    if state not in STATES:
+        raise ValueError(f"state: unknown task state {state!r}")
+
+
+class State:
+    """The node's sqlite state; safe for one writer thread plus readers.
+
+    Args:
+        path: the database file, normally ``state_dir / "state.sqlite"``.
+
+    Raises:
+        StateError: the file cannot be opened or created, is not a femd state
+            database, or has an unsupported schema version.
+    """
+
+    def __init__(self, path: Path) -> None:
+        """Open (creating if needed) the database and bring its schema up."""
+        self._path = path
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # The state holds manifests: create it private; sqlite gives its
+            # -wal and -shm files the same mode.
+            fd = os.open(
+                path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+            os.close(fd)
+        except OSError as e:
+            raise StateError(f"state: cannot open {cut(path)}: {e.strerror}") from e
+        try:
+            self._db = sqlite3.connect(
+                path,
+                timeout=_BUSY_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as e:
+            raise StateError(f"state: cannot open {cut(path)}: {cut(e)}") from e
+        try:
+            self._setup()
+        except sqlite3.Error as e:
+            self._db.close()
+            raise StateError(f"state: cannot open {cut(path)}: {cut(e)}") from e
+        except StateError:
+            self._db.close()
+            raise
+
+    def _setup(self) -> None:
+        db = self._db
+        db.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StateError(
+                f"state: cannot use WAL journal on {cut(self._path)} (got {mode})"
+            )
+        # DESIGN "Broker topology": an ack follows a commit, so commits must be
+        # durable, not just atomic.
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have created the schema while we waited.
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                # Not executescript(): it would COMMIT the open transaction first.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                logger.info(
+                    "state: created schema %d in %s", SCHEMA_VERSION, self._path
+                )
+            elif version != SCHEMA_VERSION:
+                raise StateError(
+                    f"state: unsupported schema version in {cut(self._path)}"
+                    f" (got {version}, expected {SCHEMA_VERSION})"
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close the database; later calls raise ``StateError``.
+
+        Raises:
+            StateError: sqlite failed while closing.
+        """
+        with self._lock, self._guard("close"):
+            self._db.close()
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise StateError(f"state: {what} failed: {cut(e)}") from e
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One short write transaction under the lock; rolled back on any error."""
+        with self._lock, self._guard(what):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextmanager
+    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._guard(what):
+            yield self._db
+
+    def _emit(
+        self,
+        db: sqlite3.Connection,
+        *,
+        task_id: str,
+        state: str,
+        node: str,
+        at: str,
+        fields: Mapping[str, object],
+    ) -> int:
+        """Insert one outbox event whose body carries its own ``seq``."""
+        routing_key = f"{node}.{task_id}.{state}"
+        cur = db.execute(
+            "INSERT INTO outbox (routing_key, body, created_at) VALUES (?, x'', ?)",
+            (routing_key, at),
+        )
+        seq = cur.lastrowid
+        if seq is None:
+            raise RuntimeError("state: sqlite returned no outbox seq")
+        body: dict[str, object] = {
+            "node": node,
+            "task_id": task_id,
+            "state": state,
+            "at": at,
+            "seq": seq,
+        }
+        for key, value in fields.items():
+            if key in body:
+                raise ValueError(f"state: event field {key!r} is reserved")
+            body[key] = value
+        db.execute(
+            "UPDATE outbox SET body = ? WHERE seq = ?", (msgspec.json.encode(body), seq)
+        )
+        return seq
+
+    def record(
+        self,
+        *,
+        task_id: str,
+        project: str,
+        kind: str,
+        manifest_sha256: str,
+        payload: bytes | None,
+        signer_keyids: Sequence[str],
+        launcher: str | None,
+        decision: Literal["allow", "deny"],
+        reasons: Sequence[tuple[str, str]],
+        node: str,
+        at: datetime,
+    ) -> bool:
+        """Record a newly received task and its decision, exactly once.
+
+        In one transaction: the task row, its ``received`` then ``rejected``
+        (deny) or ``queued`` (allow) transitions, and the outbox events
+        ``received`` (and ``rejected`` with the reasons, for a deny).
+
+        Returns:
+            False, changing nothing, when *task_id* was already recorded
+            (DESIGN "manifest": a replayed id never runs twice); else True.
+
+        Raises:
+            StateError: the database could not be written.
+        """
+        when = _time_text(at)
+        state = "rejected" if decision == "deny" else "queued"
+        with self._write("record") as db:
+            cur = db.execute(
+                f"INSERT INTO tasks ({_COLUMNS}) VALUES "  # noqa: S608 - constant
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULL) "
+                "ON CONFLICT (task_id) DO NOTHING",
+                (
+                    task_id,
+                    project,
+                    kind,
+                    state,
+                    decision,
+                    json.dumps(_reasons_json(reasons)),
+                    manifest_sha256,
+                    payload,
+                    json.dumps(list(signer_keyids)),
+                    launcher,
+                    when,
+                    when,
+                ),
+            )
+            if cur.rowcount == 0:
+                logger.info("state: task %s already recorded", task_id)
+                return False
+            detail = ",".join(rule for rule, _ in reasons)
+            db.executemany(
+                _INSERT_TRANSITION,
+                [(task_id, "received", when, ""), (task_id, state, when, detail)],
+            )
+            self._emit(
+                db, task_id=task_id, state="received", node=node, at=when, fields={}
+            )
+            if decision == "deny":
+                self._emit(
+                    db,
+                    task_id=task_id,
+                    state="rejected",
+                    node=node,
+                    at=when,
+                    fields={"reasons": _reasons_json(reasons)},
+                )
+        return True
+
+    def transition(
+        self,
+        task_id: str,
+        state: str,
+        *,
+        node: str,
+        at: datetime,
+        exit_code: int | None = None,
+        reasons: Sequence[tuple[str, str]] = (),
+        outputs: tuple[str, int, int] | None = None,
+        error: str | None = None,
+        extra: Mapping[str, object] | None = None,
+    ) -> int:
+        """Move a task to *state*, with its history row and status event.
+
+        Args:
+            task_id: a recorded task that is not in a terminal state.
+            state: one of ``STATES``.
+            node: this node's id (routing key and event body).
+            at: when it happened (aware).
+            exit_code: the workload's exit code, stored and sent when given.
+            reasons: stored and sent as ``reasons`` when given.
+            outputs: ``(sha256, bytes, chunks)`` of the packed outputs.
+            error: our side's one-line failure text (stored, not sent).
+            extra: more event fields (e.g. ``log_tail``); may not override any.
+
+        Returns:
+            The outbox ``seq`` of the status event.
+
+        Raises:
+            StateError: unknown task, a terminal task, or the write failed.
+        """
+        _check_state(state)
+        when = _time_text(at)
+        fields: dict[str, object] = {}
+        sets = ["state = ?", "updated_at = ?"]
+        args: list[object] = [state, when]
+        detail: list[str] = []
+        if exit_code is not None:
+            fields["exit_code"] = exit_code
+            sets.append("exit_code = ?")
+            args.append(exit_code)
+            detail.append(f"exit_code={exit_code}")
+        if reasons:
+            fields["reasons"] = _reasons_json(reasons)
+            sets.append("reasons = ?")
+            args.append(json.dumps(fields["reasons"]))
+            detail.append("rules=" + ",".join(rule for rule, _ in reasons))
+        if outputs is not None:
+            sha256, size, chunks = outputs
+            fields["outputs"] = {"sha256": sha256, "bytes": size, "chunks": chunks}
+            sets += ["output_sha256 = ?", "output_bytes = ?", "output_chunks = ?"]
+            args += [sha256, size, chunks]
+            detail.append(f"output_sha256={sha256}")
+        if error is not None:
+            sets.append("error = ?")
+            args.append(error)
+            detail.append(f"error={error}")
+        fields.update(extra or {})
+        with self._write("transition") as db:
+            row = db.execute(
+                "SELECT state FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
+            if row is None:
+                raise StateError(f"state: unknown task {cut(task_id)}")
+            if row[0] in TERMINAL_STATES:
+                raise StateError(
+                    f"state: task {cut(task_id)} is already {row[0]}"
+                    f" (cannot become {state})"
+                )
+            db.execute(
+                f"UPDATE tasks SET {', '.join(sets)} WHERE task_id = ?",  # noqa: S608
+                (*args, task_id),
+            )
+            db.execute(
+                _INSERT_TRANSITION,
+                (task_id, state, when, "; ".join(detail)),
+            )
+            seq = self._emit(
+                db, task_id=task_id, state=state, node=node, at=when, fields=fields
+            )
+        logger.info("state: task %s -> %s (seq %d)", task_id, state, seq)
+        return seq
+
+    def event_only(
+        self,
+        *,
+        task_id: str,
+        state: str,
+        node: str,
+        at: datetime,
+        reasons: Sequence[tuple[str, str]] = (),
+    ) -> int:
+        """Queue a status event without touching any task row.
+
+        Answers a replayed id (``rejected``) or an envelope whose id could not
+        be read (*task_id* ``"unknown"``).
+
+        Returns:
+            The outbox ``seq`` of the event.
+
+        Raises:
+            StateError: the write failed.
+        """
+        _check_state(state)
+        when = _time_text(at)
+        fields: dict[str, object] = (
+            {"reasons": _reasons_json(reasons)} if reasons else {}
+        )
+        with self._write("event") as db:
+            return self._emit(
+                db, task_id=task_id, state=state, node=node, at=when, fields=fields
+            )
+
+    def get(self, task_id: str) -> TaskRow | None:
+        """Return the task recorded under *task_id*, or None.
+
+        Raises:
+            StateError: the read failed or a row is malformed.
+        """
+        with self._read("get") as db:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?",  # noqa: S608
+                (task_id,),
+            ).fetchone()
+        return None if row is None else _task_row(row)
+
+    def unfinished(self) -> list[TaskRow]:
+        """Return every task not in a terminal state, oldest first.
+
+        Raises:
+            StateError: the read failed or a row is malformed.
+        """
+        marks = ", ".join("?" for _ in TERMINAL_STATES)
+        with self._read("unfinished") as db:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE state NOT IN ({marks}) "  # noqa: S608
+                "ORDER BY received_at, rowid",
+                sorted(TERMINAL_STATES),
+            ).fetchall()
+        return [_task_row(row) for row in rows]
+
+    def history(self, limit: int | None = None) -> list[TaskRow]:
+        """Return recorded tasks, newest first, at most *limit* of them.
+
+        Raises:
+            StateError: the read failed or a row is malformed.
+        """
+        with self._read("history") as db:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM tasks "  # noqa: S608
+                "ORDER BY received_at DESC, rowid DESC LIMIT ?",
+                (-1 if limit is None else max(limit, 0),),
+            ).fetchall()
+        return [_task_row(row) for row in rows]
+
+    def transitions(self, task_id: str) -> list[tuple[str, datetime, str]]:
+        """Return ``(state, at, detail)`` for every transition of a task, in order.
+
+        Raises:
+            StateError: the read failed.
+        """
+        with self._read("transitions") as db:
+            rows = db.execute(
+                "SELECT state, at, detail FROM transitions "
+                "WHERE task_id = ? ORDER BY id",
+                (task_id,),
+            ).fetchall()
+        return [(state, _parse_time(at), detail) for state, at, detail in rows]
+
+    def pending_events(self, limit: int = 100) -> list[OutboxEvent]:
+        """Return unpublished events in ``seq`` order, at most *limit*.
+
+        Raises:
+            StateError: the read failed.
+        """
+        with self._read("pending events") as db:
+            rows = db.execute(
+                "SELECT seq, routing_key, body FROM outbox WHERE published = 0 "
+                "ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [OutboxEvent(seq, key, bytes(body)) for seq, key, body in rows]
+
+    def mark_published(self, seqs: Iterable[int]) -> None:
+        """Mark events as confirmed by the broker.
+
+        Raises:
+            StateError: the write failed.
+        """
+        batch = [(seq,) for seq in seqs]
+        if not batch:
+            return
+        with self._write("mark published") as db:
+            db.executemany("UPDATE outbox SET published = 1 WHERE seq = ?", batch)
+
+    def counts(self) -> dict[str, int]:
+        """Return the number of tasks in each state (for sd_notify ``STATUS=``).
+
+        Raises:
+            StateError: the read failed.
+        """
+        with self._read("counts") as db:
+            rows = db.execute(
+                "SELECT state, COUNT(*) FROM tasks GROUP BY state"
+            ).fetchall()
+        return {state: count for state, count in rows}
+
+
+def _task_row(row: tuple[object, ...]) -> TaskRow:
+    """Convert one ``_COLUMNS`` row; a malformed row is a ``StateError``."""
+    try:
+        reasons = _decode_reasons(str(row[5]))
+        keyids = _decode_keyids(str(row[8]))
+        return msgspec.convert(
+            {
+                "task_id": row[0],
+                "project": row[1],
+                "kind": row[2],
+                "state": row[3],
+                "decision": row[4],
+                "reasons": [(r.rule, r.message) for r in reasons],
+                "manifest_sha256": row[6],
+                "payload": row[7],
+                "signer_keyids": keyids,
+                "launcher": row[9],
+                "received_at": _parse_time(str(row[10])),
+                "updated_at": _parse_time(str(row[11])),
+                "exit_code": row[12],
+                "output_sha256": row[13],
+                "output_bytes": row[14],
+                "output_chunks": row[15],
+                "error": row[16],
+            },
+            TaskRow,
+            strict=True,
+        )
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, TypeError) as e:
+        raise StateError(f"state: malformed task row {cut(row[0])}: {cut(e)}") from e

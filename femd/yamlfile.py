@@ -1,0 +1,135 @@
+"""Strict YAML reading shared by the policy, the config and launcher profiles.
+
+Owns the duplicate-refusing YAML loader and the mapping of msgspec's
+``$.a.b[0]`` error paths back to ``file:line``. Knows no document types.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from femd.errors import cut
+
+__all__ = ["YamlError", "field_of", "line_of", "load_yaml", "split_error"]
+
+MAX_YAML_BYTES = 1024 * 1024
+
+
+class YamlError(ValueError):
+    """The text is not acceptable YAML; ``line`` is 1-based when known."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        """Keep the message and the line."""
+        super().__init__(message)
+        self.message = message
+        self.line = line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, anchors and aliases."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: ANN401 (PyYAML API)
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise YamlError(
+                "anchors and aliases are not allowed", event.start_mark.line + 1
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # noqa: ANN401
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                raise YamlError(
+                    "a mapping key must be a scalar", key_node.start_mark.line + 1
+                )
+            if key in seen:
+                raise YamlError(
+                    f"duplicate key {cut(key)!r}", key_node.start_mark.line + 1
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: bytes) -> tuple[Any, Any]:
+    """Parse one YAML document strictly; return (data, composed node tree).
+
+    Raises:
+        YamlError: too large, not UTF-8, not YAML, several documents, a
+            duplicate key, or an anchor/alias.
+    """
+    if len(text) > MAX_YAML_BYTES:
+        raise YamlError(f"too large (got {len(text)} bytes, limit {MAX_YAML_BYTES})")
+    try:
+        decoded = text.decode("utf-8")
+        node = yaml.compose(decoded, Loader=_StrictLoader)
+        loader = _StrictLoader(decoded)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except UnicodeDecodeError as e:
+        raise YamlError("not UTF-8 text") from e
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else None
+        raise YamlError(cut(e.problem or e.context or "invalid YAML", 120), line) from e
+    except yaml.YAMLError as e:
+        raise YamlError(cut(e, 120)) from e
+    except RecursionError as e:
+        raise YamlError("nests too deeply") from e
+    return data, node
+
+
+_PATH = re.compile(r" - at `\$((?:\.[^.`\[]+|\[\d+\])*)`$")
+_PART = re.compile(r"\.([^.`\[]+)|\[(\d+)\]")
+
+
+def split_error(message: str) -> tuple[str, list[str | int]]:
+    """Split msgspec's "message - at `$.a.b[0]`" into (message, path parts)."""
+    m = _PATH.search(message)
+    if not m:
+        return message, []
+    parts: list[str | int] = [
+        key if key else int(idx) for key, idx in _PART.findall(m.group(1))
+    ]
+    return message[: m.start()], parts
+
+
+def field_of(parts: list[str | int]) -> str:
+    """Return a dotted field name (``projects.x.signers[1]``) for path parts."""
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def line_of(node: Any, parts: list[str | int]) -> tuple[int | None, int]:  # noqa: ANN401
+    """Return (1-based line of the deepest node on *parts*, how many parts matched)."""
+    if node is None:
+        return None, 0
+    line = node.start_mark.line + 1
+    depth = 0
+    for part in parts:
+        nxt = None
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            for key_node, value_node in node.value:
+                if key_node.value == part:
+                    line = key_node.start_mark.line + 1
+                    nxt = value_node
+                    break
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(node.value)
+        ):
+            nxt = node.value[part]
+            line = nxt.start_mark.line + 1
+        if nxt is None:
+            break
+        node = nxt
+        depth += 1
+    return line, depth
