@@ -1,11 +1,13 @@
-"""Durable node state: tasks, their transitions and the status-event outbox.
+"""Durable node state: tasks, their transitions and the outbox.
 
 Owns ``state_dir/state.sqlite`` and is the only module that speaks SQL. Every
 write is one short ``BEGIN IMMEDIATE`` transaction in WAL mode with
 ``synchronous=FULL``, so what a method returned is on disk: the agent acks a
 delivery only after ``record()`` returned (DESIGN "Broker topology"). Status
 events are written to the outbox in the same transaction as the task change they
-describe; the broker module publishes them and calls ``mark_published``.
+describe; the packed outputs' chunks go through the same outbox, so that
+nothing is lost while the broker is away. The broker module publishes them in
+``seq`` order and calls ``mark_published``.
 
 One writer (the agent's main thread) and any number of readers (``femd tasks``
 in another process) may use the file at once. Does not decide, publish, audit
@@ -27,9 +29,12 @@ from typing import Final, Literal
 
 import msgspec
 
-from femd.errors import StateError, cut
+from femd.errors import StageOutError, StateError, cut
+from femd.stageout import CHUNK_BYTES, chunk_count, iter_chunks
 
 __all__ = [
+    "EVENTS_EXCHANGE",
+    "RESULTS_EXCHANGE",
     "STATES",
     "TERMINAL_STATES",
     "OutboxEvent",
@@ -40,6 +45,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 1
+# DESIGN "Broker topology" exchanges.
+EVENTS_EXCHANGE: Final = "femd.events"
+RESULTS_EXCHANGE: Final = "femd.results"
 _BUSY_MS: Final = 5000
 
 TERMINAL_STATES: Final[frozenset[str]] = frozenset(
@@ -85,7 +93,9 @@ CREATE TABLE transitions (
 CREATE INDEX transitions_task ON transitions (task_id, id);
 CREATE TABLE outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    exchange TEXT NOT NULL,
     routing_key TEXT NOT NULL,
+    headers TEXT,
     body BLOB NOT NULL,
     created_at TEXT NOT NULL,
     published INTEGER NOT NULL DEFAULT 0 CHECK (published IN (0, 1))
@@ -126,11 +136,18 @@ class TaskRow(msgspec.Struct, frozen=True):
 
 
 class OutboxEvent(msgspec.Struct, frozen=True):
-    """A status event waiting to be published; ``seq`` is monotonic per node."""
+    """A message waiting to be published; ``seq`` is monotonic per node.
+
+    A status event (exchange ``femd.events``, JSON body, no headers) or an
+    output chunk (``femd.results``, archive bytes, headers ``index``,
+    ``total``, ``sha256``).
+    """
 
     seq: int
     routing_key: str
     body: bytes
+    exchange: str = EVENTS_EXCHANGE
+    headers: dict[str, object] | None = None
 
 
 class _ReasonJson(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -140,6 +157,7 @@ class _ReasonJson(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 _decode_reasons = msgspec.json.Decoder(tuple[_ReasonJson, ...]).decode
 _decode_keyids = msgspec.json.Decoder(tuple[str, ...]).decode
+_decode_headers = msgspec.json.Decoder(dict[str, object]).decode
 
 
 def _time_text(at: datetime) -> str:
@@ -289,8 +307,9 @@ class State:
         """Insert one outbox event whose body carries its own ``seq``."""
         routing_key = f"{node}.{task_id}.{state}"
         cur = db.execute(
-            "INSERT INTO outbox (routing_key, body, created_at) VALUES (?, x'', ?)",
-            (routing_key, at),
+            "INSERT INTO outbox (exchange, routing_key, body, created_at)"
+            " VALUES (?, ?, x'', ?)",
+            (EVENTS_EXCHANGE, routing_key, at),
         )
         seq = cur.lastrowid
         if seq is None:
@@ -554,21 +573,85 @@ class State:
         return [(state, _parse_time(at), detail) for state, at, detail in rows]
 
     def pending_events(self, limit: int = 100) -> list[OutboxEvent]:
-        """Return unpublished events in ``seq`` order, at most *limit*.
+        """Return unpublished messages in ``seq`` order, at most *limit*.
 
         Raises:
-            StateError: the read failed.
+            StateError: the read failed or a row is malformed.
         """
         with self._read("pending events") as db:
             rows = db.execute(
-                "SELECT seq, routing_key, body FROM outbox WHERE published = 0 "
-                "ORDER BY seq LIMIT ?",
+                "SELECT seq, routing_key, body, exchange, headers FROM outbox "
+                "WHERE published = 0 ORDER BY seq LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [OutboxEvent(seq, key, bytes(body)) for seq, key, body in rows]
+        try:
+            return [
+                OutboxEvent(
+                    seq,
+                    key,
+                    bytes(body),
+                    exchange,
+                    None if headers is None else _decode_headers(headers),
+                )
+                for seq, key, body, exchange, headers in rows
+            ]
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise StateError(f"state: malformed outbox row: {cut(e)}") from e
+
+    def enqueue_results(
+        self,
+        *,
+        task_id: str,
+        node: str,
+        archive: Path,
+        sha256: str,
+        chunk_bytes: int = CHUNK_BYTES,
+        at: datetime | None = None,
+    ) -> int:
+        """Queue the packed outputs as chunks for ``femd.results``, in one transaction.
+
+        Each chunk is routed ``<node>.<task_id>`` with headers ``index``,
+        ``total`` and ``sha256`` (of the whole archive). Queue them before the
+        terminal status event that announces ``outputs``.
+
+        Returns:
+            The number of chunks (``chunk_count`` of the archive size).
+
+        Raises:
+            StageOutError: the archive cannot be read.
+            StateError: the write failed.
+        """
+        when = _time_text(at or datetime.now(UTC))
+        routing_key = f"{node}.{task_id}"
+        try:
+            total = chunk_count(archive.stat().st_size, chunk_bytes)
+        except OSError as e:
+            raise StageOutError(f"outputs: cannot read {cut(archive)}: {cut(e)}") from e
+        with self._write("enqueue results") as db:
+            queued = 0
+            for index, data in enumerate(iter_chunks(archive, chunk_bytes)):
+                headers = {"index": index, "total": total, "sha256": sha256}
+                db.execute(
+                    "INSERT INTO outbox (exchange, routing_key, headers, body,"
+                    " created_at) VALUES (?, ?, ?, ?, ?)",
+                    (RESULTS_EXCHANGE, routing_key, json.dumps(headers), data, when),
+                )
+                queued += 1
+            # SECURITY: the announced count must be what was queued (the file
+            # changing under us would otherwise announce a wrong archive).
+            if queued != total:
+                raise StageOutError(
+                    f"outputs: {cut(archive)} changed while queued"
+                    f" (got {queued} chunks, expected {total})"
+                )
+        logger.info("state: queued %d result chunks of task %s", total, task_id)
+        return total
 
     def mark_published(self, seqs: Iterable[int]) -> None:
-        """Mark events as confirmed by the broker.
+        """Mark messages as confirmed by the broker.
+
+        Status events stay (small, published); output chunks are deleted, so
+        the outputs do not live on in the state.
 
         Raises:
             StateError: the write failed.
@@ -578,6 +661,10 @@ class State:
             return
         with self._write("mark published") as db:
             db.executemany("UPDATE outbox SET published = 1 WHERE seq = ?", batch)
+            db.execute(
+                "DELETE FROM outbox WHERE published = 1 AND exchange = ?",
+                (RESULTS_EXCHANGE,),
+            )
 
     def counts(self) -> dict[str, int]:
         """Return the number of tasks in each state (for sd_notify ``STATUS=``).
