@@ -1,0 +1,270 @@
+"""The launcher interface: what every sandbox back-end takes and returns.
+
+Owns the ``Launcher`` and ``Handle`` Protocols, the ``LaunchSpec`` a back-end
+receives (site settings already merged, host paths resolved), ``Capabilities``
+(what a host can enforce), ``Outcome``, the closed ``LAUNCHERS`` registry,
+``unenforceable()`` (pure) and ``start()``, the one place where a back-end's
+foreign errors become ``LaunchError``.
+
+Holds no back-end code: ``process`` (bubblewrap) and ``podman`` do. Does not
+build a ``LaunchSpec`` from a task (the agent does, from Task + profile +
+policy). DESIGN "Launchers": a limit the host cannot enforce refuses the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from math import isclose
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, ClassVar, Final, Literal, Protocol
+
+from msgspec import Meta
+
+from femd.decision import Reason, Rule
+from femd.errors import FemdError, LaunchError, UnenforceableError, cut
+from femd.launchers.profile import (
+    LauncherProfile,
+    PodmanSettings,
+    ProcessSettings,
+    load_profile,
+    load_profiles,
+)
+from femd.model import AbsPath, Strict, TaskId
+
+__all__ = [
+    "LAUNCHERS",
+    "Capabilities",
+    "Handle",
+    "LaunchSpec",
+    "Launcher",
+    "LauncherFactory",
+    "LauncherProfile",
+    "Limits",
+    "Mount",
+    "Outcome",
+    "PodmanSettings",
+    "ProcessSettings",
+    "load_profile",
+    "load_profiles",
+    "start",
+    "unenforceable",
+]
+
+
+class Mount(Strict, frozen=True, kw_only=True):
+    """A host path made visible in the sandbox (inputs and code: read-only)."""
+
+    source: str
+    target: AbsPath
+    read_only: bool = True
+
+
+class Limits(Strict, frozen=True, kw_only=True):
+    """Resource limits of one task, after the policy's maxima were applied."""
+
+    cpus: Annotated[float, Meta(gt=0)]
+    memory_mb: Annotated[int, Meta(ge=1)]
+    timeout_s: Annotated[int, Meta(ge=1)]
+    pids: Annotated[int, Meta(ge=1)]
+
+
+class LaunchSpec(Strict, frozen=True, kw_only=True):
+    """Everything a launcher needs to run one admitted task; built by the agent.
+
+    ``egress``: ``None`` (or empty) means no network; otherwise the allowed
+    ``host:port`` list. ``output_dir`` is a host directory the agent created
+    empty; it is the only writable place that survives the task.
+    """
+
+    task_id: TaskId
+    launcher: Literal["podman", "process"]
+    profile: LauncherProfile
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    image: str | None = None
+    mounts: tuple[Mount, ...] = ()
+    workdir: str | None = None
+    output_dir: str
+    output_target: AbsPath = "/out"
+    limits: Limits
+    egress: tuple[str, ...] | None = None
+    log_max_bytes: Annotated[int, Meta(ge=0)] = 1 << 20
+
+
+class Capabilities(Strict, frozen=True, kw_only=True):
+    """What one launcher can enforce on this host, found by ``probe()``.
+
+    ``egress``: the launcher can give a task network access in a way the site
+    accepts (filtered to the allow list, or unfiltered where the profile opts
+    in). ``egress_filtered``: that access is limited to the allow list.
+    ``min_cpus``: the smallest ``cpus`` limit it can enforce (e.g. 1.0 when
+    cpus are whole cores). ``problems``: why something is missing; ``notes``:
+    how limits are enforced, where that differs from a cgroup limit.
+    """
+
+    launcher: str
+    available: bool
+    problems: tuple[str, ...] = ()
+    memory_limit: bool = False
+    cpu_limit: bool = False
+    pids_limit: bool = False
+    egress: bool = False
+    egress_filtered: bool = False
+    min_cpus: float = 0.0
+    notes: tuple[str, ...] = ()
+
+
+class Outcome(Strict, frozen=True, kw_only=True):
+    """How a task ended. ``log_tail`` is the last few KiB of stdout+stderr."""
+
+    state: Literal["succeeded", "failed", "timed_out", "cancelled"]
+    exit_code: int | None
+    started_at: datetime
+    finished_at: datetime
+    log_tail: str
+    reason: str = ""
+
+
+class Handle(Protocol):
+    """A running (or finished) task in some sandbox."""
+
+    task_id: TaskId
+
+    def wait(self, timeout_s: float | None = None) -> Outcome | None:
+        """Wait up to *timeout_s* (forever if None); None while still running."""
+        ...
+
+    def cancel(self, grace_s: float = 10.0) -> None:
+        """Ask the task to stop (SIGTERM), kill it after *grace_s*."""
+        ...
+
+    def logs(self) -> Iterator[bytes]:
+        """The captured stdout+stderr, in chunks (bounded by ``log_max_bytes``)."""
+        ...
+
+
+class Launcher(Protocol):
+    """Runs admitted tasks in one kind of sandbox. Never sees the raw manifest."""
+
+    name: ClassVar[str]
+
+    def probe(self) -> Capabilities:
+        """What this host can enforce; at start and reload."""
+        ...
+
+    def launch(self, spec: LaunchSpec) -> Handle:
+        """Start *spec*; raises ``LaunchError`` only (``start()`` wraps others)."""
+        ...
+
+    def adopt(self, task_id: TaskId) -> Handle | None:
+        """Find a task that survived an agent restart, or None."""
+        ...
+
+
+class LauncherFactory(Protocol):
+    """Builds a launcher for one profile (the registry's value type).
+
+    A launcher serves the profile it was built and probed with: the agent
+    builds one per (launcher, profile) and a spec naming another profile is
+    refused.
+    """
+
+    def __call__(
+        self, profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
+    ) -> Launcher:
+        """Build the launcher; raises nothing (``probe()`` reports problems)."""
+        ...
+
+
+def _podman(
+    profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
+) -> Launcher:
+    # Imported here so the process launcher works where podman-py is absent.
+    from femd.launchers.podman import PodmanLauncher
+
+    return PodmanLauncher(profile, state_dir=state_dir, podman_socket=podman_socket)
+
+
+def _process(
+    profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
+) -> Launcher:
+    from femd.launchers.process import BubblewrapLauncher
+
+    del podman_socket
+    return BubblewrapLauncher(profile, state_dir=state_dir)
+
+
+# STYLE rule 6: a closed set, no entry points.
+LAUNCHERS: Final[Mapping[str, LauncherFactory]] = MappingProxyType(
+    {"podman": _podman, "process": _process}
+)
+
+
+def _refuse(what: str, who: str | None = None) -> Reason:
+    message = what if who is None else f"{what} cannot be enforced by {who}"
+    return Reason(Rule.LAUNCHER_UNENFORCEABLE, message)
+
+
+def unenforceable(spec: LaunchSpec, caps: Capabilities) -> list[Reason]:
+    """Every limit of *spec* that *caps* says this host cannot enforce.
+
+    Pure. Every task carries cpus, memory, pids and a timeout, so each missing
+    capability refuses every task (DESIGN "Launchers": fail closed).
+
+    Raises:
+        RuntimeError: *caps* describe another launcher than *spec* names (a bug).
+    """
+    if caps.launcher != spec.launcher:
+        raise RuntimeError(f"capabilities of {caps.launcher} used for {spec.launcher}")
+    who = f"{spec.launcher} on this host"
+    why = f": {cut('; '.join(caps.problems), 200)}" if caps.problems else ""
+    if not caps.available:
+        why = why or ": unknown reason"
+        return [_refuse(f"launcher {spec.launcher} is not available on this host{why}")]
+    limits = spec.limits
+    reasons: list[Reason] = []
+    if not caps.memory_limit:
+        reasons.append(_refuse(f"memory limit of {limits.memory_mb} MB", who + why))
+    if not caps.cpu_limit:
+        reasons.append(_refuse(f"cpu limit of {limits.cpus:g} cpus", who + why))
+    elif limits.cpus < caps.min_cpus and not isclose(limits.cpus, caps.min_cpus):
+        smallest = f"{who}: the smallest is {caps.min_cpus:g}"
+        reasons.append(_refuse(f"cpu limit of {limits.cpus:g} cpus", smallest))
+    if not caps.pids_limit:
+        reasons.append(_refuse(f"pids limit of {limits.pids}", who + why))
+    if spec.egress and not caps.egress:
+        what = f"network egress to [{cut(', '.join(spec.egress), 120)}]"
+        because = f"{who}: profile {spec.profile.name!r} does not allow it"
+        if not caps.egress_filtered:
+            because += " and it cannot be filtered by host"
+        reasons.append(_refuse(what, because))
+    return reasons
+
+
+def start(launcher: Launcher, spec: LaunchSpec) -> Handle:
+    """Check *spec* against *launcher*'s capabilities, then launch it.
+
+    The one place where a back-end's foreign error becomes ``LaunchError``
+    (like TUF's ``fetch()``).
+
+    Raises:
+        UnenforceableError: a limit cannot be enforced here (fail closed).
+        LaunchError: the back-end failed, for whatever reason.
+    """
+    # SECURITY: fail closed even if the caller skipped its own check.
+    reasons = unenforceable(spec, launcher.probe())
+    if reasons:
+        raise UnenforceableError(
+            f"task {spec.task_id}: " + "; ".join(r.message for r in reasons)
+        )
+    try:
+        return launcher.launch(spec)
+    except FemdError:
+        raise
+    except Exception as e:
+        raise LaunchError(
+            f"{launcher.name}: cannot start task {spec.task_id}: "
+            f"{type(e).__name__}: {cut(e)}"
+        ) from e

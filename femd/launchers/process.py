@@ -1,0 +1,703 @@
+"""The ``process`` launcher: a plain process in a bubblewrap sandbox.
+
+Owns ``BubblewrapLauncher`` and its handle: the bwrap command line, the
+resource limits (rlimits, CPU affinity), the built-in seccomp filter, privilege
+dropping, log capture, timeout and cancellation. Does not decide what may run
+(the policy does) nor collect outputs (``stageout`` does).
+
+How each limit is enforced (``Capabilities.notes`` says the same):
+
+- memory: RLIMIT_AS, an *address-space* cap per process, not a cgroup limit. A
+  task of several processes may use up to ``pids x memory_mb`` in total; the
+  private ``/tmp`` and ``/dev/shm`` tmpfs add ``tmp_size_mb`` each.
+- cpus: whole cores through CPU affinity (``floor(cpus)``, at least 1); the
+  seccomp filter refuses ``sched_setaffinity`` so a task cannot widen it. A
+  request below one cpu is unenforceable. RLIMIT_CPU is only a backstop.
+- pids: RLIMIT_NPROC, which counts every process of the task's real uid: the
+  task user should be dedicated (concurrent tasks of that user share the count).
+- network: none (own network namespace); the host network only when both the
+  task's policy and the profile's ``allow_egress`` allow it (never filtered).
+- time: the wall-clock timeout kills the sandbox's PID namespace.
+
+A sandbox dies with the agent (``--die-with-parent``), so ``adopt()`` finds
+nothing after a restart. bwrap's outer process exits without reaping the
+sandbox's PID 1; that zombie goes to the host's init (systemd reaps it at once)
+and counts against the task user's RLIMIT_NPROC until then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import math
+import os
+import platform
+import pwd
+import selectors
+import shutil
+import signal
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import ClassVar, Final
+
+import msgspec
+
+from femd.errors import LaunchError, LauncherUnavailableError, UnenforceableError, cut
+from femd.launchers import Capabilities, LaunchSpec, Outcome, unenforceable
+from femd.launchers.profile import LauncherProfile, ProcessSettings
+from femd.model import TaskId
+
+__all__ = ["BubblewrapLauncher", "seccomp_filter"]
+
+logger = logging.getLogger(__name__)
+
+_HOST_PATH: Final = "/usr/sbin:/usr/bin:/sbin:/bin"
+_TASK_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
+_TAIL_BYTES: Final = 8192
+_TOOLS: Final = ("bwrap", "prlimit", "taskset")
+_TMP: Final = "/tmp"  # noqa: S108 (inside the sandbox: a private tmpfs)
+_SHM: Final = "/dev/shm"  # noqa: S108 (inside the sandbox: a private tmpfs)
+_RESERVED: Final = ("/", "/proc", "/dev", _TMP)
+
+# Syscalls the built-in filter refuses with EPERM, numbered (x86_64, aarch64) as
+# in the kernel's unistd headers. sched_setaffinity keeps the cpu limit; the rest
+# are kernel interfaces a task never needs (keyrings are not namespaced, ptrace
+# and process_vm_* reach other processes, mount APIs, modules, kexec...).
+_DENY: Final[dict[str, tuple[int | None, int | None]]] = {
+    "sched_setaffinity": (203, 122), "ptrace": (101, 117),
+    "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
+    "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218),
+    "perf_event_open": (298, 241), "bpf": (321, 280), "userfaultfd": (323, 282),
+    "kexec_load": (246, 104), "kexec_file_load": (320, 294),
+    "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106),
+    "open_by_handle_at": (304, 265), "name_to_handle_at": (303, 264),
+    "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39),
+    "pivot_root": (155, 41), "chroot": (161, 51), "swapon": (167, 224),
+    "swapoff": (168, 225), "reboot": (169, 142), "syslog": (103, 116),
+    "acct": (163, 89), "quotactl": (179, 60), "fsopen": (430, 430),
+    "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433),
+    "open_tree": (428, 428), "move_mount": (429, 429), "mount_setattr": (442, 442),
+    "iopl": (172, None), "ioperm": (173, None),
+}  # fmt: skip
+_ARCHES: Final = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}
+
+
+def seccomp_filter(machine: str | None = None) -> bytes | None:
+    """The built-in seccomp program (classic BPF) for *machine*, or None.
+
+    Any other ABI than the native one (i386 via ``int 0x80``, x32) is refused
+    entirely, so the denied numbers cannot be reached under another numbering.
+    """
+    arch = _ARCHES.get(machine or platform.machine())
+    if arch is None:
+        return None
+    column, audit_arch = arch
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM
+    nrs = sorted({nr for n in _DENY.values() if (nr := n[column]) is not None})
+    # SECURITY: a foreign AUDIT_ARCH or the x32 bit would renumber the calls.
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, deny), (ld, 0, 0, 0)]
+    prog.append((jge, len(nrs) + 1, 0, 0x40000000))  # x32 ABI bit
+    prog += [(jeq, len(nrs) - i, 0, nr) for i, nr in enumerate(nrs)]
+    prog += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _within(path: str, root: str) -> bool:
+    """True when *path* is *root* or below it ("/" holds only itself here)."""
+    p, r = PurePosixPath(path), PurePosixPath(root)
+    return p == r or (r != PurePosixPath("/") and r in p.parents)
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[1])
+
+
+def _children(pid: int) -> set[int]:
+    """Every live descendant of *pid* (via /proc), not *pid* itself."""
+    parent: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                parent[int(entry.name)] = _parent(int(entry.name))
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {c for c, p in parent.items() if p in frontier} - found
+        found |= frontier
+    return found
+
+
+class _TaskUser(msgspec.Struct, frozen=True):
+    uid: int
+    gid: int
+    switch: bool  # femd is root: drop to this user
+
+
+class BubblewrapLauncher:
+    """Runs a task as an unprivileged process in a bubblewrap sandbox."""
+
+    name: ClassVar[str] = "process"
+
+    def __init__(self, profile: LauncherProfile, *, state_dir: Path) -> None:
+        """Keep the profile; logs go under ``state_dir/launchers/process``."""
+        self._profile = profile
+        self._log_dir = state_dir / "launchers" / "process"
+        self._caps: Capabilities | None = None
+        self._lock = threading.Lock()
+        self._next_cpu = 0
+
+    # -- probe ---------------------------------------------------------------
+
+    def probe(self) -> Capabilities:
+        """Find what this host can enforce, running a real (empty) sandbox."""
+        problems: list[str] = []
+        settings = self._profile.process
+        tools = {t: shutil.which(t, path=_HOST_PATH) for t in _TOOLS}
+        if settings is None:
+            problems.append(f"profile {self._profile.name!r} has no process section")
+        problems += [f"{t} is not installed" for t, found in tools.items() if not found]
+        user = None
+        try:
+            user = self._task_user()
+        except LauncherUnavailableError as e:
+            problems.append(str(e))
+        if not problems and settings is not None and user is not None:
+            problems += self._smoke(settings, user)
+        seccomp = seccomp_filter() is not None
+        caps = Capabilities(
+            launcher=self.name,
+            available=not problems,
+            problems=tuple(problems)
+            + (() if seccomp else (f"no seccomp filter for {platform.machine()}",)),
+            memory_limit=True,
+            cpu_limit=seccomp,
+            pids_limit=True,
+            egress=settings is not None and settings.allow_egress,
+            egress_filtered=False,
+            min_cpus=1.0,
+            notes=(
+                "memory: per-process address-space cap (RLIMIT_AS), not a cgroup",
+                "cpus: whole cores by CPU affinity, locked by seccomp",
+                "pids: RLIMIT_NPROC of the task user, shared by its tasks",
+                "egress: the host network, unfiltered, when the profile allows",
+            ),
+        )
+        self._caps = caps
+        return caps
+
+    def _task_user(self) -> _TaskUser:
+        if os.geteuid() != 0:
+            return _TaskUser(uid=os.getuid(), gid=os.getgid(), switch=False)
+        name = self._profile.process.run_as if self._profile.process else "femd-task"
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError as e:
+            raise LauncherUnavailableError(
+                f"process: task user {name!r} does not exist (femd runs as root)"
+            ) from e
+        if entry.pw_uid == 0 or entry.pw_gid == 0:
+            raise LauncherUnavailableError(f"process: task user {name!r} is root")
+        return _TaskUser(uid=entry.pw_uid, gid=entry.pw_gid, switch=True)
+
+    def _smoke(self, settings: ProcessSettings, user: _TaskUser) -> list[str]:
+        """Run ``true`` in a sandbox like a task's; return the problems seen."""
+        memfd = self._seccomp_fd()
+        try:
+            cmd = ["/usr/bin/true"]
+            args = self._bwrap_args(settings, None, memfd, cmd)
+            prefix = self._prefix(settings, None, cpus=None)
+            result = subprocess.run(  # noqa: S603 (fixed tools, no shell)
+                prefix + args,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+                check=False,
+                env={"PATH": _HOST_PATH},
+                pass_fds=(memfd,) if memfd is not None else (),
+                user=user.uid if user.switch else None,
+                group=user.gid if user.switch else None,
+                extra_groups=[] if user.switch else None,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            return [f"bubblewrap cannot run: {cut(e)}"]
+        finally:
+            if memfd is not None:
+                os.close(memfd)
+        if result.returncode != 0:
+            err = result.stderr.decode(errors="replace").strip().splitlines()
+            return [
+                f"bubblewrap cannot create a sandbox: {cut(err[-1] if err else '')}"
+            ]
+        return []
+
+    # -- command line ----------------------------------------------------------
+
+    @staticmethod
+    def _seccomp_fd() -> int | None:
+        program = seccomp_filter()
+        if program is None:
+            return None
+        fd = os.memfd_create("femd-seccomp", os.MFD_CLOEXEC)
+        os.write(fd, program)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+
+    def _prefix(
+        self, settings: ProcessSettings, spec: LaunchSpec | None, cpus: str | None
+    ) -> list[str]:
+        """``[taskset] prlimit ... --``: limits applied before bwrap starts."""
+        mb = 1 << 20
+        memory = (spec.limits.memory_mb if spec else 256) * mb
+        pids = spec.limits.pids if spec else 64
+        cores = len(cpus.split(",")) if cpus else 1
+        cpu_s = (spec.limits.timeout_s if spec else 30) * cores + 5
+        limits = {
+            "as": memory,
+            "cpu": cpu_s,
+            "nproc": pids,
+            "fsize": settings.fsize_mb * mb,
+            "nofile": settings.nofile,
+            "core": 0,  # SECURITY: a core dump would copy task memory (data) out
+        }
+        taskset = shutil.which("taskset", path=_HOST_PATH) or "taskset"
+        cmd = [taskset, "--cpu-list", cpus] if cpus else []
+        cmd.append(shutil.which("prlimit", path=_HOST_PATH) or "prlimit")
+        cmd += [f"--{k}={v}:{v + 5 if k == 'cpu' else v}" for k, v in limits.items()]
+        return [*cmd, "--"]
+
+    def _bwrap_args(
+        self,
+        settings: ProcessSettings,
+        spec: LaunchSpec | None,
+        seccomp_fd: int | None,
+        argv: list[str],
+        status_fd: int | None = None,
+        extra_seccomp_fd: int | None = None,
+    ) -> list[str]:
+        tmp = str(settings.tmp_size_mb << 20)
+        args = [shutil.which("bwrap", path=_HOST_PATH) or "bwrap"]
+        # SECURITY: every namespace unshared, no capabilities, no nested userns.
+        args += ["--unshare-all", "--unshare-user", "--disable-userns"]
+        egress = bool(spec and spec.egress and settings.allow_egress)
+        if egress:
+            args.append("--share-net")
+        args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+        args += ["--hostname", "femd-task", "--clearenv"]
+        env = {"PATH": _TASK_PATH, "HOME": _TMP} | dict(spec.env if spec else ())
+        for key, value in env.items():
+            args += ["--setenv", key, value]
+        binds = list(settings.ro_binds)
+        if egress:
+            binds += ["/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf"]
+        for path in binds:
+            # merged-/usr links (/bin -> usr/bin) are recreated; others followed.
+            link = os.readlink(path) if os.path.islink(path) else "/"
+            if not link.startswith("/"):
+                args += ["--symlink", link, path]
+            else:
+                args += ["--ro-bind-try", path, path]
+        args += ["--proc", "/proc", "--dev", "/dev"]
+        args += ["--size", tmp, "--tmpfs", _SHM, "--size", tmp, "--tmpfs", _TMP]
+        workdir = _TMP
+        if spec is not None:
+            for m in spec.mounts:
+                args += ["--ro-bind", m.source, m.target]
+            args += ["--bind", spec.output_dir, spec.output_target]
+            workdir = spec.workdir or workdir
+        # SECURITY: nothing else is writable: the root and /dev become read-only.
+        args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", workdir]
+        for fd in (seccomp_fd, extra_seccomp_fd):
+            if fd is not None:
+                args += ["--add-seccomp-fd", str(fd)]
+        if status_fd is not None:
+            args += ["--json-status-fd", str(status_fd)]
+        return [*args, "--", *argv]
+
+    # -- launch ----------------------------------------------------------------
+
+    def adopt(self, task_id: TaskId) -> None:
+        """Nothing survives a restart: the sandbox dies with the agent."""
+        del task_id
+
+    def launch(self, spec: LaunchSpec) -> _ProcessHandle:
+        """Start *spec* in a new sandbox.
+
+        Raises:
+            UnenforceableError: a limit cannot be enforced here.
+            LauncherUnavailableError: bubblewrap or the task user is missing.
+            LaunchError: the spec is malformed or the sandbox did not start.
+        """
+        caps = self._caps or self.probe()
+        if not caps.available:
+            raise LauncherUnavailableError(
+                "process: not available: " + cut("; ".join(caps.problems), 200)
+            )
+        if spec.launcher != self.name or self._profile.process is None:
+            raise LaunchError(f"process: task {spec.task_id} is not for this launcher")
+        if spec.profile != self._profile:
+            # A launcher serves the one profile it was built (and probed) with.
+            raise LaunchError(
+                f"process: task {spec.task_id} names profile {spec.profile.name!r}, "
+                f"this launcher serves {self._profile.name!r}"
+            )
+        reasons = unenforceable(spec, caps)
+        if reasons:
+            raise UnenforceableError("; ".join(r.message for r in reasons))
+        settings = self._profile.process
+        self._check(spec, settings)
+        user = self._task_user()
+        self._prepare_output(spec, user)
+        cpus = self._pick_cpus(spec.limits.cpus)
+        handle = _ProcessHandle(spec, self._log_dir / f"{spec.task_id}.log")
+        handle.start(self, settings, user, cpus)
+        return handle
+
+    def _check(self, spec: LaunchSpec, settings: ProcessSettings) -> None:
+        try:
+            msgspec.convert(msgspec.to_builtins(spec), LaunchSpec, strict=True)
+        except msgspec.ValidationError as e:
+            raise LaunchError(f"process: invalid launch spec: {cut(e, 160)}") from e
+        paths = [spec.output_dir, *(m.source for m in spec.mounts)]
+        if spec.workdir is not None:
+            paths.append(spec.workdir)
+        if not all(os.path.isabs(p) and "\0" not in p for p in paths):
+            raise LaunchError("process: output, mount and work dirs must be absolute")
+        if not spec.argv or any("\0" in a for a in spec.argv):
+            raise LaunchError("process: argv is empty or holds a NUL byte")
+        for key, value in spec.env:
+            if not key.isidentifier() or not key.isascii() or "\0" in value:
+                raise LaunchError(f"process: invalid environment variable {cut(key)!r}")
+        targets = [m.target for m in spec.mounts] + [spec.output_target]
+        reserved = [*_RESERVED, *settings.ro_binds]
+        for i, target in enumerate(targets):
+            clash = [r for r in reserved if _within(r, target) or _within(target, r)]
+            clash += [
+                t for t in targets[i + 1 :] if _within(t, target) or _within(target, t)
+            ]
+            if clash:
+                raise LaunchError(
+                    f"process: mount target {cut(target)!r} overlaps {cut(clash[0])!r}"
+                )
+        for m in spec.mounts:
+            if not m.read_only:
+                # DESIGN "Launchers": inputs read-only, one writable output dir.
+                raise LaunchError(f"process: mount {cut(m.target)!r} must be read-only")
+            if not os.path.exists(m.source):
+                raise LaunchError(f"process: mount source {cut(m.source)!r} is missing")
+
+    @staticmethod
+    def _prepare_output(spec: LaunchSpec, user: _TaskUser) -> None:
+        """Give the (empty) output directory to the task user, mode 0700."""
+        try:
+            fd = os.open(spec.output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as e:
+            raise LaunchError(
+                f"process: output dir {cut(spec.output_dir)!r}: {e}"
+            ) from e
+        try:
+            if os.listdir(fd):
+                raise LaunchError(
+                    f"process: output dir {cut(spec.output_dir)!r} is not empty"
+                )
+            if user.switch:
+                os.fchown(fd, user.uid, user.gid)
+            os.fchmod(fd, 0o700)
+        except OSError as e:
+            raise LaunchError(f"process: cannot prepare output dir: {cut(e)}") from e
+        finally:
+            os.close(fd)
+
+    def _pick_cpus(self, cpus: float) -> str:
+        allowed = sorted(os.sched_getaffinity(0))
+        count = min(len(allowed), max(1, math.floor(cpus + 1e-9)))
+        with self._lock:
+            first = self._next_cpu
+            self._next_cpu = (first + count) % len(allowed)
+        return ",".join(str(allowed[(first + i) % len(allowed)]) for i in range(count))
+
+
+class _ProcessHandle:
+    """One sandbox: a monitor thread spawns it, pumps its log, enforces time."""
+
+    def __init__(self, spec: LaunchSpec, log_path: Path) -> None:
+        self.task_id: TaskId = spec.task_id
+        self._spec = spec
+        self._log_path = log_path
+        self._tail = bytearray()
+        self._done = threading.Event()
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._outcome: Outcome | None = None
+        self._cancel_at: float | None = None
+        self._pidfd: int | None = None
+        self._pid1 = 0
+        self._pidfd_lock = threading.Lock()  # cancel() races the monitor's close
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._started_at = _now()
+
+    def start(
+        self,
+        launcher: BubblewrapLauncher,
+        settings: ProcessSettings,
+        user: _TaskUser,
+        cpus: str,
+    ) -> None:
+        # The monitor thread owns the child: PR_SET_PDEATHSIG fires when the
+        # *thread* that forked bwrap ends, so it must live as long as the task.
+        thread = threading.Thread(
+            target=self._run,
+            args=(launcher, settings, user, cpus),
+            name=f"femd-process-{self.task_id}",
+            daemon=True,
+        )
+        thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise LaunchError(
+                f"process: cannot start task {self.task_id}: {cut(self._start_error)}"
+            ) from self._start_error
+
+    def _spawn(
+        self,
+        launcher: BubblewrapLauncher,
+        settings: ProcessSettings,
+        user: _TaskUser,
+        cpus: str,
+    ) -> tuple[int, int, int]:
+        self._log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        log_fd = os.open(self._log_path, flags, 0o600)
+        log_r, log_w = os.pipe()
+        status_r, status_w = os.pipe()
+        fds: list[int | None] = [launcher._seccomp_fd(), status_w, None]
+        if settings.seccomp is not None:
+            fds[2] = os.open(settings.seccomp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            args = launcher._bwrap_args(
+                settings, self._spec, fds[0], list(self._spec.argv), status_w,
+                fds[2],
+            )  # fmt: skip
+            self._popen = subprocess.Popen(  # noqa: S603 (fixed tools, no shell)
+                launcher._prefix(settings, self._spec, cpus) + args,
+                stdin=subprocess.DEVNULL,
+                stdout=log_w,
+                stderr=log_w,
+                pass_fds=tuple(fd for fd in fds if fd is not None),
+                env={"PATH": _HOST_PATH},
+                cwd="/",
+                umask=0o077,
+                process_group=0,
+                # SECURITY: tasks never run as root: setgroups([]), setgid and
+                # setuid happen in the child before exec (C code, thread-safe).
+                user=user.uid if user.switch else None,
+                group=user.gid if user.switch else None,
+                extra_groups=[] if user.switch else None,
+            )
+        except BaseException:
+            for fd in (log_fd, log_r, status_r):
+                os.close(fd)
+            raise
+        finally:
+            for closing in (log_w, *fds):
+                if closing is not None:
+                    os.close(closing)
+        return log_fd, log_r, status_r
+
+    def _run(
+        self,
+        launcher: BubblewrapLauncher,
+        settings: ProcessSettings,
+        user: _TaskUser,
+        cpus: str,
+    ) -> None:
+        try:
+            log_fd, log_r, status_r = self._spawn(launcher, settings, user, cpus)
+        except BaseException as e:  # noqa: BLE001 (handed to the launching thread)
+            self._start_error = e
+            self._started.set()
+            return
+        self._started_at = _now()
+        logger.info("process: task %s started (cpus %s)", self.task_id, cpus)
+        self._started.set()
+        try:
+            self._outcome = self._monitor(log_fd, log_r, status_r)
+        except Exception as e:
+            # Never leave a sandbox behind, and never leave wait() hanging.
+            logger.exception("process: monitoring task %s failed", self.task_id)
+            self._kill()
+            if self._popen is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._popen.wait(timeout=10)
+            self._outcome = Outcome(
+                state="failed",
+                exit_code=None,
+                started_at=self._started_at,
+                finished_at=_now(),
+                log_tail=self._tail.decode(errors="replace"),
+                reason=f"launcher error: {cut(e)}",
+            )
+        finally:
+            for fd in (log_fd, log_r, status_r):
+                os.close(fd)
+            with self._pidfd_lock:
+                if self._pidfd is not None:
+                    os.close(self._pidfd)
+                    self._pidfd = None
+            self._done.set()
+
+    def _monitor(self, log_fd: int, log_r: int, status_r: int) -> Outcome:
+        assert self._popen is not None  # noqa: S101 (set by _spawn)
+        deadline = time.monotonic() + self._spec.limits.timeout_s
+        status, written, timed_out, killed = b"", 0, False, False
+        drain_until: float | None = None
+        sel = selectors.DefaultSelector()
+        sel.register(log_r, selectors.EVENT_READ)
+        sel.register(status_r, selectors.EVENT_READ)
+        while sel.get_map():
+            now = time.monotonic()
+            timed_out = timed_out or now >= deadline
+            cancelled = self._cancel_at is not None and now >= self._cancel_at
+            if (timed_out or cancelled) and not killed:
+                killed = True
+                self._kill()
+            if drain_until is None and self._popen.poll() is not None:
+                drain_until = now + 5  # bwrap is gone: read what is left, then stop
+            elif drain_until is not None and now >= drain_until:
+                self._kill()
+                break
+            for key, _ in sel.select(timeout=0.1):
+                data = os.read(key.fd, 65536)
+                if not data:
+                    sel.unregister(key.fd)
+                elif key.fd == status_r:
+                    status += data
+                    self._pin(status)
+                else:
+                    written += self._log(log_fd, data, written)
+        sel.close()
+        self._popen.wait(timeout=10)
+        return self._result(status, timed_out)
+
+    def _log(self, log_fd: int, data: bytes, written: int) -> int:
+        self._tail += data
+        del self._tail[:-_TAIL_BYTES]
+        limit = self._spec.log_max_bytes
+        if written >= limit:
+            return 0
+        chunk = data[: limit - written]
+        os.write(log_fd, chunk)
+        if len(chunk) < len(data):
+            os.write(log_fd, f"\n[femd: log cut at {limit} bytes]\n".encode())
+        return len(data)
+
+    def _pin(self, status: bytes) -> None:
+        """Hold a pidfd on the sandbox's PID 1 as soon as bwrap reports it."""
+        if self._pidfd is not None or b"\n" not in status:
+            return
+        pid = int(json.loads(status.split(b"\n", 1)[0])["child-pid"])
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return  # already over (and reaped): nothing left to signal
+        assert self._popen is not None  # noqa: S101
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if _parent(pid) == self._popen.pid:  # else: reused before we pinned
+                with self._pidfd_lock:
+                    self._pidfd, self._pid1 = fd, pid
+                return
+        os.close(fd)
+
+    def _signal_sandbox(self, sig: int) -> None:
+        """Send *sig* to every process in the sandbox (below its PID 1)."""
+        with self._pidfd_lock:
+            if self._pidfd is None:
+                return
+            tree = _children(self._pid1) | {self._pid1}
+            for child in tree - {self._pid1}:
+                try:
+                    fd = os.pidfd_open(child)
+                except OSError:
+                    continue  # already gone
+                # SECURITY: the pidfd pins the process; re-check it is still in
+                # the sandbox's tree, so a reused pid is never signalled.
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    if _parent(child) in tree:
+                        signal.pidfd_send_signal(fd, sig)
+                os.close(fd)
+
+    def _kill(self) -> None:
+        """Kill the whole sandbox: its PID 1 takes the namespace with it."""
+        with self._pidfd_lock:
+            if self._pidfd is not None:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.kill()
+
+    def _result(self, status: bytes, timed_out: bool) -> Outcome:
+        assert self._popen is not None  # noqa: S101
+        # bwrap writes "exit-code" only when the task ran; the code itself is
+        # taken from bwrap's own exit status, which the task cannot forge.
+        exited = any(b'"exit-code"' in line for line in status.splitlines())
+        returncode = self._popen.returncode
+        code = returncode if exited and returncode >= 0 else None
+        tail = self._tail.decode(errors="replace")
+        timeout = self._spec.limits.timeout_s
+        if timed_out:
+            state, reason = "timed_out", f"timeout of {timeout} s reached"
+        elif self._cancel_at is not None:
+            state, reason = "cancelled", "cancelled"
+        elif code == 0:
+            state, reason = "succeeded", ""
+        elif code is not None:
+            state, reason = "failed", f"exit code {code}"
+            if 128 < code < 128 + signal.NSIG:
+                reason += f" (killed by {signal.Signals(code - 128).name})"
+        else:
+            state = "failed"
+            reason = f"sandbox setup failed (bwrap exit {returncode})"
+        logger.info("process: task %s %s %s", self.task_id, state, reason)
+        return Outcome(
+            state=state,  # type: ignore[arg-type]
+            exit_code=code,
+            started_at=self._started_at,
+            finished_at=_now(),
+            log_tail=tail,
+            reason=reason,
+        )
+
+    # -- Handle ----------------------------------------------------------------
+
+    def wait(self, timeout_s: float | None = None) -> Outcome | None:
+        """The outcome, or None if the task still runs after *timeout_s*."""
+        self._done.wait(timeout_s)
+        return self._outcome if self._done.is_set() else None
+
+    def cancel(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every task process now, SIGKILL the sandbox after *grace_s*."""
+        if self._done.is_set() or self._cancel_at is not None:
+            return
+        self._cancel_at = time.monotonic() + max(0.0, grace_s)
+        self._signal_sandbox(signal.SIGTERM)
+
+    def logs(self) -> Iterator[bytes]:
+        """The captured stdout+stderr (at most ``log_max_bytes`` and a marker)."""
+        try:
+            with self._log_path.open("rb") as f:
+                while chunk := f.read(65536):
+                    yield chunk
+        except OSError as e:
+            raise LaunchError(f"process: cannot read log of {self.task_id}: {e}") from e

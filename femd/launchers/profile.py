@@ -1,0 +1,181 @@
+"""Launcher profiles: the sysadmin-owned, declarative settings of each back-end.
+
+Owns the ``LauncherProfile`` document (``launchers/<name>.yaml``), its two
+settings sections (``ProcessSettings`` for bubblewrap, ``PodmanSettings`` for
+rootless Podman) and ``load_profile()`` / ``load_profiles()``, which validate a
+profile as strictly as the policy: duplicate YAML keys, unknown fields and wrong
+types are refused with ``file:line: field: message``.
+
+Does not run anything (the back-ends in ``process`` and ``podman`` do) and does
+not decide whether a task may use a profile (the policy does). DESIGN
+"Launchers": site-owned settings come from here, never from the task; a task can
+only name a profile.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from femd.errors import ConfigError, cut
+from femd.model import AbsPath, Name, Strict
+from femd.yamlfile import YamlError, field_of, line_of, load_yaml, split_error
+
+__all__ = [
+    "DEFAULT_RO_BINDS",
+    "LauncherProfile",
+    "PodmanSettings",
+    "ProcessSettings",
+    "load_profile",
+    "load_profiles",
+]
+
+DEFAULT_RO_BINDS: Final[tuple[str, ...]] = (
+    "/usr",
+    "/bin",
+    "/lib",
+    "/lib64",
+    "/sbin",
+    "/etc/alternatives",
+    "/etc/ssl/certs",
+    "/etc/ld.so.cache",
+)
+
+UserName = Annotated[
+    str,
+    Meta(
+        pattern=r"^(?:[a-z_][a-z0-9_-]{0,31})$(?!\n)",
+        description="A local user name (letters, digits, `_`, `-`; at most 32).",
+    ),
+]
+Megabytes = Annotated[int, Meta(ge=1, le=1 << 20)]
+
+
+class ProcessSettings(Strict, frozen=True, kw_only=True):
+    """How the `process` launcher (bubblewrap) runs a task.
+
+    The sandbox unshares every namespace, drops all capabilities, clears the
+    environment and sees only the read-only binds listed here, the task's
+    read-only inputs, one writable output directory and a private `/tmp`.
+    """
+
+    ro_binds: tuple[AbsPath, ...] = DEFAULT_RO_BINDS
+    """Host paths bound read-only at the same place; missing ones are skipped and
+    host symlinks (e.g. `/bin -> usr/bin`) are recreated as symlinks."""
+    run_as: UserName = "femd-task"
+    """User the task runs as when femd itself runs as root (tests, some
+    installs). When femd is unprivileged, tasks run as femd's own user."""
+    tmp_size_mb: Megabytes = 64
+    """Size of the private `/tmp` and `/dev/shm` tmpfs, each."""
+    allow_egress: bool = False
+    """bubblewrap cannot filter by host: a task allowed egress by the policy
+    shares the host network. Only when this is true; otherwise such a task is
+    refused as unenforceable."""
+    nofile: Annotated[int, Meta(ge=16, le=1 << 20)] = 1024
+    """RLIMIT_NOFILE: open files per process."""
+    fsize_mb: Megabytes = 1024
+    """RLIMIT_FSIZE: the largest file a task process may write (also bounds
+    each output file)."""
+    seccomp: AbsPath | None = None
+    """Optional extra seccomp filter (compiled classic BPF, as bwrap's
+    `--add-seccomp-fd` takes it), applied on top of femd's built-in one."""
+
+
+class PodmanSettings(Strict, frozen=True, kw_only=True):
+    """How the `podman` launcher (rootless Podman) runs a task."""
+
+    runtime: Annotated[str, Meta(pattern=r"^(?:[a-z0-9._-]{1,64})$(?!\n)")] = "runc"
+    """OCI runtime (`runc`, `crun`)."""
+    read_only: bool = True
+    """Read-only root filesystem."""
+    tmp_size_mb: Megabytes = 64
+    """Size of the tmpfs on `/tmp`."""
+    seccomp_profile: AbsPath | None = None
+    """Seccomp profile (JSON); Podman's default when absent."""
+    signature_policy: AbsPath | None = None
+    """containers-policy.json enforced when pulling."""
+    auth_file: AbsPath | None = None
+    """Registry credentials file."""
+    userns: Annotated[str, Meta(pattern=r"^(?:auto|keep-id|nomap)$(?!\n)")] = "auto"
+    """User namespace mode."""
+    extra_security_opt: tuple[
+        Annotated[str, Meta(min_length=1, max_length=512)], ...
+    ] = ()
+    """Additional `--security-opt` values (e.g. an AppArmor profile)."""
+
+
+class LauncherProfile(Strict, frozen=True, kw_only=True):
+    """A named set of launcher settings, chosen by a task only by its name.
+
+    A launcher whose section is absent is refused for tasks naming this profile.
+    """
+
+    api_version: Literal["femd/v1"] = msgspec.field(name="apiVersion")
+    kind: Literal["LauncherProfile"]
+    name: Name
+    """Must equal the file name without `.yaml`."""
+    description: str = ""
+    process: ProcessSettings | None = None
+    podman: PodmanSettings | None = None
+
+
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+
+
+def _where(path: Path, node: Any, parts: list[str | int]) -> str:  # noqa: ANN401
+    line = line_of(node, parts)[0]
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def load_profile(path: Path) -> LauncherProfile:
+    """Read and validate one profile file.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, duplicate key, wrong field,
+            or a ``name`` that differs from the file name;
+            printed as ``file:line: field: message``.
+    """
+    try:
+        data, node = load_yaml(path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read launcher profile: {cut(e)}") from e
+    except YamlError as e:
+        where = f"{path}:{e.line}" if e.line is not None else str(path)
+        raise ConfigError(f"{where}: {e.message}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: a launcher profile must be a mapping")
+    try:
+        profile = msgspec.convert(data, LauncherProfile, strict=True)
+    except msgspec.ValidationError as e:
+        message, parts = split_error(str(e))
+        unknown = _UNKNOWN.search(message)
+        # Point at the unknown key itself, not at its parent mapping.
+        at = [*parts, unknown.group(1)] if unknown else parts
+        field = field_of(parts) or "$"
+        raise ConfigError(f"{_where(path, node, at)}: {field}: {message}") from e
+    if profile.name != path.stem:
+        raise ConfigError(
+            f"{_where(path, node, ['name'])}: name: must equal the file name "
+            f"(got {cut(profile.name)!r}, expected {cut(path.stem)!r})"
+        )
+    return profile
+
+
+def load_profiles(directory: Path) -> dict[str, LauncherProfile]:
+    """Load every ``*.yaml`` profile in *directory*, keyed by name.
+
+    Raises:
+        ConfigError: the directory cannot be read or any profile is invalid
+            (the whole set is refused, so a reload keeps the previous one).
+    """
+    try:
+        files = sorted(p for p in directory.iterdir() if p.suffix == ".yaml")
+    except OSError as e:
+        raise ConfigError(
+            f"{directory}: cannot list launcher profiles: {cut(e)}"
+        ) from e
+    return {p.stem: load_profile(p) for p in files}
