@@ -16,12 +16,15 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import msgspec
 
 from femd import __version__
 from femd.errors import FemdError, InputError, ManifestError, cut
+
+if TYPE_CHECKING:
+    from femd.config import OrchestratorConfig
 
 __all__ = ["main"]
 
@@ -61,7 +64,21 @@ def _parse_time(text: str) -> datetime:
         raise InputError(f"--at: not an RFC 3339 time (got {cut(text)!r})") from e
     if t.tzinfo is None:
         raise InputError(f"--at: the time needs a zone, e.g. Z (got {cut(text)!r})")
-    return t.astimezone(UTC)
+    try:
+        return t.astimezone(UTC)
+    except OverflowError as e:
+        raise InputError(f"--at: out of range (got {cut(text)!r})") from e
+
+
+def _skew(text: str) -> float:
+    """Argparse type: a clock skew in seconds, 0 to 86400 (as `clock_skew_s`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected 0 to 86400 seconds, got {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -79,8 +96,6 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 def _load_manifest_doc(path: str) -> bytes:
     """Read a JSON or YAML manifest, validate it, return canonical JSON bytes."""
-    from datetime import date
-
     from femd.manifest import Manifest, decode_manifest, encode_manifest
     from femd.model import explain
     from femd.yamlfile import YamlError, load_yaml
@@ -91,9 +106,8 @@ def _load_manifest_doc(path: str) -> bytes:
     else:
         try:
             data, _ = load_yaml(raw)
-            manifest = msgspec.convert(
-                data, Manifest, strict=True, builtin_types=(datetime, date)
-            )
+            # No builtin_types: YAML timestamps and quoted RFC 3339 strings both work.
+            manifest = msgspec.convert(data, Manifest, strict=True)
         except YamlError as e:
             at = f" line {e.line}" if e.line else ""
             raise ManifestError(f"manifest {path}:{at} {e.message}") from e
@@ -185,6 +199,139 @@ def _cmd_policy_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from femd import audit
+    from femd.agent import Agent
+    from femd.config import load_config
+
+    path = Path(args.config) if args.config else None
+    config = load_config(path, os.environ)
+    level = (
+        logging.DEBUG if args.verbose else getattr(logging, config.log_level.upper())
+    )
+    logging.getLogger().setLevel(level)
+    audit.configure(config.audit)
+    return Agent(config, config_path=path).run()
+
+
+def _orchestrator_config(args: argparse.Namespace) -> OrchestratorConfig:
+    from femd.config import load_orchestrator_config
+
+    return load_orchestrator_config(
+        Path(args.config) if args.config else None, os.environ
+    )
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from femd.orchestrator import submit
+
+    cfg = _orchestrator_config(args)
+    data = _read_input(args.envelope, "envelope")
+    task_id = submit(cfg, args.node, data)
+    print(f"submitted task {task_id} to {', '.join(args.node)}")
+    return 0
+
+
+def _fem_line(event: dict[str, object]) -> dict[str, object]:
+    """FEM dashboards' per-node result shape (issue: FEM interoperability)."""
+    started = event.get("started_at")
+    stopped = event.get("at")
+    elapsed = None
+    if isinstance(started, str) and isinstance(stopped, str):
+        elapsed = (
+            datetime.fromisoformat(stopped) - datetime.fromisoformat(started)
+        ).total_seconds()
+    error = None
+    if event.get("state") != "succeeded":
+        reasons = event.get("reasons") or []
+        error = "; ".join(
+            f"{r.get('rule')}: {r.get('message')}"
+            for r in reasons
+            if isinstance(r, dict)
+        ) or str(event.get("error") or event.get("state"))
+    return {
+        "node": event.get("node"),
+        "task_id": event.get("task_id"),
+        "exit_code": event.get("exit_code"),
+        "start_time": started,
+        "stop_time": stopped,
+        "elapsed_time_sec": elapsed,
+        "error": error,
+    }
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from femd.orchestrator import TERMINAL, Watch
+
+    cfg = _orchestrator_config(args)
+    if args.results:
+        cfg = msgspec.structs.replace(cfg, results_dir=args.results)
+
+    def show(event: dict[str, object]) -> None:
+        if args.format == "fem":
+            if event.get("state") in TERMINAL:
+                print(json.dumps(_fem_line(event)), flush=True)
+            return
+        print(json.dumps(event, sort_keys=True), flush=True)
+
+    watch = Watch(cfg, task_id=args.task, nodes=args.node or (), on_event=show)
+    finished = watch.run(timeout_s=args.timeout)
+    for e in watch.errors:
+        print(f"femd: error: {e}", file=sys.stderr)
+    if args.task and not finished:
+        print(
+            f"femd: error: watch: timed out waiting for task {args.task}",
+            file=sys.stderr,
+        )
+        return 2
+    return 2 if watch.errors else 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from femd.config import load_config
+    from femd.state import State
+
+    if args.state_dir:
+        state_dir = Path(args.state_dir)
+    else:
+        state_dir = load_config(
+            Path(args.config) if args.config else None, os.environ
+        ).state_path
+    db = state_dir / "state.sqlite"
+    if not db.exists():
+        raise InputError(f"tasks: no state at {db}")
+    state = State(db)
+    try:
+        rows = state.history(args.limit)
+    finally:
+        state.close()
+    if args.json:
+        out = [
+            {
+                "task_id": r.task_id,
+                "project": r.project,
+                "kind": r.kind,
+                "state": r.state,
+                "decision": r.decision,
+                "reasons": [{"rule": a, "message": b} for a, b in r.reasons],
+                "received_at": r.received_at.isoformat().replace("+00:00", "Z"),
+                "updated_at": r.updated_at.isoformat().replace("+00:00", "Z"),
+                "exit_code": r.exit_code,
+                "output_sha256": r.output_sha256,
+                "manifest_sha256": r.manifest_sha256,
+                "signer_keyids": list(r.signer_keyids),
+            }
+            for r in rows
+        ]
+        print(json.dumps(out, indent=1))
+        return 0
+    for r in rows:
+        when = r.updated_at.strftime("%Y-%m-%d %H:%M:%S")
+        rules = ",".join(a for a, _ in r.reasons)
+        print(f"{when}  {r.task_id:<38} {r.project:<24} {r.state:<10} {rules}")
+    return 0
+
+
 # ---------------------------------------------------------------------------
 # parser
 
@@ -212,7 +359,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", required=True, help="policy file or directory")
     s.add_argument("--node", help="decide as this node (default: the policy's node)")
     s.add_argument("--at", help="decide at this RFC 3339 time (default: now)")
-    s.add_argument("--skew", type=float, default=300, help="clock skew allowed, s")
+    s.add_argument("--skew", type=_skew, default=300, help="clock skew allowed, s")
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.set_defaults(func=_cmd_check)
 
@@ -223,6 +370,36 @@ def _parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_policy_lint)
     t = psub.add_parser("schema", help="print the policy JSON Schema")
     t.set_defaults(func=_cmd_policy_schema)
+
+    s = sub.add_parser("run", help="the agent, in the foreground (systemd runs this)")
+    s.add_argument(
+        "--config", help="femd.yaml (default $FEMD_CONFIG, /etc/femd/femd.yaml)"
+    )
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("submit", help="orchestrator: publish an envelope to nodes")
+    s.add_argument("envelope", help="envelope file (- for stdin)")
+    s.add_argument("--node", action="append", required=True, help="node id (repeat)")
+    s.add_argument("--config", help="orchestrator config (default $FEMD_CONFIG)")
+    s.set_defaults(func=_cmd_submit)
+
+    s = sub.add_parser(
+        "watch", help="orchestrator: follow status events, collect outputs"
+    )
+    s.add_argument("--task", help="stop when this task is done on every --node")
+    s.add_argument("--node", action="append", help="node expected to report (repeat)")
+    s.add_argument("--config", help="orchestrator config (default $FEMD_CONFIG)")
+    s.add_argument("--results", help="directory for events.jsonl and outputs")
+    s.add_argument("--timeout", type=float, help="give up after this many seconds")
+    s.add_argument("--format", choices=["json", "fem"], default="json")
+    s.set_defaults(func=_cmd_watch)
+
+    s = sub.add_parser("tasks", help="the node's local task history")
+    s.add_argument("--config", help="femd.yaml (to find state_dir)")
+    s.add_argument("--state-dir", help="read this state directory instead")
+    s.add_argument("--limit", type=int, help="at most this many, newest first")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_tasks)
     return p
 
 
@@ -236,6 +413,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="femd: %(levelname)s: %(message)s",
+    )
+    # pika logs every failed connection attempt with a traceback at ERROR;
+    # femd's broker module says the same in one line.
+    logging.getLogger("pika").setLevel(
+        logging.DEBUG if args.verbose else logging.CRITICAL
     )
     func: Callable[[argparse.Namespace], int] = args.func
     try:

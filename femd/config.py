@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -29,6 +29,7 @@ __all__ = [
 
 DEFAULT_CONFIG: Final = Path("/etc/femd/femd.yaml")
 
+_T = TypeVar("_T")
 _Path = Annotated[str, Meta(min_length=1, max_length=4096)]
 
 
@@ -85,6 +86,40 @@ def _resolve(base: Path, value: str) -> str:
     return str(base / value) if not value.startswith("/") else value
 
 
+def _load_struct(path: Path, env: Mapping[str, str], kind: type[_T]) -> _T:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from e
+    try:
+        data, node = load_yaml(raw)
+    except YamlError as e:
+        where = f"{path}:{e.line}" if e.line else str(path)
+        raise ConfigError(f"{where}: {e.message}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping at the top level")
+    if env.get("FEMD_NODE") and kind is AgentConfig:
+        data["node"] = env["FEMD_NODE"]
+    try:
+        return msgspec.convert(data, kind, strict=True)
+    except msgspec.ValidationError as e:
+        message, parts = split_error(explain(str(e)))
+        line = line_of(node, parts)[0]
+        field = field_of(parts)
+        where = f"{path}:{line}" if line else str(path)
+        what = f"{field}: " if field else ""
+        raise ConfigError(f"{where}: {what}{message[0].lower()}{message[1:]}") from e
+
+
+def _resolve_broker(base: Path, broker: BrokerConfig) -> BrokerConfig:
+    return msgspec.structs.replace(
+        broker,
+        ca=_resolve(base, broker.ca),
+        cert=_resolve(base, broker.cert),
+        key=_resolve(base, broker.key),
+    )
+
+
 def load_config(
     path: Path | None = None, env: Mapping[str, str] | None = None
 ) -> AgentConfig:
@@ -99,43 +134,44 @@ def load_config(
     env = {} if env is None else env
     if path is None:
         path = Path(env.get("FEMD_CONFIG") or DEFAULT_CONFIG)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from e
-    try:
-        data, node = load_yaml(raw)
-    except YamlError as e:
-        where = f"{path}:{e.line}" if e.line else str(path)
-        raise ConfigError(f"{where}: {e.message}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}:1: expected a mapping at the top level")
-    if env.get("FEMD_NODE"):
-        data["node"] = env["FEMD_NODE"]
-    try:
-        config = msgspec.convert(data, AgentConfig, strict=True)
-    except msgspec.ValidationError as e:
-        message, parts = split_error(explain(str(e)))
-        line = line_of(node, parts)[0]
-        field = field_of(parts)
-        where = f"{path}:{line}" if line else str(path)
-        what = f"{field}: " if field else ""
-        raise ConfigError(f"{where}: {what}{message[0].lower()}{message[1:]}") from e
+    config = _load_struct(path, env, AgentConfig)
     base = path.resolve().parent
-    broker = msgspec.structs.replace(
-        config.broker,
-        ca=_resolve(base, config.broker.ca),
-        cert=_resolve(base, config.broker.cert),
-        key=_resolve(base, config.broker.key),
-    )
     podman = config.podman
     if podman.socket.startswith("unix://") and not podman.socket.startswith("unix:///"):
         podman = PodmanConfig(socket="unix://" + _resolve(base, podman.socket[7:]))
     return msgspec.structs.replace(
         config,
-        broker=broker,
+        broker=_resolve_broker(base, config.broker),
         policy=_resolve(base, config.policy),
         launchers=_resolve(base, config.launchers),
         state_dir=_resolve(base, config.state_dir),
         podman=podman,
+    )
+
+
+class OrchestratorConfig(Strict, kw_only=True):
+    """``femd submit``/``femd watch`` settings: the orchestrator's own mTLS identity."""
+
+    broker: BrokerConfig
+    results_dir: _Path = "results"
+
+
+def load_orchestrator_config(
+    path: Path | None = None, env: Mapping[str, str] | None = None
+) -> OrchestratorConfig:
+    """Load the orchestrator-side config (``broker:`` and ``results_dir``).
+
+    *path* None means ``$FEMD_CONFIG`` or ``./orchestrator.yaml``.
+
+    Raises:
+        ConfigError: unreadable or invalid, as ``file:line: field: message``.
+    """
+    env = {} if env is None else env
+    if path is None:
+        path = Path(env.get("FEMD_CONFIG") or "orchestrator.yaml")
+    config = _load_struct(path, env, OrchestratorConfig)
+    base = path.resolve().parent
+    return OrchestratorConfig(
+        broker=_resolve_broker(base, config.broker),
+        results_dir=_resolve(base, config.results_dir),
     )

@@ -1,0 +1,552 @@
+"""The agent: ``femd run``'s main loop.
+
+Owns the process's life: load config, policy and launcher profiles; recover
+what a previous run left; start the broker link; admit deliveries (verify,
+decide, commit, then ack); dispatch admitted tasks to worker threads; apply
+cancels; sd_notify READY/WATCHDOG/STATUS/STOPPING; SIGHUP reloads the policy
+and profiles atomically; SIGTERM drains and exits 0. The main loop never runs
+task work and never blocks on the broker (DESIGN "systemd", "broker").
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Final
+
+import sdnotify
+
+from femd import audit
+from femd.broker import Delivery, NodeLink
+from femd.config import AgentConfig
+from femd.decision import Decision, Verdict, admit
+from femd.errors import EnvelopeError, FemdError, ManifestError, cut
+from femd.execution import Runner, admission_reasons
+from femd.launchers import (
+    LAUNCHERS,
+    Capabilities,
+    Launcher,
+    LauncherProfile,
+    load_profiles,
+)
+from femd.manifest import Cancel, Task, decode_manifest
+from femd.policy import LoadedPolicy, load_policy
+from femd.state import TERMINAL_STATES, State
+
+__all__ = ["REPLAY_RULE", "Agent"]
+
+logger = logging.getLogger(__name__)
+
+REPLAY_RULE: Final = "task.replayed"
+_TICK_S: Final = 0.1
+_STATUS_EVERY_S: Final = 5.0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Agent:
+    """One femd agent process."""
+
+    def __init__(self, config: AgentConfig, *, config_path: Path | None = None) -> None:
+        """Load policy and profiles, open state, probe launchers; connect nothing yet.
+
+        Raises:
+            PolicyError: the policy is invalid.
+            ConfigError: a launcher profile is invalid.
+            StateError: the state database cannot be opened.
+        """
+        self.config = config
+        self.config_path = config_path
+        self.node = config.node
+        self.policy: LoadedPolicy = self._load_policy()
+        self.profiles: dict[str, LauncherProfile] = load_profiles(
+            Path(config.launchers)
+        )
+        self.state_dir = config.state_path
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.state = State(self.state_dir / "state.sqlite")
+        for f in self.state_dir.glob("state.sqlite*"):
+            f.chmod(0o600)  # SECURITY: history, payloads and outbox are femd's alone
+        self.launchers: dict[tuple[str, str], Launcher] = {}
+        self.caps: dict[tuple[str, str], Capabilities] = {}
+        self._build_launchers()
+        self.link = NodeLink(
+            config.broker,
+            self.node,
+            self.state,
+            prefetch=max(1, config.max_concurrent_tasks),
+            on_state=self._on_broker_state,
+        )
+        self.queue: deque[str] = deque()
+        self.runners: dict[str, Runner] = {}
+        self.threads: dict[str, threading.Thread] = {}
+        self.done = 0
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._notifier = sdnotify.SystemdNotifier()
+        self._ready = False
+        self._last_status = 0.0
+
+    # -- loading ---------------------------------------------------------------
+
+    def _load_policy(self) -> LoadedPolicy:
+        policy = load_policy(self.config.policy_path)
+        if policy.policy.node != self.node:
+            from femd.errors import PolicyError
+
+            raise PolicyError(
+                policy.source,
+                f"is for node {policy.policy.node!r}, but this agent is {self.node!r}",
+                field="node",
+            )
+        return policy
+
+    def _build_launchers(self) -> None:
+        """One launcher per (profile, back-end): a profile is construction input."""
+        launchers: dict[tuple[str, str], Launcher] = {}
+        caps: dict[tuple[str, str], Capabilities] = {}
+        for pname, profile in sorted(self.profiles.items()):
+            for name, factory in LAUNCHERS.items():
+                if getattr(profile, name) is None:
+                    continue
+                launcher = factory(
+                    profile,
+                    state_dir=self.state_dir,
+                    podman_socket=self.config.podman.socket,
+                )
+                try:
+                    cap = launcher.probe()
+                except Exception as e:  # noqa: BLE001 (a back-end must not stop us)
+                    cap = Capabilities(
+                        launcher=name,
+                        available=False,
+                        problems=(f"probe failed: {cut(e)}",),
+                    )
+                launchers[(pname, name)] = launcher
+                caps[(pname, name)] = cap
+                if cap.available:
+                    logger.info("launcher %s/%s: available", pname, name)
+                else:
+                    logger.warning(
+                        "launcher %s/%s: unavailable: %s",
+                        pname,
+                        name,
+                        "; ".join(cap.problems),
+                    )
+        self.launchers, self.caps = launchers, caps
+
+    def reload(self) -> None:
+        """SIGHUP: build a whole new policy and profile set, then swap; else keep."""
+        try:
+            policy = self._load_policy()
+            profiles = load_profiles(Path(self.config.launchers))
+        except FemdError as e:
+            logger.error("reload refused, keeping the previous policy: %s", e)
+            audit.emit(
+                audit.Event.POLICY_RELOAD_FAILED,
+                f"policy reload refused: {cut(e, 200)}",
+                priority=3,
+                node=self.node,
+                policy_sha256=self.policy.sha256,
+            )
+            return
+        self.policy, self.profiles = policy, profiles
+        self._build_launchers()
+        audit.emit(
+            audit.Event.POLICY_RELOADED,
+            f"policy reloaded from {policy.source}",
+            node=self.node,
+            policy_sha256=policy.sha256,
+        )
+
+    # -- notify ----------------------------------------------------------------
+
+    def _notify(self, text: str) -> None:
+        self._notifier.notify(text)
+
+    def _status(self) -> str:
+        counts = self.state.counts()
+        done = sum(v for k, v in counts.items() if k in TERMINAL_STATES)
+        broker = (
+            "broker connected"
+            if self.link.connected.is_set()
+            else (f"broker disconnected ({self.link.last_error or 'connecting'})")
+        )
+        return (
+            f"running {len(self.runners)} tasks, {len(self.queue)} queued, "
+            f"{done} done, {broker}"
+        )
+
+    def _on_broker_state(self, up: bool, why: str) -> None:
+        if up:
+            audit.emit(audit.Event.BROKER_CONNECTED, "broker connected", node=self.node)
+        else:
+            audit.emit(
+                audit.Event.BROKER_DISCONNECTED,
+                f"broker disconnected: {why or 'closed'}",
+                priority=4,
+                node=self.node,
+            )
+
+    # -- admission ---------------------------------------------------------------
+
+    def _reject_unverified(
+        self, d: Delivery, why: str, reasons: list[tuple[str, str]]
+    ) -> None:
+        audit.emit(
+            audit.Event.TASK_REJECTED,
+            f"envelope rejected: {cut(why, 200)}",
+            priority=5,
+            node=self.node,
+            state="rejected",
+            decision="deny",
+            rules=[r for r, _ in reasons],
+            policy_sha256=self.policy.sha256,
+        )
+        self.state.event_only(
+            task_id="unverified",
+            state="rejected",
+            node=self.node,
+            at=_now(),
+            reasons=reasons,
+        )
+        self.link.ack(d)
+        self.link.wake()
+
+    def handle(self, d: Delivery) -> None:
+        """Admit one delivery: verify, decide, commit, then ack. Never raises FemdError."""
+        try:
+            verdict = admit(
+                d.body,
+                self.policy,
+                node=self.node,
+                now=_now(),
+                skew_s=self.config.clock_skew_s,
+                max_bytes=self.config.max_envelope_bytes,
+            )
+        except EnvelopeError as e:
+            self._reject_unverified(d, str(e), [("input.envelope", str(e))])
+            return
+        except ManifestError as e:
+            self._reject_unverified(d, str(e), [("input.manifest", str(e))])
+            return
+        m = verdict.manifest
+        if m is None:
+            reasons = [(r.rule.value, r.message) for r in verdict.decision.reasons]
+            self._reject_unverified(d, "no trusted signature", reasons)
+            return
+        decision = verdict.decision
+        if isinstance(m, Task) and decision.allowed:
+            extra = admission_reasons(
+                m, self.policy, self.profiles, self.caps, self.state_dir / "work"
+            )
+            decision = Decision(decision.reasons + tuple(extra))
+        self._commit(d, verdict, decision)
+
+    def _commit(self, d: Delivery, verdict: Verdict, decision: Decision) -> None:
+        m = verdict.manifest
+        assert m is not None  # noqa: S101 (checked by the caller)
+        reasons = [(r.rule.value, r.message) for r in decision.reasons]
+        allowed = decision.allowed
+        fresh = self.state.record(
+            task_id=m.id,
+            project=m.project,
+            kind=type(m).__name__,
+            manifest_sha256=verdict.manifest_sha256,
+            payload=verdict.payload,
+            signer_keyids=list(verdict.keyids),
+            launcher=m.launcher if isinstance(m, Task) else None,
+            decision="allow" if allowed else "deny",
+            reasons=reasons,
+            node=self.node,
+            at=_now(),
+        )
+        if not fresh:
+            self._seen_again(d, m.id, verdict.manifest_sha256)
+            return
+        # SECURITY: the ack comes only after the task and its decision are on disk.
+        self.link.ack(d)
+        self.link.wake()
+        common = {
+            "task_id": m.id,
+            "project": m.project,
+            "node": self.node,
+            "signer_keyids": list(verdict.keyids),
+            "manifest_sha256": verdict.manifest_sha256,
+            "policy_sha256": self.policy.sha256,
+        }
+        audit.emit(
+            audit.Event.TASK_RECEIVED,
+            f"task {m.id} received",
+            state="received",
+            **common,
+        )
+        if not allowed:
+            audit.emit(
+                audit.Event.TASK_REJECTED,
+                f"task {m.id} denied: " + "; ".join(f"{r}: {t}" for r, t in reasons),
+                priority=5,
+                state="rejected",
+                decision="deny",
+                rules=[r for r, _ in reasons],
+                **common,
+            )
+            return
+        task_fields: dict[str, object] = {}
+        if isinstance(m, Task):
+            task_fields = {
+                "image_digest": m.image.partition("@")[2] or None if m.image else None,
+                "git_commit": m.source.commit if m.source else None,
+                "datasets": [i.dataset for i in m.inputs],
+            }
+        audit.emit(
+            audit.Event.TASK_ADMITTED,
+            f"task {m.id} admitted, signed by {', '.join(verdict.signers)}",
+            state="queued",
+            decision="allow",
+            **common,
+            **task_fields,  # type: ignore[arg-type]
+        )
+        if isinstance(m, Cancel):
+            self._apply_cancel(m)
+        else:
+            self.queue.append(m.id)
+
+    def _seen_again(self, d: Delivery, task_id: str, sha: str) -> None:
+        row = self.state.get(task_id)
+        if d.redelivered and row is not None and row.manifest_sha256 == sha:
+            # A redelivery of what we committed before a crash: ack, never rerun.
+            logger.info(
+                "task %s: redelivered, already recorded (%s)", task_id, row.state
+            )
+        else:
+            msg = f"task id {task_id} was already received on this node; not run again"
+            self.state.event_only(
+                task_id=task_id,
+                state="rejected",
+                node=self.node,
+                at=_now(),
+                reasons=[(REPLAY_RULE, msg)],
+            )
+            audit.emit(
+                audit.Event.TASK_REJECTED,
+                msg,
+                priority=5,
+                task_id=task_id,
+                node=self.node,
+                state="rejected",
+                decision="deny",
+                rules=[REPLAY_RULE],
+                manifest_sha256=sha,
+            )
+        self.link.ack(d)
+        self.link.wake()
+
+    def _apply_cancel(self, c: Cancel) -> None:
+        target = self.state.get(c.target)
+        detail = ""
+        if target is not None and target.project != c.project:
+            detail = f"target {c.target} belongs to another project; nothing cancelled"
+        elif c.target in self.runners:
+            self.runners[c.target].cancel(f"cancelled by {c.id}")
+            detail = f"cancelling running task {c.target}"
+        elif target is not None and target.state not in TERMINAL_STATES:
+            if c.target in self.queue:
+                self.queue.remove(c.target)
+            self.state.transition(
+                c.target,
+                "cancelled",
+                node=self.node,
+                at=_now(),
+                error=f"cancelled by {c.id}",
+            )
+            detail = f"cancelled queued task {c.target}"
+        else:
+            detail = f"task {c.target} is not queued or running here; nothing cancelled"
+        audit.emit(
+            audit.Event.TASK_CANCELLED,
+            f"cancel {c.id}: {detail}",
+            task_id=c.target,
+            project=c.project,
+            node=self.node,
+            state="cancelled",
+        )
+        self.state.transition(
+            c.id, "succeeded", node=self.node, at=_now(), error=detail
+        )
+        self.link.wake()
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def _runner(self, task: Task) -> Runner:
+        return Runner(
+            task=task,
+            state=self.state,
+            node=self.node,
+            policy=self.policy,
+            profiles=self.profiles,
+            launchers=self.launchers,
+            state_dir=self.state_dir,
+            chunk_bytes=self.config.result_chunk_bytes,
+            log_max_bytes=self.config.log_max_bytes,
+            wake=self.link.wake,
+        )
+
+    def _spawn(self, task_id: str, target: object) -> None:
+        t = threading.Thread(target=target, name=f"task-{task_id}", daemon=True)
+        self.threads[task_id] = t
+        t.start()
+
+    def _dispatch(self) -> None:
+        for tid, thread in list(self.threads.items()):
+            if not thread.is_alive():
+                del self.threads[tid]
+                self.runners.pop(tid, None)
+                self.done += 1
+        while self.queue and len(self.runners) < self.config.max_concurrent_tasks:
+            tid = self.queue.popleft()
+            row = self.state.get(tid)
+            if row is None or row.state != "queued" or row.payload is None:
+                continue
+            task = decode_manifest(row.payload)
+            if not isinstance(task, Task):
+                continue
+            runner = self._runner(task)
+            self.runners[tid] = runner
+            self._spawn(tid, runner.run)
+
+    # -- recovery --------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Reconcile tasks a previous run left in non-terminal states."""
+        for row in self.state.unfinished():
+            if row.state in ("received", "queued") and row.payload is not None:
+                self.queue.append(row.task_id)
+                continue
+            task = decode_manifest(row.payload) if row.payload else None
+            handle = None
+            if isinstance(task, Task) and row.state == "running":
+                launcher = self.launchers.get((task.profile, task.launcher))
+                try:
+                    handle = launcher.adopt(task.id) if launcher else None
+                except FemdError as e:
+                    logger.warning("task %s: cannot re-attach: %s", row.task_id, e)
+            if isinstance(task, Task) and handle is not None:
+                logger.info("task %s: re-attached after restart", task.id)
+                runner = self._runner(task)
+                self.runners[task.id] = runner
+                self._spawn(task.id, lambda r=runner, h=handle: r.attach(h))
+                continue
+            self.state.transition(
+                row.task_id,
+                "failed",
+                node=self.node,
+                at=_now(),
+                error="agent restarted",
+            )
+            audit.emit(
+                audit.Event.TASK_FINISHED,
+                f"task {row.task_id}: failed: agent restarted while it was {row.state}",
+                priority=3,
+                task_id=row.task_id,
+                project=row.project,
+                node=self.node,
+                state="failed",
+            )
+
+    # -- main loop --------------------------------------------------------------------
+
+    def _signals(self) -> None:
+        def stop(_sig: int, _frame: FrameType | None) -> None:
+            self._stop.set()
+
+        def reload(_sig: int, _frame: FrameType | None) -> None:
+            self._reload.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def request_stop(self) -> None:
+        """Ask the main loop to drain and exit (as SIGTERM does)."""
+        self._stop.set()
+
+    def run(self) -> int:
+        """Serve until SIGTERM; return the exit code (0 on a clean stop)."""
+        if threading.current_thread() is threading.main_thread():
+            self._signals()
+        audit.emit(
+            audit.Event.POLICY_LOADED,
+            f"policy loaded from {self.policy.source}",
+            node=self.node,
+            policy_sha256=self.policy.sha256,
+        )
+        self.recover()
+        self.link.start()
+        audit.emit(
+            audit.Event.AGENT_STARTED,
+            f"femd agent started for node {self.node}",
+            node=self.node,
+        )
+        while not self._stop.is_set():
+            self._tick()
+        return self._shutdown()
+
+    def _tick(self) -> None:
+        if not self._ready and self.link.ever_connected.is_set():
+            self._ready = True
+            self._notify("READY=1")
+            logger.info("ready: node %s, policy %s", self.node, self.policy.sha256[:12])
+        if self._reload.is_set():
+            self._reload.clear()
+            self._notify("RELOADING=1")
+            self.reload()
+            self._notify("READY=1")
+        try:
+            d = self.link.inbox.get(timeout=_TICK_S)
+        except Exception:  # noqa: BLE001 (queue.Empty)
+            d = None
+        if d is not None:
+            try:
+                self.handle(d)
+            except FemdError as e:
+                # State unavailable: do not ack; the broker will redeliver.
+                logger.error("delivery not admitted, will be redelivered: %s", e)
+        self._dispatch()
+        now = time.monotonic()
+        self._notify("WATCHDOG=1")
+        if now - self._last_status > _STATUS_EVERY_S:
+            self._last_status = now
+            self._notify(f"STATUS={self._status()}")
+
+    def _shutdown(self) -> int:
+        self._notify("STOPPING=1")
+        audit.emit(audit.Event.AGENT_STOPPING, "femd agent stopping", node=self.node)
+        self.link.pause_consuming()
+        deadline = time.monotonic() + self.config.stop_grace_s
+        while self.threads and time.monotonic() < deadline:
+            self._notify("WATCHDOG=1")
+            self._notify(f"STATUS=stopping: waiting for {len(self.threads)} tasks")
+            time.sleep(0.2)
+            self._dispatch_reap()
+        for runner in list(self.runners.values()):
+            runner.cancel("agent stopping")
+        for thread in list(self.threads.values()):
+            thread.join(timeout=30)
+        self.link.stop(flush_s=5.0)
+        self.state.close()
+        return 0
+
+    def _dispatch_reap(self) -> None:
+        for tid, thread in list(self.threads.items()):
+            if not thread.is_alive():
+                del self.threads[tid]
+                self.runners.pop(tid, None)

@@ -1,0 +1,338 @@
+"""The AMQP link to RabbitMQ: mutual TLS, SASL EXTERNAL, one I/O thread.
+
+Owns every pika object. ``connection_parameters()`` builds the mTLS/EXTERNAL
+parameters for both sides; ``NodeLink`` is the agent's thread that consumes
+``femd.node.<node>``, acks only what the agent says is committed, and drains
+the state outbox with publisher confirms. The thread never runs task work, so
+heartbeats are never starved (DESIGN "broker topology"). No pika error escapes:
+they become ``BrokerError`` or log lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+import pika
+import pika.exceptions
+
+from femd.config import BrokerConfig
+from femd.errors import BrokerError, cut
+
+__all__ = [
+    "EVENTS_EXCHANGE",
+    "RESULTS_EXCHANGE",
+    "TASKS_EXCHANGE",
+    "Delivery",
+    "NodeLink",
+    "Outbox",
+    "connection_parameters",
+    "describe",
+    "node_queue",
+]
+
+logger = logging.getLogger(__name__)
+
+TASKS_EXCHANGE: Final = "femd.tasks"
+EVENTS_EXCHANGE: Final = "femd.events"
+RESULTS_EXCHANGE: Final = "femd.results"
+
+# Errors that mean "this connection is gone; reconnect".
+_LINK_ERRORS: Final = (pika.exceptions.AMQPError, OSError, ssl.SSLError)
+
+
+def node_queue(node: str) -> str:
+    """Return the name of *node*'s task queue."""
+    return f"femd.node.{node}"
+
+
+def describe(e: BaseException) -> str:
+    """Return one plain line saying why a broker operation failed."""
+    text = str(e) or repr(e)
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"TLS: the broker's certificate is not trusted ({cut(e.verify_message)})"
+    if isinstance(e, ssl.SSLError):
+        return f"TLS handshake failed ({cut(e.reason or text)})"
+    if isinstance(
+        e,
+        pika.exceptions.ProbableAuthenticationError
+        | pika.exceptions.AuthenticationError,
+    ):
+        return "the broker refused our certificate identity (SASL EXTERNAL)"
+    if isinstance(e, pika.exceptions.ProbableAccessDeniedError):
+        return "the broker denied access to the virtual host"
+    if isinstance(e, pika.exceptions.ChannelClosedByBroker):
+        return f"the broker closed the channel: {e.reply_code} {cut(e.reply_text)}"
+    if isinstance(e, pika.exceptions.ConnectionClosedByBroker):
+        return f"the broker closed the connection: {e.reply_code} {cut(e.reply_text)}"
+    if isinstance(e, pika.exceptions.AMQPConnectionError) and e.args:
+        inner = e.args[0]
+        if isinstance(inner, BaseException):
+            return describe(inner)
+        return cut(text, 160)
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    return f"{type(e).__name__}: {cut(text, 160)}"
+
+
+def connection_parameters(cfg: BrokerConfig) -> pika.ConnectionParameters:
+    """Build mTLS + EXTERNAL connection parameters from the broker config.
+
+    Raises:
+        BrokerError: the URL is not amqps, or the TLS files cannot be loaded.
+    """
+    url = urlsplit(cfg.url)
+    if url.scheme != "amqps" or not url.hostname:
+        raise BrokerError(
+            f"broker url: expected amqps://host[:port]/vhost (got {cut(cfg.url)})"
+        )
+    if url.username or url.password:
+        raise BrokerError(
+            "broker url: must carry no user or password (mTLS + EXTERNAL)"
+        )
+    vhost = unquote(url.path[1:]) if len(url.path) > 1 else "/"
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(cfg.cert, cfg.key)
+    except (OSError, ssl.SSLError) as e:
+        raise BrokerError(
+            f"broker TLS files: {describe(e)} (ca {cfg.ca}, cert {cfg.cert})"
+        ) from e
+    return pika.ConnectionParameters(
+        host=url.hostname,
+        port=url.port or 5671,
+        virtual_host=vhost,
+        credentials=pika.credentials.ExternalCredentials(),
+        ssl_options=pika.SSLOptions(context, server_hostname=url.hostname),
+        heartbeat=cfg.heartbeat_s,
+        blocked_connection_timeout=max(60, 2 * cfg.heartbeat_s),
+        connection_attempts=1,
+        socket_timeout=cfg.connect_timeout_s,
+        stack_timeout=cfg.connect_timeout_s * 2,
+    )
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """One message from the node's queue; ack it through the link that gave it."""
+
+    generation: int
+    tag: int
+    redelivered: bool
+    body: bytes
+
+
+class OutboxMessage(Protocol):
+    """What the link publishes from the outbox."""
+
+    seq: int
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any] | None
+
+
+class Outbox(Protocol):
+    """The agent's durable outbox (``femd.state``), as the link sees it."""
+
+    def pending_events(self, limit: int = 100) -> list[Any]:
+        """Unpublished messages in seq order."""
+        ...
+
+    def mark_published(self, seqs: list[int]) -> None:
+        """Forget messages the broker confirmed."""
+        ...
+
+
+class NodeLink(threading.Thread):
+    """The agent's broker thread: consume, ack-after-commit, outbox drain.
+
+    Deliveries land in ``inbox``. The agent calls ``ack()`` once the task and
+    its decision are committed, and ``wake()`` after writing the outbox.
+    """
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        node: str,
+        outbox: Outbox,
+        *,
+        prefetch: int,
+        on_state: Callable[[bool, str], None] | None = None,
+    ) -> None:
+        """Prepare the link; nothing connects until ``start()``.
+
+        Raises:
+            BrokerError: the broker configuration is unusable.
+        """
+        super().__init__(name="femd-broker", daemon=True)
+        self._params = connection_parameters(cfg)
+        self._cfg = cfg
+        self._node = node
+        self._outbox = outbox
+        self._prefetch = prefetch
+        self._on_state = on_state or (lambda up, why: None)
+        self.inbox: queue.Queue[Delivery] = queue.Queue()
+        self._acks: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
+        self._generation = 0
+        self._halt = threading.Event()
+        self._pause = threading.Event()
+        self._wake = threading.Event()
+        self._consuming = False
+        self.connected = threading.Event()
+        self.ever_connected = threading.Event()
+        self.last_error = ""
+        self._conn: pika.BlockingConnection | None = None
+
+    # -- API for the agent thread -------------------------------------------
+
+    def ack(self, delivery: Delivery) -> None:
+        """Ack a committed *delivery*; a stale generation is dropped (redelivery follows)."""
+        self._acks.put(delivery)
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Say the outbox has something new."""
+        self._wake.set()
+
+    def pause_consuming(self) -> None:
+        """Stop taking deliveries (SIGTERM); unacked ones are handed back on close."""
+        self._pause.set()
+        self._wake.set()
+
+    def stop(self, flush_s: float = 5.0) -> None:
+        """Flush the outbox for up to *flush_s*, close the connection, end."""
+        self._pause.set()
+        deadline = time.monotonic() + flush_s
+        while time.monotonic() < deadline and self.connected.is_set():
+            if not self._outbox.pending_events(1):
+                break
+            self._wake.set()
+            time.sleep(0.05)
+        self._halt.set()
+        self._wake.set()
+        self.join(timeout=flush_s + 5)
+
+    # -- the thread -----------------------------------------------------------
+
+    def run(self) -> None:
+        """Connect, serve, reconnect with exponential backoff and jitter."""
+        backoff = 0.5
+        while not self._halt.is_set():
+            try:
+                self._serve()
+                backoff = 0.5
+            except _LINK_ERRORS as e:
+                why = describe(e)
+                if why != self.last_error or self.connected.is_set():
+                    logger.warning("broker: %s; reconnecting", why)
+                self.last_error = why
+            except Exception as e:  # noqa: BLE001 (the link thread must never die)
+                self.last_error = f"internal error: {type(e).__name__}: {cut(e)}"
+                logger.error("broker: %s; reconnecting", self.last_error, exc_info=True)
+            finally:
+                self._close()
+            if self._halt.is_set():
+                break
+            delay = min(backoff, self._cfg.reconnect_max_s) * random.uniform(0.5, 1.0)  # noqa: S311
+            backoff = min(backoff * 2, self._cfg.reconnect_max_s)
+            self._halt.wait(delay)
+
+    def _serve(self) -> None:
+        conn = pika.BlockingConnection(self._params)
+        self._conn = conn
+        self._generation += 1
+        consume = conn.channel()
+        publish = conn.channel()
+        publish.confirm_delivery()
+        q = node_queue(self._node)
+        # The node has no configure permission: passive declares only check the
+        # operator's topology (packaging/rabbitmq) exists.
+        consume.queue_declare(q, passive=True)
+        consume.basic_qos(prefetch_count=self._prefetch)
+        generation = self._generation
+
+        def on_message(_ch: Any, method: Any, _props: Any, body: bytes) -> None:  # noqa: ANN401
+            self.inbox.put(
+                Delivery(
+                    generation, method.delivery_tag, bool(method.redelivered), body
+                )
+            )
+
+        tag = None
+        if not self._pause.is_set():
+            tag = consume.basic_consume(q, on_message, auto_ack=False)
+        self.connected.set()
+        self.ever_connected.set()
+        self.last_error = ""
+        logger.info(
+            "broker: connected to %s:%s vhost %s",
+            self._params.host,
+            self._params.port,
+            self._params.virtual_host,
+        )
+        self._on_state(True, "")
+        while not self._halt.is_set():
+            conn.process_data_events(time_limit=0.05)
+            if self._pause.is_set() and tag is not None:
+                consume.basic_cancel(tag)
+                tag = None
+            self._do_acks(consume, generation)
+            self._drain(publish)
+            if self._wake.wait(0.05):
+                self._wake.clear()
+        self._do_acks(consume, generation)
+
+    def _do_acks(self, channel: Any, generation: int) -> None:  # noqa: ANN401
+        while True:
+            try:
+                d = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            if d.generation == generation:
+                channel.basic_ack(d.tag)
+
+    def _drain(self, channel: Any) -> None:  # noqa: ANN401
+        while True:
+            batch = self._outbox.pending_events(50)
+            if not batch:
+                return
+            done: list[int] = []
+            try:
+                for m in batch:
+                    props = pika.BasicProperties(
+                        content_type="application/json"
+                        if m.exchange == EVENTS_EXCHANGE
+                        else "application/octet-stream",
+                        delivery_mode=2,
+                        message_id=f"{self._node}:{m.seq}",
+                        headers=m.headers or None,
+                    )
+                    # Publisher confirms: basic_publish returns once the broker
+                    # has taken responsibility for the message (raises on nack).
+                    channel.basic_publish(m.exchange, m.routing_key, m.body, props)
+                    done.append(m.seq)
+            finally:
+                if done:
+                    self._outbox.mark_published(done)
+
+    def _close(self) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                if conn.is_open:
+                    conn.close()
+            except _LINK_ERRORS as e:
+                logger.debug("broker: close: %s", describe(e))
+        if was:
+            self._on_state(False, self.last_error)

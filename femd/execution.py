@@ -1,0 +1,418 @@
+"""One admitted task's life: stage in, launch, wait, stage out, report.
+
+Owns turning a ``Task`` + profile + policy into a ``LaunchSpec`` (site
+settings merged, host paths resolved) and running it to a terminal state in a
+worker thread. Every step is a state transition (outbox event) and an audit
+record. Deciding whether a task may run is not its business (``decision``);
+talking to the broker is not either (``broker`` drains the outbox).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from femd import audit
+from femd.decision import Reason, Rule
+from femd.errors import (
+    FemdError,
+    LaunchError,
+    OutputTooLargeError,
+    StageInError,
+    StageOutError,
+    UnenforceableError,
+    cut,
+)
+from femd.launchers import (
+    Capabilities,
+    Handle,
+    Launcher,
+    LauncherProfile,
+    LaunchSpec,
+    Limits,
+    Mount,
+    Outcome,
+    start,
+    unenforceable,
+)
+from femd.manifest import NetworkEgress, Task
+from femd.policy import LoadedPolicy
+from femd.stagein import resolve_dataset, source_subdir, stage_git
+from femd.stageout import pack_outputs
+from femd.state import State
+
+__all__ = ["CODE_TARGET", "Runner", "admission_reasons", "build_spec"]
+
+logger = logging.getLogger(__name__)
+
+CODE_TARGET: Final = "/src"
+GIT_MAX_BYTES: Final = 512 * 1024 * 1024
+LOG_TAIL_BYTES: Final = 4096
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def effective_limits(task: Task, policy: LoadedPolicy) -> Limits:
+    """The limits the task runs with: what it asked, else the project's maxima."""
+    project = policy.policy.projects[task.project]
+    most = policy.limits(project)
+    r = task.resources
+    return Limits(
+        cpus=r.cpus or most.cpus or 1,
+        memory_mb=r.memory_mb or most.memory_mb or 1024,
+        timeout_s=r.timeout_s or most.timeout_s or 600,
+        pids=r.pids or most.pids or 128,
+    )
+
+
+def output_cap(task: Task, policy: LoadedPolicy) -> int:
+    """Bytes of outputs this task may send."""
+    most = policy.max_output_bytes(policy.policy.projects[task.project])
+    asked = task.outputs.max_bytes
+    return most if asked is None else min(asked, most)
+
+
+def build_spec(
+    task: Task,
+    policy: LoadedPolicy,
+    profile: LauncherProfile,
+    *,
+    work_dir: Path,
+    code_dir: Path | None = None,
+    inputs: Mapping[str, Path] | None = None,
+    log_max_bytes: int = 1 << 20,
+) -> LaunchSpec:
+    """Build the launch spec: site settings from the profile, paths from the policy.
+
+    *inputs* maps in-sandbox mount targets to resolved host paths (stage-in
+    did that); None leaves them out (admission-time capability checks).
+    """
+    mounts = [Mount(source=str(src), target=dst) for dst, src in (inputs or {}).items()]
+    workdir = None
+    if task.source is not None and code_dir is not None:
+        mounts.append(Mount(source=str(code_dir), target=CODE_TARGET))
+        workdir = CODE_TARGET
+        if task.source.path not in (".", ""):
+            workdir = f"{CODE_TARGET}/{task.source.path.strip('/')}"
+    egress = task.network.allow if isinstance(task.network, NetworkEgress) else None
+    return LaunchSpec(
+        task_id=task.id,
+        launcher=task.launcher,
+        profile=profile,
+        argv=task.command,
+        env=tuple(sorted(task.env.items())),
+        image=task.image,
+        mounts=tuple(mounts),
+        workdir=workdir,
+        output_dir=str(work_dir / "out"),
+        output_target=task.outputs.path,
+        limits=effective_limits(task, policy),
+        egress=egress,
+        log_max_bytes=log_max_bytes,
+    )
+
+
+def admission_reasons(
+    task: Task,
+    policy: LoadedPolicy,
+    profiles: Mapping[str, LauncherProfile],
+    caps: Mapping[tuple[str, str], Capabilities],
+    work_root: Path,
+) -> list[Reason]:
+    """Reasons this host cannot run *task* as the policy demands (fail closed).
+
+    Called at admission with the launchers' probed capabilities, so a task
+    that cannot be confined is rejected before anything is staged.
+    """
+    if task.project not in policy.policy.projects:
+        return []
+    profile = profiles.get(task.profile)
+    if profile is None:
+        return [
+            Reason(
+                Rule.LAUNCHER_UNENFORCEABLE,
+                f"launcher profile {task.profile!r} does not exist on this node",
+            )
+        ]
+    if getattr(profile, task.launcher) is None:
+        return [
+            Reason(
+                Rule.LAUNCHER_UNENFORCEABLE,
+                f"profile {profile.name!r} has no {task.launcher} section",
+            )
+        ]
+    spec = build_spec(task, policy, profile, work_dir=work_root / task.id)
+    cap = caps.get((task.profile, task.launcher))
+    if cap is None:
+        return [
+            Reason(
+                Rule.LAUNCHER_UNENFORCEABLE,
+                f"launcher {task.launcher} is not configured on this node",
+            )
+        ]
+    return unenforceable(spec, cap)
+
+
+class Runner:
+    """Runs one admitted task to a terminal state (in a worker thread)."""
+
+    def __init__(
+        self,
+        *,
+        task: Task,
+        state: State,
+        node: str,
+        policy: LoadedPolicy,
+        profiles: Mapping[str, LauncherProfile],
+        launchers: Mapping[tuple[str, str], Launcher],
+        state_dir: Path,
+        chunk_bytes: int,
+        log_max_bytes: int,
+        wake: Callable[[], None],
+        stop_grace_s: float = 10.0,
+    ) -> None:
+        """Keep what the run needs; nothing happens before ``run()``."""
+        self.task = task
+        self.state = state
+        self.node = node
+        self.policy = policy
+        self.profiles = profiles
+        self.launchers = launchers
+        self.work = state_dir / "work" / task.id
+        self.git_cache = state_dir / "git"
+        self.chunk_bytes = chunk_bytes
+        self.log_max_bytes = log_max_bytes
+        self.wake = wake
+        self.grace_s = stop_grace_s
+        self.cancelled = threading.Event()
+        self.cancel_reason = "cancelled"
+        self.handle: Handle | None = None
+
+    def cancel(self, reason: str) -> None:
+        """Ask the run to stop; the task ends ``cancelled``."""
+        self.cancel_reason = reason
+        self.cancelled.set()
+
+    # -- steps ----------------------------------------------------------------
+
+    def _transition(self, new: str, **kw: object) -> None:
+        self.state.transition(self.task.id, new, node=self.node, at=_now(), **kw)  # type: ignore[arg-type]
+        self.wake()
+
+    def _audit(self, event: audit.Event, message: str, **kw: object) -> None:
+        t = self.task
+        audit.emit(
+            event,
+            message,
+            task_id=t.id,
+            project=t.project,
+            node=self.node,
+            image_digest=t.image.partition("@")[2] or None if t.image else None,
+            git_commit=t.source.commit if t.source else None,
+            datasets=[i.dataset for i in t.inputs],
+            policy_sha256=self.policy.sha256,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def _stage_in(self) -> LaunchSpec:
+        t = self.task
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        (self.work / "out").mkdir(parents=True)
+        # The sandbox user must traverse (not list) the path to its own dirs;
+        # the launcher then hands `out` to that user alone.
+        for d in (self.work.parent.parent, self.work.parent, self.work):
+            d.chmod(0o711)
+        code = None
+        if t.source is not None:
+            tree = stage_git(
+                t.source.git,
+                t.source.commit,
+                cache_dir=self.git_cache,
+                dest=self.work / "src",
+                max_bytes=GIT_MAX_BYTES,
+            )
+            code = source_subdir(tree, ".")
+            source_subdir(tree, t.source.path)  # refuses escapes before launch
+        inputs = {}
+        for i in t.inputs:
+            root = self.policy.policy.datasets[i.dataset].path
+            inputs[i.mount] = resolve_dataset(i.dataset, root)
+        profile = self.profiles[t.profile]
+        return build_spec(
+            t,
+            self.policy,
+            profile,
+            work_dir=self.work,
+            code_dir=code,
+            inputs=inputs,
+            log_max_bytes=self.log_max_bytes,
+        )
+
+    def _wait(self, handle: Handle, timeout_s: float) -> Outcome:
+        # The launcher enforces the timeout; this backstop (timeout + a margin)
+        # keeps a wedged back-end from holding a slot forever.
+        started = datetime.now(UTC)
+        backstop = time.monotonic() + timeout_s + 2 * self.grace_s + 60
+        killed = False
+        while True:
+            outcome = handle.wait(0.5)
+            if outcome is not None:
+                return outcome
+            if self.cancelled.is_set():
+                handle.cancel(self.grace_s)
+                self.cancelled.clear()
+            if time.monotonic() > backstop:
+                if killed:
+                    return Outcome(
+                        state="failed",
+                        exit_code=None,
+                        started_at=started,
+                        finished_at=datetime.now(UTC),
+                        log_tail="",
+                        reason="the launcher did not report an end; task abandoned",
+                    )
+                logger.error(
+                    "task %s: launcher overran the timeout; cancelling", handle.task_id
+                )
+                handle.cancel(self.grace_s)
+                killed = True
+                backstop = time.monotonic() + self.grace_s + 30
+
+    def _forward_logs(self, handle: Handle) -> None:
+        try:
+            data = b"".join(handle.logs())
+        except FemdError as e:
+            logger.warning("task %s: logs unavailable: %s", self.task.id, e)
+            return
+        if data:
+            audit.task_log(self.task.id, self.task.project, data)
+
+    @staticmethod
+    def _extra(outcome: Outcome) -> dict[str, object]:
+        at = outcome.started_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return {"log_tail": outcome.log_tail[-LOG_TAIL_BYTES:], "started_at": at}
+
+    def _stage_out(self, outcome: Outcome) -> None:
+        t = self.task
+        self._transition("uploading")
+        packed = pack_outputs(
+            self.work / "out",
+            self.work / "outputs.tar.gz",
+            max_bytes=output_cap(t, self.policy),
+        )
+        chunks = self.state.enqueue_results(
+            task_id=t.id,
+            node=self.node,
+            archive=Path(packed.path),
+            sha256=packed.sha256,
+            chunk_bytes=self.chunk_bytes,
+        )
+        self._transition(
+            "succeeded",
+            exit_code=outcome.exit_code,
+            outputs=(packed.sha256, packed.bytes, chunks),
+            extra=self._extra(outcome),
+        )
+        self._audit(
+            audit.Event.OUTPUTS_SENT,
+            f"task {t.id}: outputs sent ({packed.bytes} bytes, {chunks} chunks)",
+            state="succeeded",
+            exit_code=outcome.exit_code,
+            output_sha256=packed.sha256,
+        )
+
+    def run(self) -> None:
+        """Run the task to a terminal state; never raises."""
+        t = self.task
+        try:
+            self._run()
+        except Exception as e:
+            logger.exception("task %s: internal error", t.id)
+            self._finish_failed(f"internal error: {type(e).__name__}: {cut(e)}")
+        finally:
+            if self.work.exists():
+                shutil.rmtree(self.work, ignore_errors=True)
+
+    def _finish_failed(
+        self, why: str, state: str = "failed", rule: str | None = None
+    ) -> None:
+        reasons = [(rule, why)] if rule else []
+        try:
+            self._transition(state, error=why, reasons=reasons)
+        except FemdError as e:
+            logger.error("task %s: cannot record %s: %s", self.task.id, state, e)
+        self._audit(
+            audit.Event.TASK_FINISHED,
+            f"task {self.task.id}: {state}: {why}",
+            priority=3,
+            state=state,
+        )
+
+    def _run(self) -> None:
+        t = self.task
+        if self.cancelled.is_set():
+            self._finish_failed(self.cancel_reason, "cancelled")
+            return
+        self._transition("staging")
+        try:
+            spec = self._stage_in()
+        except StageInError as e:
+            self._finish_failed(str(e))
+            return
+        self._audit(audit.Event.TASK_STAGED, f"task {t.id}: staged", state="staging")
+        if self.cancelled.is_set():
+            self._finish_failed(self.cancel_reason, "cancelled")
+            return
+        try:
+            handle = start(self.launchers[(t.profile, t.launcher)], spec)
+        except UnenforceableError as e:
+            # DESIGN "Launchers": fail closed, with the rule named.
+            self._finish_failed(str(e), "rejected", Rule.LAUNCHER_UNENFORCEABLE.value)
+            return
+        except LaunchError as e:
+            self._finish_failed(str(e))
+            return
+        self.handle = handle
+        self._transition("running")
+        self._audit(audit.Event.TASK_STARTED, f"task {t.id}: running", state="running")
+        self.attach(handle)
+
+    def attach(self, handle: Handle) -> None:
+        """Wait for a launched (or adopted) task, then report and stage out."""
+        t = self.task
+        self.handle = handle
+        outcome = self._wait(handle, effective_limits(t, self.policy).timeout_s)
+        self._forward_logs(handle)
+        if outcome.state == "cancelled" and self.cancel_reason != "cancelled":
+            outcome = msgspec.structs.replace(outcome, reason=self.cancel_reason)
+        self._audit(
+            audit.Event.TASK_FINISHED,
+            f"task {t.id}: {outcome.state} (exit {outcome.exit_code})",
+            state=outcome.state,
+            exit_code=outcome.exit_code,
+        )
+        if outcome.state != "succeeded":
+            self._transition(
+                outcome.state,
+                exit_code=outcome.exit_code,
+                error=outcome.reason or None,
+                extra=self._extra(outcome),
+            )
+            return
+        try:
+            self._stage_out(outcome)
+        except OutputTooLargeError as e:
+            self._finish_failed(str(e), "failed", Rule.OUTPUTS_EXCEEDED.value)
+        except StageOutError as e:
+            self._finish_failed(str(e))

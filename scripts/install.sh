@@ -1,0 +1,46 @@
+#!/bin/sh
+# Idempotent set-up of everything femd's demo and tests need, on a fresh
+# Debian 12 where you are root and only python3 and git exist:
+#   - Debian packages (RabbitMQ, rootless Podman with runc, bubblewrap,
+#     systemd-nspawn, debootstrap, busybox for test images),
+#   - the unprivileged users tasks run as (femd-task for bubblewrap,
+#     femd-podman for rootless Podman with its subuid/subgid ranges),
+#   - a virtualenv in .venv with femd installed (editable) and its test tools.
+# Safe to run again: it only adds what is missing.
+set -eu
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install: run as root (it installs Debian packages and creates users)" >&2
+    exit 2
+fi
+
+pkgs="python3-venv python3-dev gcc rabbitmq-server podman runc uidmap bubblewrap \
+systemd-container debootstrap busybox-static iproute2 procps util-linux"
+missing=""
+for p in $pkgs; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+        || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "install: apt-get install$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # The distribution's RabbitMQ node is not used: tests and the demo start
+    # their own private nodes. Keep the package's service from starting.
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    rm -f /usr/sbin/policy-rc.d
+fi
+
+# The user bubblewrap tasks run as when femd itself runs as root.
+if ! getent passwd femd-task >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin --comment "femd sandboxed tasks" femd-task
+fi
+sh scripts/setup-podman-user.sh >/dev/null
+
+[ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
+# Re-run every time: cheap when satisfied, and picks up dependency changes.
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+echo "install: ok"
