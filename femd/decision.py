@@ -138,9 +138,10 @@ def _threshold(c: _Ctx) -> Iterable[Reason]:
 
 def _window(c: _Ctx) -> Iterable[Reason]:
     m = c.manifest
-    if c.now > m.expires_at + c.skew:
+    # Differences, not sums: `expires_at + skew` overflows for a signed 9999-12-31.
+    if c.now - m.expires_at > c.skew:
         yield Reason(Rule.MANIFEST_EXPIRED, f"expired at {_iso(m.expires_at)}")
-    if c.now < m.issued_at - c.skew:
+    if m.issued_at - c.now > c.skew:
         yield Reason(
             Rule.MANIFEST_NOT_YET_VALID, f"issued in the future ({_iso(m.issued_at)})"
         )
@@ -363,7 +364,10 @@ def split_image(ref: str) -> tuple[str, str | None]:
 
 
 def _iso(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00 is past year 9999 in UTC
+        return t.isoformat()
 
 
 _DIGEST: Final = re.compile(r"sha256:[0-9a-f]{64}")

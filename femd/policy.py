@@ -9,10 +9,12 @@ the policy to a task is ``decision``'s business.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import re
 from collections.abc import Mapping
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -21,7 +23,15 @@ from msgspec import Meta
 from femd.errors import InputError, PolicyError
 from femd.keys import keyid, load_public_key
 from femd.model import AbsPath, HostPort, KeyId, Name, Strict, explain
-from femd.yamlfile import YamlError, field_of, line_of, load_yaml, split_error
+from femd.yamlfile import (
+    ANY_KEY,
+    KEY,
+    YamlError,
+    field_of,
+    line_of,
+    load_yaml,
+    split_error,
+)
 
 __all__ = [
     "Dataset",
@@ -234,9 +244,25 @@ def lint(policy: Policy) -> list[Problem]:
     return problems
 
 
+def _dedent(node: Any) -> Any:  # noqa: ANN401 (JSON)
+    # Python 3.13 dedents docstrings itself, 3.11 does not: the shipped schema must
+    # not depend on the interpreter that printed it.
+    if isinstance(node, dict):
+        return {
+            k: inspect.cleandoc(v)
+            if k == "description" and isinstance(v, str)
+            else _dedent(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_dedent(v) for v in node]
+    return node
+
+
 def policy_schema() -> dict[str, Any]:
     """Return the policy's JSON Schema, generated from the types above."""
-    return msgspec.json.schema(Policy)
+    schema: dict[str, Any] = _dedent(msgspec.json.schema(Policy))
+    return schema
 
 
 # ---------------------------------------------------------------------------
@@ -349,6 +375,36 @@ def _load_keys(
     return keys, blobs
 
 
+_UNKNOWN: Final = re.compile(r"Object contains unknown field `([^`]+)`")
+_ENTRIES: Final[Mapping[str, type[Strict]]] = {
+    "signers": Signer,
+    "datasets": Dataset,
+    "projects": Project,
+}
+
+
+def _error_path(data: Any, message: str) -> tuple[str, list[str | int]]:  # noqa: ANN401
+    """Split a conversion error, naming the dict entry msgspec leaves out."""
+    message, parts = split_error(message)
+    if unknown := _UNKNOWN.fullmatch(message):
+        parts.append(unknown.group(1))  # point at the stray key's own line
+    ok = len(parts) > 1 and isinstance(data, dict)
+    section = data.get(str(parts[0])) if ok else None
+    if not isinstance(section, dict) or parts[1] not in (ANY_KEY, KEY):
+        return message, parts
+    # msgspec checks entries in order, so the first that fails alone is the one.
+    for key, value in section.items():
+        try:
+            if parts[1] == KEY:
+                msgspec.convert(key, Name)
+            else:
+                msgspec.convert(value, _ENTRIES[str(parts[0])], strict=True)
+        except msgspec.ValidationError as e:
+            rest = [] if parts[1] == KEY else _error_path(value, explain(str(e)))[1]
+            return message, [parts[0], str(key), *rest]
+    return message, parts
+
+
 def load_policy(path: Path) -> LoadedPolicy:
     """Load, validate and lint a policy file or directory; load its keys.
 
@@ -358,11 +414,10 @@ def load_policy(path: Path) -> LoadedPolicy:
     docs = _read_docs(path)
     data = _merge(docs) if len(docs) > 1 else docs[0].data
     try:
-        policy = msgspec.convert(
-            data, Policy, strict=True, builtin_types=(datetime, date)
-        )
+        # Without builtin_types msgspec takes YAML dates and quoted strings alike.
+        policy = msgspec.convert(data, Policy, strict=True)
     except msgspec.ValidationError as e:
-        message, parts = split_error(explain(str(e)))
+        message, parts = _error_path(data, explain(str(e)))
         doc = _locate(docs, parts)
         raise _fail(doc, str(doc.path), parts, message[0].lower() + message[1:]) from e
     problems = lint(policy)
@@ -389,9 +444,7 @@ def lint_file(path: Path) -> list[str]:
         docs = _read_docs(path)
         data = _merge(docs) if len(docs) > 1 else docs[0].data
         try:
-            policy = msgspec.convert(
-                data, Policy, strict=True, builtin_types=(datetime, date)
-            )
+            policy = msgspec.convert(data, Policy, strict=True)
         except msgspec.ValidationError:
             load_policy(path)  # raises the located error
             raise RuntimeError(

@@ -7,13 +7,21 @@ Owns the duplicate-refusing YAML loader and the mapping of msgspec's
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
 from femd.errors import cut
 
-__all__ = ["YamlError", "field_of", "line_of", "load_yaml", "split_error"]
+__all__ = [
+    "ANY_KEY",
+    "KEY",
+    "YamlError",
+    "field_of",
+    "line_of",
+    "load_yaml",
+    "split_error",
+]
 
 MAX_YAML_BYTES = 1024 * 1024
 
@@ -76,7 +84,10 @@ def load_yaml(text: bytes) -> tuple[Any, Any]:
         raise YamlError("not UTF-8 text") from e
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else None
-        raise YamlError(cut(e.problem or e.context or "invalid YAML", 120), line) from e
+        problem: str = e.problem or e.context or "invalid YAML"
+        if e.context and problem.startswith("but "):  # "expected X, but found Y"
+            problem = f"{e.context}, {problem}"
+        raise YamlError(cut(problem, 120), line) from e
     except yaml.YAMLError as e:
         raise YamlError(cut(e, 120)) from e
     except RecursionError as e:
@@ -84,18 +95,31 @@ def load_yaml(text: bytes) -> tuple[Any, Any]:
     return data, node
 
 
-_PATH = re.compile(r" - at `\$((?:\.[^.`\[]+|\[\d+\])*)`$")
-_PART = re.compile(r"\.([^.`\[]+)|\[(\d+)\]")
+# msgspec never names a dict key in its paths: `$.projects[...].threshold` (some
+# entry's value) or "at `key` in `$.projects`" (some key itself). These parts
+# stand for them; a caller that knows the data can find the entry at fault.
+ANY_KEY: Final = "[...]"
+KEY: Final = "[key]"
+
+_PATH = re.compile(r" - at (`key` in )?`\$((?:\.[^.`\[]+|\[\d+\]|\[\.\.\.\])*)`$")
+_PART = re.compile(r"\.([^.`\[]+)|\[(\d+)\]|(\[\.\.\.\])")
 
 
 def split_error(message: str) -> tuple[str, list[str | int]]:
-    """Split msgspec's "message - at `$.a.b[0]`" into (message, path parts)."""
+    """Split msgspec's "message - at `$.a.b[0]`" into (message, path parts).
+
+    A dict entry msgspec does not name is ``ANY_KEY``; a bad dict key is a
+    final ``KEY`` part.
+    """
     m = _PATH.search(message)
     if not m:
         return message, []
     parts: list[str | int] = [
-        key if key else int(idx) for key, idx in _PART.findall(m.group(1))
+        key if key else int(idx) if idx else ANY_KEY
+        for key, idx, _ in _PART.findall(m.group(2))
     ]
+    if m.group(1):
+        parts.append(KEY)
     return message[: m.start()], parts
 
 
@@ -103,7 +127,12 @@ def field_of(parts: list[str | int]) -> str:
     """Return a dotted field name (``projects.x.signers[1]``) for path parts."""
     out = ""
     for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p in (ANY_KEY, KEY):
+            out += p
+        else:
+            out += f".{p}" if out else p
     return out
 
 
