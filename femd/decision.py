@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from fnmatch import fnmatchcase
+from functools import lru_cache
 from typing import Final
 
 import msgspec
@@ -27,7 +27,16 @@ from femd.errors import cut
 from femd.manifest import Manifest, NetworkNone, Task, decode_manifest
 from femd.policy import LoadedPolicy, Project
 
-__all__ = ["Decision", "Reason", "Rule", "Verdict", "admit", "evaluate", "split_image"]
+__all__ = [
+    "Decision",
+    "Reason",
+    "Rule",
+    "Verdict",
+    "admit",
+    "evaluate",
+    "glob_match",
+    "split_image",
+]
 
 
 class Rule(StrEnum):
@@ -188,7 +197,7 @@ def _image(c: _Ctx) -> Iterable[Reason]:
             Rule.IMAGE_NOT_PINNED,
             f"image {cut(t.image)} is not pinned by @sha256 digest",
         )
-    if not any(fnmatchcase(repository, p) for p in c.project.images):
+    if not any(glob_match(p, repository) for p in c.project.images):
         yield Reason(
             Rule.IMAGE_NOT_ALLOWED, f"image repository {cut(repository)} is not allowed"
         )
@@ -200,7 +209,7 @@ def _git(c: _Ctx) -> Iterable[Reason]:
         isinstance(t, Task)
         and c.project
         and t.source is not None
-        and not any(fnmatchcase(t.source.git, p) for p in c.project.git)
+        and not any(glob_match(p, t.source.git) for p in c.project.git)
     ):
         yield Reason(
             Rule.GIT_NOT_ALLOWED,
@@ -246,7 +255,7 @@ def _network(c: _Ctx) -> Iterable[Reason]:
         return
     allowed = () if c.project.network == "none" else c.project.network.egress
     for hp in t.network.allow:
-        if not any(fnmatchcase(hp, p) for p in allowed):
+        if not any(glob_match(p, hp) for p in allowed):
             yield Reason(Rule.NETWORK_NOT_ALLOWED, f"egress to {hp} is not allowed")
 
 
@@ -371,3 +380,34 @@ def _iso(t: datetime) -> str:
 
 
 _DIGEST: Final = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@lru_cache(maxsize=4096)
+def _glob(pattern: str) -> re.Pattern[str]:
+    parts = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            parts.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            parts.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            parts.append("[^/]")
+            i += 1
+        else:
+            parts.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(parts) + r"\Z", re.DOTALL)
+
+
+def glob_match(pattern: str, text: str) -> bool:
+    """Match *text* against a policy glob, on the whole string.
+
+    Like shell pathname globs: ``*`` and ``?`` never match ``/`` (so
+    ``https://*.example.org/*`` cannot match ``https://evil.io/x.example.org/y``);
+    ``**`` matches anything, ``/`` included. Every other character is literal.
+    """
+    # SECURITY: anchored at both ends; `*` stays inside one path segment.
+    return _glob(pattern).match(text) is not None

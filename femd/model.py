@@ -22,6 +22,7 @@ __all__ = [
     "GitCommit",
     "GitUrl",
     "HostPort",
+    "HostPortPattern",
     "ImageName",
     "KeyId",
     "Name",
@@ -112,8 +113,16 @@ HostPort = Annotated[
     str,
     Meta(
         max_length=300,
+        pattern=_full(r"[A-Za-z0-9][A-Za-z0-9.-]*:[0-9]{1,5}"),
+        description="`host:port`, a concrete destination (no wildcards).",
+    ),
+]
+HostPortPattern = Annotated[
+    str,
+    Meta(
+        max_length=300,
         pattern=_full(r"[A-Za-z0-9*][A-Za-z0-9.*-]*:(?:[0-9]{1,5}|\*)"),
-        description="`host:port`; shell-style `*` allowed in policy patterns.",
+        description="`host:port` pattern; `*` matches any part of a name or any port.",
     ),
 ]
 UtcTime = Annotated[datetime, Meta(tz=True, description="RFC 3339 time with zone.")]
@@ -169,6 +178,7 @@ def _descriptions() -> dict[str, str]:
         RelPath,
         EnvName,
         HostPort,
+        HostPortPattern,
     ):
         for meta in getattr(alias, "__metadata__", ()):
             if isinstance(meta, Meta) and meta.pattern and meta.description:

@@ -22,7 +22,7 @@ from msgspec import Meta
 
 from femd.errors import InputError, PolicyError
 from femd.keys import keyid, load_public_key
-from femd.model import AbsPath, HostPort, KeyId, Name, Strict, explain
+from femd.model import AbsPath, HostPortPattern, KeyId, Name, Strict, explain
 from femd.yamlfile import (
     ANY_KEY,
     KEY,
@@ -100,7 +100,7 @@ class OutputsPolicy(Strict, kw_only=True):
 class EgressPolicy(Strict, kw_only=True):
     """Outbound connections tasks may open: `host:port` shell-style patterns."""
 
-    egress: Annotated[tuple[HostPort, ...], Meta(min_length=1)]
+    egress: Annotated[tuple[HostPortPattern, ...], Meta(min_length=1)]
 
 
 class Project(Strict, kw_only=True):

@@ -42,7 +42,8 @@ def _pytest(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(  # noqa: S603 (our own interpreter)
         [sys.executable, "-m", "pytest", "-q", "-rsfE", str(tmp_path)],
         cwd=tmp_path,
-        env={**base, "PATH": str(empty), **env},
+        # The root conftest plugs in tests.integration.* fixture modules.
+        env={**base, "PATH": str(empty), "PYTHONPATH": str(CONFTEST.parents[1]), **env},
         capture_output=True,
         text=True,
         timeout=120,

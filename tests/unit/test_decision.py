@@ -152,7 +152,21 @@ CASES = {
     ),
     # --- image
     "image-other-repo-same-registry": Case(
-        task={"image": f"registry.example.org/dt4h/other/deep@{DIGEST}"}
+        task={"image": f"registry.example.org/dt4h/other@{DIGEST}"}
+    ),
+    # `*` stays inside one path segment (shell pathname globs); `**` crosses `/`.
+    "image-nested-repo-needs-double-star": Case(
+        task={"image": f"registry.example.org/dt4h/other/deep@{DIGEST}"},
+        rules=[Rule.IMAGE_NOT_ALLOWED],
+    ),
+    "image-nested-repo-double-star": Case(
+        task={"image": f"registry.example.org/dt4h/other/deep@{DIGEST}"},
+        policy={"projects": {PROJECT: {"images": ["registry.example.org/dt4h/**"]}}},
+    ),
+    "git-star-cannot-cross-slash": Case(
+        task={"source": {"git": "https://evil.io/x.example.org/y.git", "commit": "0" * 40}},
+        policy={"projects": {PROJECT: {"git": ["https://*.example.org/*"]}}},
+        rules=[Rule.GIT_NOT_ALLOWED],
     ),
     "image-with-tag-and-digest": Case(
         task={"image": f"registry.example.org/dt4h/flcore:1.2@{DIGEST}"}
