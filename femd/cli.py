@@ -184,10 +184,10 @@ def _cmd_policy_lint(args: argparse.Namespace) -> int:
         print(f"femd: error: {p}", file=sys.stderr)
     if problems:
         return 2
-    p = load_policy(Path(args.policy)).policy
+    policy = load_policy(Path(args.policy)).policy
     print(
-        f"ok: {args.policy}: node {p.node}, {len(p.signers)} signer(s), "
-        f"{len(p.projects)} project(s), {len(p.datasets)} dataset(s)"
+        f"ok: {args.policy}: node {policy.node}, {len(policy.signers)} signer(s), "
+        f"{len(policy.projects)} project(s), {len(policy.datasets)} dataset(s)"
     )
     return 0
 
@@ -243,7 +243,8 @@ def _fem_line(event: dict[str, object]) -> dict[str, object]:
         ).total_seconds()
     error = None
     if event.get("state") != "succeeded":
-        reasons = event.get("reasons") or []
+        reasons = event.get("reasons")
+        reasons = reasons if isinstance(reasons, list) else []
         error = "; ".join(
             f"{r.get('rule')}: {r.get('message')}"
             for r in reasons

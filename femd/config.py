@@ -33,7 +33,7 @@ _T = TypeVar("_T")
 _Path = Annotated[str, Meta(min_length=1, max_length=4096)]
 
 
-class BrokerConfig(Strict, kw_only=True):
+class BrokerConfig(Strict, frozen=True, kw_only=True):
     """The RabbitMQ broker: ``amqps://`` only, mutual TLS, SASL EXTERNAL."""
 
     url: Annotated[str, Meta(pattern=r"^amqps://[^\s]+$(?!\n)")]
@@ -45,13 +45,13 @@ class BrokerConfig(Strict, kw_only=True):
     connect_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
 
 
-class PodmanConfig(Strict, kw_only=True):
+class PodmanConfig(Strict, frozen=True, kw_only=True):
     """Where the rootless Podman API of femd's task user listens."""
 
     socket: _Path = "unix:///run/femd/podman/podman.sock"
 
 
-class AgentConfig(Strict, kw_only=True):
+class AgentConfig(Strict, frozen=True, kw_only=True):
     """``femd run`` settings. Every key but node, broker and policy has a default."""
 
     node: Name
@@ -149,7 +149,7 @@ def load_config(
     )
 
 
-class OrchestratorConfig(Strict, kw_only=True):
+class OrchestratorConfig(Strict, frozen=True, kw_only=True):
     """``femd submit``/``femd watch`` settings: the orchestrator's own mTLS identity."""
 
     broker: BrokerConfig

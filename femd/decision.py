@@ -100,12 +100,12 @@ class Verdict(msgspec.Struct, frozen=True):
 
 def _usable(check: SignatureCheck, policy: LoadedPolicy, now: datetime) -> set[str]:
     today = now.astimezone(UTC).date()
-    return {
-        k
-        for k in check.valid
-        if k not in policy.revoked
-        and (policy.keys[k].expires is None or today <= policy.keys[k].expires)
-    }
+    usable = set()
+    for k in check.valid:
+        expires = policy.keys[k].expires
+        if k not in policy.revoked and (expires is None or today <= expires):
+            usable.add(k)
+    return usable
 
 
 def _signer_reasons(

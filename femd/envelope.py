@@ -45,14 +45,14 @@ MAX_SIGNATURES: Final = 64
 _B64 = Annotated[str, Meta(max_length=2 * MAX_ENVELOPE_BYTES)]
 
 
-class Signature(Strict):
+class Signature(Strict, frozen=True):
     """One DSSE signature: who claims to sign (unauthenticated hint) and the bytes."""
 
     sig: _B64
     keyid: Annotated[str, Meta(max_length=256)] = ""
 
 
-class Envelope(Strict):
+class Envelope(Strict, frozen=True):
     """A DSSE envelope as received; ``payload`` is still base64 text."""
 
     payloadType: Literal["application/vnd.femd.task+json"]

@@ -46,7 +46,7 @@ __all__ = [
 _Arg = Annotated[str, Meta(max_length=65536)]
 
 
-class Source(Strict, kw_only=True):
+class Source(Strict, frozen=True, kw_only=True):
     """Code to fetch: a git repository at one exact commit."""
 
     git: GitUrl
@@ -54,21 +54,21 @@ class Source(Strict, kw_only=True):
     path: RelPath = "."
 
 
-class Input(Strict, kw_only=True):
+class Input(Strict, frozen=True, kw_only=True):
     """A dataset, named as the node's policy names it, mounted read-only."""
 
     dataset: Name
     mount: AbsPath
 
 
-class Outputs(Strict, kw_only=True):
+class Outputs(Strict, frozen=True, kw_only=True):
     """The one writable directory whose contents are sent back, and its cap."""
 
     path: AbsPath = "/out"
     max_bytes: Annotated[int, Meta(ge=0)] | None = None
 
 
-class Resources(Strict, kw_only=True, omit_defaults=True):
+class Resources(Strict, frozen=True, kw_only=True, omit_defaults=True):
     """Requested limits; an omitted one is the policy's maximum for the project."""
 
     cpus: Annotated[float, Meta(gt=0, le=1024)] | None = None
@@ -77,21 +77,21 @@ class Resources(Strict, kw_only=True, omit_defaults=True):
     pids: Annotated[int, Meta(ge=1)] | None = None
 
 
-class NetworkNone(Strict, tag_field="mode", tag="none"):
+class NetworkNone(Strict, frozen=True, tag_field="mode", tag="none"):
     """No network at all (the default)."""
 
 
-class NetworkEgress(Strict, tag_field="mode", tag="egress"):
+class NetworkEgress(Strict, frozen=True, tag_field="mode", tag="egress"):
     """Outbound connections to the listed ``host:port`` only."""
 
     allow: Annotated[tuple[HostPort, ...], Meta(min_length=1, max_length=64)]
 
 
-class _Message(Strict, tag_field="kind"):
+class _Message(Strict, frozen=True, tag_field="kind"):
     api_version: Literal["femd/v1"] = msgspec.field(name="apiVersion")
 
 
-class Task(_Message, tag="Task", kw_only=True):
+class Task(_Message, frozen=True, tag="Task", kw_only=True):
     """A signed request to run one workload on the nodes it lists."""
 
     id: TaskId
@@ -132,7 +132,7 @@ class Task(_Message, tag="Task", kw_only=True):
             raise ValueError("`inputs` mounts and `outputs.path` must all differ")
 
 
-class Cancel(_Message, tag="Cancel", kw_only=True):
+class Cancel(_Message, frozen=True, tag="Cancel", kw_only=True):
     """A signed request to stop a queued or running task (same signers as tasks)."""
 
     id: TaskId
@@ -164,9 +164,10 @@ def decode_manifest(payload: bytes) -> Manifest:
     """
     try:
         refuse_duplicate_keys(payload)
-        return _decoder.decode(payload)
+        manifest: Manifest = _decoder.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
         raise ManifestError(f"manifest: {cut(explain(str(e)), 200)}") from e
+    return manifest
 
 
 def encode_manifest(manifest: Manifest) -> bytes:

@@ -183,7 +183,7 @@ def _descriptions() -> dict[str, str]:
         for meta in getattr(alias, "__metadata__", ()):
             if isinstance(meta, Meta) and meta.pattern and meta.description:
                 found[meta.pattern] = meta.description.rstrip(".")
-    found[Sha256Hex.__metadata__[0].pattern] = "64 lowercase hex digits"
+    found[_full(r"[0-9a-f]{64}")] = "64 lowercase hex digits"
     return found
 
 

@@ -54,7 +54,7 @@ __all__ = [
 _Pattern = Annotated[str, Meta(min_length=1, max_length=512)]
 
 
-class Signer(Strict, kw_only=True):
+class Signer(Strict, frozen=True, kw_only=True):
     """A person or service whose Ed25519 key may sign tasks.
 
     Give exactly one of `public_key_file` (a PEM file, relative to the policy
@@ -73,13 +73,13 @@ class Signer(Strict, kw_only=True):
             raise ValueError("give exactly one of `public_key_file` or `public_key`")
 
 
-class Dataset(Strict, kw_only=True):
+class Dataset(Strict, frozen=True, kw_only=True):
     """A dataset on this node; only the policy knows its host path."""
 
     path: AbsPath
 
 
-class MaxResources(Strict, kw_only=True):
+class MaxResources(Strict, frozen=True, kw_only=True):
     """Upper limits for a task; a task asking more is denied (`resources.exceeded`).
 
     A field left out takes the node-wide value from `defaults.max_resources`.
@@ -91,19 +91,19 @@ class MaxResources(Strict, kw_only=True):
     pids: Annotated[int, Meta(ge=1)] | None = None
 
 
-class OutputsPolicy(Strict, kw_only=True):
+class OutputsPolicy(Strict, frozen=True, kw_only=True):
     """How many bytes of outputs may leave the node for one task."""
 
     max_bytes: Annotated[int, Meta(ge=0)]
 
 
-class EgressPolicy(Strict, kw_only=True):
+class EgressPolicy(Strict, frozen=True, kw_only=True):
     """Outbound connections tasks may open: `host:port` shell-style patterns."""
 
     egress: Annotated[tuple[HostPortPattern, ...], Meta(min_length=1)]
 
 
-class Project(Strict, kw_only=True):
+class Project(Strict, frozen=True, kw_only=True):
     """What one project may run here. Anything a project does not list is denied.
 
     `images` are shell-style globs on the image repository (the part before
@@ -130,7 +130,7 @@ def _default_outputs() -> OutputsPolicy:
     return OutputsPolicy(max_bytes=10 * 1024 * 1024)
 
 
-class Defaults(Strict, kw_only=True):
+class Defaults(Strict, frozen=True, kw_only=True):
     """Node-wide limits for projects that set none.
 
     Small and safe by default: 1 cpu, 1024 MB, 600 s, 128 pids, 10 MiB of outputs.
@@ -140,7 +140,7 @@ class Defaults(Strict, kw_only=True):
     outputs: OutputsPolicy = msgspec.field(default_factory=_default_outputs)
 
 
-class Policy(Strict, kw_only=True):
+class Policy(Strict, frozen=True, kw_only=True):
     """A femd node policy (`apiVersion: femd/v1`, `kind: Policy`). Default deny."""
 
     api_version: Literal["femd/v1"] = msgspec.field(name="apiVersion")

@@ -41,7 +41,7 @@ class _StrictLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: ANN401 (PyYAML API)
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+            event = self.peek_event()  # type: ignore[no-untyped-call]
             raise YamlError(
                 "anchors and aliases are not allowed", event.start_mark.line + 1
             )
