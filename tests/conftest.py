@@ -41,7 +41,10 @@ from femd.keys import public_pem
 
 # Fixtures of other areas (e.g. tests/integration/rabbit_support.py) are plugged
 # in here, in the root conftest, where pytest allows it:
-pytest_plugins = ["tests.integration.rabbit_support"]
+pytest_plugins = [
+    "tests.integration.rabbit_support",
+    "tests.integration.podman_support",
+]
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 NODE = "fdn-01"
