@@ -238,18 +238,24 @@ def _fem_line(event: dict[str, object]) -> dict[str, object]:
     stopped = event.get("at")
     elapsed = None
     if isinstance(started, str) and isinstance(stopped, str):
-        elapsed = (
-            datetime.fromisoformat(stopped) - datetime.fromisoformat(started)
-        ).total_seconds()
+        try:
+            elapsed = (
+                datetime.fromisoformat(stopped) - datetime.fromisoformat(started)
+            ).total_seconds()
+        except (ValueError, TypeError):  # a node's malformed time must not stop watch
+            elapsed = None
     error = None
     if event.get("state") != "succeeded":
         reasons = event.get("reasons")
         reasons = reasons if isinstance(reasons, list) else []
+        code = event.get("exit_code")
         error = "; ".join(
             f"{r.get('rule')}: {r.get('message')}"
             for r in reasons
             if isinstance(r, dict)
-        ) or str(event.get("error") or event.get("state"))
+        ) or str(event.get("error") or event.get("state")) + (
+            f" (exit code {code})" if code is not None else ""
+        )
     return {
         "node": event.get("node"),
         "task_id": event.get("task_id"),
@@ -333,6 +339,40 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_fem(args: argparse.Namespace) -> int:
+    from femd import fem
+
+    tool = params = None
+    template = fem.decode_template(_read_input(args.template, "fem template"))
+    if args.tool:
+        tool = fem.decode_tool_plan(_read_input(args.tool, "fem tool plan"))
+    if args.params:
+        params = fem.decode_params(_read_input(args.params, "fem params"))
+    options = fem.FemOptions(
+        nodes=tuple(fem.parse_node(n) for n in args.node),
+        project=args.project,
+        issued_at=datetime.now(UTC).replace(microsecond=0),
+        expires_in_s=fem.parse_duration(args.expires_in),
+        launcher=args.launcher,
+        profile=args.profile,
+        issuer=args.issuer,
+        image_digest=args.image_digest,
+        commit=args.commit,
+        datasets=tuple(fem.parse_dataset(d) for d in args.dataset),
+        output_dir=args.output_dir,
+        egress=tuple(args.egress),
+        execution_id=args.execution_id,
+        user_id=args.user_id,
+    )
+    results = fem.convert(template, options, tool=tool, params=params)
+    paths = fem.output_paths(args.output, results)
+    for path, r in zip(paths, results, strict=True):
+        _write_output(path, fem.manifest_json(r.task))
+        if path is not None:
+            print(f"{path} {r.task.id} {','.join(r.nodes)}")
+    return 0
+
+
 # ---------------------------------------------------------------------------
 # parser
 
@@ -401,6 +441,28 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, help="at most this many, newest first")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_tasks)
+
+    s = sub.add_parser(
+        "import-fem", help="orchestrator: FEM task template -> femd manifests"
+    )
+    s.add_argument("template", help="FEM task template (JSON)")
+    s.add_argument("--tool", metavar="TOOL_PLAN", help="FEM tool plan (JSON)")
+    s.add_argument("--params", help="FEM parametric args (JSON), per-node sections")
+    s.add_argument("--node", action="append", required=True, metavar="[FEM_NAME=]NODE")
+    s.add_argument("--project", required=True, help="femd project of the task")
+    s.add_argument("--image-digest", metavar="sha256:HEX", help="pins the image")
+    s.add_argument("--commit", metavar="SHA", help="pins source_code (full id)")
+    s.add_argument("--dataset", action="append", default=[], metavar="NAME=MOUNT")
+    s.add_argument("--output-dir", default="/out", help="output dir (default /out)")
+    s.add_argument("--egress", action="append", default=[], metavar="HOST:PORT")
+    s.add_argument("--launcher", choices=["podman", "process"], default="podman")
+    s.add_argument("--profile", default="default", help="launcher profile name")
+    s.add_argument("--expires-in", default="24h", help="validity (default 24h)")
+    s.add_argument("--execution-id", help="%%%%execution_id%%%% (default: task id)")
+    s.add_argument("--user-id", help="value of %%%%user_id%%%%")
+    s.add_argument("--issuer", help="the manifest's issuer")
+    s.add_argument("-o", "--output", help="manifest file, or a {node} pattern")
+    s.set_defaults(func=_cmd_import_fem)
     return p
 
 
