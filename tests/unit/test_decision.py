@@ -164,7 +164,9 @@ CASES = {
         policy={"projects": {PROJECT: {"images": ["registry.example.org/dt4h/**"]}}},
     ),
     "git-star-cannot-cross-slash": Case(
-        task={"source": {"git": "https://evil.io/x.example.org/y.git", "commit": "0" * 40}},
+        task={
+            "source": {"git": "https://evil.io/x.example.org/y.git", "commit": "0" * 40}
+        },
         policy={"projects": {PROJECT: {"git": ["https://*.example.org/*"]}}},
         rules=[Rule.GIT_NOT_ALLOWED],
     ),

@@ -453,7 +453,9 @@ def test_concurrent_reader_while_writer_writes(db_path: Path) -> None:
 def test_corrupt_file_is_a_state_error(db_path: Path) -> None:
     db_path.parent.mkdir(parents=True)
     db_path.write_bytes(b"this is not sqlite, just garbage\n" * 200)
-    with pytest.raises(StateError, match=r"cannot open .*: file is not a database") as info:
+    with pytest.raises(
+        StateError, match=r"cannot open .*: file is not a database"
+    ) as info:
         State(db_path)
     assert "\n" not in str(info.value)
 
