@@ -373,6 +373,66 @@ def _cmd_import_fem(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from femd.config import load_config
+    from femd.launchers import build_all, load_profiles
+
+    if args.launchers:
+        profiles_dir, socket = Path(args.launchers), args.podman_socket
+        state_dir = Path(tempfile.mkdtemp(prefix="femd-doctor-"))
+    else:
+        config = load_config(Path(args.config) if args.config else None, os.environ)
+        profiles_dir = Path(config.launchers)
+        socket = args.podman_socket or config.podman.socket
+        state_dir = config.state_path
+    profiles = load_profiles(profiles_dir)
+    _, caps = build_all(profiles, state_dir=state_dir, podman_socket=socket)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {"profile": p, **msgspec.to_builtins(c)}
+                    for (p, _), c in caps.items()
+                ],
+                indent=1,
+            )
+        )
+    for (pname, lname), c in [] if args.json else list(caps.items()):
+
+        def yes(flag: bool) -> str:
+            return "yes" if flag else "NO"
+
+        state = "available" if c.available else "UNAVAILABLE"
+        print(f"{lname} (profile {pname}): {state}")
+        print(
+            f"  enforces: memory {yes(c.memory_limit)}, cpus {yes(c.cpu_limit)}"
+            f" (min {c.min_cpus:g}), pids {yes(c.pids_limit)},"
+            f" egress {yes(c.egress)} (filtered {yes(c.egress_filtered)})"
+        )
+        for problem in c.problems:
+            print(f"  problem: {problem}")
+        for note in c.notes:
+            print(f"  note: {note}")
+    usable = [
+        k
+        for k, c in caps.items()
+        if c.available and c.memory_limit and c.cpu_limit and c.pids_limit
+    ]
+    if not args.json:
+        if usable:
+            print(
+                "tasks can run with: "
+                + ", ".join(f"{name} ({prof})" for prof, name in usable)
+            )
+        else:
+            print(
+                "no launcher can enforce every limit here: every task would be refused"
+            )
+    return 0 if usable else 1
+
+
 # ---------------------------------------------------------------------------
 # parser
 
@@ -434,6 +494,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, help="give up after this many seconds")
     s.add_argument("--format", choices=["json", "fem"], default="json")
     s.set_defaults(func=_cmd_watch)
+
+    s = sub.add_parser("doctor", help="what this host can enforce, per launcher")
+    s.add_argument("--config", help="femd.yaml (for launchers, state_dir, podman)")
+    s.add_argument("--launchers", help="a profiles directory instead of --config")
+    s.add_argument("--podman-socket", help="the rootless Podman API socket URL")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_doctor)
 
     s = sub.add_parser("tasks", help="the node's local task history")
     s.add_argument("--config", help="femd.yaml (to find state_dir)")

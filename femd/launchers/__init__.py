@@ -46,6 +46,7 @@ __all__ = [
     "Outcome",
     "PodmanSettings",
     "ProcessSettings",
+    "build_all",
     "load_profile",
     "load_profiles",
     "start",
@@ -200,6 +201,39 @@ def _process(
 LAUNCHERS: Final[Mapping[str, LauncherFactory]] = MappingProxyType(
     {"podman": _podman, "process": _process}
 )
+
+
+def build_all(
+    profiles: Mapping[str, LauncherProfile],
+    *,
+    state_dir: Path,
+    podman_socket: str | None,
+) -> tuple[dict[tuple[str, str], Launcher], dict[tuple[str, str], Capabilities]]:
+    """Build and probe one launcher per (profile, back-end) the profiles define.
+
+    A back-end whose probe raises is recorded as unavailable with the reason: a
+    broken back-end never stops the agent or ``femd doctor``.
+    """
+    launchers: dict[tuple[str, str], Launcher] = {}
+    caps: dict[tuple[str, str], Capabilities] = {}
+    for pname, profile in sorted(profiles.items()):
+        for name, factory in LAUNCHERS.items():
+            if getattr(profile, name) is None:
+                continue
+            launcher = factory(
+                profile, state_dir=state_dir, podman_socket=podman_socket
+            )
+            try:
+                cap = launcher.probe()
+            except Exception as e:  # noqa: BLE001 (reported as unavailable)
+                cap = Capabilities(
+                    launcher=name,
+                    available=False,
+                    problems=(f"probe failed: {type(e).__name__}: {cut(e)}",),
+                )
+            launchers[(pname, name)] = launcher
+            caps[(pname, name)] = cap
+    return launchers, caps
 
 
 def _refuse(what: str, who: str | None = None) -> Reason:
