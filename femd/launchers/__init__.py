@@ -253,21 +253,28 @@ def unenforceable(spec: LaunchSpec, caps: Capabilities) -> list[Reason]:
     if caps.launcher != spec.launcher:
         raise RuntimeError(f"capabilities of {caps.launcher} used for {spec.launcher}")
     who = f"{spec.launcher} on this host"
-    why = f": {cut('; '.join(caps.problems), 200)}" if caps.problems else ""
     if not caps.available:
-        why = why or ": unknown reason"
-        return [_refuse(f"launcher {spec.launcher} is not available on this host{why}")]
+        why = cut("; ".join(caps.problems), 200) or "unknown reason"
+        return [
+            _refuse(f"launcher {spec.launcher} is not available on this host: {why}")
+        ]
+
+    def why(word: str) -> str:
+        # Only the problems that speak of this limit, not every problem found.
+        found = [p for p in caps.problems if word in p.lower()]
+        return f"{who}: {cut('; '.join(found), 160)}" if found else who
+
     limits = spec.limits
     reasons: list[Reason] = []
     if not caps.memory_limit:
-        reasons.append(_refuse(f"memory limit of {limits.memory_mb} MB", who + why))
+        reasons.append(_refuse(f"memory limit of {limits.memory_mb} MB", why("memory")))
     if not caps.cpu_limit:
-        reasons.append(_refuse(f"cpu limit of {limits.cpus:g} cpus", who + why))
+        reasons.append(_refuse(f"cpu limit of {limits.cpus:g} cpus", why("cpu")))
     elif limits.cpus < caps.min_cpus and not isclose(limits.cpus, caps.min_cpus):
         smallest = f"{who}: the smallest is {caps.min_cpus:g}"
         reasons.append(_refuse(f"cpu limit of {limits.cpus:g} cpus", smallest))
     if not caps.pids_limit:
-        reasons.append(_refuse(f"pids limit of {limits.pids}", who + why))
+        reasons.append(_refuse(f"pids limit of {limits.pids}", why("pid")))
     if spec.egress and not caps.egress:
         what = f"network egress to [{cut(', '.join(spec.egress), 120)}]"
         because = f"{who}: profile {spec.profile.name!r} does not allow it"
