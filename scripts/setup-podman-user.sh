@@ -11,9 +11,14 @@
 #   3. writes its ~/.config/containers/{containers,storage}.conf:
 #      runtime=runc (crun fails on hybrid cgroup v1 hosts), cgroup_manager=cgroupfs
 #      (no systemd user session), events_logger=file (no journald needed),
-#      log_driver=k8s-file (logs readable after exit), no default network;
+#      log_driver=k8s-file (logs readable after exit), no default network; the
+#      storage's graphroot in its home. No runroot: podman keeps it in
+#      $XDG_RUNTIME_DIR/containers, which is /run/user/<uid> here (testbed, CI)
+#      and /run/femd-podman under femd-podman.service (ProtectSystem=strict
+#      leaves only that part of /run writable);
 #   4. creates its runtime dir (XDG_RUNTIME_DIR) /run/user/<uid>, mode 0700,
-#      as logind would (with systemd, `loginctl enable-linger femd-podman` does it);
+#      as logind would; not when FEMD_PODMAN_RUNTIME_DIR is set to "" (the
+#      package does that: femd-podman.service brings its own, /run/femd-podman);
 #   5. creates the socket directory (default /run/femd/podman, mode 0750, group
 #      $FEMD_GROUP when that group exists) so the agent can reach the socket;
 #   6. with FEMD_SIGNATURE_POLICY=<containers-policy.json>, installs it as the
@@ -23,7 +28,11 @@
 #
 # Environment: FEMD_PODMAN_USER (femd-podman), FEMD_PODMAN_HOME
 # (/var/lib/femd-podman), FEMD_GROUP (femd), FEMD_PODMAN_SOCKET_DIR (/run/femd/podman),
-# FEMD_PODMAN_SUBIDS (589824), FEMD_SIGNATURE_POLICY (unset).
+# FEMD_PODMAN_SUBIDS (589824), FEMD_PODMAN_RUNTIME_DIR (/run/user/<uid>; "" for
+# none), FEMD_SIGNATURE_POLICY (unset).
+#
+# The femd package's postinst runs this script (installed as
+# /usr/share/femd/setup-podman-user.sh) with FEMD_PODMAN_RUNTIME_DIR="".
 #
 # Starting the service itself is the unit's job (or testbed/podman.py in tests):
 #   XDG_RUNTIME_DIR=/run/user/<uid> podman system service --time=0 \
@@ -113,28 +122,31 @@ cat >"$tmp" <<EOF
 [storage]
 driver = "overlay"
 graphroot = "$home/.local/share/containers/storage"
-runroot = "/run/user/$uid/containers"
 EOF
 install -o "$uid" -g "$gid" -m 0644 "$tmp" "$conf/storage.conf"
 rm -f "$tmp"
 
 # 4. runtime dir (what pam_systemd/logind would create)
-install -d -m 0755 /run/user
-install -d -o "$uid" -g "$gid" -m 0700 "/run/user/$uid"
+runtime_dir=${FEMD_PODMAN_RUNTIME_DIR-/run/user/$uid}
+if [ -n "$runtime_dir" ]; then
+    [ -d "$(dirname "$runtime_dir")" ] || install -d -m 0755 "$(dirname "$runtime_dir")"
+    install -d -o "$uid" -g "$gid" -m 0700 "$runtime_dir"
+fi
 
 # new subordinate ids reach podman only once its pause process is restarted
-if [ "$changed" = yes ]; then
-    runuser -u "$user" -- env HOME="$home" XDG_RUNTIME_DIR="/run/user/$uid" \
+# (under femd-podman.service: once the service restarts)
+if [ "$changed" = yes ] && [ -n "$runtime_dir" ]; then
+    runuser -u "$user" -- env HOME="$home" XDG_RUNTIME_DIR="$runtime_dir" \
         sh -c 'cd / && podman system migrate' >/dev/null 2>&1 ||
         echo "setup-podman-user: warning: podman system migrate failed" >&2
 fi
 
-# 5. socket directory: the agent's group may enter it, nobody else
+# 5. socket directory: the agent's group may enter it, nobody else. Its parent
+# is left as it is when it exists (/run/femd: femd.service's RuntimeDirectory=).
+[ -d "$(dirname "$socket_dir")" ] || install -d -m 0755 "$(dirname "$socket_dir")"
 if getent group "$agent_group" >/dev/null; then
-    install -d -m 0755 "$(dirname "$socket_dir")"
     install -d -o "$uid" -g "$agent_group" -m 0750 "$socket_dir"
 else
-    install -d -m 0755 "$(dirname "$socket_dir")"
     install -d -o "$uid" -g "$gid" -m 0750 "$socket_dir"
 fi
 

@@ -19,6 +19,11 @@ How each limit is enforced (``Capabilities.notes`` says the same):
   task's policy and the profile's ``allow_egress`` allow it (never filtered).
 - time: the wall-clock timeout kills the sandbox's PID namespace.
 
+Namespaces: user, mount, pid, IPC and network (none with egress); not uts nor
+cgroup, which femd.service refuses (see ``_NAMESPACES``). The prefix tools
+(``taskset``, ``prlimit``) need ``sched_setaffinity`` and ``prlimit64``, which
+the unit's ``SystemCallFilter=`` allows; ``probe()`` runs them for real.
+
 A sandbox dies with the agent (``--die-with-parent``), so ``adopt()`` finds
 nothing after a restart. bwrap's outer process exits without reaping the
 sandbox's PID 1; that zombie goes to the host's init (systemd reaps it at once)
@@ -65,6 +70,12 @@ _TOOLS: Final = ("bwrap", "prlimit", "taskset")
 _TMP: Final = "/tmp"  # noqa: S108 (inside the sandbox: a private tmpfs)
 _SHM: Final = "/dev/shm"  # noqa: S108 (inside the sandbox: a private tmpfs)
 _RESERVED: Final = ("/", "/proc", "/dev", _TMP)
+# Namespaces every sandbox gets (bwrap always adds a mount namespace). No uts
+# namespace: the task sees the host's hostname and cannot change it (it holds
+# no capability over the host's UTS namespace; under femd.service,
+# ProtectHostname= also forbids sethostname), and bwrap's --hostname would be
+# refused there. No cgroup namespace: /proc/self/cgroup shows femd's cgroup path.
+_NAMESPACES: Final = ("--unshare-user", "--unshare-ipc", "--unshare-pid")
 
 # Syscalls the built-in filter refuses with EPERM, numbered (x86_64, aarch64) as
 # in the kernel's unistd headers. sched_setaffinity keeps the cpu limit; the rest
@@ -162,7 +173,16 @@ class BubblewrapLauncher:
     # -- probe ---------------------------------------------------------------
 
     def probe(self) -> Capabilities:
-        """Find what this host can enforce, running a real (empty) sandbox."""
+        """Find what this host can enforce, running a real (empty) sandbox.
+
+        ``start()`` probes before every launch, so an available result is
+        reused (a reload builds a new launcher, hence probes afresh): a smoke
+        sandbox per task doubled the sandboxes, and under load the smoke's own
+        RLIMIT_NPROC (64) failed on the task user's unreaped zombies, which
+        refused tasks as ``launcher.unenforceable``.
+        """
+        if self._caps is not None and self._caps.available:
+            return self._caps
         problems: list[str] = []
         settings = self._profile.process
         tools = {t: shutil.which(t, path=_HOST_PATH) for t in _TOOLS}
@@ -218,7 +238,11 @@ class BubblewrapLauncher:
         try:
             cmd = ["/usr/bin/true"]
             args = self._bwrap_args(settings, None, memfd, cmd)
-            prefix = self._prefix(settings, None, cpus=None)
+            # Pinned like a task (taskset, then prlimit): a host or unit whose
+            # seccomp filter refuses sched_setaffinity or prlimit64 fails here,
+            # not at a task's launch.
+            first_cpu = str(min(os.sched_getaffinity(0)))
+            prefix = self._prefix(settings, None, cpus=first_cpu)
             result = subprocess.run(  # noqa: S603 (fixed tools, no shell)
                 prefix + args,
                 stdin=subprocess.DEVNULL,
@@ -289,13 +313,16 @@ class BubblewrapLauncher:
     ) -> list[str]:
         tmp = str(settings.tmp_size_mb << 20)
         args = [shutil.which("bwrap", path=_HOST_PATH) or "bwrap"]
-        # SECURITY: every namespace unshared, no capabilities, no nested userns.
-        args += ["--unshare-all", "--unshare-user", "--disable-userns"]
+        # SECURITY: own user, mount, pid, IPC and (unless egress) network
+        # namespaces; no capabilities, no nested user namespaces. Not
+        # --unshare-all: it asks for a cgroup namespace, and femd.service's
+        # RestrictNamespaces= refuses cgroup and uts ones (see _NAMESPACES).
+        args += [*_NAMESPACES, "--disable-userns"]
         egress = bool(spec and spec.egress and settings.allow_egress)
-        if egress:
-            args.append("--share-net")
+        if not egress:
+            args.append("--unshare-net")
         args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
-        args += ["--hostname", "femd-task", "--clearenv"]
+        args.append("--clearenv")
         env = {"PATH": _TASK_PATH, "HOME": _TMP} | dict(spec.env if spec else ())
         for key, value in env.items():
             args += ["--setenv", key, value]

@@ -9,7 +9,8 @@
 #      target's: Debian 12 ships Python 3.11 and the wheels are cp311/manylinux.
 #      The package's Depends pins python3 to that minor version for this reason.
 #   2. lays out the package tree: wheels in /usr/share/femd/wheels, units,
-#      sysusers.d, tmpfiles.d, journald catalog, launcher profiles, example
+#      sysusers.d, tmpfiles.d, journald catalog, scripts/setup-podman-user.sh
+#      (run by postinst), launcher profiles, example
 #      policies, docs, conffiles /etc/femd/{femd.yaml,policy.yaml}, /usr/bin/femd.
 #   3. dpkg-deb --build --root-owner-group.
 # postinst builds /opt/femd as a venv from the shipped wheels, offline.
@@ -65,6 +66,8 @@ install -m 0644 "$repo/units/femd.service" "$repo/units/femd-podman.service" \
 install -m 0644 "$repo/units/femd.sysusers" "$root/usr/lib/sysusers.d/femd.conf"
 install -m 0644 "$repo/units/femd.tmpfiles" "$root/usr/lib/tmpfiles.d/femd.conf"
 install -m 0644 "$repo/units/femd.catalog" "$root/usr/lib/systemd/catalog/femd.catalog"
+# postinst runs it: femd-podman's subordinate ids and Podman configuration.
+install -m 0755 "$repo/scripts/setup-podman-user.sh" "$root/usr/share/femd/setup-podman-user.sh"
 for f in "$repo"/launchers/*.yaml; do
     if [ -f "$f" ]; then install -m 0644 "$f" "$root/usr/share/femd/launchers/"; fi
 done

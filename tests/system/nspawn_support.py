@@ -57,6 +57,7 @@ _INPUTS = (
     "femd",
     "units",
     "packaging/deb",
+    "scripts/setup-podman-user.sh",
     "launchers",
     "policies",
     "docs",

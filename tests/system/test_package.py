@@ -69,13 +69,29 @@ run = subprocess.run(["prlimit", "--nproc=64", "--core=0", "--"] + bwrap,
 report["bwrap"] = [run.returncode, run.stdout, run.stderr]
 taskset = subprocess.run(["taskset", "--cpu-list", "0", "true"],
                          capture_output=True, text=True)
-report["taskset"] = taskset.returncode
+report["taskset"] = [taskset.returncode, taskset.stderr]
+import os
+try:
+    os.nice(1)
+    report["nice"] = "allowed"
+except PermissionError:
+    report["nice"] = "EPERM"
 
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(60)
 s.connect("/run/femd/podman/podman.sock")
 s.sendall(b"GET /_ping HTTP/1.0\r\nHost: d\r\n\r\n")
 report["podman_ping"] = s.recv(4096).decode(errors="replace").splitlines()[-1]
+s.close()
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(60)
+s.connect("/run/femd/podman/podman.sock")
+s.sendall(b"GET /v4.0.0/libpod/info HTTP/1.0\r\nHost: d\r\n\r\n")
+reply = b""
+while chunk := s.recv(65536):
+    reply += chunk
+store = json.loads(reply.split(b"\r\n\r\n", 1)[1])["store"]
+report["podman_store"] = {k: store[k] for k in ("runRoot", "graphRoot")}
 with open("/var/lib/femd/probe.json", "w") as f:
     json.dump(report, f)
 """
@@ -246,8 +262,10 @@ def test_bwrap_sandbox_works_under_the_hardening(probe: dict[str, object]) -> No
     assert lines["tmp"] == "ok"
     assert lines["userns"] == "no"  # --disable-userns works (/proc/sys/user)
     assert out.splitlines()[-1] == "1"  # own network namespace: loopback only
-    # @resources is refused for the agent and its tasks: no CPU pinning
-    assert probe["taskset"] != 0
+    # The process launcher pins cpus (taskset: sched_setaffinity, in
+    # @resources); the rest of @resources stays refused (setpriority).
+    assert probe["taskset"] == [0, ""]
+    assert probe["nice"] == "EPERM"
 
 
 def test_agent_reaches_podman_and_others_do_not(
@@ -262,6 +280,23 @@ def test_agent_reaches_podman_and_others_do_not(
     denied = box.exec(["python3", "-c", ping], user="nobody", check=False)
     assert denied.returncode != 0
     assert "PermissionError" in denied.stderr
+
+
+def test_podman_user_configuration(box: Container, probe: dict[str, object]) -> None:
+    """postinst ran scripts/setup-podman-user.sh; its config suits the unit."""
+    conf = "/var/lib/femd-podman/.config/containers"
+    for name in ("containers.conf", "storage.conf"):
+        assert stat(box, f"{conf}/{name}") == "644 femd-podman:femd-podman regular file"
+    assert 'runtime = "runc"' in box.read(f"{conf}/containers.conf")
+    assert "runroot" not in box.read(f"{conf}/storage.conf")
+    # runroot follows XDG_RUNTIME_DIR: femd-podman.service's RuntimeDirectory=
+    assert probe["podman_store"] == {
+        "runRoot": "/run/femd-podman/containers",
+        "graphRoot": "/var/lib/femd-podman/.local/share/containers/storage",
+    }
+    uid = box.exec(["id", "-u", "femd-podman"]).stdout.strip()
+    gone = box.exec(["test", "-e", f"/run/user/{uid}"], check=False)
+    assert gone.returncode != 0, "no logind-style runtime dir for a system user"
 
 
 def test_podman_user_reaches_task_dirs_not_the_key(box: Container) -> None:
