@@ -254,10 +254,9 @@ def unenforceable(spec: LaunchSpec, caps: Capabilities) -> list[Reason]:
         raise RuntimeError(f"capabilities of {caps.launcher} used for {spec.launcher}")
     who = f"{spec.launcher} on this host"
     if not caps.available:
-        why = cut("; ".join(caps.problems), 200) or "unknown reason"
-        return [
-            _refuse(f"launcher {spec.launcher} is not available on this host: {why}")
-        ]
+        problems = cut("; ".join(caps.problems), 200) or "unknown reason"
+        text = f"launcher {spec.launcher} is not available on this host: {problems}"
+        return [_refuse(text)]
 
     def why(word: str) -> str:
         # Only the problems that speak of this limit, not every problem found.
