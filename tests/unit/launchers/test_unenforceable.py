@@ -77,7 +77,10 @@ def test_memory_reason_names_the_limit_and_the_host_problem():
         spec(),
         caps(
             memory_limit=False,
-            problems=("rootless cgroup v1: no memory controller", "egress: not offered"),
+            problems=(
+                "rootless cgroup v1: no memory controller",
+                "egress: not offered",
+            ),
         ),
     )
     # Only the problem that speaks of memory, not every problem the probe saw.
