@@ -10,15 +10,17 @@ task work and never blocks on the broker (DESIGN "systemd", "broker").
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Final
+from typing import Any, Final
 
 import sdnotify
 
@@ -39,11 +41,12 @@ from femd.manifest import Cancel, Task, decode_manifest
 from femd.policy import LoadedPolicy, load_policy
 from femd.state import TERMINAL_STATES, State
 
-__all__ = ["REPLAY_RULE", "Agent"]
+__all__ = ["REPLAY_RULE", "RESTART_RULE", "Agent"]
 
 logger = logging.getLogger(__name__)
 
 REPLAY_RULE: Final = "task.replayed"
+RESTART_RULE: Final = "agent.restarted"
 _TICK_S: Final = 0.1
 _STATUS_EVERY_S: Final = 5.0
 
@@ -222,7 +225,7 @@ class Agent:
         self.link.wake()
 
     def handle(self, d: Delivery) -> None:
-        """Admit one delivery: verify, decide, commit, then ack. Never raises FemdError."""
+        """Admit one delivery: verify, decide, commit, then ack; raises nothing."""
         try:
             verdict = admit(
                 d.body,
@@ -275,7 +278,7 @@ class Agent:
         # SECURITY: the ack comes only after the task and its decision are on disk.
         self.link.ack(d)
         self.link.wake()
-        common = {
+        common: dict[str, Any] = {
             "task_id": m.id,
             "project": m.project,
             "node": self.node,
@@ -400,7 +403,7 @@ class Agent:
             wake=self.link.wake,
         )
 
-    def _spawn(self, task_id: str, target: object) -> None:
+    def _spawn(self, task_id: str, target: Callable[[], object]) -> None:
         t = threading.Thread(target=target, name=f"task-{task_id}", daemon=True)
         self.threads[task_id] = t
         t.start()
@@ -429,6 +432,13 @@ class Agent:
         """Reconcile tasks a previous run left in non-terminal states."""
         for row in self.state.unfinished():
             if row.state in ("received", "queued") and row.payload is not None:
+                if row.kind == "Cancel":
+                    # Committed (and acked), then the agent died before applying
+                    # it: apply it now, or its target would run after all.
+                    cancel = decode_manifest(row.payload)
+                    if isinstance(cancel, Cancel):
+                        self._apply_cancel(cancel)
+                        continue
                 self.queue.append(row.task_id)
                 continue
             task = decode_manifest(row.payload) if row.payload else None
@@ -443,14 +453,17 @@ class Agent:
                 logger.info("task %s: re-attached after restart", task.id)
                 runner = self._runner(task)
                 self.runners[task.id] = runner
-                self._spawn(task.id, lambda r=runner, h=handle: r.attach(h))
+                self._spawn(task.id, functools.partial(runner.attach, handle))
                 continue
+            # The orchestrator must learn why: `error` stays local, `reasons`
+            # travel in the status event.
             self.state.transition(
                 row.task_id,
                 "failed",
                 node=self.node,
                 at=_now(),
                 error="agent restarted",
+                reasons=[(RESTART_RULE, f"agent restarted while task was {row.state}")],
             )
             audit.emit(
                 audit.Event.TASK_FINISHED,

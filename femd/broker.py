@@ -10,6 +10,7 @@ they become ``BrokerError`` or log lines.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -47,6 +48,14 @@ RESULTS_EXCHANGE: Final = "femd.results"
 
 # Errors that mean "this connection is gone; reconnect".
 _LINK_ERRORS: Final = (pika.exceptions.AMQPError, OSError, ssl.SSLError)
+# The I/O loop's longest wait; wake() and broker data end it sooner.
+_POLL_S: Final = 0.2
+# Outbox messages published between two turns of the I/O loop.
+_BATCH: Final = 20
+
+
+def _nothing() -> None:
+    """A no-op scheduled from another thread only to end the I/O loop's wait."""
 
 
 def node_queue(node: str) -> str:
@@ -54,9 +63,44 @@ def node_queue(node: str) -> str:
     return f"femd.node.{node}"
 
 
+# OpenSSL alert names the broker sends when it refuses our client certificate.
+# pika reports them only as text inside a StreamLostError.
+_REFUSED: Final = "TLS: the broker refused our client certificate"
+_TLS_ALERTS: Final = (
+    (
+        "UNKNOWN_CA",
+        "TLS: the broker does not trust our client certificate (unknown CA)",
+    ),
+    ("CERTIFICATE_EXPIRED", f"{_REFUSED}: expired"),
+    ("CERTIFICATE_REVOKED", f"{_REFUSED}: revoked"),
+    ("UNSUPPORTED_CERTIFICATE", f"{_REFUSED}: unsupported key usage"),
+    ("BAD_CERTIFICATE", f"{_REFUSED} (bad certificate)"),
+    ("CERTIFICATE_REQUIRED", "TLS: the broker requires a client certificate"),
+    ("HANDSHAKE_FAILURE", "TLS handshake failed (no common protocol or cipher)"),
+)
+
+
+def _stream_lost(text: str) -> str:
+    for marker, why in _TLS_ALERTS:
+        if marker in text:
+            return why
+    if "EOF occurred" in text or "Transport indicated EOF" in text:
+        return "TLS: the broker closed the connection (EOF)"
+    if "ConnectionResetError" in text:
+        return "connection reset by the broker"
+    return f"connection lost ({cut(text.removeprefix('Stream connection lost: '))})"
+
+
 def describe(e: BaseException) -> str:
     """Return one plain line saying why a broker operation failed."""
     text = str(e) or repr(e)
+    if isinstance(e, pika.exceptions.AMQPConnectionError) and (
+        "Stream connection lost" in text or "Transport indicated EOF" in text
+    ):
+        # A stream lost during the TLS handshake reaches us as a StreamLostError,
+        # or as an IncompatibleProtocolError quoting it (pika was waiting for
+        # the protocol header).
+        return _stream_lost(text)
     if isinstance(e, ssl.SSLCertVerificationError):
         return f"TLS: the broker's certificate is not trusted ({cut(e.verify_message)})"
     if isinstance(e, ssl.SSLError):
@@ -195,18 +239,30 @@ class NodeLink(threading.Thread):
     # -- API for the agent thread -------------------------------------------
 
     def ack(self, delivery: Delivery) -> None:
-        """Ack a committed *delivery*; a stale generation is dropped (redelivery follows)."""
+        """Ack a committed *delivery*; a stale generation is dropped (redelivered)."""
         self._acks.put(delivery)
-        self._wake.set()
+        self.wake()
 
     def wake(self) -> None:
-        """Say the outbox has something new."""
+        """Say the outbox (or the ack queue) has something new.
+
+        Interrupts the I/O loop's wait at once: with a prefetch window full,
+        the broker sends nothing until our acks go out, so waiting for data
+        before sending them would cost a full poll period per delivery.
+        """
         self._wake.set()
+        conn = self._conn
+        if conn is None:
+            return
+        # The one pika call that is safe from another thread; it refuses a
+        # closing or closed connection, whose loop is not waiting anyway.
+        with contextlib.suppress(*_LINK_ERRORS):
+            conn.add_callback_threadsafe(_nothing)
 
     def pause_consuming(self) -> None:
         """Stop taking deliveries (SIGTERM); unacked ones are handed back on close."""
         self._pause.set()
-        self._wake.set()
+        self.wake()
 
     def stop(self, flush_s: float = 5.0) -> None:
         """Flush the outbox for up to *flush_s*, close the connection, end."""
@@ -215,30 +271,50 @@ class NodeLink(threading.Thread):
         while time.monotonic() < deadline and self.connected.is_set():
             if not self._outbox.pending_events(1):
                 break
-            self._wake.set()
+            self.wake()
             time.sleep(0.05)
         self._halt.set()
-        self._wake.set()
+        self.wake()
         self.join(timeout=flush_s + 5)
 
     # -- the thread -----------------------------------------------------------
 
     def run(self) -> None:
-        """Connect, serve, reconnect with exponential backoff and jitter."""
+        """Connect, serve, reconnect with exponential backoff and jitter.
+
+        While the broker cannot be reached, each distinct failure is logged
+        once (a refused certificate is an operator error to explain, not a
+        line per retry); a connection that was up and drops is logged each
+        time. Backoff starts again from its minimum after a good connection.
+        """
         backoff = 0.5
+        reported: set[str] = set()
         while not self._halt.is_set():
             try:
                 self._serve()
-                backoff = 0.5
             except _LINK_ERRORS as e:
                 why = describe(e)
-                if why != self.last_error or self.connected.is_set():
-                    logger.warning("broker: %s; reconnecting", why)
+                if self.connected.is_set():
+                    logger.warning("broker: connection lost: %s; reconnecting", why)
+                elif why not in reported:
+                    hint = ""
+                    if why.endswith("(EOF)"):
+                        # TLS 1.3: a refused client certificate may show only so.
+                        hint = " (is our client certificate trusted?)"
+                    logger.warning(
+                        "broker: cannot connect: %s%s; retrying with backoff",
+                        why,
+                        hint,
+                    )
+                reported.add(why)
                 self.last_error = why
-            except Exception as e:  # noqa: BLE001 (the link thread must never die)
+            except Exception as e:  # the link thread must never die
                 self.last_error = f"internal error: {type(e).__name__}: {cut(e)}"
-                logger.error("broker: %s; reconnecting", self.last_error, exc_info=True)
+                logger.exception("broker: %s; reconnecting", self.last_error)
             finally:
+                if self.connected.is_set():
+                    backoff = 0.5
+                    reported.clear()
                 self._close()
             if self._halt.is_set():
                 break
@@ -281,14 +357,17 @@ class NodeLink(threading.Thread):
         )
         self._on_state(True, "")
         while not self._halt.is_set():
-            conn.process_data_events(time_limit=0.05)
+            self._wake.clear()
             if self._pause.is_set() and tag is not None:
                 consume.basic_cancel(tag)
                 tag = None
             self._do_acks(consume, generation)
-            self._drain(publish)
-            if self._wake.wait(0.05):
-                self._wake.clear()
+            # One batch at a time: acks and deliveries are served between
+            # batches, so a busy outbox never starves the intake.
+            more = self._drain(publish)
+            idle = not more and not self._wake.is_set()
+            # Returns early on data from the broker or on ``wake()``.
+            conn.process_data_events(time_limit=_POLL_S if idle else 0)
         self._do_acks(consume, generation)
 
     def _do_acks(self, channel: Any, generation: int) -> None:  # noqa: ANN401
@@ -300,29 +379,28 @@ class NodeLink(threading.Thread):
             if d.generation == generation:
                 channel.basic_ack(d.tag)
 
-    def _drain(self, channel: Any) -> None:  # noqa: ANN401
-        while True:
-            batch = self._outbox.pending_events(50)
-            if not batch:
-                return
-            done: list[int] = []
-            try:
-                for m in batch:
-                    props = pika.BasicProperties(
-                        content_type="application/json"
-                        if m.exchange == EVENTS_EXCHANGE
-                        else "application/octet-stream",
-                        delivery_mode=2,
-                        message_id=f"{self._node}:{m.seq}",
-                        headers=m.headers or None,
-                    )
-                    # Publisher confirms: basic_publish returns once the broker
-                    # has taken responsibility for the message (raises on nack).
-                    channel.basic_publish(m.exchange, m.routing_key, m.body, props)
-                    done.append(m.seq)
-            finally:
-                if done:
-                    self._outbox.mark_published(done)
+    def _drain(self, channel: Any) -> bool:  # noqa: ANN401
+        """Publish one batch of the outbox; True if more may be waiting."""
+        batch = self._outbox.pending_events(_BATCH)
+        done: list[int] = []
+        try:
+            for m in batch:
+                props = pika.BasicProperties(
+                    content_type="application/json"
+                    if m.exchange == EVENTS_EXCHANGE
+                    else "application/octet-stream",
+                    delivery_mode=2,
+                    message_id=f"{self._node}:{m.seq}",
+                    headers=m.headers or None,
+                )
+                # Publisher confirms: basic_publish returns once the broker
+                # has taken responsibility for the message (raises on nack).
+                channel.basic_publish(m.exchange, m.routing_key, m.body, props)
+                done.append(m.seq)
+        finally:
+            if done:
+                self._outbox.mark_published(done)
+        return len(batch) == _BATCH
 
     def _close(self) -> None:
         was = self.connected.is_set()
