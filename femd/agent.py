@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -55,6 +56,15 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _watchdog_interval() -> float | None:
+    """WatchdogSec for this process in seconds, or None (like sd_watchdog_enabled)."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6
+
+
 class Agent:
     """One femd agent process."""
 
@@ -95,6 +105,11 @@ class Agent:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._notifier = sdnotify.SystemdNotifier()
+        if self._notifier.socket is not None:
+            # A notify reader that stops reading must never block the main loop.
+            self._notifier.socket.setblocking(False)
+        self._watchdog_s = _watchdog_interval()
+        self._last_ping = 0.0
         self._ready = False
         self._last_status = 0.0
 
@@ -174,6 +189,15 @@ class Agent:
 
     def _notify(self, text: str) -> None:
         self._notifier.notify(text)
+
+    def _ping(self) -> None:
+        """WATCHDOG=1 at half of systemd's WatchdogSec, only when it asked for it."""
+        if self._watchdog_s is None:
+            return
+        now = time.monotonic()
+        if now - self._last_ping >= self._watchdog_s / 2:
+            self._last_ping = now
+            self._notify("WATCHDOG=1")
 
     def _status(self) -> str:
         counts = self.state.counts()
@@ -535,7 +559,7 @@ class Agent:
                 logger.error("delivery not admitted, will be redelivered: %s", e)
         self._dispatch()
         now = time.monotonic()
-        self._notify("WATCHDOG=1")
+        self._ping()
         if now - self._last_status > _STATUS_EVERY_S:
             self._last_status = now
             self._notify(f"STATUS={self._status()}")
@@ -546,7 +570,7 @@ class Agent:
         self.link.pause_consuming()
         deadline = time.monotonic() + self.config.stop_grace_s
         while self.threads and time.monotonic() < deadline:
-            self._notify("WATCHDOG=1")
+            self._ping()
             self._notify(f"STATUS=stopping: waiting for {len(self.threads)} tasks")
             time.sleep(0.2)
             self._dispatch_reap()

@@ -347,7 +347,7 @@ class Runner:
     def _finish_failed(
         self, why: str, state: str = "failed", rule: str | None = None
     ) -> None:
-        reasons = [(rule, why)] if rule else []
+        reasons = [(rule or f"task.{state}", why)]
         try:
             self._transition(state, error=why, reasons=reasons)
         except FemdError as e:
@@ -403,10 +403,17 @@ class Runner:
             exit_code=outcome.exit_code,
         )
         if outcome.state != "succeeded":
+            # The orchestrator sees why (cancelled by whom, killed at timeout...).
+            why = outcome.reason or (
+                f"exit code {outcome.exit_code}"
+                if outcome.exit_code is not None
+                else ""
+            )
             self._transition(
                 outcome.state,
                 exit_code=outcome.exit_code,
                 error=outcome.reason or None,
+                reasons=[(f"task.{outcome.state}", why)] if why else [],
                 extra=self._extra(outcome),
             )
             return
