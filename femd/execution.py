@@ -9,7 +9,9 @@ talking to the broker is not either (``broker`` drains the outbox).
 
 from __future__ import annotations
 
+import grp
 import logging
+import os
 import shutil
 import threading
 import time
@@ -224,15 +226,39 @@ class Runner:
             **kw,  # type: ignore[arg-type]
         )
 
+    def _open_work_dirs(self) -> None:
+        """Let the sandbox's user reach the task's dirs, and nobody else list them.
+
+        Under the unit, femd and its process tasks share the `femd` user and
+        femd-podman reaches work dirs through group `femd`: 0750 is enough and
+        "other" stays shut (podman's writable `out` needs a closed parent). When
+        femd runs as root (tests, some installs) process tasks run as another
+        user, who must traverse, not list, the path: 0711.
+        """
+        work_root = self.work.parent
+        if os.geteuid() != 0:
+            for d in (work_root, self.work):
+                d.chmod(0o750)
+            return
+        if self.task.launcher == "podman":
+            try:
+                gid = grp.getgrnam("femd-podman").gr_gid
+            except KeyError:
+                gid = -1
+            for d in (work_root.parent, work_root):
+                d.chmod(0o711)
+            os.chown(self.work, -1, gid)
+            self.work.chmod(0o710)
+            return
+        for d in (work_root.parent, work_root, self.work):
+            d.chmod(0o711)
+
     def _stage_in(self) -> LaunchSpec:
         t = self.task
         if self.work.exists():
             shutil.rmtree(self.work)
         (self.work / "out").mkdir(parents=True)
-        # The sandbox user must traverse (not list) the path to its own dirs;
-        # the launcher then hands `out` to that user alone.
-        for d in (self.work.parent.parent, self.work.parent, self.work):
-            d.chmod(0o711)
+        self._open_work_dirs()
         code = None
         if t.source is not None:
             tree = stage_git(
