@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -307,7 +308,8 @@ class Container:
         if root is None:
             root = workdir / "copy"
             subprocess.run(["cp", "-a", str(rootfs), str(root)], check=True)
-        name = "femd-" + workdir.name.rsplit("-", 1)[-1].lower()[:8]
+        # A machine name allows letters, digits and "-" only (mkdtemp may give "_").
+        name = "femd-" + secrets.token_hex(4)
         cmd = [
             "systemd-nspawn",
             "-D",

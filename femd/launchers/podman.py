@@ -446,7 +446,9 @@ class PodmanHandle:
             state=result,
             exit_code=exit_code,
             started_at=started or finished,
-            finished_at=finished,
+            # podman stamps start and finish from different clocks' readings;
+            # a task shorter than their skew must not end before it began.
+            finished_at=max(finished, started or finished),
             log_tail=tail.decode("utf-8", errors="replace"),
             reason=reason,
         )

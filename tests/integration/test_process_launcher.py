@@ -214,7 +214,9 @@ def test_cancel_kills_after_the_grace(box: Sandbox):
     outcome = handle.wait(10)
     assert outcome is not None
     assert outcome.state == "cancelled"
-    assert outcome.exit_code is None
+    # Killed: no exit code of its own, or bwrap's 128+SIGKILL when bwrap itself
+    # saw its child die first.
+    assert outcome.exit_code in (None, 137)
     assert 0.4 < time.monotonic() - began < 8
     handle.cancel()  # after the end: nothing happens
 
