@@ -97,7 +97,8 @@ def b64decode(text: str, what: str) -> bytes:
         raise EnvelopeError(f"envelope: {what}: not base64 (bad length or padding)")
     try:
         return base64.b64decode(stripped + b"=" * (-len(stripped) % 4), altchars=alt)
-    except (binascii.Error, ValueError) as e:
+    except (binascii.Error, ValueError) as e:  # pragma: no cover (the regex and
+        # length checks above already refuse what b64decode would)
         raise EnvelopeError(f"envelope: {what}: not base64") from e
 
 

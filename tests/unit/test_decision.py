@@ -622,3 +622,25 @@ def test_evaluate_is_pure_and_takes_a_signature_check(
 )
 def test_split_image(ref, expected):
     assert split_image(ref) == expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text", "matches"),
+    [
+        ("registry.example.org/dt4h/*", "registry.example.org/dt4h/flcore", True),
+        ("registry.example.org/dt4h/*", "registry.example.org/dt4h/a/b", False),
+        ("registry.example.org/dt4h/**", "registry.example.org/dt4h/a/b", True),
+        ("registry.example.org/*", "registry.example.org.evil.io/x", False),
+        ("https://*.example.org/*", "https://evil.io/x.example.org/y", False),
+        ("fl-?.example.org:443", "fl-1.example.org:443", True),
+        ("fl-?.example.org:443", "fl-12.example.org:443", False),
+        ("a?b", "a/b", False),
+        ("a.b", "aXb", False),  # every other character is literal
+        ("fl.example.org:*", "fl.example.org:8443", True),
+    ],
+    ids=lambda v: str(v),
+)
+def test_glob_match(pattern, text, matches):
+    from femd.decision import glob_match
+
+    assert glob_match(pattern, text) is matches
