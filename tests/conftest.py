@@ -22,7 +22,6 @@ import base64
 import copy
 import json
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from femd import envelope as femd_envelope
 from femd.keys import keyid as keyid_of
 from femd.keys import public_pem
+from tests.backends import BACKENDS, required_backends, unavailable
 
 # Fixtures of other areas (e.g. tests/integration/rabbit_support.py) are plugged
 # in here, in the root conftest, where pytest allows it:
@@ -236,46 +236,12 @@ def keys() -> dict[str, Keypair]:
 # backend gating: skips that cannot lie
 
 
-def _have(*programs: str) -> bool:
-    return all(shutil.which(p) for p in programs)
-
-
-BACKENDS: dict[str, Callable[[], bool]] = {
-    "rabbitmq": lambda: _have("rabbitmq-server"),
-    "podman": lambda: _have("podman"),
-    "bwrap": lambda: _have("bwrap"),
-    "systemd": lambda: _have("systemd-nspawn", "debootstrap"),
-}
-
-
-def required_backends(env: Mapping[str, str]) -> set[str]:
-    """Backends whose absence fails a test instead of skipping it."""
-    names = {n.strip() for n in env.get("FEMD_TEST_REQUIRE", "").split(",")}
-    names.discard("")
-    if env.get("CI", "").lower() == "true" or "all" in names:
-        return set(BACKENDS)
-    unknown = names - set(BACKENDS)
-    if unknown:
-        raise pytest.UsageError(
-            f"FEMD_TEST_REQUIRE names unknown backends {sorted(unknown)} "
-            f"(known: {', '.join(BACKENDS)}, all)"
-        )
-    return names
-
-
 def pytest_configure(config: pytest.Config) -> None:
     required_backends(os.environ)  # a typo must not silently require nothing
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    required = required_backends(os.environ)
     for name in sorted({m.name for m in item.iter_markers()} & set(BACKENDS)):
         if BACKENDS[name]():
             continue
-        if name in required:
-            pytest.fail(
-                f"backend {name!r} is required (CI/FEMD_TEST_REQUIRE) but not "
-                "available on this host",
-                pytrace=False,
-            )
-        pytest.skip(f"backend {name!r} not available (FEMD_TEST_REQUIRE={name} fails)")
+        unavailable(name, f"backend {name!r} not available")

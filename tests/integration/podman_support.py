@@ -51,21 +51,15 @@ from testbed.podman import (  # noqa: E402
     PodmanServiceError,
     podman_available,
 )
+from tests.backends import unavailable  # noqa: E402
 
 PODMAN_USER = "femd-podman"
 NODE = "fdn-test"
 RUN = secrets.token_hex(3)  # task ids of this session start with pt-<RUN>-
 
 
-def podman_required() -> bool:
-    names = {n.strip() for n in os.environ.get("FEMD_TEST_REQUIRE", "").split(",")}
-    return os.environ.get("CI", "").lower() == "true" or bool(names & {"podman", "all"})
-
-
 def _unusable(message: str) -> None:
-    if podman_required():
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    unavailable("podman", message)
 
 
 def profile(**podman: Any) -> LauncherProfile:

@@ -22,7 +22,6 @@ Without RabbitMQ installed, the fixtures skip; with ``CI=true`` or
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shutil
@@ -37,6 +36,7 @@ if str(REPO) not in sys.path:  # testbed/ is not installed; it lives at the root
     sys.path.insert(0, str(REPO))
 
 from testbed import RabbitNode, RabbitNodeError, Vhost, rabbitmq_available  # noqa: E402
+from tests.backends import unavailable  # noqa: E402
 
 __all__ = ["IDENTITIES", "NODES", "ORCHESTRATOR", "broker_vhost", "rabbit"]
 
@@ -45,18 +45,8 @@ ORCHESTRATOR = "orchestrator"
 IDENTITIES = (*NODES, ORCHESTRATOR)
 
 
-def rabbitmq_required() -> bool:
-    """Whether a missing RabbitMQ must fail the run rather than skip."""
-    if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
-        return True
-    required = os.environ.get("FEMD_TEST_REQUIRE", "")
-    return not {"rabbitmq", "all"}.isdisjoint(p.strip() for p in required.split(","))
-
-
 def _unavailable(message: str) -> None:
-    if rabbitmq_required():
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    unavailable("rabbitmq", message)
 
 
 def _back_in_service(node: RabbitNode) -> None:

@@ -27,8 +27,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from femd.launchers import (
     Capabilities,
     LauncherProfile,
@@ -40,6 +38,7 @@ from femd.launchers import (
     start,
 )
 from femd.launchers.process import BubblewrapLauncher
+from tests.backends import unavailable
 
 # A user of the tests' own: RLIMIT_NPROC counts every process of a uid, so the
 # pids tests must not share their user with other femd runs on the same host.
@@ -60,11 +59,6 @@ def ensure_task_user(name: str = TASK_USER) -> int:
             check=True,
         )  # fmt: skip
         return pwd.getpwnam(name).pw_uid
-
-
-def bwrap_required() -> bool:
-    names = {n.strip() for n in os.environ.get("FEMD_TEST_REQUIRE", "").split(",")}
-    return os.environ.get("CI", "").lower() == "true" or bool(names & {"bwrap", "all"})
 
 
 def profile(**process: object) -> LauncherProfile:
@@ -139,9 +133,7 @@ class Sandbox:
             caps = box.launcher.probe()
             if not caps.available:
                 message = f"bubblewrap sandbox unavailable: {caps.problems}"
-                if bwrap_required():
-                    pytest.fail(message, pytrace=False)
-                pytest.skip(message)
+                unavailable("bwrap", message)
             yield box
         finally:
             shutil.rmtree(root, ignore_errors=True)
