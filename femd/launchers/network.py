@@ -328,6 +328,21 @@ class TaskNetwork:
         )
         self._thread.start()
 
+    def attach_pid(self, pid: int) -> None:
+        """``attach()`` to the network namespace of process *pid*.
+
+        Raises:
+            LaunchError: the process is gone, or the helper failed.
+        """
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise LaunchError(f"network: cannot open the task's namespace: {e}") from e
+        try:
+            self.attach(fd)
+        finally:
+            os.close(fd)
+
     def _serve(self, wake: socket.socket) -> None:
         sel = selectors.DefaultSelector()
         for s in [*self._inner, *self._outer]:
