@@ -413,13 +413,15 @@ class TaskNetwork:
         self._relay(inner, outer, "egress", route.allowed, peer)
 
     def _ingress(self, outer: socket.socket, port: int, peer: str) -> None:
+        helper = self._helper  # None once the task ended
         try:
-            assert self._helper is not None  # noqa: S101 (set before serving)
-            inner = self._helper.ask(f"connect {port}")
+            inner = helper.ask(f"connect {port}") if helper else None
         except LaunchError as e:
             self._refuse(outer, "ingress", str(port), peer, str(e))
             return
-        assert inner is not None  # noqa: S101 (connect always passes a socket)
+        if inner is None:
+            self._refuse(outer, "ingress", str(port), peer, "the task ended")
+            return
         self._relay(inner, outer, "ingress", str(port), peer)
 
     def _relay(

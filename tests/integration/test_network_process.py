@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pwd
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -231,3 +234,59 @@ def test_a_profile_without_network_refuses_such_tasks(net: Bench):
             with pytest.raises(UnenforceableError, match="gives tasks no network"):
                 start(sandbox.launcher, spec)
             assert list(Path(spec.output_dir).iterdir()) == []  # nothing ran
+
+
+UNPRIVILEGED = """\
+import json, sys
+from pathlib import Path
+from femd.launchers import (
+    LaunchSpec, Limits, LauncherProfile, Mount, ProcessSettings, start,
+)
+from femd.launchers.process import BubblewrapLauncher
+from femd.launchers.profile import NetworkSettings
+root, port, probe, trust = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[5]
+prof = LauncherProfile(
+    api_version="femd/v1", kind="LauncherProfile", name="default",
+    process=ProcessSettings(run_as="nobody-is-used"),
+    network=NetworkSettings(hosts={"fl-server.test": ("127.0.0.1",)}),
+)
+launcher = BubblewrapLauncher(prof, state_dir=root / "state")
+spec = LaunchSpec(task_id="unpriv-net", launcher="process", profile=prof,
+                  argv=("/usr/bin/python3", "-c", probe, sys.argv[4]),
+                  mounts=(Mount(source=trust, target="/trust"),),
+                  output_dir=str(root / "out"),
+                  egress=(f"fl-server.test:{port}",),
+                  limits=Limits(cpus=1, memory_mb=512, timeout_s=60, pids=256))
+caps = launcher.probe()
+outcome = start(launcher, spec).wait(90)
+print(json.dumps({"egress": caps.egress, "state": outcome.state,
+                  "log": outcome.log_tail}))
+"""
+
+
+def test_an_unprivileged_agent_forwards_too(box: Sandbox, net: Bench):
+    # Under femd.service femd is not root: the helper joins the sandbox's
+    # namespace through its user namespace, which femd's uid owns.
+    gid = pwd.getpwuid(box.uid).pw_gid
+    root = box.root / "unprivileged-net"
+    (root / "out").mkdir(parents=True)
+    for path in (root, root / "out"):
+        os.chown(path, box.uid, gid)
+    config = net.probe_config("/trust/ca.pem")
+    result = subprocess.run(  # noqa: S603 (our own interpreter and script)
+        [sys.executable, "-c", UNPRIVILEGED, str(root), str(net.tls_port), PROBE,
+         config, str(net.ca_dir)],
+        user=box.uid,
+        group=gid,
+        extra_groups=[],
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["egress"] is True
+    assert report["state"] == "succeeded", report
+    assert_only_the_listed_destination(probe_results(report["log"]), net)
