@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import pwd
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -267,23 +264,10 @@ print(json.dumps({"egress": caps.egress, "state": outcome.state,
 def test_an_unprivileged_agent_forwards_too(box: Sandbox, net: Bench):
     # Under femd.service femd is not root: the helper joins the sandbox's
     # namespace through its user namespace, which femd's uid owns.
-    gid = pwd.getpwuid(box.uid).pw_gid
-    root = box.root / "unprivileged-net"
-    (root / "out").mkdir(parents=True)
-    for path in (root, root / "out"):
-        os.chown(path, box.uid, gid)
     config = net.probe_config("/trust/ca.pem")
-    result = subprocess.run(  # noqa: S603 (our own interpreter and script)
-        [sys.executable, "-c", UNPRIVILEGED, str(root), str(net.tls_port), PROBE,
-         config, str(net.ca_dir)],
-        user=box.uid,
-        group=gid,
-        extra_groups=[],
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=180,
+    _, result = box.run_unprivileged(
+        "unprivileged-net", UNPRIVILEGED, str(net.tls_port), PROBE, config,
+        str(net.ca_dir),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.splitlines()[-1])
