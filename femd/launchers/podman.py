@@ -72,7 +72,8 @@ from femd.errors import (
     cut,
 )
 from femd.launchers import Capabilities, LaunchSpec, Outcome
-from femd.launchers.network import TaskNetwork, probe_join
+from femd.launchers.netns import probe_join
+from femd.launchers.network import TaskNetwork
 from femd.launchers.profile import LauncherProfile, PodmanSettings
 from femd.model import TaskId
 
