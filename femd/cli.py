@@ -360,11 +360,24 @@ def _cmd_import_fem(args: argparse.Namespace) -> int:
         commit=args.commit,
         datasets=tuple(fem.parse_dataset(d) for d in args.dataset),
         output_dir=args.output_dir,
+        code_dir=args.code,
         egress=tuple(args.egress),
+        ingress=tuple(fem.parse_port(p) for p in args.ingress),
+        env=tuple(fem.parse_env(e) for e in args.env),
+        runtime=args.runtime,
         execution_id=args.execution_id,
         user_id=args.user_id,
     )
-    results = fem.convert(template, options, tool=tool, params=params)
+    try:
+        conversion = fem.convert(template, options, tool=tool, params=params)
+    except fem.FemImportError as e:
+        # Like `policy lint`: every problem, one line each, with its fix.
+        for problem in e.problems:
+            print(f"femd: error: import-fem: {problem}", file=sys.stderr)
+        return e.exit_code
+    for note in conversion.notes:
+        print(f"femd: note: import-fem: {note}", file=sys.stderr)
+    results = conversion.manifests
     paths = fem.output_paths(args.output, results)
     for path, r in zip(paths, results, strict=True):
         _write_output(path, fem.manifest_json(r.task))
@@ -521,7 +534,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--commit", metavar="SHA", help="pins source_code (full id)")
     s.add_argument("--dataset", action="append", default=[], metavar="NAME=MOUNT")
     s.add_argument("--output-dir", default="/out", help="output dir (default /out)")
+    s.add_argument("--code", metavar="MOUNT", help="the FEM volume that held the code")
     s.add_argument("--egress", action="append", default=[], metavar="HOST:PORT")
+    s.add_argument("--ingress", action="append", default=[], metavar="PORT")
+    s.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="for $NAME"
+    )
+    s.add_argument("--runtime", help="a runtime the nodes' policies name")
     s.add_argument("--launcher", choices=["podman", "process"], default="podman")
     s.add_argument("--profile", default="default", help="launcher profile name")
     s.add_argument("--expires-in", default="24h", help="validity (default 24h)")

@@ -77,14 +77,21 @@ class Resources(Strict, frozen=True, kw_only=True, omit_defaults=True):
     pids: Annotated[int, Meta(ge=1)] | None = None
 
 
+_Port = Annotated[int, Meta(ge=1, le=65535)]
+_Listen = Annotated[tuple[_Port, ...], Meta(max_length=16)]
+
+
 class NetworkNone(Strict, frozen=True, tag_field="mode", tag="none"):
-    """No network at all (the default)."""
+    """No outbound network (the default); ``listen``: ports the task serves on."""
+
+    listen: _Listen = ()
 
 
 class NetworkEgress(Strict, frozen=True, tag_field="mode", tag="egress"):
     """Outbound connections to the listed ``host:port`` only."""
 
     allow: Annotated[tuple[HostPort, ...], Meta(min_length=1, max_length=64)]
+    listen: _Listen = ()
 
 
 class _Message(Strict, frozen=True, tag_field="kind"):
@@ -103,6 +110,7 @@ class Task(_Message, frozen=True, tag="Task", kw_only=True):
     launcher: Literal["podman", "process"]
     profile: Name = "default"
     image: ImageName | None = None
+    runtime: Name | None = None
     source: Source | None = None
     command: Annotated[tuple[_Arg, ...], Meta(max_length=4096)] = ()
     env: Annotated[dict[EnvName, _Arg], Meta(max_length=1024)] = msgspec.field(
