@@ -247,16 +247,20 @@ def _resources(c: _Ctx) -> Iterable[Reason]:
 
 def _network(c: _Ctx) -> Iterable[Reason]:
     t = c.manifest
-    if (
-        not isinstance(t, Task)
-        or c.project is None
-        or isinstance(t.network, NetworkNone)
-    ):
+    if not isinstance(t, Task) or c.project is None:
         return
-    allowed = () if c.project.network == "none" else c.project.network.egress
-    for hp in t.network.allow:
-        if not any(glob_match(p, hp) for p in allowed):
-            yield Reason(Rule.NETWORK_NOT_ALLOWED, f"egress to {hp} is not allowed")
+    net = c.project.network
+    egress = () if net == "none" else net.egress or ()
+    if not isinstance(t.network, NetworkNone):
+        for hp in t.network.allow:
+            if not any(glob_match(p, hp) for p in egress):
+                yield Reason(Rule.NETWORK_NOT_ALLOWED, f"egress to {hp} is not allowed")
+    ports = () if net == "none" or net.ingress is None else net.ingress.ports
+    for port in t.network.listen:
+        if port not in ports:
+            yield Reason(
+                Rule.NETWORK_NOT_ALLOWED, f"listening on port {port} is not allowed"
+            )
 
 
 def _outputs(c: _Ctx) -> Iterable[Reason]:

@@ -21,6 +21,7 @@ from femd.model import (
     HostPort,
     ImageName,
     Name,
+    Port,
     RelPath,
     Strict,
     TaskId,
@@ -77,21 +78,37 @@ class Resources(Strict, frozen=True, kw_only=True, omit_defaults=True):
     pids: Annotated[int, Meta(ge=1)] | None = None
 
 
-_Port = Annotated[int, Meta(ge=1, le=65535)]
-_Listen = Annotated[tuple[_Port, ...], Meta(max_length=16)]
+_Listen = Annotated[tuple[Port, ...], Meta(max_length=16)]
+
+
+def _check_listen(listen: tuple[int, ...]) -> None:
+    if len(set(listen)) != len(listen):
+        raise ValueError("`network.listen` lists a port twice")
 
 
 class NetworkNone(Strict, frozen=True, tag_field="mode", tag="none"):
-    """No outbound network (the default); ``listen``: ports the task serves on."""
+    """No outbound network (the default); ``listen``: ports others may reach.
+
+    ``listen`` names the TCP ports the task listens on inside its sandbox;
+    the node exposes each on the same host port to the peers its policy allows.
+    """
 
     listen: _Listen = ()
+
+    def __post_init__(self) -> None:
+        """A port is listed once."""
+        _check_listen(self.listen)
 
 
 class NetworkEgress(Strict, frozen=True, tag_field="mode", tag="egress"):
-    """Outbound connections to the listed ``host:port`` only."""
+    """Outbound connections to the listed ``host:port`` only (and ``listen``)."""
 
     allow: Annotated[tuple[HostPort, ...], Meta(min_length=1, max_length=64)]
     listen: _Listen = ()
+
+    def __post_init__(self) -> None:
+        """A port is listed once."""
+        _check_listen(self.listen)
 
 
 class _Message(Strict, frozen=True, tag_field="kind"):

@@ -325,6 +325,56 @@ CASES = {
         },
         policy=project(network={"egress": ["fl.example.org:443"]}),
     ),
+    "listen-allowed": Case(
+        task={"network": {"mode": "none", "listen": [4433]}},
+        policy=project(
+            network={"ingress": {"ports": [4433, 8080], "peers": ["10.0.0.0/8"]}}
+        ),
+    ),
+    "listen-with-network-none": Case(
+        [Rule.NETWORK_NOT_ALLOWED],
+        task={"network": {"mode": "none", "listen": [4433]}},
+    ),
+    "listen-other-port": Case(
+        [Rule.NETWORK_NOT_ALLOWED],
+        task={"network": {"mode": "none", "listen": [4433, 22]}},
+        policy=project(
+            network={"ingress": {"ports": [4433], "peers": ["10.0.0.0/8"]}}
+        ),
+    ),
+    "listen-with-egress-only-policy": Case(
+        [Rule.NETWORK_NOT_ALLOWED],
+        task={
+            "network": {
+                "mode": "egress",
+                "allow": ["fl.example.org:443"],
+                "listen": [4433],
+            }
+        },
+        policy=project(network={"egress": ["fl.example.org:443"]}),
+    ),
+    "egress-with-ingress-only-policy": Case(
+        [Rule.NETWORK_NOT_ALLOWED],
+        task={"network": {"mode": "egress", "allow": ["fl.example.org:443"]}},
+        policy=project(
+            network={"ingress": {"ports": [4433], "peers": ["fl.example.org"]}}
+        ),
+    ),
+    "egress-and-listen-allowed": Case(
+        task={
+            "network": {
+                "mode": "egress",
+                "allow": ["fl.example.org:443"],
+                "listen": [4433],
+            }
+        },
+        policy=project(
+            network={
+                "egress": ["fl.example.org:443"],
+                "ingress": {"ports": [4433], "peers": ["::1/128"]},
+            }
+        ),
+    ),
     # --- outputs
     "outputs-at-cap": Case(task={"outputs": {"max_bytes": 52428800}}),
     "outputs-exceeded": Case(
