@@ -47,7 +47,7 @@ from femd.launchers import (
 )
 from femd.manifest import NetworkEgress, Task
 from femd.policy import LoadedPolicy
-from femd.stagein import resolve_dataset, source_subdir, stage_git
+from femd.stagein import resolve_dataset, resolve_runtime, source_subdir, stage_git
 from femd.stageout import pack_outputs
 from femd.state import State
 
@@ -84,6 +84,13 @@ def output_cap(task: Task, policy: LoadedPolicy) -> int:
     return most if asked is None else min(asked, most)
 
 
+def runtime_target(task: Task, policy: LoadedPolicy) -> str:
+    """Where the task's runtime is mounted: the path the policy names for it."""
+    if task.runtime is None:
+        raise RuntimeError("runtime_target() of a task without a runtime")
+    return policy.policy.runtimes[task.runtime].path
+
+
 def build_spec(
     task: Task,
     policy: LoadedPolicy,
@@ -92,6 +99,7 @@ def build_spec(
     work_dir: Path,
     code_dir: Path | None = None,
     inputs: Mapping[str, Path] | None = None,
+    runtime_dir: Path | None = None,
     log_max_bytes: int = 1 << 20,
 ) -> LaunchSpec:
     """Build the launch spec: site settings from the profile, paths from the policy.
@@ -100,6 +108,11 @@ def build_spec(
     did that); None leaves them out (admission-time capability checks).
     """
     mounts = [Mount(source=str(src), target=dst) for dst, src in (inputs or {}).items()]
+    if task.runtime is not None and runtime_dir is not None:
+        # A runtime is the node's own, read-only, at the path its policy names.
+        mounts.append(
+            Mount(source=str(runtime_dir), target=runtime_target(task, policy))
+        )
     workdir = None
     if task.source is not None and code_dir is not None:
         mounts.append(Mount(source=str(code_dir), target=CODE_TARGET))
@@ -274,6 +287,9 @@ class Runner:
         for i in t.inputs:
             root = self.policy.policy.datasets[i.dataset].path
             inputs[i.mount] = resolve_dataset(i.dataset, root)
+        runtime = None
+        if t.runtime is not None:
+            runtime = resolve_runtime(t.runtime, runtime_target(t, self.policy))
         profile = self.profiles[t.profile]
         return build_spec(
             t,
@@ -282,6 +298,7 @@ class Runner:
             work_dir=self.work,
             code_dir=code,
             inputs=inputs,
+            runtime_dir=runtime,
             log_max_bytes=self.log_max_bytes,
         )
 
