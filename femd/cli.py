@@ -256,6 +256,7 @@ def _fem_line(event: dict[str, object]) -> dict[str, object]:
         ) or str(event.get("error") or event.get("state")) + (
             f" (exit code {code})" if code is not None else ""
         )
+    state = event.get("state")
     return {
         "node": event.get("node"),
         "task_id": event.get("task_id"),
@@ -264,7 +265,24 @@ def _fem_line(event: dict[str, object]) -> dict[str, object]:
         "stop_time": stopped,
         "elapsed_time_sec": elapsed,
         "error": error,
+        # FEM's per-node execution report, as its dashboard reads it.
+        "process_info": {
+            "status": _FEM_STATUS.get(str(state), str(state)),
+            "return_code": event.get("exit_code"),
+            "start_time": started,
+            "finish_time": stopped,
+        },
     }
+
+
+# femd's terminal states as FEM's process_info.status words.
+_FEM_STATUS: dict[str, str] = {
+    "succeeded": "finished",
+    "failed": "failed",
+    "timed_out": "timeout",
+    "cancelled": "cancelled",
+    "rejected": "rejected",
+}
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:

@@ -224,6 +224,8 @@ def test_flower_client_template_converts_signs_passes_check_and_runs(
         "started_at": outcome.started_at.astimezone(UTC).strftime(fmt),
     }
     line = cli._fem_line(event)
+    assert line["process_info"]["status"] == "finished"
+    assert line["process_info"]["return_code"] == 0
     assert (line["task_id"], line["exit_code"], line["error"]) == (task.id, 0, None)
     assert 0 <= line["elapsed_time_sec"] < 90
     shutil.rmtree(work, ignore_errors=True)

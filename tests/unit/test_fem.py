@@ -957,7 +957,7 @@ def test_cli_missing_template_file(tmp_path, capsys):
 
 FEM_KEYS = {
     "node", "task_id", "exit_code", "start_time", "stop_time",
-    "elapsed_time_sec", "error",
+    "elapsed_time_sec", "error", "process_info",
 }  # fmt: skip
 
 
@@ -979,6 +979,12 @@ def test_fem_line_for_a_succeeded_task():
         "stop_time": "2026-11-22T10:05:30.500000Z",
         "elapsed_time_sec": 330.5,
         "error": None,
+        "process_info": {
+            "status": "finished",
+            "return_code": 0,
+            "start_time": "2026-11-22T10:00:00.000000Z",
+            "finish_time": "2026-11-22T10:05:30.500000Z",
+        },
     }
     json.dumps(line)  # what watch prints
 
@@ -992,6 +998,12 @@ def test_fem_line_for_a_failed_task_names_the_exit_code():
     line = cli._fem_line(event)
     assert (line["exit_code"], line["elapsed_time_sec"]) == (3, 2.0)
     assert line["error"] == "failed (exit code 3)"
+    assert line["process_info"] == {
+        "status": "failed",
+        "return_code": 3,
+        "start_time": "2026-11-22T10:00:01.000000Z",
+        "finish_time": "2026-11-22T10:00:03.000000Z",
+    }
 
 
 def test_fem_line_for_a_rejected_task_lists_the_rules():
