@@ -120,6 +120,8 @@ def build_spec(
         if task.source.path not in (".", ""):
             workdir = f"{CODE_TARGET}/{task.source.path.strip('/')}"
     egress = task.network.allow if isinstance(task.network, NetworkEgress) else None
+    net = policy.policy.projects[task.project].network
+    peers = () if net == "none" or net.ingress is None else net.ingress.peers
     return LaunchSpec(
         task_id=task.id,
         launcher=task.launcher,
@@ -133,6 +135,8 @@ def build_spec(
         output_target=task.outputs.path,
         limits=effective_limits(task, policy),
         egress=egress,
+        listen=task.network.listen,
+        ingress_peers=peers if task.network.listen else (),
         log_max_bytes=log_max_bytes,
     )
 
@@ -344,7 +348,14 @@ class Runner:
     @staticmethod
     def _extra(outcome: Outcome) -> dict[str, object]:
         at = outcome.started_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        return {"log_tail": outcome.log_tail[-LOG_TAIL_BYTES:], "started_at": at}
+        extra: dict[str, object] = {
+            "log_tail": outcome.log_tail[-LOG_TAIL_BYTES:],
+            "started_at": at,
+        }
+        if outcome.traffic:
+            # What femd forwarded for the task, per destination (docs/network.md).
+            extra["network"] = msgspec.to_builtins(outcome.traffic)
+        return extra
 
     def _stage_out(self, outcome: Outcome) -> None:
         t = self.task

@@ -38,6 +38,7 @@ from femd.launchers import (
     start,
 )
 from femd.launchers.process import BubblewrapLauncher
+from femd.launchers.profile import NetworkSettings
 from tests.backends import unavailable
 
 # A user of the tests' own: RLIMIT_NPROC counts every process of a uid, so the
@@ -61,7 +62,9 @@ def ensure_task_user(name: str = TASK_USER) -> int:
         return pwd.getpwnam(name).pw_uid
 
 
-def profile(**process: object) -> LauncherProfile:
+def profile(
+    network: NetworkSettings | None = None, **process: object
+) -> LauncherProfile:
     """A profile with a process section (settings overridable)."""
     settings = {"run_as": TASK_USER} | process
     return LauncherProfile(
@@ -69,6 +72,7 @@ def profile(**process: object) -> LauncherProfile:
         kind="LauncherProfile",
         name="default",
         process=ProcessSettings(**settings),  # type: ignore[arg-type]
+        network=network or NetworkSettings(),
     )
 
 
@@ -177,6 +181,8 @@ class Sandbox:
         timeout_s: int = 20,
         pids: int = 256,  # generous: PID-1 zombies linger briefly (see settle)
         egress: tuple[str, ...] | None = None,
+        listen: tuple[int, ...] = (),
+        ingress_peers: tuple[str, ...] = (),
         log_max_bytes: int = 1 << 20,
         workdir: str | None = None,
         task_id: str | None = None,
@@ -195,6 +201,8 @@ class Sandbox:
                 cpus=cpus, memory_mb=memory_mb, timeout_s=timeout_s, pids=pids
             ),
             egress=egress,
+            listen=listen,
+            ingress_peers=ingress_peers,
             log_max_bytes=log_max_bytes,
         )
 
