@@ -53,7 +53,9 @@ def main() -> int:
     env = os.environ
     address = f"{env['FLOWER_CENTRAL_SERVER_IP']}:{env['FLOWER_CENTRAL_SERVER_PORT']}"
     client = Cohort(a.data_id, a.node_name)
-    print(f"{a.node_name}: {len(client.y)} patients; server {address} (TLS)", flush=True)
+    print(
+        f"{a.node_name}: {len(client.y)} patients; server {address} (TLS)", flush=True
+    )
     fl.client.start_client(
         server_address=address,
         client=client.to_client(),

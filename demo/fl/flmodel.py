@@ -25,14 +25,16 @@ def load(path: Path) -> tuple[Array, Array]:
     rows = []
     with path.open(newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f):
-            rows.append([
-                1.0,
-                (float(r["age"]) - 70.0) / 10.0,
-                float(r["sex"]),
-                (float(r["ejection_fraction"]) - 40.0) / 10.0,
-                float(np.log(float(r["nt_probnp"]))) - 7.0,
-                float(r["outcome"]),
-            ])
+            rows.append(
+                [
+                    1.0,
+                    (float(r["age"]) - 70.0) / 10.0,
+                    float(r["sex"]),
+                    (float(r["ejection_fraction"]) - 40.0) / 10.0,
+                    float(np.log(float(r["nt_probnp"]))) - 7.0,
+                    float(r["outcome"]),
+                ]
+            )
     data = np.asarray(rows, dtype=np.float64)
     return data[:, :-1], data[:, -1]
 

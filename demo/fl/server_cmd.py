@@ -70,7 +70,11 @@ def main() -> int:
     address = f"{env['FLOWER_CENTRAL_SERVER_IP']}:{env['FLOWER_CENTRAL_SERVER_PORT']}"
     certificates = tuple(
         Path(env[k]).read_bytes()
-        for k in ("FLOWER_SSL_CACERT", "FLOWER_SSL_SERVER_CERT", "FLOWER_SSL_SERVER_KEY")
+        for k in (
+            "FLOWER_SSL_CACERT",
+            "FLOWER_SSL_SERVER_CERT",
+            "FLOWER_SSL_SERVER_KEY",
+        )
     )
     n = a.num_clients
     strategy = Logged(
@@ -82,8 +86,10 @@ def main() -> int:
         min_available_clients=n,
         initial_parameters=ndarrays_to_parameters([flmodel.initial()]),
     )
-    print(f"flower server on {address} (TLS), {n} clients, {a.num_rounds} rounds",
-          flush=True)
+    print(
+        f"flower server on {address} (TLS), {n} clients, {a.num_rounds} rounds",
+        flush=True,
+    )
     history = fl.server.start_server(
         server_address=address,
         config=fl.server.ServerConfig(num_rounds=a.num_rounds),
@@ -91,9 +97,11 @@ def main() -> int:
         certificates=certificates,
     )
     done = len(history.losses_distributed)
-    model = {"features": list(flmodel.FEATURES),
-             "weights": [float(w) for w in np.asarray(strategy.weights)],
-             "rounds": done}
+    model = {
+        "features": list(flmodel.FEATURES),
+        "weights": [float(w) for w in np.asarray(strategy.weights)],
+        "rounds": done,
+    }
     (a.sandbox_path / "model.json").write_text(json.dumps(model, indent=1) + "\n")
     return 0 if done == a.num_rounds else 1
 
