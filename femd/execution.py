@@ -240,6 +240,7 @@ class Runner:
             git_commit=t.source.commit if t.source else None,
             datasets=[i.dataset for i in t.inputs],
             policy_sha256=self.policy.sha256,
+            extra={"RUNTIME": t.runtime} if t.runtime else None,
             **kw,  # type: ignore[arg-type]
         )
 

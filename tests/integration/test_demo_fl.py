@@ -133,6 +133,18 @@ def test_rounds_ran_and_federated_is_within_2_points(
     assert sorted(p.name for p in out_dir.iterdir()) == ["model.json", "rounds.jsonl"]
 
 
+def test_audit_names_the_runtime(act: tuple[Path, str, float]) -> None:
+    root, _, _ = act
+    records = [
+        json.loads(line)
+        for line in (root / "fdn-02" / "agent.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    started = [r for r in records if r.get("MESSAGE", "").endswith(": running")]
+    assert started
+    assert all(r.get("FEMD_RUNTIME") == "flower" for r in started)
+
+
 def test_extra_destination_refused_by_policy(act: tuple[Path, str, float]) -> None:
     root, out, _ = act
     summary = json.loads((root / "fl-summary.json").read_text())
