@@ -440,7 +440,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(
             f"  enforces: memory {yes(c.memory_limit)}, cpus {yes(c.cpu_limit)}"
             f" (min {c.min_cpus:g}), pids {yes(c.pids_limit)},"
-            f" egress {yes(c.egress)} (filtered {yes(c.egress_filtered)})"
+            f" egress {yes(c.egress)}, ingress {yes(c.ingress)}"
         )
         for problem in c.problems:
             print(f"  problem: {problem}")

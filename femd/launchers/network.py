@@ -35,8 +35,6 @@ import selectors
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,13 +43,13 @@ from typing import Final, Literal, NamedTuple
 from femd import audit
 from femd.errors import LaunchError, cut
 from femd.launchers import LaunchSpec, Traffic
+from femd.launchers.netns import Helper
 from femd.launchers.profile import NetworkSettings
 
-__all__ = ["TaskNetwork", "probe_join"]
+__all__ = ["TaskNetwork", "hosts_file", "plan_routes"]
 
 logger = logging.getLogger(__name__)
 
-_HELPER: Final = Path(__file__).with_name("nsjoin.py")
 _MAX_CONNECTIONS: Final = 256  # per task, both directions together
 _CONNECT_TIMEOUT_S: Final = 10.0
 _CHUNK: Final = 65536
@@ -163,60 +161,6 @@ def _write(path: Path, text: str) -> None:
     path.chmod(0o644)
 
 
-class _Helper:
-    """The ``nsjoin`` process of one task, in the task's network namespace."""
-
-    def __init__(self, netns_fd: int) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._lock = threading.Lock()
-        try:
-            self._proc = subprocess.Popen(  # noqa: S603 (our own script, no shell)
-                [sys.executable, "-I", "-S", str(_HELPER), str(theirs.fileno()),
-                 str(netns_fd)],
-                pass_fds=(theirs.fileno(), netns_fd),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env={},
-                cwd="/",
-            )  # fmt: skip
-        finally:
-            theirs.close()
-        self._sock = ours
-        self._sock.settimeout(30)
-        try:
-            ready = self._sock.recv(256)
-        except OSError as e:
-            self.close()
-            raise LaunchError(f"network: helper did not start: {cut(e)}") from e
-        if ready != b"ready":
-            self.close()
-            raise LaunchError(f"network: {cut(ready.decode(errors='replace'))}")
-
-    def ask(self, request: str) -> socket.socket | None:
-        """Send one request; the socket it made (None for ``address``)."""
-        with self._lock:
-            try:
-                self._sock.send(request.encode())
-                msg, fds, _, _ = socket.recv_fds(self._sock, 256, 1)
-            except OSError as e:
-                raise LaunchError(f"network: helper failed: {cut(e)}") from e
-        if msg != b"ok":
-            for fd in fds:
-                os.close(fd)
-            text = msg.decode(errors="replace") or "helper ended"
-            raise LaunchError(f"network: {request}: {cut(text)}")
-        return socket.socket(fileno=fds[0]) if fds else None
-
-    def close(self) -> None:
-        self._sock.close()  # the helper exits on EOF
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-
-
 class TaskNetwork:
     """The forwarders of one task: egress routes and ingress ports."""
 
@@ -227,7 +171,7 @@ class TaskNetwork:
         self._settings = settings
         self._routes = plan_routes(spec.egress or ())
         self._files = Path(spec.output_dir + ".net")
-        self._helper: _Helper | None = None
+        self._helper: Helper | None = None
         self._inner: dict[socket.socket, _Route] = {}
         self._outer: dict[socket.socket, int] = {}  # host listener -> task port
         self._peers: list[_Address] = []
@@ -311,7 +255,7 @@ class TaskNetwork:
         Raises:
             LaunchError: the helper could not join or listen.
         """
-        self._helper = _Helper(netns_fd)
+        self._helper = Helper(netns_fd)
         for address in sorted({r.inside for r in self._routes}):
             if not address.startswith("127."):
                 self._helper.ask(f"address {address}")
@@ -327,6 +271,21 @@ class TaskNetwork:
             daemon=True,
         )
         self._thread.start()
+
+    def attach_pid(self, pid: int) -> None:
+        """``attach()`` to the network namespace of process *pid*.
+
+        Raises:
+            LaunchError: the process is gone, or the helper failed.
+        """
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise LaunchError(f"network: cannot open the task's namespace: {e}") from e
+        try:
+            self.attach(fd)
+        finally:
+            os.close(fd)
 
     def _serve(self, wake: socket.socket) -> None:
         sel = selectors.DefaultSelector()
@@ -398,13 +357,15 @@ class TaskNetwork:
         self._relay(inner, outer, "egress", route.allowed, peer)
 
     def _ingress(self, outer: socket.socket, port: int, peer: str) -> None:
+        helper = self._helper  # None once the task ended
         try:
-            assert self._helper is not None  # noqa: S101 (set before serving)
-            inner = self._helper.ask(f"connect {port}")
+            inner = helper.ask(f"connect {port}") if helper else None
         except LaunchError as e:
             self._refuse(outer, "ingress", str(port), peer, str(e))
             return
-        assert inner is not None  # noqa: S101 (connect always passes a socket)
+        if inner is None:
+            self._refuse(outer, "ingress", str(port), peer, "the task ended")
+            return
         self._relay(inner, outer, "ingress", str(port), peer)
 
     def _relay(
@@ -525,67 +486,3 @@ class TaskNetwork:
                 )
                 for (d, dest), c in sorted(self._counts.items())
             )
-
-
-def probe_join(uid: int | None) -> str | None:
-    """Can femd join a network namespace that *uid* created, and listen there?
-
-    Runs ``unshare --user --net sleep`` (as *uid* when given), joins its
-    namespace with the helper and opens a listener, as for a task. Returns
-    None when it works, else the problem.
-    """
-    tool = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
-    if tool is None:
-        return "unshare (util-linux) is not installed"
-    try:
-        proc = subprocess.Popen(  # noqa: S603 (fixed tool, no shell)
-            [tool, "--user", "--net", "--", "sleep", "30"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={"PATH": "/usr/bin:/bin"},
-            user=uid,
-            extra_groups=[] if uid is not None else None,
-        )
-    except OSError as e:
-        return f"cannot create a network namespace: {cut(e)}"
-    try:
-        return _probe_pid(proc)
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-
-def _probe_pid(proc: subprocess.Popen[bytes]) -> str | None:
-    own = os.readlink("/proc/self/ns/net")
-    for _ in range(100):
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            return f"cannot create a network namespace: {cut(err.strip())}"
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{proc.pid}/ns/net") != own:
-                break
-        threading.Event().wait(0.05)
-    else:
-        return "cannot create a network namespace: timed out"
-    try:
-        fd = os.open(f"/proc/{proc.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        return f"cannot open a task's network namespace: {cut(e)}"
-    try:
-        helper = _Helper(fd)
-    except LaunchError as e:
-        return str(e)
-    finally:
-        os.close(fd)
-    try:
-        listener = helper.ask("listen 127.0.1.1 9")
-    except LaunchError as e:
-        return str(e)
-    finally:
-        helper.close()
-    if listener is not None:
-        listener.close()
-    return None

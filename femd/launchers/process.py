@@ -58,7 +58,8 @@ import msgspec
 
 from femd.errors import LaunchError, LauncherUnavailableError, UnenforceableError, cut
 from femd.launchers import Capabilities, LaunchSpec, Outcome, unenforceable
-from femd.launchers.network import TaskNetwork, probe_join
+from femd.launchers.netns import probe_join
+from femd.launchers.network import TaskNetwork
 from femd.launchers.profile import LauncherProfile, ProcessSettings
 from femd.model import TaskId
 

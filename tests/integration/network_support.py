@@ -77,6 +77,13 @@ print("PROBE " + json.dumps(out))
 """
 
 
+def free_port() -> int:
+    """A TCP port free on every address right now."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.bind(("::", 0))
+        return int(s.getsockname()[1])
+
+
 def host_address() -> str:
     """The host's own non-loopback IPv4 address (a route lookup, nothing sent)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -231,6 +238,23 @@ def wait_answer(source: str, port: int, payload: bytes, timeout_s: float = 20) -
         if answer or time.monotonic() > deadline:
             return answer
         time.sleep(0.2)
+
+
+def refused(source: str, port: int) -> bool:
+    """True when femd resets (or closes) a connection from *source* unanswered."""
+    try:
+        return connect_from(source, port, b"sneak") == b""
+    except ConnectionResetError:
+        return True
+
+
+def assert_port_closed(port: int) -> None:
+    """Nothing listens on *port* any more (the task ended)."""
+    try:
+        connect_from("127.0.0.2", port, b"late")
+    except ConnectionRefusedError:
+        return
+    raise AssertionError(f"port {port} still open after the task ended")
 
 
 # A task that answers each connection with "pong <what it got> <peer>", until

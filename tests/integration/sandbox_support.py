@@ -20,6 +20,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -205,6 +206,32 @@ class Sandbox:
             ingress_peers=ingress_peers,
             log_max_bytes=log_max_bytes,
         )
+
+    def run_unprivileged(
+        self, name: str, script: str, *args: str
+    ) -> tuple[Path, subprocess.CompletedProcess[str]]:
+        """Run a Python *script* as the task user, as an unprivileged femd would.
+
+        Its first argument is a fresh directory (owned by that user) holding
+        an empty ``out``; *args* follow. Returns (that directory, the result).
+        """
+        gid = pwd.getpwuid(self.uid).pw_gid
+        root = self.root / name
+        (root / "out").mkdir(parents=True)
+        for path in (root, root / "out"):
+            os.chown(path, self.uid, gid)
+        result = subprocess.run(  # noqa: S603 (our own interpreter and script)
+            [sys.executable, "-c", script, str(root), *args],
+            user=self.uid,
+            group=gid,
+            extra_groups=[],
+            cwd=str(Path(__file__).resolve().parents[2]),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=180,
+        )
+        return root, result
 
     def run(self, script: str, **kw: object) -> tuple[Outcome, Path]:
         """Run *script* with ``/bin/sh -c`` to the end; return (outcome, output dir)."""

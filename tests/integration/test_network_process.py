@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -32,9 +31,12 @@ from tests.integration.network_support import (  # noqa: E402
     SERVER_NAME,
     Bench,
     assert_only_the_listed_destination,
+    assert_port_closed,
     bench,
     connect_from,
+    free_port,
     probe_results,
+    refused,
     wait_answer,
 )
 from tests.integration.sandbox_support import Sandbox, profile  # noqa: E402
@@ -56,12 +58,6 @@ def box() -> Iterator[Sandbox]:
     pinned = NetworkSettings(hosts={SERVER_NAME: ("127.0.0.1",)})
     with Sandbox.open(profile(pinned)) as sandbox:
         yield sandbox
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-        s.bind(("::", 0))
-        return int(s.getsockname()[1])
 
 
 def _trust(net: Bench) -> Mount:
@@ -156,11 +152,7 @@ def test_ingress_reaches_the_task_from_allowed_peers_only(box: Sandbox):
     try:
         assert wait_answer("127.0.0.2", port, b"ping") == b"pong ping 127.0.0.1"
         # Another peer is reset before the task ever sees it.
-        try:
-            answer = connect_from("127.0.0.3", port, b"sneak")
-        except ConnectionResetError:
-            answer = b""
-        assert answer == b"", answer
+        assert refused("127.0.0.3", port)
         assert connect_from("127.0.0.2", port, b"bye") == b"pong bye 127.0.0.1"
         outcome = handle.wait(30)
     finally:
@@ -168,9 +160,7 @@ def test_ingress_reaches_the_task_from_allowed_peers_only(box: Sandbox):
     assert outcome is not None
     assert outcome.state == "succeeded", outcome
     assert "sneak" not in outcome.log_tail
-    # The port is closed once the task ended.
-    with pytest.raises(ConnectionRefusedError):
-        connect_from("127.0.0.2", port, b"late")
+    assert_port_closed(port)  # once the task ended
     (traffic,) = outcome.traffic
     assert (traffic.direction, traffic.destination) == ("ingress", str(port))
     assert traffic.connections == 2
@@ -241,3 +231,46 @@ def test_a_profile_without_network_refuses_such_tasks(net: Bench):
             with pytest.raises(UnenforceableError, match="gives tasks no network"):
                 start(sandbox.launcher, spec)
             assert list(Path(spec.output_dir).iterdir()) == []  # nothing ran
+
+
+UNPRIVILEGED = """\
+import json, sys
+from pathlib import Path
+from femd.launchers import (
+    LaunchSpec, Limits, LauncherProfile, Mount, ProcessSettings, start,
+)
+from femd.launchers.process import BubblewrapLauncher
+from femd.launchers.profile import NetworkSettings
+root, port, probe, trust = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[5]
+prof = LauncherProfile(
+    api_version="femd/v1", kind="LauncherProfile", name="default",
+    process=ProcessSettings(run_as="nobody-is-used"),
+    network=NetworkSettings(hosts={"fl-server.test": ("127.0.0.1",)}),
+)
+launcher = BubblewrapLauncher(prof, state_dir=root / "state")
+spec = LaunchSpec(task_id="unpriv-net", launcher="process", profile=prof,
+                  argv=("/usr/bin/python3", "-c", probe, sys.argv[4]),
+                  mounts=(Mount(source=trust, target="/trust"),),
+                  output_dir=str(root / "out"),
+                  egress=(f"fl-server.test:{port}",),
+                  limits=Limits(cpus=1, memory_mb=512, timeout_s=60, pids=256))
+caps = launcher.probe()
+outcome = start(launcher, spec).wait(90)
+print(json.dumps({"egress": caps.egress, "state": outcome.state,
+                  "log": outcome.log_tail}))
+"""
+
+
+def test_an_unprivileged_agent_forwards_too(box: Sandbox, net: Bench):
+    # Under femd.service femd is not root: the helper joins the sandbox's
+    # namespace through its user namespace, which femd's uid owns.
+    config = net.probe_config("/trust/ca.pem")
+    _, result = box.run_unprivileged(
+        "unprivileged-net", UNPRIVILEGED, str(net.tls_port), PROBE, config,
+        str(net.ca_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["egress"] is True
+    assert report["state"] == "succeeded", report
+    assert_only_the_listed_destination(probe_results(report["log"]), net)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -349,21 +347,7 @@ def test_unprivileged_agent_runs_tasks_as_its_own_user(box: Sandbox):
     # used and tasks run as femd's own uid, still in the full sandbox.
     # The suite runs as root (scripts/test installs packages and users).
     assert os.geteuid() == 0, "needs root to become another user"
-    gid = pwd.getpwuid(box.uid).pw_gid
-    root = box.root / "unprivileged"
-    (root / "out").mkdir(parents=True)
-    for path in (root, root / "out"):
-        os.chown(path, box.uid, gid)
-    result = subprocess.run(  # noqa: S603 (our own interpreter and script)
-        [sys.executable, "-c", UNPRIVILEGED_AGENT, str(root)],
-        user=box.uid,
-        group=gid,
-        extra_groups=[],
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    root, result = box.run_unprivileged("unprivileged", UNPRIVILEGED_AGENT)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"available": True, "state": "succeeded"}
     assert (root / "out" / "uid").read_text().strip() == str(box.uid)
