@@ -12,9 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 import flmodel
+import numpy as np
 
 CENTRAL_STEPS = 2000  # to convergence, on the pooled data
 

@@ -15,9 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-import flwr as fl
-
 import flmodel
+import flwr as fl
 
 
 class Cohort(fl.client.NumPyClient):  # type: ignore[misc]

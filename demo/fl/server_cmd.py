@@ -17,12 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+import flmodel
 import flwr as fl
 import numpy as np
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg
-
-import flmodel
 
 
 class Logged(FedAvg):  # type: ignore[misc]
