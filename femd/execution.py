@@ -191,6 +191,8 @@ class Runner:
         self.profiles = profiles
         self.launchers = launchers
         self.work = state_dir / "work" / task.id
+        # Outlives the work dir: chunks are read from it until confirmed.
+        self.outgoing = state_dir / "outgoing"
         self.git_cache = state_dir / "git"
         self.chunk_bytes = chunk_bytes
         self.log_max_bytes = log_max_bytes
@@ -332,9 +334,10 @@ class Runner:
     def _stage_out(self, outcome: Outcome) -> None:
         t = self.task
         self._transition("uploading")
+        self.outgoing.mkdir(mode=0o700, exist_ok=True)
         packed = pack_outputs(
             self.work / "out",
-            self.work / "outputs.tar.gz",
+            self.outgoing / f"{t.id}.tar.gz",
             max_bytes=output_cap(t, self.policy),
         )
         chunks = self.state.enqueue_results(
