@@ -150,10 +150,19 @@ def load_config(
 
 
 class OrchestratorConfig(Strict, frozen=True, kw_only=True):
-    """``femd submit``/``femd watch`` settings: the orchestrator's own mTLS identity."""
+    """``femd submit``/``femd watch`` settings: the orchestrator's own mTLS identity.
+
+    ``results_dir`` is the orchestrator's inbox (``femd.inbox``): everything
+    received is kept there. ``max_output_bytes`` caps one task's outputs from
+    one node (archive and unpacked content). ``node_down_after_s`` is how long
+    a node may stay silent, at least, before ``femd nodes`` calls it down (it
+    also waits three of the node's own status intervals).
+    """
 
     broker: BrokerConfig
     results_dir: _Path = "results"
+    max_output_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024 * 1024
+    node_down_after_s: Annotated[float, Meta(gt=0, le=86400)] = 90.0
 
 
 def load_orchestrator_config(
@@ -171,7 +180,8 @@ def load_orchestrator_config(
         path = Path(env.get("FEMD_CONFIG") or "orchestrator.yaml")
     config = _load_struct(path, env, OrchestratorConfig)
     base = path.resolve().parent
-    return OrchestratorConfig(
+    return msgspec.structs.replace(
+        config,
         broker=_resolve_broker(base, config.broker),
         results_dir=_resolve(base, config.results_dir),
     )
