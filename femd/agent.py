@@ -38,6 +38,7 @@ from femd.launchers import (
     LauncherProfile,
     load_profiles,
 )
+from femd.livelog import LogFollower
 from femd.manifest import Cancel, Task, decode_manifest
 from femd.nodestatus import cert_not_after, status_message
 from femd.policy import LoadedPolicy, load_policy
@@ -448,6 +449,13 @@ class Agent:
             chunk_bytes=self.config.result_chunk_bytes,
             log_max_bytes=self.config.log_max_bytes,
             wake=self.link.wake,
+            live_log=functools.partial(
+                LogFollower,
+                node=self.node,
+                publish=self.link.publish_soon,
+                rate_bytes_s=self.config.live_log_bytes_s,
+                burst_bytes=self.config.live_log_burst_bytes,
+            ),
         )
 
     def _spawn(self, task_id: str, target: Callable[[], object]) -> None:

@@ -45,6 +45,7 @@ from femd.launchers import (
     start,
     unenforceable,
 )
+from femd.livelog import LogFollower
 from femd.manifest import NetworkEgress, Task
 from femd.policy import LoadedPolicy
 from femd.stagein import resolve_dataset, source_subdir, stage_git
@@ -182,6 +183,7 @@ class Runner:
         log_max_bytes: int,
         wake: Callable[[], None],
         stop_grace_s: float = 10.0,
+        live_log: Callable[[Handle], LogFollower] | None = None,
     ) -> None:
         """Keep what the run needs; nothing happens before ``run()``."""
         self.task = task
@@ -201,6 +203,7 @@ class Runner:
         self.cancelled = threading.Event()
         self.cancel_reason = "cancelled"
         self.handle: Handle | None = None
+        self.live_log = live_log
 
     def cancel(self, reason: str) -> None:
         """Ask the run to stop; the task ends ``cancelled``."""
@@ -293,8 +296,11 @@ class Runner:
         started = datetime.now(UTC)
         backstop = time.monotonic() + timeout_s + 2 * self.grace_s + 60
         killed = False
+        follower = self.live_log(handle) if self.live_log else None
         while True:
             outcome = handle.wait(0.5)
+            if follower is not None:
+                follower.poll(final=outcome is not None)
             if outcome is not None:
                 return outcome
             if self.cancelled.is_set():

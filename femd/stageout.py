@@ -217,8 +217,10 @@ def pack_outputs(output_dir: Path, dest: Path, *, max_bytes: int) -> Packed:
     """Pack *output_dir* into a deterministic tar.gz at *dest*.
 
     Entries are sorted by path; mtime, owner and group are zeroed; modes are
-    0644/0755 for files, 0755 for directories; the gzip header has mtime 0 and
-    no name. The same outputs always give the same bytes.
+    0644/0755 for files, 0755 for directories; gzip level 1 (model weights
+    barely compress, and level 9 takes twice as long on them); the gzip
+    header has mtime 0 and no name. The same outputs always give the same
+    bytes.
 
     Args:
         output_dir: the task's output directory (not a symlink).
@@ -284,7 +286,9 @@ def _write_archive(root_fd: int, entries: list[_Entry], dest: Path, cap: int) ->
         with os.fdopen(out_fd, "wb") as out:
             sink = _Sink(out, cap)
             with (
-                gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0) as gz,
+                gzip.GzipFile(
+                    filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=1
+                ) as gz,
                 tarfile.TarFile(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
             ):
                 for entry in entries:
