@@ -49,6 +49,10 @@ CHUNK_BYTES: Final = 256 * 1024
 ARCHIVE_SLACK_BYTES: Final = 1024 * 1024
 _MAX_DEPTH: Final = 256
 _COPY_BYTES: Final = 1024 * 1024
+# Outputs this large are sampled to decide whether to compress them at all.
+_SAMPLE_FROM_BYTES: Final = 16 * 1024 * 1024
+_SAMPLE_FILES: Final = 8
+_SAMPLE_BYTES: Final = 256 * 1024
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS: Final = (
@@ -217,10 +221,10 @@ def pack_outputs(output_dir: Path, dest: Path, *, max_bytes: int) -> Packed:
     """Pack *output_dir* into a deterministic tar.gz at *dest*.
 
     Entries are sorted by path; mtime, owner and group are zeroed; modes are
-    0644/0755 for files, 0755 for directories; gzip level 1 (model weights
-    barely compress, and level 9 takes twice as long on them); the gzip
-    header has mtime 0 and no name. The same outputs always give the same
-    bytes.
+    0644/0755 for files, 0755 for directories; gzip level 1, or 0 (stored)
+    for large outputs whose sample does not compress (model weights); the
+    gzip header has mtime 0 and no name. The same outputs always give the
+    same bytes.
 
     Args:
         output_dir: the task's output directory (not a symlink).
@@ -256,7 +260,10 @@ def pack_outputs(output_dir: Path, dest: Path, *, max_bytes: int) -> Packed:
                 f"outputs: cannot read {cut(output_dir)}: {cut(e)}"
             ) from e
         entries = sorted(scan.entries, key=lambda e: tuple(p.encode() for p in e.parts))
-        sink = _write_archive(root_fd, entries, dest, max_bytes + ARCHIVE_SLACK_BYTES)
+        level = _compression_level(root_fd, entries)
+        sink = _write_archive(
+            root_fd, entries, dest, max_bytes + ARCHIVE_SLACK_BYTES, level
+        )
     finally:
         os.close(root_fd)
     files = sum(1 for e in entries if not e.is_dir)
@@ -272,7 +279,29 @@ def pack_outputs(output_dir: Path, dest: Path, *, max_bytes: int) -> Packed:
     return packed
 
 
-def _write_archive(root_fd: int, entries: list[_Entry], dest: Path, cap: int) -> _Sink:
+def _compression_level(root_fd: int, entries: list[_Entry]) -> int:
+    """Return gzip level 1, or 0 (stored) if a sample of the content will not shrink.
+
+    Model weights and other binary outputs barely compress, and deflating a
+    checkpoint costs minutes; text compresses well and cheaply. The sample
+    (the start of the largest files) is a function of the content, so the
+    archive stays deterministic.
+    """
+    files = sorted((e for e in entries if not e.is_dir), key=lambda e: -e.size)
+    total = sum(e.size for e in files)
+    if total < _SAMPLE_FROM_BYTES:
+        return 1
+    sample = bytearray()
+    for entry in files[:_SAMPLE_FILES]:
+        with _open_file(root_fd, entry) as src:
+            sample += src.read(_SAMPLE_BYTES)
+    squeezed = len(zlib.compress(bytes(sample), 1))
+    return 0 if squeezed > 0.9 * len(sample) else 1
+
+
+def _write_archive(
+    root_fd: int, entries: list[_Entry], dest: Path, cap: int, level: int
+) -> _Sink:
     """Write the archive; on any error remove what was written."""
     try:
         out_fd = os.open(
@@ -287,7 +316,7 @@ def _write_archive(root_fd: int, entries: list[_Entry], dest: Path, cap: int) ->
             sink = _Sink(out, cap)
             with (
                 gzip.GzipFile(
-                    filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=1
+                    filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=level
                 ) as gz,
                 tarfile.TarFile(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
             ):

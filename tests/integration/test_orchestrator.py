@@ -193,6 +193,7 @@ def test_outputs_survive_a_killed_watch_a_broker_and_an_agent_restart(
     first = watch(env, "--task", "cut-watch", "--timeout", "120")
     wait_for("chunks arriving", lambda: received_chunks(inbox, "cut-watch") > 20, 90)
     first.kill()
+    assert received_chunks(inbox, "cut-watch") > 0  # killed before it completed
     code, _, err = watch(env, "--task", "cut-watch", "--timeout", "120").finish(150)
     assert code == 0, err
     check_blob(inbox, "cut-watch")
@@ -204,6 +205,7 @@ def test_outputs_survive_a_killed_watch_a_broker_and_an_agent_restart(
     env.vhost.node.restart()
     code, _, err = second.finish(210)
     assert code == 0, err
+    assert "reconnecting" in err  # the broker really went away under it
     check_blob(inbox, "cut-broker")
 
     # 3. The agent is killed mid-transfer and started again: it resumes.

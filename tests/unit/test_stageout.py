@@ -560,3 +560,23 @@ def test_reassembler_resumes_across_instances(tmp_path: Path, packed):
     second.close()
     assert dest.read_bytes() == p.path.read_bytes()
     assert not part.exists()
+
+
+def test_large_outputs_are_stored_unless_they_compress(tmp_path: Path):
+    """Weights-like content is stored (fast); text is deflated; both deterministic."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.bin").write_bytes(os.urandom(17 * MiB))
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "table.csv").write_bytes(b"id,value\n" + b"1,0.5\n" * (3 * MiB))
+    for src, expect in ((weights, "stored"), (text, "deflated")):
+        a = pack_outputs(src, tmp_path / f"{src.name}-1.tar.gz", max_bytes=64 * MiB)
+        b = pack_outputs(src, tmp_path / f"{src.name}-2.tar.gz", max_bytes=64 * MiB)
+        assert a.sha256 == b.sha256
+        ratio = a.bytes / a.content_bytes
+        assert (ratio > 1.0) if expect == "stored" else (ratio < 0.1), (src, ratio)
+        unpacked = unpack_outputs(
+            a.path, tmp_path / f"{src.name}-u", max_bytes=64 * MiB
+        )
+        assert len(unpacked) == 1
