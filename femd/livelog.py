@@ -26,7 +26,7 @@ __all__ = ["LogFollower"]
 
 logger = logging.getLogger(__name__)
 
-# One message carries at most this much (a line longer than it is cut).
+# One message carries at most this much (a longer line goes in pieces).
 _MESSAGE_BYTES: Final = 16 * 1024
 _POLL_S: Final = 0.5
 
@@ -108,9 +108,11 @@ class LogFollower:
         return bytes(got)
 
     def _queue(self, line: bytes) -> None:
-        if len(self._batch) + len(line) > _MESSAGE_BYTES:
-            self._flush()
-        self._batch += line[:_MESSAGE_BYTES]
+        for at in range(0, len(line), _MESSAGE_BYTES):
+            piece = line[at : at + _MESSAGE_BYTES]
+            if len(self._batch) + len(piece) > _MESSAGE_BYTES:
+                self._flush()
+            self._batch += piece
 
     def _flush(self) -> None:
         batch = bytes(self._batch)

@@ -127,7 +127,7 @@ class Receiver:
     def __init__(self, cfg: OrchestratorConfig, inbox: Inbox) -> None:
         """Prepare; nothing connects before ``pump()``."""
         self._cfg = cfg
-        self._params = connection_parameters(cfg.broker)
+        self._params: pika.ConnectionParameters | None = None
         self._inbox = inbox
         self._conn: pika.BlockingConnection | None = None
         self._acks: list[tuple[Any, int]] = []
@@ -138,6 +138,8 @@ class Receiver:
         self.last_error = ""
 
     def _connect(self) -> None:
+        if self._params is None:
+            self._params = connection_parameters(self._cfg.broker)
         conn = pika.BlockingConnection(self._params)
         handlers: dict[str, Callable[[Any, Any, Any, bytes], None]] = {
             EVENTS_QUEUE: lambda _c, m, _p, b: self._inbox.stage_event(
@@ -202,7 +204,7 @@ class Receiver:
             self.connected = True
             self._backoff = 0.5
             self._reported.clear()
-            logger.info("receive: connected to %s", self._params.host)
+            logger.info("receive: connected to %s", self._cfg.broker.url)
         assert self._conn is not None  # noqa: S101 (set by _connect)
         try:
             self._conn.process_data_events(time_limit=time_limit)
