@@ -381,3 +381,34 @@ def test_a_task_printing_100_mb_is_throttled_and_the_agent_responds(
     assert dropped > 512 * 1024, dropped
     assert ends, out[-500:]
     assert quiet_s < 60
+
+
+# -- cancel ---------------------------------------------------------------------------
+
+
+def test_cancel_signs_and_submits_a_cancel(node_env: NodeEnv) -> None:
+    env = node_env
+    env.start_agent()
+    submit(env, env.sign(env.manifest("long", ["/bin/bash", "-c", "sleep 60"])))
+    proc = watch(env, "--task", "long", "--timeout", "60")
+    wait_for(
+        "the task running",
+        lambda: (
+            '"running"' in (inbox_dir(env) / "events.jsonl").read_text()
+            if (inbox_dir(env) / "events.jsonl").exists()
+            else False
+        ),
+        30,
+    )
+    done = env.femd("cancel", "long", "--config", str(env.orch_config), "--node", NODE,
+                    "--key", str(env.key_file))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "submitted cancel cancel-" in done.stdout
+    code, out, err = proc.finish(60)
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["state"] == "cancelled"
+    # A task this inbox never submitted needs its project named.
+    ours = env.femd("cancel", "nope", "--config", str(env.orch_config), "--node",
+                    NODE, "--key", str(env.key_file))  # fmt: skip
+    assert ours.returncode == 2
+    assert "give --project" in ours.stderr
