@@ -55,6 +55,7 @@ class Rule(StrEnum):
     IMAGE_NOT_PINNED = "image.not_pinned"
     GIT_NOT_ALLOWED = "git.not_allowed"
     DATASET_NOT_ALLOWED = "dataset.not_allowed"
+    RUNTIME_NOT_ALLOWED = "runtime.not_allowed"
     RESOURCES_EXCEEDED = "resources.exceeded"
     NETWORK_NOT_ALLOWED = "network.not_allowed"
     OUTPUTS_EXCEEDED = "outputs.exceeded"
@@ -231,6 +232,14 @@ def _datasets(c: _Ctx) -> Iterable[Reason]:
             )
 
 
+def _runtime(c: _Ctx) -> Iterable[Reason]:
+    t = c.manifest
+    if not isinstance(t, Task) or c.project is None or t.runtime is None:
+        return
+    if t.runtime not in c.project.runtimes or t.runtime not in c.policy.policy.runtimes:
+        yield Reason(Rule.RUNTIME_NOT_ALLOWED, f"runtime {t.runtime!r} is not allowed")
+
+
 def _resources(c: _Ctx) -> Iterable[Reason]:
     t = c.manifest
     if not isinstance(t, Task) or c.project is None:
@@ -284,6 +293,7 @@ _RULES: Final[tuple[Callable[[_Ctx], Iterable[Reason]], ...]] = (
     _image,
     _git,
     _datasets,
+    _runtime,
     _resources,
     _network,
     _outputs,

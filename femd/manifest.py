@@ -127,6 +127,7 @@ class Task(_Message, frozen=True, tag="Task", kw_only=True):
     launcher: Literal["podman", "process"]
     profile: Name = "default"
     image: ImageName | None = None
+    runtime: Name | None = None
     source: Source | None = None
     command: Annotated[tuple[_Arg, ...], Meta(max_length=4096)] = ()
     env: Annotated[dict[EnvName, _Arg], Meta(max_length=1024)] = msgspec.field(

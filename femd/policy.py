@@ -54,6 +54,7 @@ __all__ = [
     "Policy",
     "Problem",
     "Project",
+    "Runtime",
     "Signer",
     "SignerKey",
     "lint",
@@ -88,6 +89,17 @@ class Signer(Strict, frozen=True, kw_only=True):
 
 class Dataset(Strict, frozen=True, kw_only=True):
     """A dataset on this node; only the policy knows its host path."""
+
+    path: AbsPath
+
+
+class Runtime(Strict, frozen=True, kw_only=True):
+    """A read-only runtime tasks may use, e.g. a virtualenv of pinned packages.
+
+    `path` is a directory on this node (built by the sysadmin from pinned,
+    hash-checked packages; see `scripts/install.sh`), mounted read-only into
+    the task at the same path. Nothing is downloaded when a task runs.
+    """
 
     path: AbsPath
 
@@ -144,7 +156,8 @@ class Project(Strict, frozen=True, kw_only=True):
 
     `images` are shell-style globs on the image repository (the part before
     `@sha256:`); the digest is always required. `git` globs match whole
-    repository URLs. `datasets` name entries of the top-level `datasets`.
+    repository URLs. `datasets` name entries of the top-level `datasets`, and
+    `runtimes` entries of the top-level `runtimes`.
     """
 
     signers: Annotated[tuple[Name, ...], Meta(min_length=1)]
@@ -153,9 +166,14 @@ class Project(Strict, frozen=True, kw_only=True):
     images: tuple[_Pattern, ...] = ()
     git: tuple[_Pattern, ...] = ()
     datasets: tuple[Name, ...] = ()
+    runtimes: tuple[Name, ...] = ()
     max_resources: MaxResources | None = None
     network: Literal["none"] | NetworkPolicy = "none"
     outputs: OutputsPolicy | None = None
+
+
+# A model checkpoint fits; the steward lowers it per project or node-wide.
+DEFAULT_OUTPUT_BYTES: Final = 2 * 1024 * 1024 * 1024
 
 
 def _default_limits() -> MaxResources:
@@ -163,13 +181,14 @@ def _default_limits() -> MaxResources:
 
 
 def _default_outputs() -> OutputsPolicy:
-    return OutputsPolicy(max_bytes=10 * 1024 * 1024)
+    return OutputsPolicy(max_bytes=DEFAULT_OUTPUT_BYTES)
 
 
 class Defaults(Strict, frozen=True, kw_only=True):
     """Node-wide limits for projects that set none.
 
-    Small and safe by default: 1 cpu, 1024 MB, 600 s, 128 pids, 10 MiB of outputs.
+    Small and safe by default: 1 cpu, 1024 MB, 600 s, 128 pids; outputs up to
+    2 GiB (a model checkpoint fits).
     """
 
     max_resources: MaxResources = msgspec.field(default_factory=_default_limits)
@@ -185,6 +204,7 @@ class Policy(Strict, frozen=True, kw_only=True):
     signers: dict[Name, Signer] = msgspec.field(default_factory=dict)
     revoked_keyids: tuple[KeyId, ...] = ()
     datasets: dict[Name, Dataset] = msgspec.field(default_factory=dict)
+    runtimes: dict[Name, Runtime] = msgspec.field(default_factory=dict)
     projects: dict[Name, Project] = msgspec.field(default_factory=dict)
     defaults: Defaults = msgspec.field(default_factory=Defaults)
 
@@ -267,6 +287,11 @@ def lint(policy: Policy) -> list[Problem]:
             if ds not in policy.datasets:
                 problems.append(
                     Problem((*at, "datasets", i), f"unknown dataset {ds!r}")
+                )
+        for i, rt in enumerate(project.runtimes):
+            if rt not in policy.runtimes:
+                problems.append(
+                    Problem((*at, "runtimes", i), f"unknown runtime {rt!r}")
                 )
         for i, pattern in enumerate(project.images):
             if "@" in pattern:
@@ -449,6 +474,7 @@ _UNKNOWN: Final = re.compile(r"Object contains unknown field `([^`]+)`")
 _ENTRIES: Final[Mapping[str, type[Strict]]] = {
     "signers": Signer,
     "datasets": Dataset,
+    "runtimes": Runtime,
     "projects": Project,
 }
 
