@@ -1,8 +1,9 @@
 """femd's side of ``nsjoin``: sockets made inside a task's network namespace.
 
-Owns ``Helper`` (starts the ``nsjoin`` helper on a namespace and asks it for
-listeners, connections and addresses) and ``probe_join()`` (can this host
-do that at all, for ``probe()`` and ``femd doctor``). What the sockets are
+Owns ``Helper`` (a task's helper, forked by the agent's one ``nsjoin``
+zygote into the task's namespace, asked for listeners, connections and
+addresses) and ``probe_join()`` (can this host do that at all, for
+``probe()`` and ``femd doctor``). What the sockets are
 used for is ``network.TaskNetwork``'s business.
 """
 
