@@ -46,6 +46,7 @@ __all__ = [
     "Outcome",
     "PodmanSettings",
     "ProcessSettings",
+    "Usage",
     "build_all",
     "load_profile",
     "load_profiles",
@@ -92,6 +93,7 @@ class LaunchSpec(Strict, frozen=True, kw_only=True):
     limits: Limits
     egress: tuple[str, ...] | None = None
     log_max_bytes: Annotated[int, Meta(ge=0)] = 1 << 20
+    output_max_bytes: Annotated[int, Meta(ge=0)] = 1 << 20
 
 
 class Capabilities(Strict, frozen=True, kw_only=True):
@@ -115,10 +117,31 @@ class Capabilities(Strict, frozen=True, kw_only=True):
     egress_filtered: bool = False
     min_cpus: float = 0.0
     notes: tuple[str, ...] = ()
+    enforcement: tuple[tuple[str, str], ...] = ()
+
+
+class Usage(Strict, frozen=True, kw_only=True, omit_defaults=True):
+    """What a task used (None: not measured by this launcher on this host).
+
+    ``cpu_s``: CPU seconds of all its processes; ``memory_peak_bytes``: the
+    peak of its cgroup's memory (anonymous, page cache, tmpfs, shm);
+    ``pids_peak``: most processes at once (sampled where the kernel keeps no
+    peak); ``output_bytes``: bytes of its collected outputs; ``wall_s``.
+    """
+
+    cpu_s: float | None = None
+    memory_peak_bytes: int | None = None
+    pids_peak: int | None = None
+    output_bytes: int | None = None
+    wall_s: float | None = None
 
 
 class Outcome(Strict, frozen=True, kw_only=True):
-    """How a task ended. ``log_tail`` is the last few KiB of stdout+stderr."""
+    """How a task ended. ``log_tail`` is the last few KiB of stdout+stderr.
+
+    ``rule``: the rule id to report when a limit ended it (e.g.
+    ``outputs.exceeded``); ``usage``: what it used, when measured.
+    """
 
     state: Literal["succeeded", "failed", "timed_out", "cancelled"]
     exit_code: int | None
@@ -126,6 +149,8 @@ class Outcome(Strict, frozen=True, kw_only=True):
     finished_at: datetime
     log_tail: str
     reason: str = ""
+    rule: str = ""
+    usage: Usage | None = None
 
 
 class Handle(Protocol):
