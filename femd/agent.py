@@ -467,12 +467,19 @@ class Agent:
                 continue
             task = decode_manifest(row.payload) if row.payload else None
             handle = None
-            if isinstance(task, Task) and row.state == "running":
+            # A launch may have begun while the task was still "staging": the
+            # launcher is asked too, so what it left is found (process: killed).
+            if isinstance(task, Task) and row.state in ("staging", "running"):
                 launcher = self.launchers.get((task.profile, task.launcher))
                 try:
                     handle = launcher.adopt(task.id) if launcher else None
                 except FemdError as e:
                     logger.warning("task %s: cannot re-attach: %s", row.task_id, e)
+                if handle is not None and row.state == "staging":
+                    # Never reported running: end it rather than adopt it.
+                    handle.cancel(0)
+                    handle.wait(30)
+                    handle = None
             if isinstance(task, Task) and handle is not None:
                 logger.info("task %s: re-attached after restart", task.id)
                 runner = self._runner(task)
