@@ -6,7 +6,7 @@ The sandbox's output directory is a tmpfs of the task's output cap (charged to
 its memory cgroup), so at no moment can it hold more, whatever file sizes or
 ``fallocate`` say. When the task command exits, the step kills every other
 process of the sandbox, reports the tmpfs's free blocks and streams a tar of it
-over an inherited pipe; femd extracts regular files and directories into the
+over its stdin, a pipe's write end; femd extracts regular files and directories into the
 host's output directory with a byte cap, before the namespace disappears.
 
 Trust: the step runs as the task user, beside the task, so what it sends is
@@ -31,14 +31,17 @@ __all__ = ["OutputCapture", "tmpfs_bytes", "wrap_argv"]
 
 _PAGE: Final = 4096
 _MAX_MEMBERS: Final = 100_000
-# "$1": the output dir inside the sandbox, "$2": the pipe's fd number there;
-# the task command follows. `kill -KILL -1` reaches every process of the
-# sandbox's PID namespace but its init and this shell.
+# "$1": the output dir inside the sandbox; the task command follows. The
+# stream goes to fd 0, the pipe's write end (the task's stdin is /dev/null), so
+# no other descriptor reaches the task. A SIGTERM (cancel) is for the task: the
+# step waits for it (a trap, not an ignore, which the task would inherit).
+# `kill -KILL -1` reaches every process of the sandbox's PID namespace but its
+# init and this shell.
 _STEP: Final = (
-    'out=$1 fd=$2; shift 2; "$@" </dev/null; code=$?; '
+    'trap : TERM; out=$1; shift; "$@" </dev/null; code=$?; '
     "kill -KILL -1 2>/dev/null; "
-    '{ stat -f -c %a "$out" && tar -C "$out" -cf - .; } >"/proc/self/fd/$fd" '
-    "2>/dev/null || exit 125; exit $code"
+    '{ stat -f -c %a "$out" && tar -C "$out" -cf - .; } >&0 2>/dev/null '
+    "|| exit 125; exit $code"
 )
 
 
@@ -47,9 +50,12 @@ def tmpfs_bytes(max_bytes: int) -> int:
     return max(_PAGE, -(-max_bytes // _PAGE) * _PAGE)
 
 
-def wrap_argv(argv: list[str], target: str, fd: int) -> list[str]:
-    """*argv* run by the in-sandbox output step (``/bin/sh``)."""
-    return ["/bin/sh", "-c", _STEP, "femd-output", target, str(fd), *argv]
+def wrap_argv(argv: list[str], target: str) -> list[str]:
+    """*argv* run by the in-sandbox output step (``/bin/sh``).
+
+    The sandbox's stdin must be the write end of the stream's pipe.
+    """
+    return ["/bin/sh", "-c", _STEP, "femd-output", target, *argv]
 
 
 class OutputCapture:

@@ -601,24 +601,20 @@ class _ProcessHandle:
         log_r, log_w = os.pipe()
         status_r, status_w = os.pipe()
         out_r, out_w = os.pipe()
-        if user.switch:
-            # The output step reopens the pipe by /proc/self/fd as the task
-            # user: a pipe femd made is root's, mode 0600.
-            os.fchown(out_w, user.uid, user.gid)
         fds: list[int | None] = [launcher._seccomp_fd(), status_w, None, out_w]
         if settings.seccomp is not None:
             fds[2] = os.open(settings.seccomp, os.O_RDONLY | os.O_CLOEXEC)
         try:
             spec = self._spec
-            argv = wrap_argv(list(spec.argv), spec.output_target, out_w)
+            argv = wrap_argv(list(spec.argv), spec.output_target)
             args = launcher._bwrap_args(settings, spec, fds[0], argv, status_w, fds[2])
             prefix = launcher._prefix(settings, spec, user, self._cgroup)
             self._popen = subprocess.Popen(  # noqa: S603 (fixed tools, no shell)
                 prefix + args,
-                stdin=subprocess.DEVNULL,
+                stdin=out_w,  # the output stream (see capture)
                 stdout=log_w,
                 stderr=log_w,
-                pass_fds=tuple(fd for fd in fds if fd is not None),
+                pass_fds=tuple(fd for fd in fds[:3] if fd is not None),
                 env={"PATH": _HOST_PATH},
                 cwd="/",
                 umask=0o077,
