@@ -371,7 +371,8 @@ class State:
         with self._write("record") as db:
             cur = db.execute(
                 f"INSERT INTO tasks ({_COLUMNS}) VALUES "  # noqa: S608 - constant
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULL, NULL) "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "NULL, NULL, NULL, NULL, NULL, NULL) "
                 "ON CONFLICT (task_id) DO NOTHING",
                 (
                     task_id,

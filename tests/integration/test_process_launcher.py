@@ -77,7 +77,8 @@ def test_output_is_visible_on_the_host_written_by_femd(box: Sandbox):
     assert (out / "d" / "y").read_text() == "x\n"
     # Streamed out of the sandbox's output tmpfs and written by femd itself.
     assert (out / "model.txt").stat().st_uid == os.geteuid()
-    assert outcome.usage is not None and outcome.usage.output_bytes == 9
+    assert outcome.usage is not None
+    assert outcome.usage.output_bytes == 9
     assert out.stat().st_mode & 0o777 == 0o700
 
 
@@ -163,7 +164,9 @@ def test_half_a_cpu_holds_a_busy_loop_to_half_a_core(box: Sandbox):
     outcome, _ = box.run("", argv=("python3", "-c", BUSY), cpus=0.5)
     assert outcome.state == "succeeded", outcome
     usage = outcome.usage
-    assert usage is not None and usage.cpu_s is not None and usage.wall_s
+    assert usage is not None
+    assert usage.cpu_s is not None
+    assert usage.wall_s
     # From the cgroup's own cpu usage (cpuacct): 4 s of wall time at most
     # half a core, whatever else this shared host runs (it can only be less).
     assert usage.wall_s >= 4
