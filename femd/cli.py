@@ -433,7 +433,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             f" egress {yes(c.egress)} (filtered {yes(c.egress_filtered)})"
         )
         for limit, how in c.enforcement:
-            print(f"  {limit}: {how}")
+            print(f"  {limit} limit: {how}")
         for problem in c.problems:
             print(f"  problem: {problem}")
         for note in c.notes:

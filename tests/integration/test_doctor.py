@@ -33,7 +33,12 @@ def test_doctor_reports_each_launcher_and_what_it_enforces(tmp_path):
     p = _doctor("--podman-socket", f"unix://{tmp_path}/absent.sock")
     assert p.returncode == 0, p.stderr
     assert "process (profile default): available" in p.stdout
-    assert "enforces: memory yes, cpus yes (min 1), pids yes" in p.stdout
+    assert "enforces: memory yes, cpus yes (min 0.01), pids yes" in p.stdout
+    # This CI host: cgroup v1, femd as root. Never a per-process cap as memory.
+    assert "  memory limit: cgroup v1\n" in p.stdout
+    assert "  pids limit: cgroup v1\n" in p.stdout
+    assert "  cpus limit: cgroup v1\n" in p.stdout
+    assert "RLIMIT_AS" not in p.stdout
     # A podman service that is not there is named, not a crash.
     assert "podman (profile default): UNAVAILABLE" in p.stdout
     assert "absent.sock" in p.stdout
