@@ -19,6 +19,14 @@ SERVICE = "/system.slice/femd.service"
 LIMITS = CgroupLimits(memory_bytes=64 << 20, pids=32, cpus=0.5)
 
 
+def task_cgroup(tmp_path: Path, name: str) -> tuple[TaskCgroup, Path]:
+    """A created task cgroup on a fake delegated v2 host, and its directory."""
+    root = v2_host(tmp_path)
+    cg = TaskCgroup.of_task(detect(root, f"0::{SERVICE}\n", euid=1000), name)
+    cg.create(LIMITS)
+    return cg, root / SERVICE.lstrip("/") / f"femd-task-{name}"
+
+
 def v2_host(tmp_path: Path, offered: str = "cpu io memory pids") -> Path:
     """A cgroup2 mount with femd.service delegated (controllers offered)."""
     root = tmp_path / "cgroup"
@@ -58,11 +66,7 @@ def test_v2_without_delegated_controllers_refuses(tmp_path: Path):
 
 
 def test_v2_task_cgroup_limits_and_usage(tmp_path: Path):
-    root = v2_host(tmp_path)
-    host = detect(root, f"0::{SERVICE}\n", euid=1000)
-    cg = TaskCgroup.of_task(host, "t-1")
-    cg.create(LIMITS)
-    d = root / SERVICE.lstrip("/") / "femd-task-t-1"
+    cg, d = task_cgroup(tmp_path, "t-1")
     assert cg.procs_files() == [str(d / "cgroup.procs")]
     assert (d / "memory.max").read_text() == str(64 << 20)
     assert (d / "pids.max").read_text() == "32"
@@ -78,11 +82,7 @@ def test_v2_task_cgroup_limits_and_usage(tmp_path: Path):
 
 
 def test_v2_kill_writes_cgroup_kill(tmp_path: Path):
-    root = v2_host(tmp_path)
-    host = detect(root, f"0::{SERVICE}\n", euid=1000)
-    cg = TaskCgroup.of_task(host, "t-2")
-    cg.create(LIMITS)
-    d = root / SERVICE.lstrip("/") / "femd-task-t-2"
+    cg, d = task_cgroup(tmp_path, "t-2")
     (d / "cgroup.kill").write_text("")
     (d / "cgroup.procs").write_text("999999999\n")  # the fake never empties
     assert cg.kill(wait_s=0.2) is False
@@ -90,11 +90,7 @@ def test_v2_kill_writes_cgroup_kill(tmp_path: Path):
 
 
 def test_v2_without_cgroup_kill_freezes_and_kills_each_member(tmp_path: Path):
-    root = v2_host(tmp_path)
-    host = detect(root, f"0::{SERVICE}\n", euid=1000)
-    cg = TaskCgroup.of_task(host, "t-3")
-    cg.create(LIMITS)
-    d = root / SERVICE.lstrip("/") / "femd-task-t-3"
+    cg, d = task_cgroup(tmp_path, "t-3")
     member = subprocess.Popen(["/bin/sleep", "60"])
     try:
         (d / "cgroup.procs").write_text(f"{member.pid}\n")
