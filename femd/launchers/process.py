@@ -1,7 +1,7 @@
 """The ``process`` launcher: a plain process in a bubblewrap sandbox.
 
 Owns ``BubblewrapLauncher`` and its handle: the bwrap command line, the
-resource limits (rlimits, CPU affinity), the built-in seccomp filter, privilege
+resource limits (its cgroup, rlimits), the built-in seccomp filter, privilege
 dropping, log capture, timeout and cancellation. Does not decide what may run
 (the policy does) nor collect outputs (``stageout`` does).
 
@@ -196,9 +196,9 @@ class BubblewrapLauncher:
 
         ``start()`` probes before every launch, so an available result is
         reused (a reload builds a new launcher, hence probes afresh): a smoke
-        sandbox per task doubled the sandboxes, and under load the smoke's own
-        RLIMIT_NPROC (64) failed on the task user's unreaped zombies, which
-        refused tasks as ``launcher.unenforceable``.
+        sandbox per task doubled the sandboxes. The smoke runs in a cgroup of
+        its own, entered like a task's: a host whose cgroups cannot be made or
+        entered enforces no memory, pids or cpu limit (every task is refused).
         """
         if self._caps is not None and self._caps.available:
             return self._caps
