@@ -142,6 +142,17 @@ def _detect_v2(fs_root: Path, own: str) -> CgroupHost:
         enabled = _read(root / "cgroup.subtree_control").split()
         wanted = [c for c in (*_V2_NEEDED, "io") if c in offered]
         if any(c not in enabled for c in wanted):
+            others = set(_read(root / "cgroup.procs").split()) - {str(os.getpid())}
+            if others:
+                # Not a cgroup of femd's own (a login session, say): leave it.
+                return CgroupHost(
+                    kind="none",
+                    problems=(
+                        f"cgroup v2: {root} holds other processes: femd needs a "
+                        "delegated cgroup of its own for memory, pids and cpu "
+                        "(Delegate= on its unit)",
+                    ),
+                )
             # v2's "no internal processes": femd leaves the root for a leaf
             # before controllers are enabled for the root's children.
             leaf = root / AGENT_LEAF

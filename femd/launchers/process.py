@@ -69,6 +69,7 @@ _HOST_PATH: Final = "/usr/sbin:/usr/bin:/sbin:/bin"
 _TASK_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
 _TAIL_BYTES: Final = 8192
 _TOOLS: Final = ("bwrap", "prlimit", "sh")
+_STEP_FAILED: Final = 125  # the entry or output step could not do its part
 # The entry step: write our pid into every cgroup.procs given, then exec the
 # rest (after "--"). Runs as femd, before any task code.
 _ENTER: Final = (
@@ -287,7 +288,9 @@ class BubblewrapLauncher:
                 return [], [f"no memory, pids or cpu cgroup can be made: {cut(e)}"]
         memfd = self._seccomp_fd()
         try:
-            args = self._bwrap_args(settings, None, memfd, ["/usr/bin/true"])
+            # The output step's tools (capture) must be in the sandbox too.
+            needs = "command -v stat >/dev/null && command -v tar >/dev/null"
+            args = self._bwrap_args(settings, None, memfd, ["/bin/sh", "-c", needs])
             # Entered like a task: a host or unit that refuses the cgroup
             # write, prlimit64 or setpriv fails here, not at a task's launch.
             prefix = self._prefix(settings, None, user, cgroup)
@@ -310,9 +313,8 @@ class BubblewrapLauncher:
                 cgroup.remove()
         if result.returncode != 0:
             err = result.stderr.decode(errors="replace").strip().splitlines()
-            return [
-                f"bubblewrap cannot create a sandbox: {cut(err[-1] if err else '')}"
-            ], []
+            why = cut(err[-1]) if err else "/bin/sh, stat or tar missing (ro_binds)"
+            return [f"bubblewrap cannot create a sandbox: {why}"], []
         return [], []
 
     # -- command line ----------------------------------------------------------
@@ -801,6 +803,8 @@ class _ProcessHandle:
             )
         elif code is None:
             reason = f"sandbox setup failed (bwrap exit {returncode})"
+        elif code == _STEP_FAILED and not capture.complete:
+            reason = "outputs not collected: the output step failed in the sandbox"
         elif code != 0:
             reason = f"exit code {code}"
             if 128 < code < 128 + signal.NSIG:

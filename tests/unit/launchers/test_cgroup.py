@@ -152,3 +152,14 @@ def test_no_cgroup_means_no_task_cgroup(tmp_path: Path):
     host = detect(tmp_path, "0::/\n", euid=1000)
     with pytest.raises(RuntimeError):
         TaskCgroup(host, "femd-task-x")
+
+
+def test_v2_a_cgroup_shared_with_others_is_left_alone(tmp_path: Path):
+    root = v2_host(tmp_path)
+    service = root / SERVICE.lstrip("/")
+    (service / "cgroup.procs").write_text(f"{os.getpid()}\n1\n")  # a login shell
+    host = detect(root, f"0::{SERVICE}\n", euid=1000)
+    assert host.kind == "none"
+    assert "holds other processes" in host.problems[0]
+    assert not (service / AGENT_LEAF).exists()
+    assert (service / "cgroup.subtree_control").read_text() == "\n"
