@@ -153,7 +153,7 @@ def test_fork_bomb_in_one_task_does_not_starve_another(box: Sandbox):
     assert ended.state == "timed_out"
     assert ended.usage is not None
     assert ended.usage.pids_peak is not None
-    assert 16 <= ended.usage.pids_peak <= 16
+    assert ended.usage.pids_peak == 16  # sampled from the cgroup (v1 keeps no peak)
 
 
 def test_timeout_kills_every_process_even_double_forked_setsid(box: Sandbox):

@@ -171,7 +171,7 @@ def test_half_a_cpu_holds_a_busy_loop_to_half_a_core(box: Sandbox):
     # half a core, whatever else this shared host runs (it can only be less).
     assert usage.wall_s >= 4
     assert usage.cpu_s / usage.wall_s <= 0.6, usage
-    assert usage.cpu_s >= 0.5, usage  # it did run
+    assert usage.cpu_s >= 0.2, usage  # it did run
 
 
 def test_concurrent_tasks_are_isolated_each_in_its_own_cgroup(box: Sandbox):
