@@ -5,7 +5,9 @@
 #     systemd-nspawn, debootstrap, busybox for test images),
 #   - the unprivileged users tasks run as (femd-task for bubblewrap,
 #     femd-podman for rootless Podman with its subuid/subgid ranges),
-#   - a virtualenv in .venv with femd installed (editable) and its test tools.
+#   - a virtualenv in .venv with femd installed (editable) and its test tools,
+#   - the read-only task runtimes in /opt/femd/runtimes (runtimes/*/requirements.txt:
+#     pinned, hash-checked wheels; tasks get them mounted, never download).
 # Safe to run again: it only adds what is missing.
 set -eu
 cd "$(dirname "$0")/.."
@@ -53,4 +55,22 @@ if [ -n "$seccomp_so" ]; then
     site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     echo "$(pwd)/.venv/debian-seccomp" > "$site/debian-seccomp.pth"
 fi
+# Task runtimes: one virtualenv per runtimes/NAME/requirements.txt, rebuilt only
+# when that file changes (its sha256 is kept beside the venv).
+for req in runtimes/*/requirements.txt; do
+    [ -f "$req" ] || continue
+    name=$(basename "$(dirname "$req")")
+    dest=/opt/femd/runtimes/$name
+    want=$(sha256sum "$req" | cut -d' ' -f1)
+    if [ "$(cat "$dest/.femd-requirements.sha256" 2>/dev/null)" != "$want" ]; then
+        echo "install: runtime $name -> $dest"
+        rm -rf "$dest"
+        mkdir -p /opt/femd/runtimes
+        /usr/bin/python3 -m venv "$dest"
+        "$dest/bin/pip" install -q --disable-pip-version-check --no-deps \
+            --require-hashes --only-binary=:all: -r "$req"
+        echo "$want" > "$dest/.femd-requirements.sha256"
+        chmod -R go-w,a+rX "$dest"
+    fi
+done
 echo "install: ok"

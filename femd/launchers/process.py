@@ -18,14 +18,16 @@ How each limit is enforced (``Capabilities.enforcement`` says the same):
   no task code ever runs outside the cgroup.
 - outputs: the output directory is a tmpfs of the task's output cap, charged
   to its memory cgroup; ``capture`` streams it out when the command ends.
-- network: none (own network namespace); the host network only when both the
-  task's policy and the profile's ``allow_egress`` allow it (never filtered).
+- network: always its own empty network namespace; what the policy allows
+  (egress to named ``host:port``, ingress on named ports) is forwarded by
+  femd (``network.TaskNetwork``, docs/network.md), attached while bwrap
+  holds the command back (``--block-fd``).
 - time: the wall-clock timeout, a cancel and the end of the task kill the
   whole cgroup, so nothing survives (double-forked, setsid'd, or a sandbox
   stuck in bwrap's setup). After an agent restart ``adopt()`` kills what a
   task left in its cgroup.
 
-Namespaces: user, mount, pid, IPC and network (none with egress); not uts nor
+Namespaces: user, mount, pid, IPC and network; not uts nor
 cgroup, which femd.service refuses (see ``_NAMESPACES``). ``probe()`` runs a
 real (empty) sandbox the way a task runs, in a cgroup of its own.
 """
@@ -58,6 +60,8 @@ from femd.errors import LaunchError, LauncherUnavailableError, UnenforceableErro
 from femd.launchers import Capabilities, LaunchSpec, Outcome, unenforceable
 from femd.launchers.capture import OutputCapture, tmpfs_bytes, wrap_argv
 from femd.launchers.cgroup import CgroupHost, CgroupLimits, TaskCgroup, detect
+from femd.launchers.netns import probe_join
+from femd.launchers.network import TaskNetwork
 from femd.launchers.profile import LauncherProfile, ProcessSettings
 from femd.model import TaskId
 
@@ -224,17 +228,26 @@ class BubblewrapLauncher:
         seccomp = seccomp_filter() is not None
         enforced = cgroups.kind != "none" and not limits
         how = cgroups.enforced if enforced else "none"
+        net = None
+        if not self._profile.network.enabled:
+            net = f"profile {self._profile.name!r} gives tasks no network"
+        elif not problems and user is not None:
+            net = probe_join(user.uid if user.switch else None)
+        elif problems:
+            net = "the sandbox itself does not work"
         caps = Capabilities(
             launcher=self.name,
             available=not problems,
             problems=tuple(problems)
             + tuple(limits)
-            + (() if seccomp else (f"no seccomp filter for {platform.machine()}",)),
+            + (() if seccomp else (f"no seccomp filter for {platform.machine()}",))
+            + (() if net is None else (f"egress and ingress: {net}",)),
             memory_limit=enforced,
             cpu_limit=enforced,
             pids_limit=enforced,
-            egress=settings is not None and settings.allow_egress,
-            egress_filtered=False,
+            egress=net is None,
+            egress_filtered=net is None,
+            ingress=net is None,
             min_cpus=0.01,
             notes=(
                 "memory: the task's cgroup (anonymous, page cache, tmpfs, memfd, "
@@ -242,7 +255,8 @@ class BubblewrapLauncher:
                 "cpus: a CFS quota of the task's cgroup (fractions work)",
                 "pids: the task's cgroup, per task",
                 "outputs: a tmpfs of the output cap, charged to the task's memory",
-                "egress: the host network, unfiltered, when the profile allows",
+                "network: own empty namespace; femd forwards allowed egress "
+                "and ingress (TCP only)",
             ),
             enforcement=(
                 ("memory", how),
@@ -368,26 +382,22 @@ class BubblewrapLauncher:
         argv: list[str],
         status_fd: int | None = None,
         extra_seccomp_fd: int | None = None,
+        net: tuple[list[tuple[str, str]], int] | None = None,
     ) -> list[str]:
         tmp = str(settings.tmp_size_mb << 20)
         args = [shutil.which("bwrap", path=_HOST_PATH) or "bwrap"]
-        # SECURITY: own user, mount, pid, IPC and (unless egress) network
-        # namespaces; no capabilities, no nested user namespaces. Not
-        # --unshare-all: it asks for a cgroup namespace, and femd.service's
-        # RestrictNamespaces= refuses cgroup and uts ones (see _NAMESPACES).
-        args += [*_NAMESPACES, "--disable-userns"]
-        egress = bool(spec and spec.egress and settings.allow_egress)
-        if not egress:
-            args.append("--unshare-net")
+        # SECURITY: own user, mount, pid, IPC and network namespaces; no
+        # capabilities, no nested user namespaces. Not --unshare-all: it asks
+        # for a cgroup namespace, and femd.service's RestrictNamespaces=
+        # refuses cgroup and uts ones (see _NAMESPACES). The network is
+        # always empty: femd forwards what the policy allows (TaskNetwork).
+        args += [*_NAMESPACES, "--disable-userns", "--unshare-net"]
         args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
         args.append("--clearenv")
         env = {"PATH": _TASK_PATH, "HOME": _TMP} | dict(spec.env if spec else ())
         for key, value in env.items():
             args += ["--setenv", key, value]
-        binds = list(settings.ro_binds)
-        if egress:
-            binds += ["/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf"]
-        for path in binds:
+        for path in settings.ro_binds:
             # merged-/usr links (/bin -> usr/bin) are recreated; others followed.
             link = os.readlink(path) if os.path.islink(path) else "/"
             if not link.startswith("/"):
@@ -405,6 +415,8 @@ class BubblewrapLauncher:
             size = str(tmpfs_bytes(spec.output_max_bytes))
             args += ["--size", size, "--tmpfs", spec.output_target]
             workdir = spec.workdir or workdir
+        for source, target in net[0] if net else ():
+            args += ["--ro-bind", source, target]  # femd's /etc/hosts...
         # SECURITY: nothing else is writable: the root and /dev become read-only.
         args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", workdir]
         for fd in (seccomp_fd, extra_seccomp_fd):
@@ -412,6 +424,8 @@ class BubblewrapLauncher:
                 args += ["--add-seccomp-fd", str(fd)]
         if status_fd is not None:
             args += ["--json-status-fd", str(status_fd)]
+        if net is not None:
+            args += ["--block-fd", str(net[1])]  # until femd's forwarders listen
         return [*args, "--", *argv]
 
     # -- launch ----------------------------------------------------------------
@@ -467,8 +481,11 @@ class BubblewrapLauncher:
         self._check(spec, settings)
         user = self._task_user()
         self._prepare_output(spec)
+        net = TaskNetwork(spec, self._profile.network) if spec.network else None
         cgroup = self._cgroup(spec)
-        handle = _ProcessHandle(spec, self._log_dir / f"{spec.task_id}.log", cgroup)
+        binds = net.prepare() if net else None
+        log = self._log_dir / f"{spec.task_id}.log"
+        handle = _ProcessHandle(spec, log, cgroup, net, binds)
         handle.start(self, settings, user)
         return handle
 
@@ -551,12 +568,23 @@ class BubblewrapLauncher:
 class _ProcessHandle:
     """One sandbox: a monitor thread spawns it, pumps its log, enforces time."""
 
-    def __init__(self, spec: LaunchSpec, log_path: Path, cgroup: TaskCgroup) -> None:
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        log_path: Path,
+        cgroup: TaskCgroup,
+        net: TaskNetwork | None = None,
+        net_binds: list[tuple[str, str]] | None = None,
+    ) -> None:
         self.task_id: TaskId = spec.task_id
         self._spec = spec
         self._cgroup = cgroup
         self._capture: OutputCapture | None = None
         self._mono_start = time.monotonic()
+        self._net = net
+        self._net_binds = net_binds or []
+        self._block_w: int | None = None  # holds the command until attached
+        self._net_error: str | None = None
         self._log_path = log_path
         self._tail = bytearray()
         self._done = threading.Event()
@@ -603,20 +631,26 @@ class _ProcessHandle:
         log_r, log_w = os.pipe()
         status_r, status_w = os.pipe()
         out_r, out_w = os.pipe()
-        fds: list[int | None] = [launcher._seccomp_fd(), status_w, None, out_w]
+        fds: list[int | None] = [launcher._seccomp_fd(), status_w, None, None]
         if settings.seccomp is not None:
             fds[2] = os.open(settings.seccomp, os.O_RDONLY | os.O_CLOEXEC)
+        net = None
+        if self._net is not None:
+            block_r, self._block_w = os.pipe()
+            fds[3], net = block_r, (self._net_binds, block_r)
         try:
             spec = self._spec
             argv = wrap_argv(list(spec.argv), spec.output_target)
-            args = launcher._bwrap_args(settings, spec, fds[0], argv, status_w, fds[2])
+            args = launcher._bwrap_args(
+                settings, spec, fds[0], argv, status_w, fds[2], net
+            )
             prefix = launcher._prefix(settings, spec, user, self._cgroup)
             self._popen = subprocess.Popen(  # noqa: S603 (fixed tools, no shell)
                 prefix + args,
                 stdin=out_w,  # the output stream (see capture)
                 stdout=log_w,
                 stderr=log_w,
-                pass_fds=tuple(fd for fd in fds[:3] if fd is not None),
+                pass_fds=tuple(fd for fd in fds if fd is not None),
                 env={"PATH": _HOST_PATH},
                 cwd="/",
                 umask=0o077,
@@ -627,13 +661,29 @@ class _ProcessHandle:
                 os.close(fd)
             raise
         finally:
-            for closing in (log_w, *fds):
+            for closing in (log_w, out_w, *fds):
                 if closing is not None:
                     os.close(closing)
         self._capture = OutputCapture(
             out_r, Path(self._spec.output_dir), self._spec.output_max_bytes
         )
         return log_fd, log_r, status_r
+
+    def _end_network(self) -> None:
+        """Close the task's ports and forwarders; the traffic goes in the outcome."""
+        if self._block_w is not None:
+            self._kill()  # never released: the command must not run unforwarded
+            os.close(self._block_w)
+            self._block_w = None
+        if self._net is None:
+            return
+        traffic = self._net.close()
+        if self._outcome is None:
+            return
+        changes: dict[str, object] = {"traffic": traffic}
+        if self._net_error is not None:
+            changes |= {"state": "failed", "exit_code": None, "reason": self._net_error}
+        self._outcome = msgspec.structs.replace(self._outcome, **changes)
 
     def _run(
         self,
@@ -647,6 +697,7 @@ class _ProcessHandle:
             self._cgroup.kill()
             self._cgroup.remove()
             self._start_error = e
+            self._end_network()
             self._started.set()
             return
         self._started_at = _now()
@@ -672,6 +723,7 @@ class _ProcessHandle:
             )
             self._cgroup.kill()
         finally:
+            self._end_network()
             self._cgroup.remove()
             for fd in (log_fd, log_r, status_r):
                 os.close(fd)
@@ -709,6 +761,7 @@ class _ProcessHandle:
                 elif key.fd == status_r:
                     status += data
                     self._pin(status)
+                    self._attach_network()
                 else:
                     written += self._log(log_fd, data, written)
         sel.close()
@@ -721,6 +774,29 @@ class _ProcessHandle:
         if not self._capture.join(30):
             logger.error("process: task %s: output stream did not end", self.task_id)
         return self._result(status, timed_out)
+
+    def _attach_network(self) -> None:
+        """Start the task's forwarders in its namespace, then let it run."""
+        if self._block_w is None or self._net is None or self._pidfd is None:
+            return
+        block_w, self._block_w = self._block_w, None
+        assert self._popen is not None  # noqa: S101 (set by _spawn)
+        try:
+            fd = os.open(f"/proc/{self._pid1}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # SECURITY: still the sandbox pinned by _pin, not a reused pid.
+                if _parent(self._pid1) != self._popen.pid:
+                    raise LaunchError("network: the sandbox ended before it ran")
+                self._net.attach(fd)
+            finally:
+                os.close(fd)
+            os.write(block_w, b"x")
+        except (LaunchError, OSError, ValueError, IndexError) as e:
+            self._net_error = cut(e, 200)
+            logger.error("process: task %s: %s", self.task_id, self._net_error)
+            self._kill()
+        finally:
+            os.close(block_w)
 
     def _log(self, log_fd: int, data: bytes, written: int) -> int:
         self._tail += data

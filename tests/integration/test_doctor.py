@@ -34,6 +34,7 @@ def test_doctor_reports_each_launcher_and_what_it_enforces(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "process (profile default): available" in p.stdout
     assert "enforces: memory yes, cpus yes (min 0.01), pids yes" in p.stdout
+    assert "egress yes, ingress yes" in p.stdout  # forwarded by femd
     # This CI host: cgroup v1, femd as root. Never a per-process cap as memory.
     assert "  memory limit: cgroup v1\n" in p.stdout
     assert "  pids limit: cgroup v1\n" in p.stdout
@@ -52,6 +53,8 @@ def test_doctor_json(tmp_path):
     assert p.returncode == 0, p.stderr
     rows = {(r["profile"], r["launcher"]): r for r in json.loads(p.stdout)}
     assert rows[("default", "process")]["available"] is True
+    assert rows[("default", "process")]["egress"] is True
+    assert rows[("default", "process")]["ingress"] is True
     assert rows[("default", "podman")]["available"] is False
     assert rows[("default", "podman")]["problems"]
 
