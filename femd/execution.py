@@ -234,8 +234,17 @@ class Runner:
         self.state.transition(self.task.id, new, node=self.node, at=_now(), **kw)  # type: ignore[arg-type]
         self.wake()
 
-    def _audit(self, event: audit.Event, message: str, **kw: object) -> None:
+    def _audit(
+        self,
+        event: audit.Event,
+        message: str,
+        extra: Mapping[str, str] | None = None,
+        **kw: object,
+    ) -> None:
         t = self.task
+        fields = dict(extra or {})
+        if t.runtime:
+            fields["RUNTIME"] = t.runtime
         audit.emit(
             event,
             message,
@@ -246,7 +255,7 @@ class Runner:
             git_commit=t.source.commit if t.source else None,
             datasets=[i.dataset for i in t.inputs],
             policy_sha256=self.policy.sha256,
-            extra={"RUNTIME": t.runtime} if t.runtime else None,
+            extra=fields or None,
             **kw,  # type: ignore[arg-type]
         )
 
