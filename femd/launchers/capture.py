@@ -35,8 +35,9 @@ _MAX_MEMBERS: Final = 100_000
 # stream goes to fd 0, the pipe's write end (the task's stdin is /dev/null), so
 # no other descriptor reaches the task. A SIGTERM (cancel) is for the task: the
 # step waits for it (a trap, not an ignore, which the task would inherit).
-# `kill -KILL -1` reaches every process of the sandbox's PID namespace but its
-# init and this shell.
+# The step is the sandbox's PID 1 (bwrap --as-pid-1): the task cannot signal
+# it away, and its `wait` reaps orphans. `kill -KILL -1` reaches every other
+# process of the sandbox's PID namespace.
 _STEP: Final = (
     'trap : TERM; out=$1; shift; "$@" </dev/null; code=$?; '
     "kill -KILL -1 2>/dev/null; "

@@ -393,6 +393,11 @@ class BubblewrapLauncher:
         # always empty: femd forwards what the policy allows (TaskNetwork).
         args += [*_NAMESPACES, "--disable-userns", "--unshare-net"]
         args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+        if spec is not None:
+            # SECURITY: the output step (capture) is the sandbox's PID 1: the
+            # kernel ignores the task's signals to it, so it cannot be killed
+            # before it kills the rest and streams the outputs out.
+            args.append("--as-pid-1")
         args.append("--clearenv")
         env = {"PATH": _TASK_PATH, "HOME": _TMP} | dict(spec.env if spec else ())
         for key, value in env.items():
