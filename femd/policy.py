@@ -47,6 +47,7 @@ __all__ = [
     "SignerKey",
     "lint",
     "lint_file",
+    "lint_warnings",
     "load_policy",
     "policy_schema",
 ]
@@ -460,3 +461,30 @@ def lint_file(path: Path) -> list[str]:
     except PolicyError as e:
         return [str(e)]
     return []
+
+
+def lint_warnings(path: Path) -> list[str]:
+    """Problems that do not make a policy invalid but will refuse tasks.
+
+    Today: a dataset whose path does not exist on this host (a task using it
+    fails at stage-in). Returns ``file:line: field: message`` lines; a policy
+    that does not load yields none here (``lint_file`` reports it).
+    """
+    try:
+        docs = _read_docs(path)
+        data = _merge(docs) if len(docs) > 1 else docs[0].data
+        policy = msgspec.convert(data, Policy, strict=True)
+    except (PolicyError, msgspec.ValidationError):
+        return []
+    out = []
+    for name, dataset in sorted(policy.datasets.items()):
+        if Path(dataset.path).exists():
+            continue
+        parts: list[str | int] = ["datasets", name, "path"]
+        doc = _locate(docs, parts)
+        message = (
+            f"{dataset.path} does not exist on this host; tasks using dataset "
+            f"{name!r} will fail at stage-in (create it or fix the path)"
+        )
+        out.append(str(_fail(doc, str(doc.path), parts, message)))
+    return out
