@@ -410,3 +410,43 @@ def test_package_metadata(deb: Path) -> None:
     for name in ("bubblewrap", "podman", "runc", "uidmap", "catatonit"):
         assert re.search(rf"(^|[ ,]){name}([ ,(]|$)", depends), name
     assert re.search(r"python3 \(<< 3\.\d+\)", info), "wheels are for one Python"
+
+
+def test_lintian_finds_no_error_and_no_warning(deb: Path) -> None:
+    done = subprocess.run(  # noqa: S603 - fixed tool, our own package
+        ["/usr/bin/lintian", "--fail-on", "error,warning", "--no-tag-display-limit",
+         str(deb)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )  # fmt: skip
+    tags = [ln for ln in done.stdout.splitlines() if ln[:2] in ("E:", "W:")]
+    assert tags == [], "\n".join(tags)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_manual_page_lists_every_command(deb: Path, tmp_path: Path) -> None:
+    subprocess.run(  # noqa: S603 - fixed tool, our own package
+        ["/usr/bin/dpkg-deb", "-x", str(deb), str(tmp_path)], check=True
+    )
+    import gzip
+
+    page = gzip.decompress(
+        (tmp_path / "usr/share/man/man1/femd.1.gz").read_bytes()
+    ).decode()
+    for command in (
+        "keygen",
+        "sign",
+        "check",
+        "policy lint",
+        "policy schema",
+        "run",
+        "submit",
+        "watch",
+        "doctor",
+        "tasks",
+        "import\\-fem",
+    ):
+        assert f".SS {command}\n" in page, command  # fmt: skip
+    assert "\\-\\-podman\\-socket" in page
