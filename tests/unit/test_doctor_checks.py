@@ -99,3 +99,29 @@ def test_clock_check_says_something():
     c = doctor.check_clock(300)
     assert c.name == "clock"
     assert c.status in ("ok", "warn")
+
+
+def test_a_dead_broker_is_described_in_plain_words():
+    import socket
+
+    import pika.exceptions
+    from pika.adapters.utils.connection_workflow import (
+        AMQPConnectionWorkflowFailed,
+        AMQPConnectorSocketConnectError,
+    )
+
+    from femd.broker import describe
+
+    refused = pika.exceptions.AMQPConnectionError(
+        AMQPConnectorSocketConnectError(ConnectionRefusedError(111, "refused"))
+    )
+    text = describe(refused)
+    assert text.startswith("connection refused: nothing listens there")
+    assert "AMQP" not in text
+    assert "111" not in text
+    unknown = AMQPConnectionWorkflowFailed(
+        [AMQPConnectorSocketConnectError(socket.gaierror(-2, "Name not known"))]
+    )
+    assert describe(unknown) == (
+        "cannot resolve the broker's host name (check broker.url and DNS)"
+    )
