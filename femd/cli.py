@@ -97,7 +97,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 def _load_manifest_doc(path: str) -> bytes:
     """Read a JSON or YAML manifest, validate it, return canonical JSON bytes."""
     from femd.manifest import Manifest, decode_manifest, encode_manifest
-    from femd.model import explain
+    from femd.plain import one_line
     from femd.yamlfile import YamlError, load_yaml
 
     raw = _read_input(path, "manifest")
@@ -112,7 +112,8 @@ def _load_manifest_doc(path: str) -> bytes:
             at = f" line {e.line}" if e.line else ""
             raise ManifestError(f"manifest {path}:{at} {e.message}") from e
         except msgspec.ValidationError as e:
-            raise ManifestError(f"manifest: {cut(explain(str(e)), 200)}") from e
+            text = one_line(data, Manifest, str(e))
+            raise ManifestError(f"manifest {path}: {text}") from e
     return encode_manifest(manifest)
 
 

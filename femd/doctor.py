@@ -73,6 +73,12 @@ _HINTS: Final = (
         "/etc/subuid and /etc/subgid (run /usr/share/femd/setup-podman-user.sh)",
     ),
     (
+        ("session key", "keyctl"),
+        "the kernel keyring is refused here (a container or seccomp filter "
+        "blocks keyctl): allow keyctl, or set `keyring = false` under "
+        "[containers] in femd-podman's containers.conf",
+    ),
+    (
         ("seccomp", "operation not permitted"),
         "a seccomp or security filter refused a system call the sandbox needs: "
         "check the profile's seccomp setting and the unit's SystemCallFilter",

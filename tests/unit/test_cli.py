@@ -169,8 +169,8 @@ def test_sign_with_two_keys_at_once(site, capsys):
         ('{"kind": "Task", "kind": "Task"}', "duplicate key 'kind'"),
         ("kind: Task\nkind: Cancel\n", "line 2 duplicate key 'kind'"),
         ("kind: Task\nid: [\n", "manifest "),
-        ("- a\n", "manifest: "),
-        ("apiVersion: femd/v1\nkind: Task\nid: x\n", "missing required field"),
+        ("- a\n", "expected a mapping (`key: value` lines), got a list"),
+        ("apiVersion: femd/v1\nkind: Task\nid: x\n", "the required field `project`"),
     ],
     ids=[
         "json-incomplete",
@@ -387,7 +387,7 @@ def test_check_errors_exit_2_nothing_on_stdout(site, capsys, argv_tail, match):
     [
         (None, "No such file or directory"),
         ("", ":1: expected a mapping at the top level"),
-        ("apiVersion: femd/v1\nnode: fdn-01\n", "missing required field `kind`"),
+        ("apiVersion: femd/v1\nnode: fdn-01\n", ":1: kind: the required field `kind`"),
         ("\x00\x01garbage", "policy.yaml"),
     ],
     ids=["missing", "empty", "no-kind", "binary"],

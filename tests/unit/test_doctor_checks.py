@@ -76,6 +76,10 @@ def test_hints_name_the_cause():
         "cannot find UID/GID for user femd-podman: no subuid ranges found"
     )
     assert "seccomp" in doctor._hint("runc: seccomp: operation not permitted")
+    assert "keyctl" in doctor._hint(
+        "runc create failed: unable to start container process: error during "
+        "container init: unable to join session keyring"
+    )
 
 
 def test_state_dir_and_exit_code(tmp_path):
