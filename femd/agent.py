@@ -528,11 +528,6 @@ class Agent:
         )
         self.recover()
         self.link.start()
-        audit.emit(
-            audit.Event.AGENT_STARTED,
-            f"femd agent started for node {self.node}",
-            node=self.node,
-        )
         while not self._stop.is_set():
             self._tick()
         return self._shutdown()
@@ -541,6 +536,13 @@ class Agent:
         if not self._ready and self.link.ever_connected.is_set():
             self._ready = True
             self._notify("READY=1")
+            # docs/auditor.md: AGENT_STARTED means "up and ready", so after READY.
+            audit.emit(
+                audit.Event.AGENT_STARTED,
+                f"femd agent ready for node {self.node}",
+                node=self.node,
+                policy_sha256=self.policy.sha256,
+            )
             logger.info("ready: node %s, policy %s", self.node, self.policy.sha256[:12])
         if self._reload.is_set():
             self._reload.clear()
