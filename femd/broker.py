@@ -323,7 +323,7 @@ class NodeLink(threading.Thread):
                         # TLS 1.3: a refused client certificate may show only so.
                         hint = " (is our client certificate trusted?)"
                     logger.warning(
-                        "broker %s:%s: cannot connect: %s%s; retrying with backoff",
+                        "broker: cannot connect to %s:%s: %s%s; retrying with backoff",
                         self._params.host,
                         self._params.port,
                         why,
