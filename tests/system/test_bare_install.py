@@ -200,8 +200,9 @@ def test_bare_debian_install_then_doctor_and_a_task_per_launcher(bare: Container
     report = json.loads(doctor.stdout)
     status = {c["name"]: c for c in report["checks"]}
     # Both launchers ran their trivial task; podman may only warn (limits).
-    assert status["process (profile default)"]["status"] == "ok", status
-    assert status["podman (profile default)"]["status"] in ("ok", "warn"), status
+    shown = json.dumps(status, indent=1)
+    assert status["process (profile default)"]["status"] == "ok", shown
+    assert status["podman (profile default)"]["status"] in ("ok", "warn"), shown
     assert "trivial task ran" in status["podman (profile default)"]["summary"]
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
 
