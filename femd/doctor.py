@@ -26,7 +26,7 @@ import socket
 import ssl
 import tarfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal
@@ -48,9 +48,11 @@ __all__ = [
     "check_launcher",
     "check_policy",
     "check_state_dir",
+    "enforces_all",
     "exit_code",
     "render",
     "to_json",
+    "trial_launcher",
 ]
 
 Status = Literal["ok", "warn", "fail"]
@@ -429,7 +431,7 @@ def check_broker(
 
 def check_policy(path: Path, node: str) -> Check:
     """Lint the policy; its ``node`` must be this node."""
-    from femd.policy import lint_file, load_policy
+    from femd.policy import lint_file, lint_warnings, load_policy
 
     problems = lint_file(path)
     if problems:
@@ -441,7 +443,7 @@ def check_policy(path: Path, node: str) -> Check:
             details=tuple(problems),
         )
     policy = load_policy(path).policy
-    warnings = tuple(_policy_warnings(path))
+    warnings = tuple(lint_warnings(path))
     if policy.node != node:
         return Check(
             name="policy",
@@ -456,12 +458,6 @@ def check_policy(path: Path, node: str) -> Check:
         f"{len(policy.projects)} project(s)",
         details=warnings,
     )
-
-
-def _policy_warnings(path: Path) -> Iterable[str]:
-    from femd.policy import lint_warnings
-
-    return lint_warnings(path)
 
 
 def check_state_dir(path: Path) -> Check:

@@ -129,3 +129,19 @@ def test_a_dead_broker_is_described_in_plain_words():
     assert describe(unknown) == (
         "cannot resolve the broker's host name (check broker.url and DNS)"
     )
+
+
+def test_policy_check_lints_and_names_the_node(tmp_path):
+    from tests.conftest import keypair, make_policy
+
+    keys = {name: keypair() for name in ("orchestrator", "pi-smith")}
+    path = make_policy(tmp_path, keys)  # its dataset path does not exist here
+    c = doctor.check_policy(path, "fdn-01")
+    assert c.status == "warn"
+    assert "does not exist on this host" in c.details[0]
+    assert doctor.check_policy(path, "fdn-02").status == "fail"
+    path.write_text(path.read_text().replace("threshold: 2", "threshold: two"))
+    bad = doctor.check_policy(path, "fdn-01")
+    assert bad.status == "fail"
+    assert "expected a whole number" in bad.details[0]
+    assert bad.fix == f"femd policy lint {path}"
