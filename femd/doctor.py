@@ -122,7 +122,7 @@ def _capability_lines(c: Capabilities) -> tuple[str, ...]:
     lines = [
         f"enforces: memory {yes(c.memory_limit)}, cpus {yes(c.cpu_limit)}"
         f" (min {c.min_cpus:g}), pids {yes(c.pids_limit)},"
-        f" egress {yes(c.egress)} (filtered {yes(c.egress_filtered)})"
+        f" egress {yes(c.egress)}, ingress {yes(c.ingress)}"
     ]
     lines += [f"problem: {p}" for p in c.problems]
     lines += [f"note: {n}" for n in c.notes]

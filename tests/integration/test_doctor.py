@@ -35,6 +35,7 @@ def test_doctor_reports_each_launcher_and_what_it_enforces(tmp_path):
     assert p.returncode == 1, p.stderr  # a launcher failed
     assert "ok    process (profile default): a trivial task ran" in p.stdout
     assert "enforces: memory yes, cpus yes (min 1), pids yes" in p.stdout
+    assert "egress yes, ingress yes" in p.stdout  # forwarded by femd
     # A podman service that is not there is named, not a crash.
     assert "FAIL  podman (profile default): UNAVAILABLE" in p.stdout
     assert "absent.sock" in p.stdout
@@ -55,6 +56,8 @@ def test_doctor_json(tmp_path):
     assert podman["status"] == "fail"
     assert "absent.sock" in podman["summary"]
     assert podman["details"][0].startswith("enforces: ")
+    process = rows["process (profile default)"]
+    assert "egress yes, ingress yes" in process["details"][0]
 
 
 def test_doctor_with_a_broken_profile_dir_is_one_line(tmp_path):
