@@ -45,6 +45,7 @@ from femd.launchers import (
     start,
     unenforceable,
 )
+from femd.livelog import LogFollower
 from femd.manifest import NetworkEgress, Task
 from femd.policy import LoadedPolicy
 from femd.stagein import resolve_dataset, resolve_runtime, source_subdir, stage_git
@@ -199,6 +200,7 @@ class Runner:
         log_max_bytes: int,
         wake: Callable[[], None],
         stop_grace_s: float = 10.0,
+        live_log: Callable[[Handle], LogFollower] | None = None,
     ) -> None:
         """Keep what the run needs; nothing happens before ``run()``."""
         self.task = task
@@ -208,6 +210,8 @@ class Runner:
         self.profiles = profiles
         self.launchers = launchers
         self.work = state_dir / "work" / task.id
+        # Outlives the work dir: chunks are read from it until confirmed.
+        self.outgoing = state_dir / "outgoing"
         self.git_cache = state_dir / "git"
         self.chunk_bytes = chunk_bytes
         self.log_max_bytes = log_max_bytes
@@ -216,6 +220,7 @@ class Runner:
         self.cancelled = threading.Event()
         self.cancel_reason = "cancelled"
         self.handle: Handle | None = None
+        self.live_log = live_log
 
     def cancel(self, reason: str) -> None:
         """Ask the run to stop; the task ends ``cancelled``."""
@@ -313,8 +318,11 @@ class Runner:
         started = datetime.now(UTC)
         backstop = time.monotonic() + timeout_s + 2 * self.grace_s + 60
         killed = False
+        follower = self.live_log(handle) if self.live_log else None
         while True:
             outcome = handle.wait(0.5)
+            if follower is not None:
+                follower.poll(final=outcome is not None)
             if outcome is not None:
                 return outcome
             if self.cancelled.is_set():
@@ -361,9 +369,10 @@ class Runner:
     def _stage_out(self, outcome: Outcome) -> None:
         t = self.task
         self._transition("uploading")
+        self.outgoing.mkdir(mode=0o700, exist_ok=True)
         packed = pack_outputs(
             self.work / "out",
-            self.work / "outputs.tar.gz",
+            self.outgoing / f"{t.id}.tar.gz",
             max_bytes=output_cap(t, self.policy),
         )
         chunks = self.state.enqueue_results(

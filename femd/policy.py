@@ -172,18 +172,23 @@ class Project(Strict, frozen=True, kw_only=True):
     outputs: OutputsPolicy | None = None
 
 
+# A model checkpoint fits; the steward lowers it per project or node-wide.
+DEFAULT_OUTPUT_BYTES: Final = 2 * 1024 * 1024 * 1024
+
+
 def _default_limits() -> MaxResources:
     return MaxResources(cpus=1, memory_mb=1024, timeout_s=600, pids=128)
 
 
 def _default_outputs() -> OutputsPolicy:
-    return OutputsPolicy(max_bytes=10 * 1024 * 1024)
+    return OutputsPolicy(max_bytes=DEFAULT_OUTPUT_BYTES)
 
 
 class Defaults(Strict, frozen=True, kw_only=True):
     """Node-wide limits for projects that set none.
 
-    Small and safe by default: 1 cpu, 1024 MB, 600 s, 128 pids, 10 MiB of outputs.
+    Small and safe by default: 1 cpu, 1024 MB, 600 s, 128 pids; outputs up to
+    2 GiB (a model checkpoint fits).
     """
 
     max_resources: MaxResources = msgspec.field(default_factory=_default_limits)

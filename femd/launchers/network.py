@@ -81,17 +81,19 @@ def plan_routes(egress: Iterable[str]) -> list[_Route]:
     """Give each egress destination its in-sandbox address (pure).
 
     A name gets ``127.0.1.N`` (one per name, in first-seen order, skipping
-    addresses that IPv4 literals of the list use); a literal keeps its own.
+    addresses that IPv4 literals of the list use); a literal keeps its own,
+    and ``localhost`` stays ``127.0.0.1``. A destination listed twice (in any
+    letter case) is one route.
     """
-    pairs: list[tuple[str, str, int]] = []
+    pairs: dict[tuple[str, int], str] = {}
     for allowed in egress:
         host, _, number = allowed.rpartition(":")
-        pairs.append((allowed, host.lower(), int(number)))
-    taken = {h for _, h, _ in pairs if _is_ipv4(h)}
-    names: dict[str, str] = {}
+        pairs.setdefault((host.lower(), int(number)), allowed)
+    taken = {h for h, _ in pairs if _is_ipv4(h)}
+    names: dict[str, str] = {"localhost": "127.0.0.1"}
     free = (f"127.0.1.{n}" for n in range(1, 255))
     routes = []
-    for allowed, host, port in pairs:
+    for (host, port), allowed in pairs.items():
         if _is_ipv4(host):
             inside = host
         elif host in names:
@@ -105,7 +107,7 @@ def plan_routes(egress: Iterable[str]) -> list[_Route]:
 def hosts_file(routes: Iterable[_Route]) -> str:
     """The sandbox's ``/etc/hosts``: localhost and the allowed names only."""
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost"]
-    seen = set()
+    seen = {"localhost"}
     for r in routes:
         if not _is_ipv4(r.host) and r.host not in seen:
             seen.add(r.host)

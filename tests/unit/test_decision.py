@@ -397,7 +397,7 @@ CASES = {
     ),
     "outputs-node-default": Case(
         [Rule.OUTPUTS_EXCEEDED],
-        task={"outputs": {"max_bytes": 10485761}},
+        task={"outputs": {"max_bytes": 2 * 1024**3 + 1}},
         policy=project(outputs=None),
     ),
     "outputs-unasked": Case(task={"outputs": {"path": "/results"}}),
