@@ -97,6 +97,7 @@ class FlOutcome:
     federated_accuracy: float | None = None
     central_accuracy: float | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    live_rounds: int = 0
     refused: str | None = None
     problems: list[str] = field(default_factory=list)
     act_s: float = 0.0
@@ -113,6 +114,7 @@ class FlOutcome:
             "federated_accuracy": self.federated_accuracy,
             "central_accuracy": self.central_accuracy,
             "rounds": self.rounds,
+            "live_rounds": self.live_rounds,
             "refused": self.refused,
             "problems": self.problems,
             "act_s": self.act_s,
@@ -421,7 +423,7 @@ class FlAct(Walkthrough):
                 f"{r['examples']} patients, loss {r['loss']:.4f}, "
                 f"accuracy {100 * r['accuracy']:.1f}% (+{r['elapsed_s']:.1f} s)"
             )
-            self.fl.rounds.append(r)
+            self.fl.live_rounds += 1
 
     # -- 5 ------------------------------------------------------------------------
 
@@ -439,6 +441,12 @@ class FlAct(Walkthrough):
             self.fl.problems.append("no federated model came back from the server")
             c.bad("no federated model came back: nothing to compare")
             return
+        # The server's own record of the rounds came back with the model (live
+        # lines are best effort: a throttled task may have some dropped).
+        rounds = model.parent / "rounds.jsonl"
+        self.fl.rounds = [json.loads(x) for x in rounds.read_text().splitlines()]
+        if len(self.fl.rounds) < ROUNDS:
+            self.fl.problems.append(f"only {len(self.fl.rounds)} rounds ran")
         csvs = [str(f.csv) for f in self.fed.nodes.values()]
         done = subprocess.run(  # noqa: S603 (the runtime's interpreter, our script)
             [
