@@ -279,6 +279,7 @@ def _fem_line(event: dict[str, object]) -> dict[str, object]:
         ) or str(event.get("error") or event.get("state")) + (
             f" (exit code {code})" if code is not None else ""
         )
+    state = event.get("state")
     return {
         "node": event.get("node"),
         "task_id": event.get("task_id"),
@@ -287,7 +288,24 @@ def _fem_line(event: dict[str, object]) -> dict[str, object]:
         "stop_time": stopped,
         "elapsed_time_sec": elapsed,
         "error": error,
+        # FEM's per-node execution report, as its dashboard reads it.
+        "process_info": {
+            "status": _FEM_STATUS.get(str(state), str(state)),
+            "return_code": event.get("exit_code"),
+            "start_time": started,
+            "finish_time": stopped,
+        },
     }
+
+
+# femd's terminal states as FEM's process_info.status words.
+_FEM_STATUS: dict[str, str] = {
+    "succeeded": "finished",
+    "failed": "failed",
+    "timed_out": "timeout",
+    "cancelled": "cancelled",
+    "rejected": "rejected",
+}
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -461,11 +479,24 @@ def _cmd_import_fem(args: argparse.Namespace) -> int:
         commit=args.commit,
         datasets=tuple(fem.parse_dataset(d) for d in args.dataset),
         output_dir=args.output_dir,
+        code_dir=args.code,
         egress=tuple(args.egress),
+        ingress=tuple(fem.parse_port(p) for p in args.ingress),
+        env=tuple(fem.parse_env(e) for e in args.env),
+        runtime=args.runtime,
         execution_id=args.execution_id,
         user_id=args.user_id,
     )
-    results = fem.convert(template, options, tool=tool, params=params)
+    try:
+        conversion = fem.convert(template, options, tool=tool, params=params)
+    except fem.FemImportError as e:
+        # Like `policy lint`: every problem, one line each, with its fix.
+        for problem in e.problems:
+            print(f"femd: error: import-fem: {problem}", file=sys.stderr)
+        return e.exit_code
+    for note in conversion.notes:
+        print(f"femd: note: import-fem: {note}", file=sys.stderr)
+    results = conversion.manifests
     paths = fem.output_paths(args.output, results)
     for path, r in zip(paths, results, strict=True):
         _write_output(path, fem.manifest_json(r.task))
@@ -510,7 +541,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(
             f"  enforces: memory {yes(c.memory_limit)}, cpus {yes(c.cpu_limit)}"
             f" (min {c.min_cpus:g}), pids {yes(c.pids_limit)},"
-            f" egress {yes(c.egress)} (filtered {yes(c.egress_filtered)})"
+            f" egress {yes(c.egress)}, ingress {yes(c.ingress)}"
         )
         for problem in c.problems:
             print(f"  problem: {problem}")
@@ -652,7 +683,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--commit", metavar="SHA", help="pins source_code (full id)")
     s.add_argument("--dataset", action="append", default=[], metavar="NAME=MOUNT")
     s.add_argument("--output-dir", default="/out", help="output dir (default /out)")
+    s.add_argument("--code", metavar="MOUNT", help="the FEM volume that held the code")
     s.add_argument("--egress", action="append", default=[], metavar="HOST:PORT")
+    s.add_argument("--ingress", action="append", default=[], metavar="PORT")
+    s.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="for $NAME"
+    )
+    s.add_argument("--runtime", help="a runtime the nodes' policies name")
     s.add_argument("--launcher", choices=["podman", "process"], default="podman")
     s.add_argument("--profile", default="default", help="launcher profile name")
     s.add_argument("--expires-in", default="24h", help="validity (default 24h)")
