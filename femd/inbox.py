@@ -348,11 +348,16 @@ class Inbox:
 
     def stage_chunk(
         self, routing_key: str, headers: Mapping[str, Any], body: bytes
-    ) -> None:
+    ) -> bool:
         """Write a result chunk to its part file; its row waits for ``commit()``.
 
         A chunk that contradicts its outputs' announcement marks those outputs
-        failed (at commit); a malformed one is logged and dropped.
+        failed; a malformed one is logged and dropped.
+
+        Returns:
+            False if the chunk cannot be placed yet (a node older than the
+            ``size`` header, before its terminal event came): hand it back to
+            the broker for later. True otherwise.
 
         Raises:
             StateError: the inbox database failed.
@@ -360,7 +365,7 @@ class Inbox:
         key = _split_key(routing_key)
         if key is None:
             logger.warning("inbox: dropping a chunk routed %s", cut(routing_key))
-            return
+            return True
         node, task = key
         try:
             index, total = int(headers["index"]), int(headers["total"])
@@ -369,23 +374,23 @@ class Inbox:
             offset = int(headers["offset"]) if "offset" in headers else None
         except (KeyError, TypeError, ValueError):
             logger.warning("inbox: dropping a malformed chunk (%s)", cut(routing_key))
-            return
+            return True
         status = self._output_row(node, task)
         if status is not None and status[0] in ("complete", "failed", "verifying"):
-            return  # a duplicate of outputs already handled
+            return True  # a duplicate of outputs already handled
         if size is None:
             size = status[1] if status is not None else None
         if size is None:
-            # An older node states no size; the terminal event will.
-            logger.warning("inbox: chunk of %s/%s without size; dropped", node, task)
-            return
+            # An older node states no size; its terminal event will.
+            return False
         try:
             part = self._part(node, task, sha, size, total)
             part.feed(index, total, body, offset)
         except StageOutError as e:
             self._fail(node, task, sha, size, total, str(e))
-            return
+            return True
         self._chunks.add((node, task, index))
+        return True
 
     # -- output bookkeeping ------------------------------------------------------
 
