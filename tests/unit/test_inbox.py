@@ -148,7 +148,7 @@ def test_a_verification_left_by_a_dead_receiver_is_taken_over(tmp_path: Path, pa
     first = Inbox(tmp_path / "inbox")
     for i, c in enumerate(chunks):
         first.stage_chunk(f"{NODE}.t1", headers(p, chunks, i), c)
-    first._finish_if_complete = lambda node, task: None  # dies before verifying
+    first.assembly.finish_if_complete = lambda node, task: None  # dies first
     first.commit()
     db = sqlite3.connect(tmp_path / "inbox" / "inbox.sqlite")
     db.execute("UPDATE outputs SET status = 'verifying', claimed_by = 999999999")
