@@ -483,8 +483,20 @@ class Agent:
 
     # -- recovery --------------------------------------------------------------------
 
+    def _prune_outgoing(self) -> None:
+        """Remove archives no queued chunk needs (packing cut short by a crash)."""
+        outgoing = self.state_dir / "outgoing"
+        if not outgoing.is_dir():
+            return
+        keep = {Path(p).resolve() for p in self.state.queued_archives()}
+        for path in outgoing.iterdir():
+            if path.resolve() not in keep:
+                logger.info("outputs: removing unsent leftover %s", path.name)
+                path.unlink(missing_ok=True)
+
     def recover(self) -> None:
         """Reconcile tasks a previous run left in non-terminal states."""
+        self._prune_outgoing()
         for row in self.state.unfinished():
             if row.state in ("received", "queued") and row.payload is not None:
                 if row.kind == "Cancel":
