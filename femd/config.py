@@ -16,8 +16,9 @@ from msgspec import Meta
 
 from femd.envelope import MAX_ENVELOPE_BYTES
 from femd.errors import ConfigError
-from femd.model import Name, Strict, explain
-from femd.yamlfile import YamlError, field_of, line_of, load_yaml, split_error
+from femd.model import Name, Strict
+from femd.plain import first
+from femd.yamlfile import YamlError, field_of, line_of, load_yaml
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -106,7 +107,7 @@ def _load_struct(path: Path, env: Mapping[str, str], kind: type[_T]) -> _T:
     try:
         return msgspec.convert(data, kind, strict=True)
     except msgspec.ValidationError as e:
-        message, parts = split_error(explain(str(e)))
+        parts, message = first(data, kind, e)
         line = line_of(node, parts)[0]
         field = field_of(parts)
         where = f"{path}:{line}" if line else str(path)
