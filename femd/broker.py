@@ -211,8 +211,12 @@ class NodeLink(threading.Thread):
         *,
         prefetch: int,
         on_state: Callable[[bool, str], None] | None = None,
+        on_delivery: Callable[[], None] | None = None,
     ) -> None:
         """Prepare the link; nothing connects until ``start()``.
+
+        *on_state* hears every connect and disconnect; *on_delivery* is called
+        (in the link's thread) after each delivery is put in ``inbox``.
 
         Raises:
             BrokerError: the broker configuration is unusable.
@@ -224,6 +228,7 @@ class NodeLink(threading.Thread):
         self._outbox = outbox
         self._prefetch = prefetch
         self._on_state = on_state or (lambda up, why: None)
+        self._on_delivery = on_delivery or _nothing
         self.inbox: queue.Queue[Delivery] = queue.Queue()
         self._acks: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self._generation = 0
@@ -342,6 +347,7 @@ class NodeLink(threading.Thread):
                     generation, method.delivery_tag, bool(method.redelivered), body
                 )
             )
+            self._on_delivery()
 
         tag = None
         if not self._pause.is_set():
