@@ -47,7 +47,6 @@ from femd.launchers import (
 )
 from femd.manifest import NetworkEgress, Task
 from femd.policy import LoadedPolicy
-from femd.stagein import resolve_dataset, source_subdir, stage_git
 from femd.stageout import pack_outputs
 from femd.state import State
 
@@ -254,6 +253,9 @@ class Runner:
             d.chmod(0o711)
 
     def _stage_in(self) -> LaunchSpec:
+        # pygit2 (~8 MB) is loaded by the first stage-in, not by an idle agent.
+        from femd.stagein import resolve_dataset, source_subdir, stage_git
+
         t = self.task
         if self.work.exists():
             shutil.rmtree(self.work)
