@@ -282,12 +282,12 @@ class Testbed:
         self.vhost = self.broker.provision("bench", [AGENT_NODE, ECHO_NODE])
         return self.vhost
 
-    def start_agent(self) -> AgentProcess:
+    def start_agent(self, policy: str = POLICY) -> AgentProcess:
         assert self.vhost is not None
         node = self.base / AGENT_NODE
         node.mkdir(mode=0o711)
         (node / "orchestrator.pub").write_bytes(public_pem(self.key.public_key()))
-        (node / "policy.yaml").write_text(POLICY)
+        (node / "policy.yaml").write_text(policy)
         config = {
             "node": AGENT_NODE,
             "broker": self.vhost.broker_config(AGENT_NODE),
@@ -304,7 +304,7 @@ class Testbed:
         self.agent.wait_ready()
         return self.agent
 
-    def envelope(self) -> tuple[str, bytes]:
+    def envelope(self, **fields: Any) -> tuple[str, bytes]:
         now = datetime.now(UTC)
         task_id = str(uuid.uuid4())
         manifest = {
@@ -317,6 +317,7 @@ class Testbed:
             # of that user on the host (other test runs too): leave headroom.
             "resources": {"cpus": 1, "memory_mb": 256, "timeout_s": 60, "pids": 1024},
         }  # fmt: skip
+        manifest.update(fields)
         return task_id, encode_envelope(sign(json.dumps(manifest).encode(), [self.key]))
 
     def close(self) -> None:
