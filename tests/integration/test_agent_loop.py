@@ -85,14 +85,16 @@ def test_a_freed_slot_is_refilled_at_once(node_env: NodeEnv) -> None:
     env.write_config(max_concurrent_tasks=1)
     events = env.collect()
     agent = env.start_agent()
-    ids = [f"slot-{i:02d}" for i in range(12)]
+    ids = [f"slot-{i:02d}" for i in range(24)]
     env.publish(*(env.task(t) for t in ids))
     events.await_terminal(ids, 120)
     ends = check_runs(events, env.counter, ids)
     assert set(ends.values()) == {"succeeded"}, ends
     # Through one slot, each task starts after the previous one ended: the gap
     # from a terminal event to the next task's `staging` (the agent's own
-    # clock) is the time a slot sat empty. A 100 ms tick leaves ~50 ms.
+    # clock) is the time a slot sat empty: the previous task's last commit and
+    # clean-up, then the dispatch (~10 ms on a loaded 2-core host). A 100 ms
+    # tick adds a uniform 0-100 ms wait to each gap: a median of ~60 ms.
     runs = sorted(
         (_at(next(e for e in events.of(t) if e["state"] == "staging")), t) for t in ids
     )
@@ -102,5 +104,5 @@ def test_a_freed_slot_is_refilled_at_once(node_env: NodeEnv) -> None:
         assert terminal is not None
         gaps.append((start - _at(terminal)) * 1000)
     assert min(gaps) >= 0, gaps  # one slot: never two tasks at once
-    assert statistics.median(gaps) < 20, f"slot idle gaps (ms): {gaps}"
+    assert statistics.median(gaps) < 35, f"slot idle gaps (ms): {gaps}"
     assert agent.terminate() == 0
