@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import logging
 import os
 import re
@@ -590,7 +591,17 @@ def main() -> int:
     ap.add_argument(
         "--transfer-mb", type=int, default=TRANSFER_MB, help="the large output's size"
     )
+    ap.add_argument("--json", type=Path, help="also write every run's rows here")
+    ap.add_argument(
+        "--summary-of",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: the summary of runs saved with --json",
+    )
     args = ap.parse_args()
+    if args.summary_of:
+        return summarize_saved(args.summary_of)
     logging.getLogger("femd").setLevel(logging.ERROR)
     table = sections(args.quick, args.transfer_mb)
     chosen = [s for s in args.only.split(",") if s] or list(table)
@@ -620,7 +631,23 @@ def main() -> int:
             print_rows(rows)
         results.append({r.name: r for _, rows in done for r in rows})
         sys.stdout.flush()
+        if args.json:
+            saved = [{k: r.as_dict() for k, r in run.items()} for run in results]
+            args.json.write_text(json.dumps(saved, indent=1))
     summary(results)
+    return 0
+
+
+def summarize_saved(paths: list[Path]) -> int:
+    """The summary of runs saved by earlier ``--json`` runs (e.g. interleaved)."""
+    from latency import Row
+
+    runs = [
+        {k: Row(**v) for k, v in run.items()}
+        for path in paths
+        for run in json.loads(path.read_text())
+    ]
+    summary(runs)
     return 0
 
 
