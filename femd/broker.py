@@ -483,17 +483,16 @@ class NodeLink(threading.Thread):
 
         Publishes do not wait for their confirms (they arrive while the loop
         serves the broker); a message is marked published only once the
-        broker confirmed it, and at most ``_IN_FLIGHT`` wait for that.
+        broker confirmed it, and at most ``_IN_FLIGHT`` wait for that. New
+        messages go out before the confirmed ones are marked (a commit): that
+        write is not on the way of the next event.
         """
-        acked = confirms.take_acked()
-        if acked:
-            self._outbox.mark_published(acked)
         room = min(_BATCH, _IN_FLIGHT - len(confirms.seqs))
-        if room <= 0:
-            return False
-        flying = set(confirms.seqs.values())
-        pending = self._outbox.pending_events(room + len(flying))
-        batch = [m for m in pending if m.seq not in flying][:room]
+        batch = []
+        if room > 0:
+            skip = set(confirms.seqs.values()).union(confirms.acked)
+            pending = self._outbox.pending_events(room + len(skip))
+            batch = [m for m in pending if m.seq not in skip][:room]
         for m in batch:
             props = pika.BasicProperties(
                 content_type="application/json"
@@ -505,6 +504,9 @@ class NodeLink(threading.Thread):
             )
             channel.basic_publish(m.exchange, m.routing_key, m.body, props)
             confirms.sent(m.seq)
+        acked = confirms.take_acked()
+        if acked:
+            self._outbox.mark_published(acked)
         return len(batch) == _BATCH
 
     def _close(self) -> None:
