@@ -10,10 +10,12 @@ they become ``BrokerError`` or log lines.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
 import random
+import socket
 import ssl
 import threading
 import time
@@ -24,18 +26,25 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 import pika
 import pika.exceptions
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectionWorkflowFailed,
+    AMQPConnectorException,
+)
 
 from femd.config import BrokerConfig
 from femd.errors import BrokerError, cut
 
 __all__ = [
     "EVENTS_EXCHANGE",
+    "LOGS_EXCHANGE",
+    "NODES_EXCHANGE",
     "RESULTS_EXCHANGE",
     "TASKS_EXCHANGE",
     "Confirms",
     "Delivery",
     "NodeLink",
     "Outbox",
+    "SideMessage",
     "connection_parameters",
     "describe",
     "node_queue",
@@ -46,6 +55,11 @@ logger = logging.getLogger(__name__)
 TASKS_EXCHANGE: Final = "femd.tasks"
 EVENTS_EXCHANGE: Final = "femd.events"
 RESULTS_EXCHANGE: Final = "femd.results"
+# Best-effort messages (node status, live task output): not in the outbox.
+NODES_EXCHANGE: Final = "femd.nodes"
+LOGS_EXCHANGE: Final = "femd.logs"
+# Best-effort messages waiting for the link at most (older ones are dropped).
+_SIDE_MAX: Final = 256
 
 # Errors that mean "this connection is gone; reconnect".
 _LINK_ERRORS: Final = (pika.exceptions.AMQPError, OSError, ssl.SSLError, BrokerError)
@@ -127,8 +141,24 @@ def describe(e: BaseException) -> str:
         if isinstance(inner, BaseException):
             return describe(inner)
         return cut(text, 160)
+    if isinstance(e, AMQPConnectorException | AMQPConnectionWorkflowFailed):
+        # pika's connection workflow wraps the socket's own error (once or
+        # twice); say what that error means, not the wrappers' names.
+        inner = [getattr(e, "exception", None), *(getattr(e, "exceptions", ()))]
+        inner = [x for x in [*inner, *e.args] if isinstance(x, BaseException)]
+        if inner:
+            return describe(inner[-1])
     if isinstance(e, ConnectionRefusedError):
-        return "connection refused"
+        return (
+            "connection refused: nothing listens there (is the broker running, "
+            "and are the host and port in broker.url right?)"
+        )
+    if isinstance(e, socket.gaierror):
+        return "cannot resolve the broker's host name (check broker.url and DNS)"
+    if isinstance(e, TimeoutError):
+        return "no answer from the broker in time (a firewall, or the wrong host?)"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror[:1].lower()}{e.strerror[1:]}"
     return f"{type(e).__name__}: {cut(text, 160)}"
 
 
@@ -190,13 +220,13 @@ class Confirms:
     def __init__(self, on_confirm: Callable[[], None] = _nothing) -> None:
         """No message in flight; *on_confirm* is called after each confirm."""
         self._on_confirm = on_confirm
-        self.seqs: dict[int, int] = {}  # delivery tag -> outbox seq
+        self.seqs: dict[int, int | None] = {}  # tag -> outbox seq (None: best effort)
         self.next_tag = 1
         self.acked: list[int] = []
         self.nacked = 0
 
-    def sent(self, seq: int) -> None:
-        """Note that outbox message *seq* was just published on the channel."""
+    def sent(self, seq: int | None) -> None:
+        """Note that outbox message *seq* (None: a best-effort one) was published."""
         self.seqs[self.next_tag] = seq
         self.next_tag += 1
 
@@ -207,9 +237,11 @@ class Confirms:
         tags = [t for t in self.seqs if t <= tag] if method.multiple else [tag]
         ok = isinstance(method, pika.spec.Basic.Ack)
         for t in tags:
-            seq = self.seqs.pop(t, None)
-            if seq is None:
+            if t not in self.seqs:
                 continue
+            seq = self.seqs.pop(t)
+            if seq is None:
+                continue  # best effort: nobody waits for it
             if ok:
                 self.acked.append(seq)
             else:
@@ -227,6 +259,16 @@ class Confirms:
             raise BrokerError("the broker refused (nack) an outbox message")
         acked, self.acked = self.acked, []
         return acked
+
+
+class SideMessage(msgspec.Struct, frozen=True):
+    """A best-effort message: published when the link can, lost if it cannot."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, Any] | None = None
 
 
 class OutboxMessage(Protocol):
@@ -295,8 +337,19 @@ class NodeLink(threading.Thread):
         self.ever_connected = threading.Event()
         self.last_error = ""
         self._conn: pika.BlockingConnection | None = None
+        # deque append/popleft are atomic: the agent's threads add, the link takes.
+        self._side: collections.deque[SideMessage] = collections.deque(maxlen=_SIDE_MAX)
 
     # -- API for the agent thread -------------------------------------------
+
+    def publish_soon(self, message: SideMessage) -> None:
+        """Queue a best-effort message (node status, live log); never blocks.
+
+        At most ``_SIDE_MAX`` wait; beyond that the oldest is dropped. Lost if
+        the broker is away: the next status or log batch supersedes it.
+        """
+        self._side.append(message)
+        self.wake()
 
     def ack(self, delivery: Delivery) -> None:
         """Ack a committed *delivery*; a stale generation is dropped (redelivered)."""
@@ -329,7 +382,7 @@ class NodeLink(threading.Thread):
         self._pause.set()
         deadline = time.monotonic() + flush_s
         while time.monotonic() < deadline and self.connected.is_set():
-            if not self._outbox.pending_events(1):
+            if not self._outbox.pending_events(1) and not self._side:
                 break
             self.wake()
             time.sleep(0.05)
@@ -362,7 +415,9 @@ class NodeLink(threading.Thread):
                         # TLS 1.3: a refused client certificate may show only so.
                         hint = " (is our client certificate trusted?)"
                     logger.warning(
-                        "broker: cannot connect: %s%s; retrying with backoff",
+                        "broker: cannot connect to %s:%s: %s%s; retrying with backoff",
+                        self._params.host,
+                        self._params.port,
                         why,
                         hint,
                     )
@@ -407,6 +462,7 @@ class NodeLink(threading.Thread):
             )
             self._on_delivery()
 
+        side = self._side_exchanges(conn)
         tag = None
         if not self._pause.is_set():
             tag = consume.basic_consume(q, on_message, auto_ack=False)
@@ -421,7 +477,7 @@ class NodeLink(threading.Thread):
         )
         self._on_state(True, "")
         try:
-            self._loop(conn, consume, publish, confirms, generation, tag)
+            self._loop(conn, consume, publish, confirms, generation, tag, side)
         finally:
             # What the broker confirmed stays confirmed, whatever ends the loop.
             if confirms.acked:
@@ -454,6 +510,7 @@ class NodeLink(threading.Thread):
         confirms: Confirms,
         generation: int,
         tag: str | None,
+        side: bool,
     ) -> None:
         while not self._halt.is_set():
             self._wake.clear()
@@ -464,6 +521,8 @@ class NodeLink(threading.Thread):
             # One batch at a time: acks and deliveries are served between
             # batches, so a busy outbox never starves the intake.
             more = self._drain(publish, confirms)
+            if side:
+                self._drain_side(publish, confirms)
             idle = not more and not self._wake.is_set()
             # Returns early on data from the broker or on ``wake()``.
             conn.process_data_events(time_limit=_POLL_S if idle else 0)
@@ -508,6 +567,41 @@ class NodeLink(threading.Thread):
         if acked:
             self._outbox.mark_published(acked)
         return len(batch) == _BATCH
+
+    def _side_exchanges(self, conn: pika.BlockingConnection) -> bool:
+        """True if the broker has the best-effort exchanges (passive check)."""
+        for name in (NODES_EXCHANGE, LOGS_EXCHANGE):
+            check = conn.channel()
+            try:
+                check.exchange_declare(name, passive=True)
+            except pika.exceptions.ChannelClosedByBroker:
+                logger.warning(
+                    "broker: no exchange %s (older broker definitions):"
+                    " node status and live logs are not sent",
+                    name,
+                )
+                return False
+            check.close()
+        return True
+
+    def _drain_side(self, channel: Any, confirms: Confirms) -> None:  # noqa: ANN401
+        """Publish up to one batch of best-effort messages (lost on failure).
+
+        They share the outbox's confirm-mode channel: each takes a delivery
+        tag, whose confirm nobody waits for.
+        """
+        for _ in range(_BATCH):
+            try:
+                m = self._side.popleft()
+            except IndexError:
+                return
+            props = pika.BasicProperties(
+                content_type=m.content_type,
+                delivery_mode=1,
+                headers=m.headers or None,
+            )
+            channel.basic_publish(m.exchange, m.routing_key, m.body, props)
+            confirms.sent(None)
 
     def _close(self) -> None:
         was = self.connected.is_set()

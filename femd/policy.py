@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import ipaddress
 import re
 from collections.abc import Mapping
 from datetime import date
@@ -22,36 +23,47 @@ from msgspec import Meta
 
 from femd.errors import InputError, PolicyError
 from femd.keys import keyid, load_public_key
-from femd.model import AbsPath, HostPortPattern, KeyId, Name, Strict, explain
+from femd.model import (
+    AbsPath,
+    HostPortPattern,
+    KeyId,
+    Name,
+    Peer,
+    Port,
+    Strict,
+)
+from femd.plain import first, problems
 from femd.yamlfile import (
-    ANY_KEY,
-    KEY,
     YamlError,
     field_of,
     line_of,
     load_yaml,
-    split_error,
 )
 
 __all__ = [
     "Dataset",
     "Defaults",
-    "EgressPolicy",
+    "IngressPolicy",
     "LoadedPolicy",
     "MaxResources",
+    "NetworkPolicy",
     "OutputsPolicy",
     "Policy",
     "Problem",
     "Project",
+    "Runtime",
     "Signer",
     "SignerKey",
     "lint",
     "lint_file",
+    "lint_warnings",
     "load_policy",
     "policy_schema",
+    "valid_peer",
 ]
 
 _Pattern = Annotated[str, Meta(min_length=1, max_length=512)]
+_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 class Signer(Strict, frozen=True, kw_only=True):
@@ -79,6 +91,17 @@ class Dataset(Strict, frozen=True, kw_only=True):
     path: AbsPath
 
 
+class Runtime(Strict, frozen=True, kw_only=True):
+    """A read-only runtime tasks may use, e.g. a virtualenv of pinned packages.
+
+    `path` is a directory on this node (built by the sysadmin from pinned,
+    hash-checked packages; see `scripts/install.sh`), mounted read-only into
+    the task at the same path. Nothing is downloaded when a task runs.
+    """
+
+    path: AbsPath
+
+
 class MaxResources(Strict, frozen=True, kw_only=True):
     """Upper limits for a task; a task asking more is denied (`resources.exceeded`).
 
@@ -97,10 +120,33 @@ class OutputsPolicy(Strict, frozen=True, kw_only=True):
     max_bytes: Annotated[int, Meta(ge=0)]
 
 
-class EgressPolicy(Strict, frozen=True, kw_only=True):
-    """Outbound connections tasks may open: `host:port` shell-style patterns."""
+class IngressPolicy(Strict, frozen=True, kw_only=True):
+    """Ports tasks may listen on, and the peers that may connect to them.
 
-    egress: Annotated[tuple[HostPortPattern, ...], Meta(min_length=1)]
+    Each port is exposed on the same port of the node, for the task's lifetime,
+    to the listed `peers` only (CIDRs, addresses or host names; a name is
+    resolved when the task starts).
+    """
+
+    ports: Annotated[tuple[Port, ...], Meta(min_length=1, max_length=64)]
+    peers: Annotated[tuple[Peer, ...], Meta(min_length=1, max_length=256)]
+
+
+class NetworkPolicy(Strict, frozen=True, kw_only=True):
+    """Network a project's tasks may have; give `egress`, `ingress` or both.
+
+    `egress`: `host:port` shell-style patterns of destinations a task may ask
+    for (`network.allow` in its manifest). `ingress`: ports a task may listen
+    on (`network.listen`) and who may connect.
+    """
+
+    egress: Annotated[tuple[HostPortPattern, ...], Meta(min_length=1)] | None = None
+    ingress: IngressPolicy | None = None
+
+    def __post_init__(self) -> None:
+        """At least one of the two is given."""
+        if self.egress is None and self.ingress is None:
+            raise ValueError("`network` needs `egress`, `ingress` or both")
 
 
 class Project(Strict, frozen=True, kw_only=True):
@@ -108,7 +154,8 @@ class Project(Strict, frozen=True, kw_only=True):
 
     `images` are shell-style globs on the image repository (the part before
     `@sha256:`); the digest is always required. `git` globs match whole
-    repository URLs. `datasets` name entries of the top-level `datasets`.
+    repository URLs. `datasets` name entries of the top-level `datasets`, and
+    `runtimes` entries of the top-level `runtimes`.
     """
 
     signers: Annotated[tuple[Name, ...], Meta(min_length=1)]
@@ -117,9 +164,14 @@ class Project(Strict, frozen=True, kw_only=True):
     images: tuple[_Pattern, ...] = ()
     git: tuple[_Pattern, ...] = ()
     datasets: tuple[Name, ...] = ()
+    runtimes: tuple[Name, ...] = ()
     max_resources: MaxResources | None = None
-    network: Literal["none"] | EgressPolicy = "none"
+    network: Literal["none"] | NetworkPolicy = "none"
     outputs: OutputsPolicy | None = None
+
+
+# A model checkpoint fits; the steward lowers it per project or node-wide.
+DEFAULT_OUTPUT_BYTES: Final = 2 * 1024 * 1024 * 1024
 
 
 def _default_limits() -> MaxResources:
@@ -127,13 +179,14 @@ def _default_limits() -> MaxResources:
 
 
 def _default_outputs() -> OutputsPolicy:
-    return OutputsPolicy(max_bytes=10 * 1024 * 1024)
+    return OutputsPolicy(max_bytes=DEFAULT_OUTPUT_BYTES)
 
 
 class Defaults(Strict, frozen=True, kw_only=True):
     """Node-wide limits for projects that set none.
 
-    Small and safe by default: 1 cpu, 1024 MB, 600 s, 128 pids, 10 MiB of outputs.
+    Small and safe by default: 1 cpu, 1024 MB, 600 s, 128 pids; outputs up to
+    2 GiB (a model checkpoint fits).
     """
 
     max_resources: MaxResources = msgspec.field(default_factory=_default_limits)
@@ -149,6 +202,7 @@ class Policy(Strict, frozen=True, kw_only=True):
     signers: dict[Name, Signer] = msgspec.field(default_factory=dict)
     revoked_keyids: tuple[KeyId, ...] = ()
     datasets: dict[Name, Dataset] = msgspec.field(default_factory=dict)
+    runtimes: dict[Name, Runtime] = msgspec.field(default_factory=dict)
     projects: dict[Name, Project] = msgspec.field(default_factory=dict)
     defaults: Defaults = msgspec.field(default_factory=Defaults)
 
@@ -232,6 +286,11 @@ def lint(policy: Policy) -> list[Problem]:
                 problems.append(
                     Problem((*at, "datasets", i), f"unknown dataset {ds!r}")
                 )
+        for i, rt in enumerate(project.runtimes):
+            if rt not in policy.runtimes:
+                problems.append(
+                    Problem((*at, "runtimes", i), f"unknown runtime {rt!r}")
+                )
         for i, pattern in enumerate(project.images):
             if "@" in pattern:
                 problems.append(
@@ -241,7 +300,41 @@ def lint(policy: Policy) -> list[Problem]:
                         "leave out the `@sha256:` digest",
                     )
                 )
+        problems += _lint_network(at, project.network)
     return problems
+
+
+def _lint_network(
+    at: tuple[str | int, ...], network: Literal["none"] | NetworkPolicy
+) -> list[Problem]:
+    if network == "none" or network.ingress is None:
+        return []
+    problems: list[Problem] = []
+    ingress = network.ingress
+    where = (*at, "network", "ingress")
+    if len(set(ingress.ports)) != len(ingress.ports):
+        problems.append(Problem((*where, "ports"), "a port is listed twice"))
+    for i, peer in enumerate(ingress.peers):
+        if not valid_peer(peer):
+            problems.append(
+                Problem(
+                    (*where, "peers", i),
+                    f"not a CIDR, address or host name: {peer!r}",
+                )
+            )
+    return problems
+
+
+def valid_peer(peer: str) -> bool:
+    """True when *peer* is a CIDR, an IP address or a DNS host name."""
+    try:
+        ipaddress.ip_network(peer, strict=True)
+    except ValueError:
+        pass
+    else:
+        return True
+    labels = peer.split(".")
+    return len(peer) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
 
 
 def _dedent(node: Any) -> Any:  # noqa: ANN401 (JSON)
@@ -375,36 +468,6 @@ def _load_keys(
     return keys, blobs
 
 
-_UNKNOWN: Final = re.compile(r"Object contains unknown field `([^`]+)`")
-_ENTRIES: Final[Mapping[str, type[Strict]]] = {
-    "signers": Signer,
-    "datasets": Dataset,
-    "projects": Project,
-}
-
-
-def _error_path(data: Any, message: str) -> tuple[str, list[str | int]]:  # noqa: ANN401
-    """Split a conversion error, naming the dict entry msgspec leaves out."""
-    message, parts = split_error(message)
-    if unknown := _UNKNOWN.fullmatch(message):
-        parts.append(unknown.group(1))  # point at the stray key's own line
-    ok = len(parts) > 1 and isinstance(data, dict)
-    section = data.get(str(parts[0])) if ok else None
-    if not isinstance(section, dict) or parts[1] not in (ANY_KEY, KEY):
-        return message, parts
-    # msgspec checks entries in order, so the first that fails alone is the one.
-    for key, value in section.items():
-        try:
-            if parts[1] == KEY:
-                msgspec.convert(key, Name)
-            else:
-                msgspec.convert(value, _ENTRIES[str(parts[0])], strict=True)
-        except msgspec.ValidationError as e:
-            rest = [] if parts[1] == KEY else _error_path(value, explain(str(e)))[1]
-            return message, [parts[0], str(key), *rest]
-    return message, parts  # pragma: no cover (defensive: no entry fails alone)
-
-
 def load_policy(path: Path) -> LoadedPolicy:
     """Load, validate and lint a policy file or directory; load its keys.
 
@@ -417,9 +480,9 @@ def load_policy(path: Path) -> LoadedPolicy:
         # Without builtin_types msgspec takes YAML dates and quoted strings alike.
         policy = msgspec.convert(data, Policy, strict=True)
     except msgspec.ValidationError as e:
-        message, parts = _error_path(data, explain(str(e)))
+        parts, message = first(data, Policy, e)
         doc = _locate(docs, parts)
-        raise _fail(doc, str(doc.path), parts, message[0].lower() + message[1:]) from e
+        raise _fail(doc, str(doc.path), parts, message) from e
     problems = lint(policy)
     if problems:
         p = problems[0]
@@ -445,11 +508,11 @@ def lint_file(path: Path) -> list[str]:
         data = _merge(docs) if len(docs) > 1 else docs[0].data
         try:
             policy = msgspec.convert(data, Policy, strict=True)
-        except msgspec.ValidationError:
-            load_policy(path)  # raises the located error
-            raise RuntimeError(  # pragma: no cover (load_policy raised above)
-                "unreachable: conversion failed twice differently"
-            ) from None
+        except msgspec.ValidationError as e:
+            # Every type problem in one pass, not just msgspec's first.
+            found = problems(data, Policy) or [first(data, Policy, e)]
+            located = [(_locate(docs, p), p, m) for p, m in found]
+            return [str(_fail(d, str(d.path), p, m)) for d, p, m in located]
         out = []
         for p in lint(policy):
             doc = _locate(docs, list(p.path))
@@ -460,3 +523,30 @@ def lint_file(path: Path) -> list[str]:
     except PolicyError as e:
         return [str(e)]
     return []
+
+
+def lint_warnings(path: Path) -> list[str]:
+    """Problems that do not make a policy invalid but will refuse tasks.
+
+    Today: a dataset whose path does not exist on this host (a task using it
+    fails at stage-in). Returns ``file:line: field: message`` lines; a policy
+    that does not load yields none here (``lint_file`` reports it).
+    """
+    try:
+        docs = _read_docs(path)
+        data = _merge(docs) if len(docs) > 1 else docs[0].data
+        policy = msgspec.convert(data, Policy, strict=True)
+    except (PolicyError, msgspec.ValidationError):
+        return []
+    out = []
+    for name, dataset in sorted(policy.datasets.items()):
+        if Path(dataset.path).exists():
+            continue
+        parts: list[str | int] = ["datasets", name, "path"]
+        doc = _locate(docs, parts)
+        message = (
+            f"{dataset.path} does not exist on this host; tasks using dataset "
+            f"{name!r} will fail at stage-in (create it or fix the path)"
+        )
+        out.append(str(_fail(doc, str(doc.path), parts, message)))
+    return out

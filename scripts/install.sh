@@ -1,11 +1,14 @@
 #!/bin/sh
 # Idempotent set-up of everything femd's demo and tests need, on a fresh
 # Debian 12 where you are root and only python3 and git exist:
-#   - Debian packages (RabbitMQ, rootless Podman with runc, bubblewrap,
-#     systemd-nspawn, debootstrap, busybox for test images),
+#   - Debian packages (RabbitMQ, rootless Podman with runc, uidmap and
+#     catatonit, bubblewrap, systemd-nspawn, debootstrap, busybox for test
+#     images, lintian for the package test, TLS roots for pip),
 #   - the unprivileged users tasks run as (femd-task for bubblewrap,
 #     femd-podman for rootless Podman with its subuid/subgid ranges),
-#   - a virtualenv in .venv with femd installed (editable) and its test tools.
+#   - a virtualenv in .venv with femd installed (editable) and its test tools,
+#   - the read-only task runtimes in /opt/femd/runtimes (runtimes/*/requirements.txt:
+#     pinned, hash-checked wheels; tasks get them mounted, never download).
 # Safe to run again: it only adds what is missing.
 set -eu
 cd "$(dirname "$0")/.."
@@ -15,8 +18,13 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
-pkgs="python3-venv python3-dev gcc rabbitmq-server podman runc uidmap bubblewrap \
-systemd-container debootstrap busybox-static iproute2 procps util-linux"
+# Installed without Recommends, so everything a step needs is listed here: e.g.
+# catatonit (the container init podman runs with --init) is only recommended
+# by podman, and ca-certificates only by git and python3-pip.
+pkgs="python3-venv python3-dev gcc ca-certificates git rabbitmq-server \
+podman runc uidmap catatonit bubblewrap \
+systemd-container debootstrap busybox-static iproute2 procps util-linux \
+lintian"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
@@ -43,4 +51,22 @@ sh scripts/setup-podman-user.sh >/dev/null
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 # Re-run every time: cheap when satisfied, and picks up dependency changes.
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# Task runtimes: one virtualenv per runtimes/NAME/requirements.txt, rebuilt only
+# when that file changes (its sha256 is kept beside the venv).
+for req in runtimes/*/requirements.txt; do
+    [ -f "$req" ] || continue
+    name=$(basename "$(dirname "$req")")
+    dest=/opt/femd/runtimes/$name
+    want=$(sha256sum "$req" | cut -d' ' -f1)
+    if [ "$(cat "$dest/.femd-requirements.sha256" 2>/dev/null)" != "$want" ]; then
+        echo "install: runtime $name -> $dest"
+        rm -rf "$dest"
+        mkdir -p /opt/femd/runtimes
+        /usr/bin/python3 -m venv "$dest"
+        "$dest/bin/pip" install -q --disable-pip-version-check --no-deps \
+            --require-hashes --only-binary=:all: -r "$req"
+        echo "$want" > "$dest/.femd-requirements.sha256"
+        chmod -R go-w,a+rX "$dest"
+    fi
+done
 echo "install: ok"

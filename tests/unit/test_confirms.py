@@ -72,3 +72,17 @@ def test_each_confirm_wakes_the_loop() -> None:
     c.on_confirm(ack(1))
     c.on_confirm(nack(5))
     assert woken == [1, 1]
+
+
+def test_best_effort_messages_take_a_tag_and_are_never_marked() -> None:
+    c = Confirms()
+    c.sent(None)  # a node status on the same channel
+    c.sent(40)
+    c.sent(None)
+    c.sent(41)
+    c.on_confirm(nack(1))  # a refused best-effort message is no failure
+    c.on_confirm(ack(2))
+    assert c.take_acked() == [40]
+    c.on_confirm(ack(4, multiple=True))
+    assert c.take_acked() == [41]
+    assert c.seqs == {}
