@@ -48,7 +48,6 @@ from femd.launchers import (
 from femd.livelog import LogFollower
 from femd.manifest import NetworkEgress, Task
 from femd.policy import LoadedPolicy
-from femd.stagein import resolve_dataset, resolve_runtime, source_subdir, stage_git
 from femd.stageout import pack_outputs
 from femd.state import State
 
@@ -294,6 +293,14 @@ class Runner:
         )
 
     def _stage_in(self) -> LaunchSpec:
+        # pygit2 (~8 MB) is loaded by the first stage-in, not by an idle agent.
+        from femd.stagein import (
+            resolve_dataset,
+            resolve_runtime,
+            source_subdir,
+            stage_git,
+        )
+
         t = self.task
         if self.work.exists():
             shutil.rmtree(self.work)

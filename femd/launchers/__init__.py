@@ -237,10 +237,13 @@ class LauncherFactory(Protocol):
 def _podman(
     profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
 ) -> Launcher:
-    # Imported here so the process launcher works where podman-py is absent.
-    from femd.launchers.podman import PodmanLauncher
+    # podman-py is imported only once a podman socket exists (and never where
+    # the process launcher alone is used).
+    from femd.launchers.deferred import DeferredPodmanLauncher
 
-    return PodmanLauncher(profile, state_dir=state_dir, podman_socket=podman_socket)
+    return DeferredPodmanLauncher(
+        profile, state_dir=state_dir, podman_socket=podman_socket
+    )
 
 
 def _process(
