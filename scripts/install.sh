@@ -1,8 +1,9 @@
 #!/bin/sh
 # Idempotent set-up of everything femd's demo and tests need, on a fresh
 # Debian 12 where you are root and only python3 and git exist:
-#   - Debian packages (RabbitMQ, rootless Podman with runc, bubblewrap,
-#     systemd-nspawn, debootstrap, busybox for test images),
+#   - Debian packages (RabbitMQ, rootless Podman with runc, uidmap and
+#     catatonit, bubblewrap, systemd-nspawn, debootstrap, busybox for test
+#     images, lintian for the package test, TLS roots for pip),
 #   - the unprivileged users tasks run as (femd-task for bubblewrap,
 #     femd-podman for rootless Podman with its subuid/subgid ranges),
 #   - a virtualenv in .venv with femd installed (editable) and its test tools,
@@ -17,8 +18,13 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
-pkgs="python3-venv python3-dev gcc rabbitmq-server podman runc uidmap bubblewrap \
-systemd-container debootstrap busybox-static iproute2 procps util-linux"
+# Installed without Recommends, so everything a step needs is listed here: e.g.
+# catatonit (the container init podman runs with --init) is only recommended
+# by podman, and ca-certificates only by git and python3-pip.
+pkgs="python3-venv python3-dev gcc ca-certificates git rabbitmq-server \
+podman runc uidmap catatonit bubblewrap \
+systemd-container debootstrap busybox-static iproute2 procps util-linux \
+lintian python3-seccomp"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
@@ -45,6 +51,16 @@ sh scripts/setup-podman-user.sh >/dev/null
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 # Re-run every time: cheap when satisfied, and picks up dependency changes.
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# libseccomp's Python binding is a Debian package, not on PyPI: the venv sees
+# that one module (not all of dist-packages), so a test can check femd's
+# syscall tables against libseccomp's.
+seccomp_so=$(ls /usr/lib/python3/dist-packages/seccomp.cpython-*.so 2>/dev/null | head -n 1)
+if [ -n "$seccomp_so" ]; then
+    mkdir -p .venv/debian-seccomp
+    ln -sf "$seccomp_so" .venv/debian-seccomp/
+    site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "$(pwd)/.venv/debian-seccomp" > "$site/debian-seccomp.pth"
+fi
 # Task runtimes: one virtualenv per runtimes/NAME/requirements.txt, rebuilt only
 # when that file changes (its sha256 is kept beside the venv).
 for req in runtimes/*/requirements.txt; do
