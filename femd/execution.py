@@ -327,7 +327,14 @@ class Runner:
     @staticmethod
     def _extra(outcome: Outcome) -> dict[str, object]:
         at = outcome.started_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        return {"log_tail": outcome.log_tail[-LOG_TAIL_BYTES:], "started_at": at}
+        extra: dict[str, object] = {
+            "log_tail": outcome.log_tail[-LOG_TAIL_BYTES:],
+            "started_at": at,
+        }
+        if outcome.accounting is not None:
+            # What the batch system measured (elapsed, CPU, MaxRSS, node...).
+            extra["accounting"] = msgspec.to_builtins(outcome.accounting)
+        return extra
 
     def _stage_out(self, outcome: Outcome) -> None:
         t = self.task

@@ -6,7 +6,7 @@ receives (site settings already merged, host paths resolved), ``Capabilities``
 ``unenforceable()`` (pure) and ``start()``, the one place where a back-end's
 foreign errors become ``LaunchError``.
 
-Holds no back-end code: ``process`` (bubblewrap) and ``podman`` do. Does not
+Holds no back-end code: ``process`` (bubblewrap), ``podman`` and ``slurm`` do. Does not
 build a ``LaunchSpec`` from a task (the agent does, from Task + profile +
 policy). DESIGN "Launchers": a limit the host cannot enforce refuses the task.
 """
@@ -28,6 +28,7 @@ from femd.launchers.profile import (
     LauncherProfile,
     PodmanSettings,
     ProcessSettings,
+    SlurmSettings,
     load_profile,
     load_profiles,
 )
@@ -35,6 +36,7 @@ from femd.model import AbsPath, Strict, TaskId
 
 __all__ = [
     "LAUNCHERS",
+    "Accounting",
     "Capabilities",
     "Handle",
     "LaunchSpec",
@@ -46,6 +48,7 @@ __all__ = [
     "Outcome",
     "PodmanSettings",
     "ProcessSettings",
+    "SlurmSettings",
     "build_all",
     "load_profile",
     "load_profiles",
@@ -80,7 +83,7 @@ class LaunchSpec(Strict, frozen=True, kw_only=True):
     """
 
     task_id: TaskId
-    launcher: Literal["podman", "process"]
+    launcher: Literal["podman", "process", "slurm"]
     profile: LauncherProfile
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
@@ -117,6 +120,23 @@ class Capabilities(Strict, frozen=True, kw_only=True):
     notes: tuple[str, ...] = ()
 
 
+class Accounting(Strict, frozen=True, kw_only=True, omit_defaults=True):
+    """What a batch system measured of one task (the ``slurm`` launcher).
+
+    Sent in the terminal status event as ``accounting``; a field the batch
+    system did not report is absent.
+    """
+
+    job_id: str
+    state: str
+    node: str | None = None
+    elapsed_s: int | None = None
+    cpu_s: float | None = None
+    max_rss_kb: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+
+
 class Outcome(Strict, frozen=True, kw_only=True):
     """How a task ended. ``log_tail`` is the last few KiB of stdout+stderr."""
 
@@ -126,6 +146,7 @@ class Outcome(Strict, frozen=True, kw_only=True):
     finished_at: datetime
     log_tail: str
     reason: str = ""
+    accounting: Accounting | None = None
 
 
 class Handle(Protocol):
@@ -197,9 +218,18 @@ def _process(
     return BubblewrapLauncher(profile, state_dir=state_dir)
 
 
+def _slurm(
+    profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
+) -> Launcher:
+    from femd.launchers.slurm import SlurmLauncher
+
+    del podman_socket
+    return SlurmLauncher(profile, state_dir=state_dir)
+
+
 # STYLE rule 6: a closed set, no entry points.
 LAUNCHERS: Final[Mapping[str, LauncherFactory]] = MappingProxyType(
-    {"podman": _podman, "process": _process}
+    {"podman": _podman, "process": _process, "slurm": _slurm}
 )
 
 
