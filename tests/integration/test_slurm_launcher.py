@@ -1,0 +1,231 @@
+"""The ``slurm`` launcher end to end on a real Slurm cluster (issue 19).
+
+Every task goes through the broker to a real agent (``python -m femd run``),
+becomes a batch job of a private Slurm cluster (``testbed.slurm``: slurmctld,
+slurmd with cgroup limits, slurmdbd for ``sacct``) and runs on its compute node
+in the bubblewrap sandbox. Executions are counted by the host-side TCP witness
+of ``agent_support``, jobs are checked with Slurm's own commands.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from testbed.slurm import SlurmCluster  # noqa: E402
+from tests.integration.agent_support import (  # noqa: E402
+    TASK_USER,
+    NodeEnv,
+    check_runs,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.bwrap, pytest.mark.slurm]
+
+SLURM = {"launcher": "slurm"}
+
+
+def _files(archive: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        return {
+            m.name: (tar.extractfile(m) or io.BytesIO()).read()
+            for m in tar.getmembers()
+            if m.isfile()
+        }
+
+
+def _sacct(cluster: SlurmCluster, name: str) -> list[str]:
+    out = cluster.run(
+        "sacct", "-a", "-X", "-n", "-P", f"--name={name}", "-o", "JobID,State,User"
+    ).stdout
+    return out.splitlines()
+
+
+def test_task_runs_as_a_job_with_the_process_launchers_events(
+    slurm_env: NodeEnv, slurm_cluster: SlurmCluster
+) -> None:
+    env = slurm_env
+    events = env.collect()
+    agent = env.start_agent()
+    work = "echo hello > /out/greeting.txt; cat /proc/self/cgroup > /out/cgroup"
+    latency: dict[str, list[float]] = {"process": [], "slurm": []}
+    for i in range(3):
+        for launcher in ("process", "slurm"):
+            tid = f"{launcher}-{i}"
+            sent = env.publish(env.task(tid, work, launcher=launcher))
+            wait_for(f"{tid} to start", lambda t=tid: env.counter.count(t), 60)
+            latency[launcher].append(env.counter.first_at[tid] - sent)
+            events.await_terminal([tid], 60)
+    tasks = [f"{launcher}-{i}" for i in range(3) for launcher in latency]
+    ends = check_runs(events, env.counter, tasks)
+    assert set(ends.values()) == {"succeeded"}, ends
+    for i in range(3):
+        proc, job = events.of(f"process-{i}"), events.of(f"slurm-{i}")
+        # The same events, field for field, but Slurm's accounting.
+        assert [e["state"] for e in proc] == [e["state"] for e in job]
+        assert [set(e) for e in proc] == [set(e) - {"accounting"} for e in job]
+        acct = job[-1]["accounting"]
+        assert acct["node"] == slurm_cluster.node
+        assert acct["state"] == "COMPLETED"
+        assert acct["exit_code"] == 0
+        assert acct["job_id"].isdigit()
+        assert {"elapsed_s", "cpu_s", "max_rss_kb"} <= set(acct)
+        files = _files(events.outputs(f"slurm-{i}"))
+        assert files["greeting.txt"] == b"hello\n"
+        # It ran inside the job's cgroups on the compute node.
+        cgroup = files["cgroup"].decode()
+        assert f"slurm_{slurm_cluster.node}/" in cgroup
+        assert f"/job_{acct['job_id']}/" in cgroup
+        assert _sacct(slurm_cluster, f"femd-slurm-{i}") == [
+            f"{acct['job_id']}|COMPLETED|{TASK_USER}"
+        ]
+    assert agent.terminate() == 0
+    rounded = {k: [round(v, 2) for v in vs] for k, vs in latency.items()}
+    sys.stdout.write(
+        "\nsubmit-to-start (publish -> task's first connection), median of 3: "
+        f"process {statistics.median(latency['process']):.2f} s, "
+        f"slurm {statistics.median(latency['slurm']):.2f} s "
+        f"(all: {json.dumps(rounded)})\n"
+    )
+
+
+def test_timeout_and_cancel_end_the_job(
+    slurm_env: NodeEnv, slurm_cluster: SlurmCluster
+) -> None:
+    env = slurm_env
+    events = env.collect()
+    env.start_agent()
+    timeout = {**SLURM, "resources": {"timeout_s": 3}}
+    env.publish(env.task("slow-1", "sleep 120", **timeout))
+    env.publish(env.task("long-1", "sleep 120", **SLURM))
+    events.await_state("long-1", "running", 60)
+    wait_for("long-1 to start", lambda: env.counter.count("long-1"), 60)
+    env.publish(env.cancel("cancel-1", "long-1"))
+    ended = events.await_terminal(["slow-1", "long-1", "cancel-1"], 90)
+    assert ended["slow-1"]["state"] == "timed_out"
+    assert ended["long-1"]["state"] == "cancelled"
+    for tid in ("slow-1", "long-1"):
+        acct = ended[tid]["accounting"]
+        assert acct["state"] == "CANCELLED", acct
+        [row] = _sacct(slurm_cluster, f"femd-{tid}")
+        job, state, user = row.split("|")
+        assert (job, state.split()[0], user) == (acct["job_id"], "CANCELLED", TASK_USER)
+    # Slurm's start time counts, not the queue: a 3 s task ran about 3 s.
+    assert 3 <= ended["slow-1"]["accounting"]["elapsed_s"] <= 15
+    assert not [j for j in slurm_cluster.jobs("running,pending")]
+    check_runs(events, env.counter, ["slow-1", "long-1"])
+
+
+def test_agent_killed_while_a_job_runs_adopts_it_once(
+    slurm_env: NodeEnv, slurm_cluster: SlurmCluster
+) -> None:
+    env = slurm_env
+    events = env.collect()
+    agent = env.start_agent()
+    env.publish(env.task("adopt-1", "sleep 6; echo after > /out/late.txt", **SLURM))
+    events.await_state("adopt-1", "running", 60)
+    wait_for("adopt-1 to start", lambda: env.counter.count("adopt-1"), 60)
+    agent.kill()
+    running = [j for j in slurm_cluster.jobs("running") if j[1] == "femd-adopt-1"]
+    assert running, slurm_cluster.jobs()
+    env.start_agent()
+    ended = events.await_terminal(["adopt-1"], 90)
+    assert ended["adopt-1"]["state"] == "succeeded"
+    assert ended["adopt-1"]["accounting"]["job_id"] == running[0][0]
+    assert _files(events.outputs("adopt-1"))["late.txt"] == b"after\n"
+    check_runs(events, env.counter, ["adopt-1"])
+    assert events.states("adopt-1") == [
+        "received", "staging", "running", "uploading", "succeeded"
+    ]  # fmt: skip
+    # Reported once: no second job, no second terminal event after a while.
+    time.sleep(2)
+    assert len(_sacct(slurm_cluster, "femd-adopt-1")) == 1
+    assert [e["state"] for e in events.raw if e["task_id"] == "adopt-1"].count(
+        "succeeded"
+    ) == 1
+
+
+def test_ten_tasks_queue_in_slurm_and_all_finish_once(
+    slurm_env: NodeEnv, slurm_cluster: SlurmCluster
+) -> None:
+    env = slurm_env
+    env.write_config(max_concurrent_tasks=10)
+    events = env.collect()
+    env.start_agent()
+    ids = [f"many-{i}" for i in range(10)]
+    env.publish(*(env.task(t, "sleep 2; echo $$ > /out/pid", **SLURM) for t in ids))
+    # The cluster has fewer cpus than tasks: Slurm itself holds most back.
+    held = 10 - slurm_cluster.cpus - 2
+    wait_for(
+        f"{held} jobs pending in Slurm at once",
+        lambda: len(slurm_cluster.jobs("pending")) >= held,
+        60,
+        every_s=0.2,
+    )
+    ended = events.await_terminal(ids, 180)
+    assert {e["state"] for e in ended.values()} == {"succeeded"}, ended
+    check_runs(events, env.counter, ids)
+    jobs = {ended[t]["accounting"]["job_id"] for t in ids}
+    assert len(jobs) == 10
+    for t in ids:
+        assert len(_sacct(slurm_cluster, f"femd-{t}")) == 1
+
+
+def test_escape_checks_inside_the_job(
+    slurm_env: NodeEnv, slurm_cluster: SlurmCluster
+) -> None:
+    env = slurm_env
+    data = env.root / "data"
+    data.mkdir()
+    (data / "cohort.csv").write_text("id,age\n1,64\n")
+    data.chmod(0o755)
+    policy_file = env.root / "policy.yaml"
+    policy = yaml.safe_load(policy_file.read_text())
+    policy["datasets"] = {"cohort": {"path": str(data)}}
+    policy["projects"]["demo"]["datasets"] = ["cohort"]
+    policy_file.write_text(yaml.safe_dump(policy))
+    events = env.collect()
+    env.start_agent()
+    port = env.counter.port
+    probe = (
+        f"(echo escape-1 > /dev/tcp/127.0.0.1/{port}) 2>/dev/null"
+        " && echo net:open || echo net:none;"
+        " touch /data/x 2>/dev/null && echo inputs:writable || echo inputs:ro;"
+        " cat /data/cohort.csv > /out/copy.csv;"
+        " for d in / /usr /etc /var/tmp /home /root; do"
+        "   touch $d/femd-escape 2>/dev/null && echo wrote:$d; done;"
+        " echo uid:$(id -u); ls / | tr '\\n' ' '"
+    )
+    manifest = env.manifest(
+        "escape-1",
+        ["/bin/bash", "-c", f"({probe}) > /out/report 2>&1"],
+        launcher="slurm",
+        network={"mode": "none"},
+        inputs=[{"dataset": "cohort", "mount": "/data"}],
+    )
+    env.publish(env.sign(manifest))
+    ended = events.await_terminal(["escape-1"], 90)
+    assert ended["escape-1"]["state"] == "succeeded", ended
+    files = _files(events.outputs("escape-1"))
+    report = files["report"].decode()
+    assert "net:none" in report
+    assert "inputs:ro" in report
+    assert "wrote:" not in report
+    assert "uid:0" not in report
+    assert files["copy.csv"] == b"id,age\n1,64\n"
+    assert env.counter.count("escape-1") == 0
+    assert sorted(p.name for p in data.iterdir()) == ["cohort.csv"]
+    # Nothing of the task is left on the shared filesystem.
+    assert list((env.root / "stage").iterdir()) == []
