@@ -29,6 +29,7 @@ from tests.integration.agent_support import (  # noqa: E402
     TASK_USER,
     NodeEnv,
     check_runs,
+    node_env_fixture,  # noqa: F401 (the `node_env` fixture under `slurm_env`)
     wait_for,
 )
 
@@ -101,21 +102,32 @@ def test_task_runs_as_a_job_with_the_process_launchers_events(
     )
 
 
-def test_timeout_and_cancel_end_the_job(
+def test_timeout_cancel_and_memory_limit_end_the_job(
     slurm_env: NodeEnv, slurm_cluster: SlurmCluster
 ) -> None:
     env = slurm_env
+    env.write_config(max_concurrent_tasks=3)
     events = env.collect()
     env.start_agent()
     timeout = {**SLURM, "resources": {"timeout_s": 3}}
     env.publish(env.task("slow-1", "sleep 120", **timeout))
     env.publish(env.task("long-1", "sleep 120", **SLURM))
+    hog = "python3 -c 'b = b\"x\" * (200 << 20)'; echo survived > /out/x"
+    small = {**SLURM, "resources": {"memory_mb": 64, "timeout_s": 60}}
+    env.publish(env.task("hog-1", hog, **small))
     events.await_state("long-1", "running", 60)
     wait_for("long-1 to start", lambda: env.counter.count("long-1"), 60)
     env.publish(env.cancel("cancel-1", "long-1"))
-    ended = events.await_terminal(["slow-1", "long-1", "cancel-1"], 90)
+    ended = events.await_terminal(["slow-1", "long-1", "cancel-1", "hog-1"], 90)
     assert ended["slow-1"]["state"] == "timed_out"
     assert ended["long-1"]["state"] == "cancelled"
+    # Slurm's cgroup, not an rlimit, stopped it: the job ran out of memory.
+    hog_end = ended["hog-1"]
+    assert (hog_end["state"], hog_end["accounting"]["state"]) == (
+        "failed",
+        "OUT_OF_MEMORY",
+    ), hog_end
+    assert "out of memory" in hog_end["reasons"][0]["message"]
     for tid in ("slow-1", "long-1"):
         acct = ended[tid]["accounting"]
         assert acct["state"] == "CANCELLED", acct
@@ -125,7 +137,39 @@ def test_timeout_and_cancel_end_the_job(
     # Slurm's start time counts, not the queue: a 3 s task ran about 3 s.
     assert 3 <= ended["slow-1"]["accounting"]["elapsed_s"] <= 15
     assert not [j for j in slurm_cluster.jobs("running,pending")]
-    check_runs(events, env.counter, ["slow-1", "long-1"])
+    check_runs(events, env.counter, ["slow-1", "long-1", "hog-1"])
+
+
+def test_unenforceable_memory_is_refused_and_doctor_says_why(
+    slurm_env: NodeEnv, slurm_cluster: SlurmCluster
+) -> None:
+    env = slurm_env
+    slurm_cluster.cgroup["ConstrainRAMSpace"] = "no"
+    slurm_cluster.write_cgroup()
+    slurm_cluster.reconfigure()
+    try:
+        doctor = env.femd("doctor", "--launchers", str(env.root / "launchers"))
+        assert doctor.returncode == 0, doctor.stderr  # process still enforces all
+        assert "slurm (profile default): available" in doctor.stdout
+        assert "enforces: memory NO" in doctor.stdout
+        assert "ConstrainRAMSpace is not yes" in doctor.stdout
+        events = env.collect()
+        env.start_agent()
+        env.publish(env.task("nomem-1", **SLURM), env.task("proc-1"))
+        ended = events.await_terminal(["nomem-1", "proc-1"], 60)
+    finally:
+        slurm_cluster.cgroup["ConstrainRAMSpace"] = "yes"
+        slurm_cluster.write_cgroup()
+        slurm_cluster.reconfigure()
+    assert ended["nomem-1"]["state"] == "rejected"
+    [reason] = ended["nomem-1"]["reasons"]
+    assert reason["rule"] == "launcher.unenforceable"
+    assert "memory limit" in reason["message"]
+    assert "ConstrainRAMSpace" in reason["message"]
+    # A task whose limits this node can enforce still runs.
+    assert ended["proc-1"]["state"] == "succeeded"
+    assert env.counter.count("nomem-1") == 0
+    assert _sacct(slurm_cluster, "femd-nomem-1") == []
 
 
 def test_agent_killed_while_a_job_runs_adopts_it_once(
