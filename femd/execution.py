@@ -298,6 +298,10 @@ class Runner:
             if self.cancelled.is_set():
                 handle.cancel(self.grace_s)
                 self.cancelled.clear()
+            if getattr(handle, "queued", False) and not killed:
+                # A batch system's queue is not the task's time (slurm): the
+                # backstop starts when the job does.
+                backstop = time.monotonic() + timeout_s + 2 * self.grace_s + 60
             if time.monotonic() > backstop:
                 if killed:
                     return Outcome(

@@ -172,33 +172,45 @@ def test_unenforceable_memory_is_refused_and_doctor_says_why(
     assert _sacct(slurm_cluster, "femd-nomem-1") == []
 
 
-def test_agent_killed_while_a_job_runs_adopts_it_once(
+def test_agent_killed_while_jobs_run_adopts_them_once(
     slurm_env: NodeEnv, slurm_cluster: SlurmCluster
 ) -> None:
     env = slurm_env
     events = env.collect()
     agent = env.start_agent()
-    env.publish(env.task("adopt-1", "sleep 6; echo after > /out/late.txt", **SLURM))
-    events.await_state("adopt-1", "running", 60)
-    wait_for("adopt-1 to start", lambda: env.counter.count("adopt-1"), 60)
+    # adopt-1 still runs when the agent is back; adopt-2 ends while it is away.
+    env.publish(env.task("adopt-1", "sleep 8; echo after > /out/late.txt", **SLURM))
+    env.publish(env.task("adopt-2", "sleep 1; echo early > /out/early.txt", **SLURM))
+    for tid in ("adopt-1", "adopt-2"):
+        events.await_state(tid, "running", 60)
+        wait_for(f"{tid} to start", lambda t=tid: env.counter.count(t), 60)
     agent.kill()
-    running = [j for j in slurm_cluster.jobs("running") if j[1] == "femd-adopt-1"]
-    assert running, slurm_cluster.jobs()
+    jobs = {name: (job, state) for job, name, state in slurm_cluster.jobs()}
+    assert jobs["femd-adopt-1"][1] == "RUNNING", jobs
+    wait_for(
+        "adopt-2's job to end without the agent",
+        lambda: (
+            dict((n, s) for _, n, s in slurm_cluster.jobs())["femd-adopt-2"]
+            == "COMPLETED"
+        ),
+        30,
+    )
     env.start_agent()
-    ended = events.await_terminal(["adopt-1"], 90)
-    assert ended["adopt-1"]["state"] == "succeeded"
-    assert ended["adopt-1"]["accounting"]["job_id"] == running[0][0]
-    assert _files(events.outputs("adopt-1"))["late.txt"] == b"after\n"
-    check_runs(events, env.counter, ["adopt-1"])
-    assert events.states("adopt-1") == [
-        "received", "staging", "running", "uploading", "succeeded"
-    ]  # fmt: skip
-    # Reported once: no second job, no second terminal event after a while.
+    ended = events.await_terminal(["adopt-1", "adopt-2"], 90)
+    for tid, name in (("adopt-1", "late.txt"), ("adopt-2", "early.txt")):
+        assert ended[tid]["state"] == "succeeded", ended[tid]
+        assert ended[tid]["accounting"]["job_id"] == jobs[f"femd-{tid}"][0]
+        assert name in _files(events.outputs(tid))
+        assert events.states(tid) == [
+            "received", "staging", "running", "uploading", "succeeded"
+        ]  # fmt: skip
+    check_runs(events, env.counter, ["adopt-1", "adopt-2"])
+    # Reported once: one job each, and no second terminal event a while later.
     time.sleep(2)
-    assert len(_sacct(slurm_cluster, "femd-adopt-1")) == 1
-    assert [e["state"] for e in events.raw if e["task_id"] == "adopt-1"].count(
-        "succeeded"
-    ) == 1
+    for tid in ("adopt-1", "adopt-2"):
+        assert len(_sacct(slurm_cluster, f"femd-{tid}")) == 1
+        raw = [e["state"] for e in events.raw if e["task_id"] == tid]
+        assert raw.count("succeeded") == 1, raw
 
 
 def test_ten_tasks_queue_in_slurm_and_all_finish_once(

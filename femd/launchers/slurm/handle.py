@@ -140,6 +140,11 @@ class SlurmHandle:
         self._last: dict[str, str] = {}
         self._tail = ""
 
+    @property
+    def queued(self) -> bool:
+        """True while the job waits in Slurm's queue (the agent's backstop waits)."""
+        return self._started_at is None and self._outcome is None
+
     # -- Handle --------------------------------------------------------------------
 
     def wait(self, timeout_s: float | None = None) -> Outcome | None:
@@ -194,7 +199,7 @@ class SlurmHandle:
             self._last = job
         state = (job or {}).get("JobState", "")
         if self._started_at is None and state not in ("", "PENDING"):
-            self._started_at = _slurm_time((job or {}).get("StartTime"))
+            self._started_at = _slurm_time((job or {}).get("StartTime")) or _now()
         if job is not None and state not in TERMINAL:
             self._enforce(state)
             return
