@@ -48,10 +48,18 @@ def _files(archive: bytes) -> dict[str, bytes]:
 
 
 def _sacct(cluster: SlurmCluster, name: str) -> list[str]:
-    out = cluster.run(
-        "sacct", "-a", "-X", "-n", "-P", f"--name={name}", "-o", "JobID,State,User"
-    ).stdout
-    return out.splitlines()
+    """``JobID|State|User`` of the jobs named *name* in the accounting database.
+
+    slurmdbd answers a query by name a few seconds after the same job by id:
+    wait (up to 15 s) for at least one row.
+    """
+
+    def rows() -> list[str]:
+        return cluster.run(
+            "sacct", "-a", "-X", "-n", "-P", f"--name={name}", "-o", "JobID,State,User"
+        ).stdout.splitlines()
+
+    return wait_for(f"sacct to know {name}", rows, 15, every_s=0.5)  # type: ignore[no-any-return]
 
 
 def test_task_runs_as_a_job_with_the_process_launchers_events(
@@ -169,7 +177,7 @@ def test_unenforceable_memory_is_refused_and_doctor_says_why(
     # A task whose limits this node can enforce still runs.
     assert ended["proc-1"]["state"] == "succeeded"
     assert env.counter.count("nomem-1") == 0
-    assert _sacct(slurm_cluster, "femd-nomem-1") == []
+    assert "femd-nomem-1" not in {name for _, name, _ in slurm_cluster.jobs()}
 
 
 def test_agent_killed_while_jobs_run_adopts_them_once(
@@ -231,7 +239,8 @@ def test_ten_tasks_queue_in_slurm_and_all_finish_once(
         every_s=0.2,
     )
     ended = events.await_terminal(ids, 180)
-    assert {e["state"] for e in ended.values()} == {"succeeded"}, ended
+    failed = {t: e for t, e in ended.items() if e["state"] != "succeeded"}
+    assert not failed, failed
     check_runs(events, env.counter, ids)
     jobs = {ended[t]["accounting"]["job_id"] for t in ids}
     assert len(jobs) == 10
