@@ -172,6 +172,8 @@ class SlurmCluster:
             "AccountingStoreFlags": "job_comment",
             "JobCompType": "jobcomp/none",
             "SchedulerType": "sched/backfill",
+            # Schedule a batch job when it is submitted, not up to 3 s later.
+            "SchedulerParameters": "batch_sched_delay=0",
             "SelectType": "select/cons_tres",
             "SelectTypeParameters": "CR_Core_Memory",
             "ReturnToService": 2,
