@@ -271,7 +271,15 @@ def test_escape_checks_inside_the_job(
         " cat /data/cohort.csv > /out/copy.csv;"
         " for d in / /usr /etc /var/tmp /home /root; do"
         "   touch $d/femd-escape 2>/dev/null && echo wrote:$d; done;"
-        " echo uid:$(id -u); ls / | tr '\\n' ' '"
+        " echo uid:$(id -u); ls / | tr '\\n' ' ';"
+        " test -e /etc/shadow && echo shadow:visible;"
+        # Each of these the task user could see outside the sandbox.
+        f" test -e {env.config} && echo config:visible;"
+        f" test -e {slurm_cluster.conf} && echo slurm:visible;"
+        f" test -e {env.root}/stage/femd-escape-1/job.sh && echo stage:visible;"
+        " grep -q '^Seccomp:[[:space:]]*2' /proc/self/status && echo seccomp:on;"
+        " unshare -U true 2>/dev/null && echo unshare:yes;"
+        " echo nproc:$(ulimit -u) cpus:$(nproc)"
     )
     manifest = env.manifest(
         "escape-1",
@@ -289,6 +297,11 @@ def test_escape_checks_inside_the_job(
     assert "inputs:ro" in report
     assert "wrote:" not in report
     assert "uid:0" not in report
+    for leak in ("shadow:", "config:", "slurm:", "stage:", "unshare:"):
+        assert leak not in report, report
+    # femd's seccomp filter is on; the pids limit is the task's, cpus Slurm's.
+    assert "seccomp:on" in report, report
+    assert "nproc:64 cpus:1" in report, report
     assert files["copy.csv"] == b"id,age\n1,64\n"
     assert env.counter.count("escape-1") == 0
     assert sorted(p.name for p in data.iterdir()) == ["cohort.csv"]
