@@ -96,6 +96,7 @@ class Event(StrEnum):
     AGENT_STOPPING = "75b4f56879a249f7a9d6c4506d3dff9d"
     BROKER_CONNECTED = "1bc00422adaa48aaaa26bedaf12cff81"
     BROKER_DISCONNECTED = "2c93de84c59f492ba1fd16032b74559b"
+    NETWORK_CONNECTION = "0271cf92ffb14a82b66fce2cbd73350b"
 
 
 Fields = list[tuple[str, str]]

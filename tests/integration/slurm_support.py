@@ -71,7 +71,7 @@ def slurm_env_fixture(node_env: NodeEnv, slurm_cluster: SlurmCluster) -> NodeEnv
     stage.chmod(0o711)  # the task user traverses to its stage
     profile_file = env.root / "launchers" / "default.yaml"
     profile = yaml.safe_load(profile_file.read_text())
-    profile["slurm"] = slurm_profile(slurm_cluster, stage, allow_egress=True)
+    profile["slurm"] = slurm_profile(slurm_cluster, stage)
     profile_file.write_text(yaml.safe_dump(profile))
     policy_file = env.root / "policy.yaml"
     policy = yaml.safe_load(policy_file.read_text())

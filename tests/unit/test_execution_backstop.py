@@ -71,6 +71,7 @@ def runner() -> execution.Runner:
     r = execution.Runner.__new__(execution.Runner)
     r.cancelled = threading.Event()
     r.grace_s = 1.0
+    r.live_log = None
     return r
 
 

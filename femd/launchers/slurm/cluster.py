@@ -10,6 +10,7 @@ limits Slurm enforces for femd's jobs and why the others are not. Runs nothing.
 - pids: not a Slurm limit; the sandbox's RLIMIT_NPROC on the compute node.
 - time: ``--time`` always (minutes, Slurm's granularity); femd cancels at the
   exact timeout itself.
+- network: none (the launcher refuses tasks that ask for some).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def assess(config: dict[str, str]) -> ClusterLimits:
         "cpus: whole cpus, Slurm's cgroup cpuset (--cpus-per-task)",
         "pids: RLIMIT_NPROC of the job's user on the compute node",
         "time: femd cancels at the timeout; --time (whole minutes) backs it",
-        "egress: the compute node's network, unfiltered, when the profile allows",
+        "network: none (own empty namespace on the compute node)",
     ]
     proctrack = config.get("ProctrackType", "")
     if proctrack != "proctrack/cgroup":

@@ -170,15 +170,24 @@ class SlurmHandle:
             self._scancel()
 
     def logs(self) -> Iterator[bytes]:
-        """The job's stdout+stderr as copied back (at most ``log_max_bytes``)."""
+        """The job's stdout+stderr (at most ``log_max_bytes``).
+
+        While the job runs: as far as the shared filesystem shows it; after:
+        the copy brought back.
+        """
+        running = self._outcome is None
+        path = self._stage.log if running else self._log_path
+        left = self._record.log_max_bytes if running else -1
         try:
-            with self._log_path.open("rb") as f:
-                while chunk := f.read(65536):
-                    yield chunk
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return
         except OSError as e:
             raise LaunchError(f"slurm: cannot read log of {self.task_id}: {e}") from e
+        with os.fdopen(fd, "rb") as f:
+            while left and (chunk := f.read(65536 if left < 0 else min(left, 65536))):
+                left -= len(chunk) if left > 0 else 0
+                yield chunk
 
     # -- polling -----------------------------------------------------------------------
 

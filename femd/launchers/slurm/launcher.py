@@ -135,6 +135,13 @@ class SlurmLauncher:
                 problems += limits.problems
         # Missing enforcement is not unavailability: unenforceable() names it.
         blocking = [p for p in problems if "not enforced" not in p]
+        # SECURITY: femd's forwarders (docs/network.md) run on this host and
+        # join the sandbox's network namespace; a sandbox on a compute node is
+        # out of their reach, so a task asking for any network is refused.
+        problems.append(
+            "slurm: egress and ingress: femd forwards a task's network only on"
+            " its own host, not to a job on a compute node"
+        )
         return Capabilities(
             launcher=self.name,
             available=not blocking,
@@ -142,8 +149,9 @@ class SlurmLauncher:
             memory_limit=memory,
             cpu_limit=cpus,
             pids_limit=True,
-            egress=settings.sandbox.allow_egress,
+            egress=False,
             egress_filtered=False,
+            ingress=False,
             min_cpus=1.0,
             notes=notes,
         )

@@ -177,7 +177,7 @@ def test_profile_slurm_section(tmp_path: Path):
           shared: [/gpfs/data]
           partition: short
           account: fdn01
-          sandbox: {run_as: femd-task, allow_egress: false}
+          sandbox: {run_as: femd-task, tmp_size_mb: 32}
         """)
     )
     slurm = load_profile(path).slurm
