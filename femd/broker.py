@@ -255,7 +255,9 @@ class NodeLink(threading.Thread):
         self.last_error = ""
         self._conn: pika.BlockingConnection | None = None
         # deque append/popleft are atomic: the agent's threads add, the link takes.
-        self._side: collections.deque[SideMessage] = collections.deque(maxlen=_SIDE_MAX)
+        self._side: collections.deque[SideMessage] = collections.deque(
+            maxlen=_SIDE_MAX
+        )
 
     # -- API for the agent thread -------------------------------------------
 

@@ -69,7 +69,9 @@ class AgentConfig(Strict, frozen=True, kw_only=True):
     log_max_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     node_status_interval_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
     live_log_bytes_s: Annotated[int, Meta(ge=0, le=16 * 1024 * 1024)] = 16 * 1024
-    live_log_burst_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    live_log_burst_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = (
+        64 * 1024
+    )
     audit: Literal["auto", "journal", "stderr"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     podman: PodmanConfig = msgspec.field(default_factory=PodmanConfig)

@@ -85,7 +85,9 @@ INVALID = {
         r"default\.yaml:7: duplicate key 'tmp_size_mb'",
     ),
     "unknown-field": (
-        VALID.replace("  fsize_mb: 512\n", "  fsize_mb: 512\n  privileged: true\n"),
+        VALID.replace(
+            "  fsize_mb: 512\n", "  fsize_mb: 512\n  privileged: true\n"
+        ),
         r"default\.yaml:8: process: Object contains unknown field `privileged`",
     ),
     "wrong-type": (
