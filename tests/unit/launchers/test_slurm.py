@@ -190,7 +190,7 @@ def test_profile_slurm_section(tmp_path: Path):
 @pytest.mark.parametrize(
     ("section", "match"),
     [
-        ("{partition: short}", r"hpc.yaml:5: slurm: .*required field `stage_dir`"),
+        ("{partition: short}", r"hpc.yaml:5: slurm.*required field `stage_dir`"),
         ("{stage_dir: rel/dir}", r"slurm.stage_dir"),
         ("{stage_dir: /s, account: 'a b'}", r"slurm.account"),
         ("{stage_dir: /s, sandbox: {net: 1}}", r"unknown field `net`"),
