@@ -18,6 +18,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -187,15 +188,30 @@ def test_unenforceable_memory_is_refused_and_doctor_says_why(
     slurm_env: NodeEnv, slurm_cluster: SlurmCluster
 ) -> None:
     env = slurm_env
+
+    def doctor(rc: int) -> dict[str, Any]:
+        done = env.femd("doctor", "--launchers", str(env.root / "launchers"), "--json")
+        assert done.returncode == rc, done.stdout + done.stderr
+        report = json.loads(done.stdout)
+        [check] = [c for c in report["checks"] if c["name"].startswith("slurm")]
+        return {**check, "usable": report["usable"]}
+
+    # The doctor's trivial task runs as a real job through the cluster.
+    check = doctor(0)
+    assert check["status"] == "ok", check
+    assert "a trivial task ran" in check["summary"]
+    assert "slurm (default)" in check["usable"]
     slurm_cluster.cgroup["ConstrainRAMSpace"] = "no"
     slurm_cluster.write_cgroup()
     slurm_cluster.reconfigure()
     try:
-        doctor = env.femd("doctor", "--launchers", str(env.root / "launchers"))
-        assert doctor.returncode == 0, doctor.stderr  # process still enforces all
-        assert "slurm (profile default): available" in doctor.stdout
-        assert "enforces: memory NO" in doctor.stdout
-        assert "ConstrainRAMSpace is not yes" in doctor.stdout
+        # The launcher refuses even the trivial task: a failed check, said why.
+        check = doctor(1)
+        assert check["status"] == "fail", check
+        assert "memory limit of 256 MB cannot be enforced" in check["summary"]
+        assert "ConstrainRAMSpace is not yes" in check["summary"]
+        assert "enforces: memory NO" in check["details"][0]
+        assert check["usable"] == ["process (default)"]
         events = env.collect()
         env.start_agent()
         # net-1 asks for egress: no launcher of a job's sandbox can give it.
