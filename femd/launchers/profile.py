@@ -143,9 +143,6 @@ class SlurmSettings(Strict, frozen=True, kw_only=True):
     """`SLURM_CONF` for the client commands; the system's when absent."""
     poll_s: Annotated[float, Meta(ge=0.1, le=60)] = 1.0
     """How often a running job's state is asked of Slurm."""
-    max_output_mb: Megabytes = 1024
-    """Most bytes copied back from a job's output directory (the policy's
-    output limit applies after that, as for every launcher)."""
     sandbox: ProcessSettings = msgspec.field(default_factory=ProcessSettings)
     """The bubblewrap sandbox on the compute node (`run_as`: the job's user
     when femd runs as root)."""

@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal
 
-from femd.errors import LaunchError, StageOutError, cut
-from femd.launchers import Accounting, Outcome
+from femd.errors import LaunchError
+from femd.launchers import Accounting, Outcome, Usage
 from femd.launchers.slurm.client import SlurmClient
 from femd.launchers.slurm.stage import JobFile, Stage
 from femd.model import TaskId
@@ -36,6 +36,7 @@ TERMINAL: Final = frozenset(
      "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT", "SPECIAL_EXIT", "REVOKED"}
 )  # fmt: skip
 _TAIL_BYTES: Final = 8192
+_STEP_FAILED: Final = 125  # the output step could not stream (capture)
 _ACCOUNTING_WAIT_S: Final = 15.0
 
 
@@ -279,9 +280,13 @@ class SlurmHandle:
     def _finish(self, state: str | None) -> Outcome:
         acct = self._read_accounting() or self._from_controller(state)
         self._copy_log()
-        started = self._started_at or _now()
+        # As the process launcher: the output step's stream, hostile, capped.
+        capture = self._stage.collect(
+            Path(self._record.output_dir), self._record.output_max_bytes
+        )
         code = acct.exit_code if self._stage.ran() else None
-        result: Literal["succeeded", "failed", "timed_out", "cancelled"]
+        result: Literal["succeeded", "failed", "timed_out", "cancelled"] = "failed"
+        reason, rule = "", ""
         minutes = math.ceil(self._record.timeout_s / 60)
         if self._timed_out or acct.state == "TIMEOUT":
             result = "timed_out"
@@ -291,34 +296,44 @@ class SlurmHandle:
         elif self._cancel_at is not None:
             result, reason = "cancelled", "cancelled"
         elif acct.state == "OUT_OF_MEMORY":
-            result, reason = "failed", "out of memory (Slurm's cgroup limit)"
-        elif acct.state == "COMPLETED" and code == 0:
-            result, reason = "succeeded", ""
-        elif code is not None and acct.state in ("COMPLETED", "FAILED"):
-            result, reason = "failed", f"exit code {code}"
-        elif acct.state == "CANCELLED":
-            result, reason = "failed", "the job was cancelled outside femd"
-        else:
-            result = "failed"
+            reason = "out of memory: killed in the job's cgroup (Slurm's --mem)"
+        elif capture.full:
+            rule = "outputs.exceeded"
+            reason = (
+                f"outputs exceed the cap of {self._record.output_max_bytes} bytes: "
+                "the output directory is full"
+            )
+        elif code is None:
+            reason = f"job {self.job_id} ended {acct.state} before the task ran"
+        elif code == _STEP_FAILED and not capture.complete:
+            reason = "outputs not collected: the output step failed in the sandbox"
+        elif code != 0:
+            reason = f"exit code {code}"
+        elif acct.state != "COMPLETED":
             reason = f"job {self.job_id} ended {acct.state}"
-            if not self._stage.ran():
-                reason += " before the sandbox ran the task"
-        if result == "succeeded":
-            try:
-                self._stage.copy_out(Path(self._record.output_dir))
-            except (StageOutError, OSError) as e:
-                result, reason = "failed", f"stage-out from the cluster: {cut(e)}"
+        elif capture.error or not capture.complete:
+            reason = f"outputs not collected: {capture.error or 'stream incomplete'}"
+        else:
+            result = "succeeded"
         self._stage.remove()
         logger.info(
             "slurm: task %s (job %s on %s) %s %s",
             self.task_id, self.job_id, acct.node, result, reason,
         )  # fmt: skip
+        rss = acct.max_rss_kb
         return Outcome(
             state=result,
             exit_code=code,
-            started_at=started,
+            started_at=self._started_at or _now(),
             finished_at=_now(),
             log_tail=self._tail,
             reason=reason,
+            rule=rule,
+            usage=Usage(
+                cpu_s=acct.cpu_s,
+                memory_peak_bytes=None if rss is None else rss * 1024,
+                output_bytes=capture.bytes,
+                wall_s=None if acct.elapsed_s is None else float(acct.elapsed_s),
+            ),
             accounting=acct,
         )

@@ -183,6 +183,7 @@ class SlurmLauncher:
         record = JobFile(
             task_id=spec.task_id,
             output_dir=spec.output_dir,
+            output_max_bytes=spec.output_max_bytes,
             log_max_bytes=spec.log_max_bytes,
             timeout_s=spec.limits.timeout_s,
         )

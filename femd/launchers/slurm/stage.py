@@ -2,8 +2,10 @@
 
 Owns the layout of ``<stage_dir>/femd-<task id>/`` (what the compute node
 sees of a task), copying inputs and code there, writing the job script that
-runs the task in the ``process`` launcher's bubblewrap sandbox, copying the
-output directory back to the agent's work dir, and removing the stage.
+runs the task in the ``process`` launcher's bubblewrap sandbox (with its output
+step: the output directory is a tmpfs of the output cap, streamed out as a tar
+when the command ends, ``capture``), extracting that stream into the agent's
+work dir, and removing the stage.
 
 Layout (the task user is the job's user; "femd" is the agent's user)::
 
@@ -13,8 +15,8 @@ Layout (the task user is the job's user; "femd" is the agent's user)::
       seccomp.bpf     femd 0640: the built-in filter, read by the job's shell
       status          task user 0600: bwrap's --json-status-fd
       log             task user 0600: the job's stdout+stderr
+      out.stream      task user 0600: the output step's stream (the job's fd 0)
       in/<n>/, src/   femd, group-readable: copies of inputs and code
-      out/            task user 0700: the one writable directory
 
 The sandbox's command line comes from the ``process`` launcher (same
 namespaces, binds, read-only root, seccomp filter), built on this host: the
@@ -33,8 +35,9 @@ from typing import Final
 
 import msgspec
 
-from femd.errors import LaunchError, OutputTooLargeError, UnsafeOutputPathError, cut
+from femd.errors import LaunchError, cut
 from femd.launchers import LauncherProfile, LaunchSpec, Mount
+from femd.launchers.capture import OutputCapture, wrap_argv
 from femd.launchers.process import BubblewrapLauncher, seccomp_filter
 from femd.launchers.profile import SlurmSettings
 
@@ -61,6 +64,7 @@ class JobFile(msgspec.Struct, frozen=True, kw_only=True):
     task_id: str
     job_id: str = ""
     output_dir: str
+    output_max_bytes: int
     log_max_bytes: int
     timeout_s: int
 
@@ -74,9 +78,9 @@ class Stage:
         self.root = Path(settings.stage_dir) / f"femd-{task_id}"
 
     @property
-    def out(self) -> Path:
-        """The task's one writable directory."""
-        return self.root / "out"
+    def stream(self) -> Path:
+        """The output step's tar stream (the job's fd 0)."""
+        return self.root / "out.stream"
 
     @property
     def log(self) -> Path:
@@ -106,20 +110,16 @@ class Stage:
             mounts = []
             for i, m in enumerate(spec.mounts):
                 mounts.append(Mount(source=self._copy_in(m, i), target=m.target))
-            self.out.mkdir(mode=0o700)
-            for f in (self.log, self.status):
+            for f in (self.log, self.status, self.stream):
                 f.touch(mode=0o600)
-            for path in (self.out, self.log, self.status):
-                os.chown(path, user.uid, user.gid)
+                os.chown(f, user.uid, user.gid)
             if (self.root / "in").exists():
                 _readable_by_group(self.root / "in", user.gid)
             os.chown(self.root, -1, user.gid)
             self.root.chmod(0o710)
         except OSError as e:
             raise LaunchError(f"slurm: cannot stage task: {cut(e)}") from e
-        return msgspec.structs.replace(
-            spec, mounts=tuple(mounts), output_dir=str(self.out)
-        )
+        return msgspec.structs.replace(spec, mounts=tuple(mounts))
 
     def _copy_in(self, mount: Mount, index: int) -> str:
         source = Path(mount.source)
@@ -163,7 +163,7 @@ class Stage:
             sandbox,
             spec,
             _SECCOMP_FD,
-            list(spec.argv),
+            wrap_argv(list(spec.argv), spec.output_target),
             _STATUS_FD,
             _EXTRA_SECCOMP_FD if extra else None,
         )
@@ -177,6 +177,8 @@ class Stage:
         prefix = [_PRLIMIT, *(f"--{k}={v}:{v}" for k, v in limits.items()), "--"]
         redirect = f"exec {_SECCOMP_FD}<{shlex.quote(str(self.root / 'seccomp.bpf'))}"
         redirect += f" {_STATUS_FD}>{shlex.quote(str(self.status))}"
+        # The output step writes its stream to fd 0 (the task's is /dev/null).
+        redirect += f" 0>{shlex.quote(str(self.stream))}"
         if extra:
             redirect += f" {_EXTRA_SECCOMP_FD}<{shlex.quote(extra)}"
         script = "\n".join(
@@ -227,20 +229,15 @@ class Stage:
 
     # -- stage out -----------------------------------------------------------------
 
-    def copy_out(self, dest: Path) -> None:
-        """Copy ``out/`` into the empty *dest*: directories and regular files only.
-
-        Raises:
-            UnsafeOutputPathError: a symlink, hard link, device, fifo or socket
-                (what stage-out would refuse too).
-            OutputTooLargeError: more than the profile's ``max_output_mb``.
-        """
-        budget = [self.settings.max_output_mb << 20]
-        fd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    def collect(self, dest: Path, max_bytes: int) -> OutputCapture:
+        """Extract the output step's stream into *dest* (hostile, capped)."""
         try:
-            _copy_dir(fd, dest, "", budget)
-        finally:
-            os.close(fd)
+            fd = os.open(self.stream, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # nothing sent
+        capture = OutputCapture(fd, dest, max_bytes)
+        capture.join(120)
+        return capture
 
     def remove(self) -> None:
         """Delete the stage (best effort: a task's files may resist)."""
@@ -262,42 +259,3 @@ def _readable_by_group(top: Path, gid: int) -> None:
         mode = 0o750 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o100 else 0o640
         os.chown(p, -1, gid)
         p.chmod(mode)
-
-
-def _copy_dir(src_fd: int, dest: Path, rel: str, budget: list[int]) -> None:
-    with os.scandir(src_fd) as it:
-        names = sorted(e.name for e in it)
-    for name in names:
-        where = f"{rel}/{name}" if rel else name
-        st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            fd = os.open(
-                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=src_fd
-            )
-            try:
-                (dest / name).mkdir(mode=0o700)
-                _copy_dir(fd, dest / name, where, budget)
-            finally:
-                os.close(fd)
-        elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-            budget[0] -= st.st_size
-            if budget[0] < 0:
-                raise OutputTooLargeError(
-                    f"outputs: more than the profile's copy limit at {cut(where)}"
-                )
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=src_fd)
-            try:
-                with (
-                    os.fdopen(fd, "rb", closefd=False) as fin,
-                    (dest / name).open("xb") as fout,
-                ):
-                    shutil.copyfileobj(fin, fout, 1 << 20)
-                (dest / name).chmod(0o700 if st.st_mode & 0o100 else 0o600)
-            finally:
-                os.close(fd)
-        else:
-            # SECURITY: symlinks, hard links and special files never leave.
-            kind = "hard link" if stat.S_ISREG(st.st_mode) else "special file"
-            if stat.S_ISLNK(st.st_mode):
-                kind = "symlink"
-            raise UnsafeOutputPathError(f"outputs: {cut(where)} is a {kind}")

@@ -1,9 +1,8 @@
 """The slurm launcher's pure parts and its stage directory (no cluster needed).
 
 What the cluster enforces (``scontrol show config``), Slurm's accounting rows,
-the profile section, the job script (the process launcher's sandbox), the
-copy of outputs back (what stage-out would refuse is refused here too), and a
-probe that fails closed before it asks any cluster.
+the profile section, the job script (the process launcher's sandbox and output
+step), and a probe that fails closed before it asks any cluster.
 """
 
 from __future__ import annotations
@@ -16,12 +15,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from femd.errors import (
-    ConfigError,
-    LaunchError,
-    OutputTooLargeError,
-    UnsafeOutputPathError,
-)
+from femd.errors import ConfigError, LaunchError
 from femd.launchers import (
     LAUNCHERS,
     LauncherProfile,
@@ -236,13 +230,12 @@ def test_job_script_runs_the_process_sandbox_under_prlimit(tmp_path: Path):
     stage.root.mkdir(parents=True)
     data = tmp_path / "data"
     data.mkdir()
-    job = stage.write_job(
-        spec(prof, stage.out, mounts=(Mount(source=str(data), target="/data"),)),
-        prof,
-    )
+    mounts = (Mount(source=str(data), target="/data"),)
+    job = stage.write_job(spec(prof, tmp_path / "out", mounts=mounts), prof)
     lines = job.read_text().splitlines()
     assert lines[0] == "#!/bin/sh"
-    assert f"exec 3<{stage.root}/seccomp.bpf 5>{stage.status}" in lines
+    redirect = f"exec 3<{stage.root}/seccomp.bpf 5>{stage.status} 0>{stage.stream}"
+    assert redirect in lines
     argv = shlex.split(lines[-1])
     assert argv[:2] == ["exec", "/usr/bin/prlimit"]
     assert "--nproc=16:16" in argv
@@ -252,9 +245,12 @@ def test_job_script_runs_the_process_sandbox_under_prlimit(tmp_path: Path):
     for flag in ("--unshare-net", "--unshare-pid", "--clearenv", "--die-with-parent"):
         assert flag in bwrap
     assert ["--ro-bind", str(data), "/data"] == bwrap[bwrap.index("--ro-bind") :][:3]
-    assert ["--bind", str(stage.out), "/out"] == bwrap[bwrap.index("--bind") :][:3]
+    # The output dir is the process launcher's capped tmpfs, streamed out.
+    assert bwrap[bwrap.index("/out") - 1 :][:2] == ["--tmpfs", "/out"]
+    assert "--as-pid-1" in bwrap
     assert bwrap[bwrap.index("--add-seccomp-fd") :][:2] == ["--add-seccomp-fd", "3"]
-    assert bwrap[-4:] == ["--", "/bin/sh", "-c", "echo hi > /out/x"]
+    assert bwrap[-5:-3] == ["femd-output", "/out"]
+    assert bwrap[-2:] == ["-c", "echo hi > /out/x"]
     assert os.stat(job).st_mode & 0o777 == 0o600
 
 
@@ -263,56 +259,6 @@ def test_job_script_keeps_the_sandbox_checks(tmp_path: Path):
     assert prof.slurm is not None
     stage = Stage(prof.slurm, "t-1")
     stage.root.mkdir(parents=True)
-    bad = spec(prof, stage.out, mounts=(Mount(source=str(tmp_path), target="/usr/x"),))
+    bad = spec(prof, tmp_path, mounts=(Mount(source=str(tmp_path), target="/usr/x"),))
     with pytest.raises(LaunchError, match=r"^slurm: mount target '/usr/x' overlaps"):
         stage.write_job(bad, prof)
-
-
-def _stage_with_out(tmp_path: Path, max_output_mb: int = 1) -> Stage:
-    prof = profile(tmp_path, max_output_mb=max_output_mb)
-    assert prof.slurm is not None
-    stage = Stage(prof.slurm, "t-1")
-    stage.out.mkdir(parents=True)
-    return stage
-
-
-def test_copy_out_brings_files_and_directories(tmp_path: Path):
-    stage = _stage_with_out(tmp_path)
-    (stage.out / "sub").mkdir()
-    (stage.out / "sub" / "a.txt").write_text("a")
-    run = stage.out / "run.sh"
-    run.write_text("#!/bin/sh\n")
-    run.chmod(0o755)
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    stage.copy_out(dest)
-    assert (dest / "sub" / "a.txt").read_text() == "a"
-    assert os.access(dest / "run.sh", os.X_OK)
-    stage.remove()
-    assert not stage.root.exists()
-
-
-@pytest.mark.parametrize("kind", ["symlink", "hard link", "special file"])
-def test_copy_out_refuses_what_stage_out_refuses(tmp_path: Path, kind: str):
-    stage = _stage_with_out(tmp_path)
-    (stage.out / "ok.txt").write_text("ok")
-    if kind == "symlink":
-        (stage.out / "bad").symlink_to("/etc/shadow")
-    elif kind == "hard link":
-        os.link(stage.out / "ok.txt", stage.out / "bad")
-    else:
-        os.mkfifo(stage.out / "bad")
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    with pytest.raises(UnsafeOutputPathError, match=f"outputs: .* is a {kind}"):
-        stage.copy_out(dest)
-
-
-def test_copy_out_is_bounded(tmp_path: Path):
-    stage = _stage_with_out(tmp_path, max_output_mb=1)
-    (stage.out / "big").write_bytes(b"x" * (2 << 20))
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    with pytest.raises(OutputTooLargeError, match="copy limit at big"):
-        stage.copy_out(dest)
-    assert not (dest / "big").exists()
