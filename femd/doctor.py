@@ -181,9 +181,12 @@ def _trial_spec(
     launcher: str, profile: LauncherProfile, out: Path, image: str | None
 ) -> LaunchSpec:
     argv = ("/catatonit", "-V") if launcher == "podman" else ("/bin/sh", "-c", "id")
+    kind: Literal["podman", "process", "slurm"] = "process"
+    if launcher in ("podman", "slurm"):
+        kind = "podman" if launcher == "podman" else "slurm"
     return LaunchSpec(
         task_id=f"doctor-{secrets.token_hex(6)}",
-        launcher="podman" if launcher == "podman" else "process",
+        launcher=kind,
         profile=profile,
         argv=argv,
         image=image,

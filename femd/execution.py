@@ -352,6 +352,10 @@ class Runner:
             if self.cancelled.is_set():
                 handle.cancel(self.grace_s)
                 self.cancelled.clear()
+            if getattr(handle, "queued", False) and not killed:
+                # A batch system's queue is not the task's time (slurm): the
+                # backstop starts when the job does.
+                backstop = time.monotonic() + timeout_s + 2 * self.grace_s + 60
             if time.monotonic() > backstop:
                 if killed:
                     return Outcome(
@@ -397,6 +401,9 @@ class Runner:
             "log_tail": outcome.log_tail[-LOG_TAIL_BYTES:],
             "started_at": at,
         }
+        if outcome.accounting is not None:
+            # What the batch system measured (elapsed, CPU, MaxRSS, node...).
+            extra["accounting"] = msgspec.to_builtins(outcome.accounting)
         if outcome.traffic:
             # What femd forwarded for the task, per destination (docs/network.md).
             extra["network"] = msgspec.to_builtins(outcome.traffic)

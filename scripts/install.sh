@@ -3,7 +3,8 @@
 # Debian 12 where you are root and only python3 and git exist:
 #   - Debian packages (RabbitMQ, rootless Podman with runc, uidmap and
 #     catatonit, bubblewrap, systemd-nspawn, debootstrap, busybox for test
-#     images, lintian for the package test, TLS roots for pip),
+#     images, lintian for the package test, TLS roots for pip, Slurm with
+#     munge, slurmdbd and MariaDB for the slurm launcher's test cluster),
 #   - the unprivileged users tasks run as (femd-task for bubblewrap,
 #     femd-podman for rootless Podman with its subuid/subgid ranges),
 #   - a virtualenv in .venv with femd installed (editable) and its test tools,
@@ -24,7 +25,8 @@ fi
 pkgs="python3-venv python3-dev gcc ca-certificates git rabbitmq-server \
 podman runc uidmap catatonit bubblewrap \
 systemd-container debootstrap busybox-static iproute2 procps util-linux \
-lintian python3-seccomp"
+lintian python3-seccomp slurm-wlm slurm-client slurmdbd munge \
+mariadb-server-core mariadb-client-core"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
@@ -34,8 +36,9 @@ if [ -n "$missing" ]; then
     echo "install: apt-get install$missing"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    # The distribution's RabbitMQ node is not used: tests and the demo start
-    # their own private nodes. Keep the package's service from starting.
+    # The distribution's RabbitMQ node, munged, Slurm daemons and MariaDB are
+    # not used: tests and the demo start their own private ones (own ports,
+    # keys, state). Keep the packages' services from starting.
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
     rm -f /usr/sbin/policy-rc.d

@@ -6,7 +6,7 @@ receives (site settings already merged, host paths resolved), ``Capabilities``
 ``unenforceable()`` (pure) and ``start()``, the one place where a back-end's
 foreign errors become ``LaunchError``.
 
-Holds no back-end code: ``process`` (bubblewrap) and ``podman`` do. Does not
+Holds no back-end code: ``process`` (bubblewrap), ``podman`` and ``slurm`` do. Does not
 build a ``LaunchSpec`` from a task (the agent does, from Task + profile +
 policy). DESIGN "Launchers": a limit the host cannot enforce refuses the task.
 """
@@ -28,6 +28,7 @@ from femd.launchers.profile import (
     LauncherProfile,
     PodmanSettings,
     ProcessSettings,
+    SlurmSettings,
     load_profile,
     load_profiles,
 )
@@ -35,6 +36,7 @@ from femd.model import AbsPath, Strict, TaskId
 
 __all__ = [
     "LAUNCHERS",
+    "Accounting",
     "Capabilities",
     "Handle",
     "LaunchSpec",
@@ -46,6 +48,7 @@ __all__ = [
     "Outcome",
     "PodmanSettings",
     "ProcessSettings",
+    "SlurmSettings",
     "Traffic",
     "Usage",
     "build_all",
@@ -84,7 +87,7 @@ class LaunchSpec(Strict, frozen=True, kw_only=True):
     """
 
     task_id: TaskId
-    launcher: Literal["podman", "process"]
+    launcher: Literal["podman", "process", "slurm"]
     profile: LauncherProfile
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
@@ -148,6 +151,23 @@ class Usage(Strict, frozen=True, kw_only=True, omit_defaults=True):
     wall_s: float | None = None
 
 
+class Accounting(Strict, frozen=True, kw_only=True, omit_defaults=True):
+    """What a batch system measured of one task (the ``slurm`` launcher).
+
+    Sent in the terminal status event as ``accounting``; a field the batch
+    system did not report is absent.
+    """
+
+    job_id: str
+    state: str
+    node: str | None = None
+    elapsed_s: int | None = None
+    cpu_s: float | None = None
+    max_rss_kb: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+
+
 class Traffic(Strict, frozen=True, kw_only=True):
     """Connections femd forwarded for a task to (or from) one destination.
 
@@ -180,6 +200,7 @@ class Outcome(Strict, frozen=True, kw_only=True):
     reason: str = ""
     rule: str = ""
     usage: Usage | None = None
+    accounting: Accounting | None = None
     traffic: tuple[Traffic, ...] = ()
 
 
@@ -255,9 +276,18 @@ def _process(
     return BubblewrapLauncher(profile, state_dir=state_dir)
 
 
+def _slurm(
+    profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
+) -> Launcher:
+    from femd.launchers.slurm import SlurmLauncher
+
+    del podman_socket
+    return SlurmLauncher(profile, state_dir=state_dir)
+
+
 # STYLE rule 6: a closed set, no entry points.
 LAUNCHERS: Final[Mapping[str, LauncherFactory]] = MappingProxyType(
-    {"podman": _podman, "process": _process}
+    {"podman": _podman, "process": _process, "slurm": _slurm}
 )
 
 
