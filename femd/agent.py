@@ -10,9 +10,11 @@ task work and never blocks on the broker (DESIGN "systemd", "broker").
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -50,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 REPLAY_RULE: Final = "task.replayed"
 RESTART_RULE: Final = "agent.restarted"
-_TICK_S: Final = 0.1
 _STATUS_EVERY_S: Final = 5.0
 
 
@@ -99,11 +100,17 @@ class Agent:
             self.state,
             prefetch=max(1, config.max_concurrent_tasks),
             on_state=self._on_broker_state,
+            on_delivery=self._wake,
         )
         self.queue: deque[str] = deque()
         self.runners: dict[str, Runner] = {}
         self.threads: dict[str, threading.Thread] = {}
         self.done = 0
+        # The main loop sleeps until something happens: a delivery, a finished
+        # task (its id in ``_finished``), a connect, a signal, a stop request.
+        # SimpleQueue.put is reentrant, so signal handlers may wake it too.
+        self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._finished: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._notifier = sdnotify.SystemdNotifier()
@@ -236,7 +243,11 @@ class Agent:
             f"{done} done, {broker}"
         )
 
+    def _wake(self) -> None:
+        self._wakeups.put(None)
+
     def _on_broker_state(self, up: bool, why: str) -> None:
+        self._wake()  # READY at once on the first connect, not at the next turn
         if up:
             audit.emit(audit.Event.BROKER_CONNECTED, "broker connected", node=self.node)
         else:
@@ -459,16 +470,30 @@ class Agent:
         )
 
     def _spawn(self, task_id: str, target: Callable[[], object]) -> None:
-        t = threading.Thread(target=target, name=f"task-{task_id}", daemon=True)
+        def run() -> None:
+            try:
+                target()
+            finally:
+                self._finished.put(task_id)
+                self._wake()
+
+        t = threading.Thread(target=run, name=f"task-{task_id}", daemon=True)
         self.threads[task_id] = t
         t.start()
 
+    def _reap(self) -> None:
+        """Free the slots of tasks whose thread said it finished."""
+        while True:
+            try:
+                tid = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            self.threads.pop(tid, None)
+            self.runners.pop(tid, None)
+            self.done += 1
+
     def _dispatch(self) -> None:
-        for tid, thread in list(self.threads.items()):
-            if not thread.is_alive():
-                del self.threads[tid]
-                self.runners.pop(tid, None)
-                self.done += 1
+        self._reap()
         while self.queue and len(self.runners) < self.config.max_concurrent_tasks:
             tid = self.queue.popleft()
             row = self.state.get(tid)
@@ -483,8 +508,20 @@ class Agent:
 
     # -- recovery --------------------------------------------------------------------
 
+    def _prune_outgoing(self) -> None:
+        """Remove archives no queued chunk needs (packing cut short by a crash)."""
+        outgoing = self.state_dir / "outgoing"
+        if not outgoing.is_dir():
+            return
+        keep = {Path(p).resolve() for p in self.state.queued_archives()}
+        for path in outgoing.iterdir():
+            if path.resolve() not in keep:
+                logger.info("outputs: removing unsent leftover %s", path.name)
+                path.unlink(missing_ok=True)
+
     def recover(self) -> None:
         """Reconcile tasks a previous run left in non-terminal states."""
+        self._prune_outgoing()
         for row in self.state.unfinished():
             if row.state in ("received", "queued") and row.payload is not None:
                 if row.kind == "Cancel":
@@ -498,12 +535,19 @@ class Agent:
                 continue
             task = decode_manifest(row.payload) if row.payload else None
             handle = None
-            if isinstance(task, Task) and row.state == "running":
+            # A launch may have begun while the task was still "staging": the
+            # launcher is asked too, so what it left is found (process: killed).
+            if isinstance(task, Task) and row.state in ("staging", "running"):
                 launcher = self.launchers.get((task.profile, task.launcher))
                 try:
                     handle = launcher.adopt(task.id) if launcher else None
                 except FemdError as e:
                     logger.warning("task %s: cannot re-attach: %s", row.task_id, e)
+                if handle is not None and row.state == "staging":
+                    # Never reported running: end it rather than adopt it.
+                    handle.cancel(0)
+                    handle.wait(30)
+                    handle = None
             if isinstance(task, Task) and handle is not None:
                 logger.info("task %s: re-attached after restart", task.id)
                 runner = self._runner(task)
@@ -535,9 +579,11 @@ class Agent:
     def _signals(self) -> None:
         def stop(_sig: int, _frame: FrameType | None) -> None:
             self._stop.set()
+            self._wake()
 
         def reload(_sig: int, _frame: FrameType | None) -> None:
             self._reload.set()
+            self._wake()
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -546,6 +592,7 @@ class Agent:
     def request_stop(self) -> None:
         """Ask the main loop to drain and exit (as SIGTERM does)."""
         self._stop.set()
+        self._wake()
 
     def run(self) -> int:
         """Serve until SIGTERM; return the exit code (0 on a clean stop)."""
@@ -581,16 +628,18 @@ class Agent:
             self._notify("RELOADING=1")
             self.reload()
             self._notify("READY=1")
-        try:
-            d = self.link.inbox.get(timeout=_TICK_S)
-        except Exception:  # noqa: BLE001 (queue.Empty)
-            d = None
-        if d is not None:
+        self._sleep()
+        while not self._stop.is_set():
+            try:
+                d = self.link.inbox.get_nowait()
+            except queue.Empty:
+                break
             try:
                 self.handle(d)
             except FemdError as e:
                 # State unavailable: do not ack; the broker will redeliver.
                 logger.error("delivery not admitted, will be redelivered: %s", e)
+            self._dispatch()  # a free slot takes the task before the next delivery
         self._dispatch()
         now = time.monotonic()
         self._ping()
@@ -599,6 +648,25 @@ class Agent:
         if now - self._last_status > _STATUS_EVERY_S:
             self._last_status = now
             self._notify(f"STATUS={self._status()}")
+
+    def _sleep(self) -> None:
+        """Wait for a wake-up, or until a WATCHDOG, STATUS or node status is due."""
+        now = time.monotonic()
+        due = min(
+            self._last_status + _STATUS_EVERY_S,
+            self._last_node_status + self.config.node_status_interval_s,
+        )
+        if self._watchdog_s is not None:
+            due = min(due, self._last_ping + self._watchdog_s / 2)
+        try:
+            self._wakeups.get(timeout=min(max(0.0, due - now), _STATUS_EVERY_S))
+        except queue.Empty:
+            return
+        while True:  # one turn serves every wake-up that came meanwhile
+            try:
+                self._wakeups.get_nowait()
+            except queue.Empty:
+                return
 
     def _shutdown(self) -> int:
         self._notify("STOPPING=1")
@@ -609,18 +677,15 @@ class Agent:
         while self.threads and time.monotonic() < deadline:
             self._ping()
             self._notify(f"STATUS=stopping: waiting for {len(self.threads)} tasks")
-            time.sleep(0.2)
-            self._dispatch_reap()
+            with contextlib.suppress(queue.Empty):
+                self._wakeups.get(timeout=0.2)
+            self._reap()
         for runner in list(self.runners.values()):
             runner.cancel("agent stopping")
         for thread in list(self.threads.values()):
             thread.join(timeout=30)
         self.link.stop(flush_s=5.0)
         self.state.close()
+        if self._notifier.socket is not None:
+            self._notifier.socket.close()
         return 0
-
-    def _dispatch_reap(self) -> None:
-        for tid, thread in list(self.threads.items()):
-            if not thread.is_alive():
-                del self.threads[tid]
-                self.runners.pop(tid, None)
