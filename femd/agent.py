@@ -615,6 +615,7 @@ class Agent:
         if not self._ready and self.link.ever_connected.is_set():
             self._ready = True
             self._notify("READY=1")
+            logger.info("ready: node %s, policy %s", self.node, self.policy.sha256[:12])
             # docs/auditor.md: AGENT_STARTED means "up and ready", so after READY.
             audit.emit(
                 audit.Event.AGENT_STARTED,
@@ -622,7 +623,6 @@ class Agent:
                 node=self.node,
                 policy_sha256=self.policy.sha256,
             )
-            logger.info("ready: node %s, policy %s", self.node, self.policy.sha256[:12])
         if self._reload.is_set():
             self._reload.clear()
             self._notify("RELOADING=1")
