@@ -51,6 +51,8 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from typing import IO, Final, Literal
 
+from femd.errors import printable
+
 __all__ = [
     "FIELD_MAX_BYTES",
     "JOURNAL_SOCKET",
@@ -59,6 +61,7 @@ __all__ = [
     "configure",
     "emit",
     "task_log",
+    "to_journal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -263,6 +266,12 @@ def configure(
         _task_bytes.clear()
 
 
+def to_journal() -> bool:
+    """True when audit entries (and so diagnostics) go to the journal."""
+    with _lock:
+        return _sink is not None and _sink.journal is not None
+
+
 def _add(fields: Fields, key: str, value: object) -> None:
     if value is None:
         return
@@ -270,7 +279,7 @@ def _add(fields: Fields, key: str, value: object) -> None:
         if not value:
             return
         value = " ".join(str(v) for v in value)
-    fields.append((key, _cut(str(value))))
+    fields.append((key, _cut(printable(value))))
 
 
 def emit(
@@ -327,7 +336,7 @@ def emit(
         raise ValueError(f"priority must be 0-7 (got {priority})")
     fields: Fields = [
         ("MESSAGE_ID", Event(event).value),
-        ("MESSAGE", _cut(message)),
+        ("MESSAGE", _cut(printable(message))),
         ("PRIORITY", str(priority)),
         ("SYSLOG_IDENTIFIER", "femd"),
     ]

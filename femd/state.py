@@ -29,7 +29,7 @@ from typing import Final, Literal
 
 import msgspec
 
-from femd.errors import StageOutError, StateError, cut
+from femd.errors import StageOutError, StateError, cut, printable
 from femd.stageout import CHUNK_BYTES, chunk_count, iter_chunks
 
 __all__ = [
@@ -172,7 +172,11 @@ def _parse_time(text: str) -> datetime:
 
 
 def _reasons_json(reasons: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    return [{"rule": rule, "message": message} for rule, message in reasons]
+    # Messages may quote file names or tool output that are not UTF-8.
+    return [
+        {"rule": printable(rule), "message": printable(message)}
+        for rule, message in reasons
+    ]
 
 
 def _check_state(state: str) -> None:
@@ -457,6 +461,7 @@ class State:
             args += [sha256, size, chunks]
             detail.append(f"output_sha256={sha256}")
         if error is not None:
+            error = printable(error)
             sets.append("error = ?")
             args.append(error)
             detail.append(f"error={error}")

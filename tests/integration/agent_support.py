@@ -77,6 +77,7 @@ TASK_USER = "femd-agent-test"
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 TERMINAL = frozenset({"rejected", "succeeded", "failed", "timed_out", "cancelled"})
 FLOW = ("received", "staging", "running", "uploading")
+_LEVELS = {"2": "CRITICAL", "3": "ERROR", "4": "WARNING", "6": "INFO", "7": "DEBUG"}
 
 
 def wait_for(
@@ -402,8 +403,25 @@ class AgentProc:
         return self.log_path.read_text(errors="replace")
 
     def log_lines(self) -> list[str]:
-        """The agent's diagnostic lines (``femd: LEVEL: ...``), not audit JSON."""
-        return [line for line in self.log().splitlines() if line.startswith("femd:")]
+        """The agent's diagnostic lines as ``femd: LEVEL: ...``, not audit entries.
+
+        Outside systemd the agent writes its diagnostics as JSON lines beside
+        the audit entries (those have a ``MESSAGE_ID``); start-up errors are
+        plain ``femd: error: ...`` lines.
+        """
+        lines = []
+        for line in self.log().splitlines():
+            if line.startswith("femd:"):
+                lines.append(line)
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "MESSAGE_ID" not in record:
+                level = _LEVELS.get(record.get("PRIORITY", ""), "INFO")
+                lines.append(f"femd: {level}: {record.get('MESSAGE', '')}")
+        return lines
 
     def terminate(self, timeout_s: float = 60) -> int:
         self.proc.send_signal(signal.SIGTERM)
