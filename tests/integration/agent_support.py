@@ -25,10 +25,10 @@ orchestrator received, and no task started twice (counter).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -52,8 +52,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from femd.envelope import encode_envelope, sign  # noqa: E402
+from femd.errors import FemdError  # noqa: E402
 from femd.keys import load_private_key, write_keypair  # noqa: E402
 from femd.orchestrator import EVENTS_QUEUE, RESULTS_QUEUE  # noqa: E402
+from femd.tree import remove_tree  # noqa: E402
 from testbed import Vhost  # noqa: E402
 from tests.integration.sandbox_support import ensure_task_user  # noqa: E402
 
@@ -652,7 +654,8 @@ class NodeEnv:
         if self.collector is not None:
             self.collector.close()
         self.counter.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        with contextlib.suppress(FemdError):
+            remove_tree(self.root)  # tasks may leave trees shutil cannot remove
 
     def diagnostics(self) -> str:
         """The tail of every agent's log, for a failing test's report."""
