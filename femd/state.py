@@ -29,6 +29,7 @@ from typing import Final, Literal
 
 import msgspec
 
+from femd import statemark
 from femd.errors import StageOutError, StateError, cut, printable
 from femd.stageout import CHUNK_BYTES, chunk_count, iter_chunks
 
@@ -200,6 +201,13 @@ class State:
         self._path = path
         self._lock = threading.Lock()
         try:
+            if path.stat().st_size == 0:
+                statemark.check(path, "empty")
+        except FileNotFoundError:
+            statemark.check(path, "missing")
+        except OSError as e:
+            raise StateError(f"state: cannot open {cut(path)}: {e.strerror}") from e
+        try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # The state holds manifests: create it private; sqlite gives its
             # -wal and -shm files the same mode.
@@ -241,12 +249,17 @@ class State:
         db.execute("PRAGMA foreign_keys = ON")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
+            if not statemark.marker_path(self._path).exists():
+                self._mark("a database created before markers")
             return
         db.execute("BEGIN IMMEDIATE")
         try:
             # Another process may have created the schema while we waited.
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
+                # SECURITY: an empty database where one existed is a lost one,
+                # never a new one (replay protection).
+                statemark.check(self._path, "empty")
                 # Not executescript(): it would COMMIT the open transaction first.
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
@@ -264,6 +277,14 @@ class State:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        statemark.write(self._path)
+
+    def _mark(self, what: str) -> None:
+        """Write the marker of an existing database; a reader may not be able to."""
+        try:
+            statemark.write(self._path)
+        except StateError as e:
+            logger.warning("state: %s has no marker yet: %s", what, e)
 
     def close(self) -> None:
         """Close the database; later calls raise ``StateError``.
