@@ -41,6 +41,7 @@ from femd.launchers import (
 from femd.manifest import Cancel, Task, decode_manifest
 from femd.policy import LoadedPolicy, load_policy
 from femd.state import TERMINAL_STATES, State
+from femd.tlsfiles import check_tls_files
 
 __all__ = ["REPLAY_RULE", "RESTART_RULE", "Agent"]
 
@@ -75,10 +76,13 @@ class Agent:
             PolicyError: the policy is invalid.
             ConfigError: a launcher profile is invalid.
             StateError: the state database cannot be opened.
+            BrokerError: a TLS file is unusable, or not this node's identity.
         """
         self.config = config
         self.config_path = config_path
         self.node = config.node
+        b = config.broker
+        check_tls_files(b.ca, b.cert, b.key, expected_cn=self.node)
         self.policy: LoadedPolicy = self._load_policy()
         self.profiles: dict[str, LauncherProfile] = load_profiles(
             Path(config.launchers)

@@ -27,6 +27,7 @@ import pika.exceptions
 
 from femd.config import BrokerConfig
 from femd.errors import BrokerError, cut
+from femd.tlsfiles import check_tls_files
 
 __all__ = [
     "EVENTS_EXCHANGE",
@@ -143,6 +144,7 @@ def connection_parameters(cfg: BrokerConfig) -> pika.ConnectionParameters:
             "broker url: must carry no user or password (mTLS + EXTERNAL)"
         )
     vhost = unquote(url.path[1:]) if len(url.path) > 1 else "/"
+    check_tls_files(cfg.ca, cfg.cert, cfg.key)
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
