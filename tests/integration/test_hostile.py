@@ -1,0 +1,187 @@
+"""Hostile input and faults against a running agent on a real broker (issue 17).
+
+Each test reproduces one hole found by probing ``femd run`` as an attacker with
+the orchestrator's identity, or as an operator's bad day, and asserts what femd
+does now. Host-side witnesses (the counter, the broker's queues, the files on
+disk) are trusted over what femd reports.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.integration.agent_support import (  # noqa: E402
+    NODE,
+    AgentProc,
+    NodeEnv,
+    check_runs,
+    node_env_fixture,  # noqa: F401 (the `node_env` fixture)
+    wait_for,
+)
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.bwrap]
+
+
+def _records(agent: AgentProc) -> list[dict[str, Any]]:
+    """Every line of the agent's stderr, each of which must be one JSON object."""
+    records = []
+    for line in agent.log().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"agent stderr line is not JSON: {line!r}") from None
+        assert isinstance(record, dict), line
+        records.append(record)
+    return records
+
+
+def _no_traceback(agent: AgentProc) -> None:
+    records = _records(agent)
+    assert not [r for r in records if "Traceback" in r.get("MESSAGE", "")], records
+    traces = [r for r in records if "FEMD_TRACEBACK" in r]
+    assert not traces, traces[0]["FEMD_TRACEBACK"][-2000:]
+
+
+# -- 5, 6: what a task leaves in its output dir --------------------------------
+
+
+def test_non_utf8_output_name_fails_the_task_cleanly(node_env: NodeEnv) -> None:
+    env = node_env
+    events = env.collect()
+    agent = env.start_agent()
+    env.publish(env.task("badname", "touch /out/$'\\xff'name"))
+    end = events.await_terminal(["badname"], 60)["badname"]
+    assert end["state"] == "failed", end
+    message = end["reasons"][0]["message"]
+    assert "not UTF-8" in message, end
+    assert "\\xffname" in message, end  # the byte, escaped, not dropped
+    check_runs(events, env.counter, ["badname"])
+    row = env.tasks_json()["badname"]
+    assert row["state"] == "failed"
+    assert not (env.state_dir / "work" / "badname").exists()
+    assert agent.alive()
+    _no_traceback(agent)
+    assert agent.terminate() == 0
+
+
+def test_deep_output_tree_is_refused_and_cleaned_up(node_env: NodeEnv) -> None:
+    env = node_env
+    events = env.collect()
+    agent = env.start_agent()
+    # 5,100 directories deep (PATH_MAX allows ~2,000 per mkdir -p), the lower
+    # ones left unreadable and unwritable, as a task may leave them.
+    deep = (
+        "cd /out; p=$(printf 'd/%.0s' $(seq 1700));"
+        " for i in 1 2 3; do mkdir -p $p && cd $p; done;"
+        " touch leaf; chmod 0 /out/d/d/d"
+    )
+    env.publish(env.task("deep", deep), env.task("after-deep"))
+    ends = events.await_terminal(["deep", "after-deep"], 90)
+    assert ends["deep"]["state"] == "failed", ends["deep"]
+    assert "nests too deeply" in ends["deep"]["reasons"][0]["message"]
+    assert ends["after-deep"]["state"] == "succeeded", ends["after-deep"]
+    wait_for(
+        "the deep work dir to be removed",
+        lambda: not (env.state_dir / "work" / "deep").exists(),
+        30,
+    )
+    assert agent.alive()
+    _no_traceback(agent)
+    assert agent.terminate() == 0
+
+
+# -- 1: the state database ----------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
+def test_lost_state_database_refuses_to_start(node_env: NodeEnv, how: str) -> None:
+    env = node_env
+    events = env.collect()
+    agent = env.start_agent()
+    env.publish(env.task("once"))
+    assert events.await_terminal(["once"], 60)["once"]["state"] == "succeeded"
+    assert agent.terminate() == 0
+    db = env.state_dir / "state.sqlite"
+    if how == "truncated":
+        db.write_bytes(b"")
+        for extra in ("-wal", "-shm"):
+            Path(f"{db}{extra}").unlink(missing_ok=True)
+    else:
+        for f in env.state_dir.glob("state.sqlite*"):
+            f.unlink()
+    again = env.start_agent(ready=False)
+    rc = again.proc.wait(30)
+    lines = again.log().splitlines()
+    assert rc == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("femd: error: state: "), lines
+    assert str(db) in lines[0], lines
+    assert "replay" in lines[0], lines
+    # Nothing was recreated, so a replay cannot run again.
+    assert not db.exists() or db.stat().st_size == 0
+    env.publish(env.task("once"))
+    time.sleep(1)
+    assert env.counter.count("once") == 1
+
+
+# -- 8: TLS files -------------------------------------------------------------
+
+
+def _start_fails(env: NodeEnv, **broker: str) -> str:
+    env.write_config(broker=dict(env.settings["broker"], **broker))
+    agent = env.start_agent(ready=False)
+    rc = agent.proc.wait(30)
+    lines = agent.log().splitlines()
+    assert rc == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("femd: error: "), lines
+    return lines[0]
+
+
+def test_tls_file_errors_name_the_file(node_env: NodeEnv) -> None:
+    env = node_env
+    good = dict(env.settings["broker"])
+    garbage = env.root / "garbage.pem"
+    garbage.write_text("-----BEGIN PRIVATE KEY-----\nnot base64 at all\n")
+    missing = env.root / "missing.key"
+    # Another identity's key: the pair does not match.
+    other_key = env.vhost.key("fdn-02")
+    other_cert = env.vhost.cert("fdn-02")
+
+    line = _start_fails(env, key=str(missing))
+    assert f"key {missing}" in line, line
+    assert "No such file" in line, line
+    assert "ca " not in line, line
+    assert good["cert"] not in line, line
+
+    line = _start_fails(env, **{**good, "key": str(garbage)})
+    assert f"key {garbage}" in line, line
+    assert "not a PEM private key" in line, line
+
+    line = _start_fails(env, **{**good, "cert": str(garbage)})
+    assert f"cert {garbage}" in line, line
+    assert "not a PEM certificate" in line, line
+
+    line = _start_fails(env, **{**good, "ca": str(garbage)})
+    assert f"ca {garbage}" in line, line
+    assert "not a PEM certificate" in line, line
+
+    line = _start_fails(env, **{**good, "key": str(other_key)})
+    assert "handshake" not in line, line
+    assert "do not match" in line, line
+    assert good["cert"] in line, line
+    assert str(other_key) in line, line
+
+    line = _start_fails(env, **{**good, "cert": str(other_cert), "key": str(other_key)})
+    assert "CN 'fdn-02'" in line, line
+    assert f"node {NODE!r}" in line, line
