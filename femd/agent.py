@@ -230,7 +230,12 @@ class Agent:
     # -- admission ---------------------------------------------------------------
 
     def _reject_unverified(
-        self, d: Delivery, why: str, reasons: list[tuple[str, str]]
+        self,
+        d: Delivery,
+        why: str,
+        reasons: list[tuple[str, str]],
+        *,
+        dead_letter: bool = False,
     ) -> None:
         audit.emit(
             audit.Event.TASK_REJECTED,
@@ -249,11 +254,20 @@ class Agent:
             at=_now(),
             reasons=reasons,
         )
-        self.link.ack(d)
+        if dead_letter:
+            self.link.reject(d)
+        else:
+            self.link.ack(d)
         self.link.wake()
 
     def handle(self, d: Delivery) -> None:
         """Admit one delivery: verify, decide, commit, then ack; raises nothing."""
+        if d.problem is not None:
+            # Not even its AMQP properties decode: dead-letter it, alone.
+            self._reject_unverified(
+                d, d.problem, [("input.amqp", d.problem)], dead_letter=True
+            )
+            return
         try:
             verdict = admit(
                 d.body,

@@ -25,6 +25,7 @@ import msgspec
 import pika
 import pika.exceptions
 
+from femd import amqpframe
 from femd.config import BrokerConfig
 from femd.errors import BrokerError, cut
 from femd.tlsfiles import check_tls_files
@@ -168,12 +169,17 @@ def connection_parameters(cfg: BrokerConfig) -> pika.ConnectionParameters:
 
 
 class Delivery(msgspec.Struct, frozen=True):
-    """One message from the node's queue; ack it through the link that gave it."""
+    """One message from the node's queue; settle it through the link that gave it.
+
+    ``problem`` says why its AMQP properties could not be decoded (femd rejects
+    such a message on its own, see ``femd.amqpframe``); else None.
+    """
 
     generation: int
     tag: int
     redelivered: bool
     body: bytes
+    problem: str | None = None
 
 
 class OutboxMessage(Protocol):
@@ -220,6 +226,7 @@ class NodeLink(threading.Thread):
             BrokerError: the broker configuration is unusable.
         """
         super().__init__(name="femd-broker", daemon=True)
+        amqpframe.install()
         self._params = connection_parameters(cfg)
         self._cfg = cfg
         self._node = node
@@ -227,7 +234,8 @@ class NodeLink(threading.Thread):
         self._prefetch = prefetch
         self._on_state = on_state or (lambda up, why: None)
         self.inbox: queue.Queue[Delivery] = queue.Queue()
-        self._acks: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
+        # (delivery, what to do): "ack", "reject" (dead-letter) or "requeue".
+        self._acks: queue.SimpleQueue[tuple[Delivery, str]] = queue.SimpleQueue()
         self._generation = 0
         self._halt = threading.Event()
         self._pause = threading.Event()
@@ -242,8 +250,23 @@ class NodeLink(threading.Thread):
 
     def ack(self, delivery: Delivery) -> None:
         """Ack a committed *delivery*; a stale generation is dropped (redelivered)."""
-        self._acks.put(delivery)
+        self._acks.put((delivery, "ack"))
         self.wake()
+
+    def reject(self, delivery: Delivery) -> None:
+        """Reject *delivery* without requeueing: the broker dead-letters it."""
+        self._acks.put((delivery, "reject"))
+        self.wake()
+
+    def requeue(self, delivery: Delivery) -> None:
+        """Hand *delivery* back to the queue; the broker delivers it again."""
+        self._acks.put((delivery, "requeue"))
+        self.wake()
+
+    @property
+    def generation(self) -> int:
+        """The current connection's number; deliveries of older ones are void."""
+        return self._generation
 
     def wake(self) -> None:
         """Say the outbox (or the ack queue) has something new.
@@ -338,10 +361,14 @@ class NodeLink(threading.Thread):
         consume.basic_qos(prefetch_count=self._prefetch)
         generation = self._generation
 
-        def on_message(_ch: Any, method: Any, _props: Any, body: bytes) -> None:  # noqa: ANN401
+        def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:  # noqa: ANN401
             self.inbox.put(
                 Delivery(
-                    generation, method.delivery_tag, bool(method.redelivered), body
+                    generation,
+                    method.delivery_tag,
+                    bool(method.redelivered),
+                    body,
+                    getattr(props, "problem", None),
                 )
             )
 
@@ -375,11 +402,15 @@ class NodeLink(threading.Thread):
     def _do_acks(self, channel: Any, generation: int) -> None:  # noqa: ANN401
         while True:
             try:
-                d = self._acks.get_nowait()
+                d, what = self._acks.get_nowait()
             except queue.Empty:
                 return
-            if d.generation == generation:
+            if d.generation != generation:
+                continue
+            if what == "ack":
                 channel.basic_ack(d.tag)
+            else:
+                channel.basic_nack(d.tag, requeue=what == "requeue")
 
     def _drain(self, channel: Any) -> bool:  # noqa: ANN401
         """Publish one batch of the outbox; True if more may be waiting."""

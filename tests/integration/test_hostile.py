@@ -8,12 +8,15 @@ disk) are trusted over what femd reports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,3 +188,77 @@ def test_tls_file_errors_name_the_file(node_env: NodeEnv) -> None:
     line = _start_fails(env, **{**good, "cert": str(other_cert), "key": str(other_key)})
     assert "CN 'fdn-02'" in line, line
     assert f"node {NODE!r}" in line, line
+
+
+# -- 4: a message pika cannot decode ------------------------------------------
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    top = table
+    for _ in range(depth):
+        table["a"] = {}
+        table = table["a"]
+    return top
+
+
+@contextlib.contextmanager
+def _room_to_recurse() -> Iterator[None]:
+    """pika encodes and decodes nested tables recursively: here it may."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 30000))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _publish_poison(env: NodeEnv, depth: int) -> None:
+    with _room_to_recurse():
+        conn = pika.BlockingConnection(env.vhost.parameters(env.vhost.orchestrator))
+        try:
+            ch = conn.channel()
+            ch.confirm_delivery()
+            props = pika.BasicProperties(delivery_mode=2, headers=_nested(depth))
+            ch.basic_publish("femd.tasks", NODE, env.task("poison"), props)
+        finally:
+            conn.close()
+
+
+def _dead_letters(env: NodeEnv) -> list[str]:
+    """Routing keys of the dead-lettered messages, drained with the orchestrator."""
+    keys = []
+    with _room_to_recurse():
+        conn = pika.BlockingConnection(env.vhost.parameters(env.vhost.orchestrator))
+        try:
+            ch = conn.channel()
+            while True:
+                method, _, _ = ch.basic_get("femd.orchestrator.dead", auto_ack=True)
+                if method is None:
+                    return keys
+                keys.append(method.routing_key)
+        finally:
+            conn.close()
+
+
+def test_undecodable_headers_cost_only_their_message(node_env: NodeEnv) -> None:
+    env = node_env
+    events = env.collect()
+    agent = env.start_agent()
+    _publish_poison(env, 2000)
+    env.publish(env.task("valid"))
+    end = events.await_terminal(["valid"], 60)["valid"]
+    assert end["state"] == "succeeded", end
+    assert env.counter.count("poison") == 0
+    dead = wait_for("the poison to be dead-lettered", lambda: _dead_letters(env), 20)
+    assert dead == [NODE]
+    rejected = [
+        r
+        for r in _records(agent)
+        if r.get("FEMD_RULES") == "input.amqp" and "RecursionError" in r["MESSAGE"]
+    ]
+    assert len(rejected) == 1, _records(agent)[-5:]
+    connects = [line for line in agent.log_lines() if "broker: connected" in line]
+    assert len(connects) == 1, agent.log_lines()
+    _no_traceback(agent)
+    assert agent.terminate() == 0
