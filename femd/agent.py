@@ -31,6 +31,7 @@ from femd.config import AgentConfig
 from femd.decision import Decision, Verdict, admit
 from femd.errors import EnvelopeError, FemdError, ManifestError, cut
 from femd.execution import Runner, admission_reasons
+from femd.intake import Retry
 from femd.launchers import (
     LAUNCHERS,
     Capabilities,
@@ -103,6 +104,7 @@ class Agent:
             on_state=self._on_broker_state,
         )
         self.queue: deque[str] = deque()
+        self.retry = Retry()
         self.runners: dict[str, Runner] = {}
         self.threads: dict[str, threading.Thread] = {}
         self.done = 0
@@ -555,6 +557,16 @@ class Agent:
             self._tick()
         return self._shutdown()
 
+    def _admit(self, d: Delivery) -> None:
+        """Handle *d*; if the state cannot take it, keep it for another try."""
+        try:
+            self.handle(d)
+        except FemdError as e:
+            # State unavailable: not acked; tried again after a backoff.
+            self.retry.failed(d, e, time.monotonic())
+        else:
+            self.retry.succeeded(time.monotonic())
+
     def _tick(self) -> None:
         if not self._ready and self.link.ever_connected.is_set():
             self._ready = True
@@ -565,16 +577,14 @@ class Agent:
             self._notify("RELOADING=1")
             self.reload()
             self._notify("READY=1")
+        for late in self.retry.due(time.monotonic(), self.link.generation):
+            self._admit(late)
         try:
             d = self.link.inbox.get(timeout=_TICK_S)
         except Exception:  # noqa: BLE001 (queue.Empty)
             d = None
         if d is not None:
-            try:
-                self.handle(d)
-            except FemdError as e:
-                # State unavailable: do not ack; the broker will redeliver.
-                logger.error("delivery not admitted, will be redelivered: %s", e)
+            self._admit(d)
         self._dispatch()
         now = time.monotonic()
         self._ping()

@@ -27,7 +27,7 @@ import pika.exceptions
 
 from femd import amqpframe
 from femd.config import BrokerConfig
-from femd.errors import BrokerError, cut
+from femd.errors import BrokerError, StateError, cut
 from femd.tlsfiles import check_tls_files
 
 __all__ = [
@@ -333,6 +333,11 @@ class NodeLink(threading.Thread):
                     )
                 reported.add(why)
                 self.last_error = why
+            except StateError as e:
+                # The outbox could not be marked (a full disk): what was sent
+                # is sent again after the reconnect; consumers dedupe by seq.
+                self.last_error = str(e)
+                logger.warning("broker: %s; reconnecting", e)
             except Exception as e:  # the link thread must never die
                 self.last_error = f"internal error: {type(e).__name__}: {cut(e)}"
                 logger.exception("broker: %s; reconnecting", self.last_error)

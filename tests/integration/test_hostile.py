@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -262,3 +264,67 @@ def test_undecodable_headers_cost_only_their_message(node_env: NodeEnv) -> None:
     assert len(connects) == 1, agent.log_lines()
     _no_traceback(agent)
     assert agent.terminate() == 0
+
+
+# -- 3: a full state disk -----------------------------------------------------
+
+
+@contextlib.contextmanager
+def _small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of *size* mounted on *where* (created), unmounted afterwards."""
+    where.mkdir()
+    subprocess.run(  # noqa: S603 (fixed arguments)
+        ["/bin/mount", "-t", "tmpfs", "-o", f"size={size},mode=0711", "tmpfs", where],
+        check=True,
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(["/bin/umount", "-l", str(where)], check=False)  # noqa: S603
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_state_disk_recovers_by_itself(node_env: NodeEnv) -> None:
+    env = node_env
+    events = env.collect()
+    with _small_disk(env.state_dir, "4m"):
+        agent = env.start_agent()
+        env.publish(env.task("before"))
+        events.await_terminal(["before"], 60)
+        filler = _fill(env.state_dir)
+        ids = [f"full-{i}" for i in range(6)]
+        env.publish(*(env.task(t) for t in ids))
+        wait_for(
+            "a commit to fail",
+            lambda: any("disk is full" in line for line in agent.log_lines()),
+            30,
+        )
+        time.sleep(2)
+        assert not any(events.has(t, "received") for t in ids)
+        filler.unlink()
+        freed = time.monotonic()
+        events.await_terminal(ids, 60)
+        took = min(
+            events.received_at[(NODE, e["seq"])]
+            for t in ids
+            for e in events.of(t)
+            if e["state"] == "received"
+        )
+        print(f"\nintake back {took - freed:.1f} s after space returned")  # noqa: T201
+        assert took - freed < 15
+        ends = check_runs(events, env.counter, ["before", *ids])
+        assert set(ends.values()) == {"succeeded"}, ends
+        assert agent.alive()
+        assert agent.terminate() == 0
