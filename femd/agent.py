@@ -41,6 +41,7 @@ from femd.launchers import (
 )
 from femd.manifest import Cancel, Task, decode_manifest
 from femd.policy import LoadedPolicy, load_policy
+from femd.readmission import decide_again
 from femd.state import TERMINAL_STATES, State
 from femd.tlsfiles import check_tls_files
 
@@ -190,6 +191,66 @@ class Agent:
             node=self.node,
             policy_sha256=policy.sha256,
         )
+        self._decide_queued_again()
+
+    def _decide_queued_again(self) -> None:
+        """End ``rejected`` every queued task the current policy now denies.
+
+        Runs after a reload and after recovery (the policy may have changed
+        while the agent was down).
+        """
+        for tid in list(self.queue):
+            try:
+                row = self.state.get(tid)
+            except FemdError as e:
+                logger.error("task %s: cannot decide again, not run: %s", tid, e)
+                self.queue.remove(tid)
+                continue
+            if row is None or row.state != "queued" or row.payload is None:
+                continue
+            m = decode_manifest(row.payload)
+            decision = decide_again(
+                m,
+                row.signer_keyids,
+                self.policy,
+                node=self.node,
+                now=_now(),
+                skew_s=self.config.clock_skew_s,
+            )
+            if decision.allowed:
+                continue
+            # SECURITY: out of the queue first; if the state cannot record the
+            # rejection, the task stays queued on disk and is decided again at
+            # the next start, never run meanwhile.
+            self.queue.remove(tid)
+            reasons = [(r.rule.value, r.message) for r in decision.reasons]
+            text = "; ".join(f"{r}: {t}" for r, t in reasons)
+            try:
+                self.state.transition(
+                    tid,
+                    "rejected",
+                    node=self.node,
+                    at=_now(),
+                    reasons=reasons,
+                    error=f"denied by the current policy: {cut(text, 200)}",
+                )
+            except FemdError as e:
+                logger.error("task %s: denied, cannot record it: %s", tid, e)
+            audit.emit(
+                audit.Event.TASK_REJECTED,
+                f"task {tid} denied by the current policy before it started: {text}",
+                priority=5,
+                task_id=tid,
+                project=row.project,
+                node=self.node,
+                state="rejected",
+                decision="deny",
+                rules=[r for r, _ in reasons],
+                signer_keyids=list(row.signer_keyids),
+                manifest_sha256=row.manifest_sha256,
+                policy_sha256=self.policy.sha256,
+            )
+        self.link.wake()
 
     # -- notify ----------------------------------------------------------------
 
@@ -518,6 +579,7 @@ class Agent:
                 node=self.node,
                 state="failed",
             )
+        self._decide_queued_again()
 
     # -- main loop --------------------------------------------------------------------
 

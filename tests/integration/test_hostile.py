@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,11 +21,13 @@ from typing import Any
 
 import pika
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from femd.keys import keyid  # noqa: E402
 from tests.integration.agent_support import (  # noqa: E402
     NODE,
     AgentProc,
@@ -328,3 +331,30 @@ def test_full_state_disk_recovers_by_itself(node_env: NodeEnv) -> None:
         assert set(ends.values()) == {"succeeded"}, ends
         assert agent.alive()
         assert agent.terminate() == 0
+
+
+# -- 2: a signer revoked while its task waits -----------------------------------
+
+
+def test_reload_revoking_a_signer_rejects_its_queued_tasks(node_env: NodeEnv) -> None:
+    env = node_env
+    env.write_config(max_concurrent_tasks=1)
+    events = env.collect()
+    agent = env.start_agent()
+    env.publish(env.task("running", "sleep 4"), env.task("waiting"))
+    events.await_state("running", "running")
+    events.await_state("waiting", "received")
+    policy_file = env.root / "policy.yaml"
+    policy = yaml.safe_load(policy_file.read_text())
+    policy["revoked_keyids"] = [keyid(env.key.public_key())]
+    policy_file.write_text(yaml.safe_dump(policy))
+    agent.proc.send_signal(signal.SIGHUP)
+    ends = events.await_terminal(["running", "waiting"], 60)
+    assert ends["waiting"]["state"] == "rejected", ends["waiting"]
+    rules = [r["rule"] for r in ends["waiting"]["reasons"]]
+    assert "signer.revoked" in rules, rules
+    # Started before the reload: runs to its end.
+    assert ends["running"]["state"] == "succeeded", ends["running"]
+    check_runs(events, env.counter, ["running", "waiting"], never_started=["waiting"])
+    assert env.tasks_json()["waiting"]["state"] == "rejected"
+    assert agent.terminate() == 0
