@@ -42,6 +42,7 @@ from femd.launchers import (
 from femd.manifest import Cancel, Task, decode_manifest
 from femd.policy import LoadedPolicy, load_policy
 from femd.readmission import decide_again
+from femd.reprobe import Reprobe
 from femd.state import TERMINAL_STATES, State
 from femd.tlsfiles import check_tls_files
 
@@ -96,6 +97,7 @@ class Agent:
             f.chmod(0o600)  # SECURITY: history, payloads and outbox are femd's alone
         self.launchers: dict[tuple[str, str], Launcher] = {}
         self.caps: dict[tuple[str, str], Capabilities] = {}
+        self.reprobe = Reprobe()
         self._build_launchers()
         self.link = NodeLink(
             config.broker,
@@ -147,26 +149,56 @@ class Agent:
                     state_dir=self.state_dir,
                     podman_socket=self.config.podman.socket,
                 )
-                try:
-                    cap = launcher.probe()
-                except Exception as e:  # noqa: BLE001 (a back-end must not stop us)
-                    cap = Capabilities(
-                        launcher=name,
-                        available=False,
-                        problems=(f"probe failed: {cut(e)}",),
-                    )
                 launchers[(pname, name)] = launcher
-                caps[(pname, name)] = cap
-                if cap.available:
-                    logger.info("launcher %s/%s: available", pname, name)
-                else:
-                    logger.warning(
-                        "launcher %s/%s: unavailable: %s",
-                        pname,
-                        name,
-                        "; ".join(cap.problems),
-                    )
+                caps[(pname, name)] = self._probe((pname, name), launcher)
         self.launchers, self.caps = launchers, caps
+        self.reprobe.reset(
+            time.monotonic(), unavailable=not all(c.available for c in caps.values())
+        )
+
+    def _probe(self, key: tuple[str, str], launcher: Launcher) -> Capabilities:
+        """Probe one launcher; log it, and audit a change of availability."""
+        try:
+            cap = launcher.probe()
+        except Exception as e:  # noqa: BLE001 (a back-end must not stop us)
+            cap = Capabilities(
+                launcher=key[1],
+                available=False,
+                problems=(f"probe failed: {cut(e, 200, keep_end=True)}",),
+            )
+        before = self.caps.get(key)
+        what = "/".join(key)
+        if cap.available:
+            logger.info("launcher %s: available", what)
+            if before is not None and not before.available:
+                audit.emit(
+                    audit.Event.LAUNCHER_AVAILABLE,
+                    f"launcher {what}: available again",
+                    node=self.node,
+                    extra={"LAUNCHER": what},
+                )
+            return cap
+        why = "; ".join(cap.problems)
+        logger.warning("launcher %s: unavailable: %s", what, why)
+        if before is None or before.available:
+            audit.emit(
+                audit.Event.LAUNCHER_UNAVAILABLE,
+                f"launcher {what}: unavailable: {why}",
+                priority=4,
+                node=self.node,
+                extra={"LAUNCHER": what},
+            )
+        return cap
+
+    def _probe_unavailable(self) -> None:
+        """Probe again the launchers that failed; back off while some still fail."""
+        for key, cap in list(self.caps.items()):
+            if not cap.available:
+                self.caps[key] = self._probe(key, self.launchers[key])
+        self.reprobe.probed(
+            time.monotonic(),
+            unavailable=not all(c.available for c in self.caps.values()),
+        )
 
     def reload(self) -> None:
         """SIGHUP: build a whole new policy and profile set, then swap; else keep."""
@@ -639,6 +671,8 @@ class Agent:
             self._notify("RELOADING=1")
             self.reload()
             self._notify("READY=1")
+        if self.reprobe.due(time.monotonic()):
+            self._probe_unavailable()
         for late in self.retry.due(time.monotonic(), self.link.generation):
             self._admit(late)
         try:

@@ -99,6 +99,8 @@ class Event(StrEnum):
     AGENT_STOPPING = "75b4f56879a249f7a9d6c4506d3dff9d"
     BROKER_CONNECTED = "1bc00422adaa48aaaa26bedaf12cff81"
     BROKER_DISCONNECTED = "2c93de84c59f492ba1fd16032b74559b"
+    LAUNCHER_UNAVAILABLE = "1b65eb543cd24d30a2ad5ef15f0796b1"
+    LAUNCHER_AVAILABLE = "4a83b3a2d19b44cb9c08010fef3ea295"
 
 
 Fields = list[tuple[str, str]]

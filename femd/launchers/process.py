@@ -261,9 +261,12 @@ class BubblewrapLauncher:
             if memfd is not None:
                 os.close(memfd)
         if result.returncode != 0:
-            err = result.stderr.decode(errors="replace").strip().splitlines()
+            lines = result.stderr.decode(errors="replace").splitlines()
+            # The last line that says something is bwrap's error, cause last.
+            said = [line.strip() for line in lines if line.strip()]
+            last = said[-1] if said else f"exit status {result.returncode}"
             return [
-                f"bubblewrap cannot create a sandbox: {cut(err[-1] if err else '')}"
+                "bubblewrap cannot create a sandbox: " + cut(last, 200, keep_end=True)
             ]
         return []
 

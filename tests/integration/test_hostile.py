@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ if str(REPO) not in sys.path:
 from femd.keys import keyid  # noqa: E402
 from tests.integration.agent_support import (  # noqa: E402
     NODE,
+    TASK_USER,
     AgentProc,
     NodeEnv,
     check_runs,
@@ -357,4 +359,59 @@ def test_reload_revoking_a_signer_rejects_its_queued_tasks(node_env: NodeEnv) ->
     assert ends["running"]["state"] == "succeeded", ends["running"]
     check_runs(events, env.counter, ["running", "waiting"], never_started=["waiting"])
     assert env.tasks_json()["waiting"]["state"] == "rejected"
+    assert agent.terminate() == 0
+
+
+# -- 10: a launcher probe that fails at start ---------------------------------------
+
+
+@contextlib.contextmanager
+def _task_user_busy(count: int) -> Iterator[None]:
+    """*count* sleeping processes of the task user: RLIMIT_NPROC leaves no room."""
+    uid = pwd.getpwnam(TASK_USER).pw_uid
+    gid = pwd.getpwnam(TASK_USER).pw_gid
+    procs = [
+        subprocess.Popen(
+            ["/bin/sleep", "300"], user=uid, group=gid, extra_groups=[]
+        )
+        for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(10)
+
+
+def test_launcher_failing_its_first_probe_comes_back(node_env: NodeEnv) -> None:
+    env = node_env
+    events = env.collect()
+    with _task_user_busy(80):
+        agent = env.start_agent()
+        env.publish(env.task("while-short"))
+        end = events.await_terminal(["while-short"], 30)["while-short"]
+    assert end["state"] == "rejected", end
+    message = end["reasons"][0]["message"]
+    assert "not available" in message, message
+    assert message.endswith("Resource temporarily unavailable"), message
+
+    def came_back() -> bool:
+        return any(
+            r.get("FEMD_LAUNCHER") == "default/process" and "again" in r["MESSAGE"]
+            for r in _records(agent)
+        )
+
+    wait_for("the launcher to come back", came_back, 30)
+    gone = [
+        r
+        for r in _records(agent)
+        if r.get("FEMD_LAUNCHER") == "default/process" and "unavailable" in r["MESSAGE"]
+    ]
+    assert len(gone) == 1, gone
+    assert gone[0]["MESSAGE"].endswith("Resource temporarily unavailable"), gone
+    env.publish(env.task("after"))
+    assert events.await_terminal(["after"], 60)["after"]["state"] == "succeeded"
+    _no_traceback(agent)
     assert agent.terminate() == 0
