@@ -31,6 +31,7 @@ from femd.config import AgentConfig
 from femd.decision import Decision, Verdict, admit
 from femd.errors import EnvelopeError, FemdError, ManifestError, cut
 from femd.execution import Runner, admission_reasons
+from femd.flood import Tally
 from femd.intake import Retry
 from femd.launchers import (
     LAUNCHERS,
@@ -43,6 +44,7 @@ from femd.manifest import Cancel, Task, decode_manifest
 from femd.policy import LoadedPolicy, load_policy
 from femd.readmission import decide_again
 from femd.reprobe import Reprobe
+from femd.retention import Retention
 from femd.state import TERMINAL_STATES, State
 from femd.tlsfiles import check_tls_files
 
@@ -108,6 +110,8 @@ class Agent:
         )
         self.queue: deque[str] = deque()
         self.retry = Retry()
+        self.flood = Tally()
+        self.retention = Retention(config.retention_days)
         self.runners: dict[str, Runner] = {}
         self.threads: dict[str, threading.Thread] = {}
         self.done = 0
@@ -332,6 +336,12 @@ class Agent:
         *,
         dead_letter: bool = False,
     ) -> None:
+        settle = self.link.reject if dead_letter else self.link.ack
+        kind = tuple(r for r, _ in reasons)
+        if not self.flood.first(kind, time.monotonic()):
+            # A repeat within the window: refused, counted, summarised later.
+            settle(d)
+            return
         audit.emit(
             audit.Event.TASK_REJECTED,
             f"envelope rejected: {cut(why, 200)}",
@@ -349,10 +359,37 @@ class Agent:
             at=_now(),
             reasons=reasons,
         )
-        if dead_letter:
-            self.link.reject(d)
-        else:
-            self.link.ack(d)
+        settle(d)
+        self.link.wake()
+
+    def _summarise_floods(self) -> None:
+        """One audit entry and one status event for each kind of repeats."""
+        for kind, count in self.flood.flush(time.monotonic()).items():
+            text = (
+                f"{count} more unverifiable messages rejected in"
+                f" {self.flood.window_s:.0f} s ({', '.join(kind)})"
+            )
+            audit.emit(
+                audit.Event.TASK_REJECTED,
+                text,
+                priority=5,
+                node=self.node,
+                state="rejected",
+                decision="deny",
+                rules=list(kind),
+                policy_sha256=self.policy.sha256,
+                extra={"COUNT": str(count)},
+            )
+            try:
+                self.state.event_only(
+                    task_id="unverified",
+                    state="rejected",
+                    node=self.node,
+                    at=_now(),
+                    reasons=[(rule, text) for rule in kind],
+                )
+            except FemdError as e:
+                logger.error("cannot record rejected messages: %s", e)
         self.link.wake()
 
     def handle(self, d: Delivery) -> None:
@@ -673,6 +710,9 @@ class Agent:
             self._notify("READY=1")
         if self.reprobe.due(time.monotonic()):
             self._probe_unavailable()
+        self._summarise_floods()
+        if self.retention.due(time.monotonic()):
+            self.retention.run(self.state, _now(), time.monotonic())
         for late in self.retry.due(time.monotonic(), self.link.generation):
             self._admit(late)
         try:

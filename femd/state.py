@@ -238,6 +238,9 @@ class State:
     def _setup(self) -> None:
         db = self._db
         db.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
+        # Takes effect only on a database without tables yet: prune() can
+        # then give freed pages back (an older database keeps its size).
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StateError(
@@ -691,6 +694,40 @@ class State:
                 "DELETE FROM outbox WHERE published = 1 AND exchange = ?",
                 (RESULTS_EXCHANGE,),
             )
+
+    def prune(self, before: datetime) -> tuple[int, int]:
+        """Forget what neither replay protection nor the audit needs any more.
+
+        Deletes published outbox messages created before *before* and clears
+        the payload of tasks that ended before it. Every task row stays, with
+        its id, decision, reasons, signer keyids and hashes (a replayed id is
+        refused forever), and so do the transitions. Then gives the freed
+        pages back to the file system.
+
+        Returns:
+            (outbox messages deleted, task payloads cleared).
+
+        Raises:
+            StateError: the write failed.
+        """
+        when = _time_text(before)
+        marks = ", ".join("?" for _ in TERMINAL_STATES)
+        with self._write("prune") as db:
+            events = db.execute(
+                "DELETE FROM outbox WHERE published = 1 AND created_at < ?", (when,)
+            ).rowcount
+            payloads = db.execute(
+                "UPDATE tasks SET payload = NULL WHERE payload IS NOT NULL"  # noqa: S608
+                f" AND updated_at < ? AND state IN ({marks})",
+                (when, *sorted(TERMINAL_STATES)),
+            ).rowcount
+        if events or payloads:
+            with self._lock, self._guard("prune"):
+                # executescript() steps the pragma to its end (execute() frees
+                # one page); no transaction is open here.
+                self._db.executescript("PRAGMA incremental_vacuum;")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return events, payloads
 
     def counts(self) -> dict[str, int]:
         """Return the number of tasks in each state (for sd_notify ``STATUS=``).

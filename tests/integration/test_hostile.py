@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -414,4 +415,67 @@ def test_launcher_failing_its_first_probe_comes_back(node_env: NodeEnv) -> None:
     env.publish(env.task("after"))
     assert events.await_terminal(["after"], 60)["after"]["state"] == "succeeded"
     _no_traceback(agent)
+    assert agent.terminate() == 0
+
+
+# -- 7: floods and retention ----------------------------------------------------
+
+
+def _state_rows(env: NodeEnv, sql: str) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(f"file:{env.state_dir / 'state.sqlite'}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def _state_bytes(env: NodeEnv) -> int:
+    return sum(f.stat().st_size for f in env.state_dir.glob("state.sqlite*"))
+
+
+def test_flood_is_cheap_and_retention_prunes(node_env: NodeEnv) -> None:
+    env = node_env
+    env.write_config(retention_days=3 / 86400)  # three seconds
+    events = env.collect()
+    agent = env.start_agent()
+    env.publish(env.task("kept"))
+    assert events.await_terminal(["kept"], 60)["kept"]["state"] == "succeeded"
+    flood = 1000
+    env.publish(*(b'{"not": "an envelope", "n": %d}' % i for i in range(flood)))
+    queue = f"femd.node.{NODE}"
+    env.vhost.node.await_messages(env.vhost.name, queue, 0, 120)
+    # Every one refused; the orchestrator hears of them in a few summaries:
+    # the first of each 10 s window in full, the others counted.
+    def heard() -> int:
+        told = events.of("unverified")
+        full = [e for e in told if "more unverifiable" not in str(e["reasons"])]
+        return len(full) + sum(
+            int(e["reasons"][0]["message"].split()[0])
+            for e in told
+            if e not in full
+        )
+
+    wait_for(f"all {flood} to be told", lambda: heard() == flood, 60)
+    told = events.of("unverified")
+    assert 1 < len(told) <= 12, len(told)
+    # Retention: published events and the finished task's payload go; the
+    # task's id, decision and hashes stay, so a replay is still refused.
+    wait_for(
+        "published events to be pruned",
+        lambda: _state_rows(env, "SELECT COUNT(*) FROM outbox")[0][0] == 0,
+        30,
+    )
+    kept = _state_rows(
+        env, "SELECT state, decision, manifest_sha256, payload FROM tasks"
+    )
+    assert len(kept) == 1
+    assert kept[0][:2] == ("succeeded", "allow")
+    assert len(kept[0][2]) == 64
+    assert kept[0][3] is None
+    size = _state_bytes(env)
+    print(f"\nstate after {flood} garbage messages and pruning: {size} bytes")  # noqa: T201
+    assert size < 256 * 1024, size
+    env.publish(env.task("kept"))
+    events.await_state("kept", "rejected", 30)
+    assert env.counter.count("kept") == 1
     assert agent.terminate() == 0
