@@ -7,6 +7,8 @@ task as a dedicated unprivileged user, as they do in production.
 Modules, in the order the story uses them:
 
 - :mod:`demo.walkthrough`: the story, one method per step (start here);
+- :mod:`demo.fl_act`: ``--fl``, the FL act: a Flower session imported from
+  FEM's documents (``demo/fl/fem``), with its task code in ``demo/fl``;
 - :mod:`demo.federation`: what goes on disk (keys, broker, nodes, the git repo);
 - :mod:`demo.cohort`: the synthetic cardiac cohorts each node holds;
 - :mod:`demo.node_analysis`: the code that runs on each node, in the sandbox;

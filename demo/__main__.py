@@ -1,4 +1,9 @@
-"""``python -m demo [--launcher process|podman] [--keep] [--workdir DIR]``.
+"""``python -m demo [--launcher process|podman] [--fl] [--keep] [--workdir DIR]``.
+
+``--fl`` runs the FL act instead (demo/fl_act.py): a real Flower session across
+the two nodes, imported from FEM's documents; exit 0 when every round ran, the
+federated model is within 2 points of the centralised one and the client asking
+for an extra destination was refused.
 
 Exit status: 0 when the pooled result equals the centralised one and the
 tampered and out-of-policy tasks were refused; 1 when one of those did not hold
@@ -30,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=["process", "podman"],
         default="process",
         help="sandbox for the task: bubblewrap (default) or rootless podman",
+    )
+    p.add_argument(
+        "--fl",
+        action="store_true",
+        help="the FL act: a Flower session from FEM's documents (process launcher)",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument(
@@ -98,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except DemoError as e:
         sys.stderr.write(f"demo: error: {e}\n")
         return 2
+    if args.fl:
+        return _fl(root, args.keep)
     console.title("femd demo: one signed task, two hospitals, a pooled answer")
     console.say(f"work directory {root}, launcher {args.launcher}")
     walk = Walkthrough(root, args.launcher, console)
@@ -117,6 +129,43 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep:
         remove(root)
     return _summary(console, outcome, root, args.keep)
+
+
+def _fl(root: Path, keep: bool) -> int:
+    from demo.fl_act import FL_STEPS, FlAct
+
+    console = Console(steps=FL_STEPS)
+    console.title("femd demo, FL act: a Flower session from FEM's documents")
+    console.say(f"work directory {root}, launcher process")
+    act = FlAct(root, console)
+    try:
+        outcome = act.run_act()
+    except DemoError as e:
+        console.bad(str(e))
+        console.title(f"FL act could not run: {e}")
+        if not keep:
+            remove(root)
+        return 2
+    except KeyboardInterrupt:
+        console.bad("interrupted")
+        if not keep:
+            remove(root)
+        return 130
+    if not keep:
+        remove(root)
+    console.out.write("\n")
+    for problem in outcome.problems:
+        console.bad(problem)
+    if outcome.federated_accuracy is not None:
+        console.good(
+            f"federated accuracy {outcome.federated_accuracy:.2f}% vs centralised "
+            f"{outcome.central_accuracy:.2f}%, {len(outcome.rounds)} rounds seen live"
+        )
+    if outcome.refused:
+        console.good(f"extra destination refused: {outcome.refused}")
+    verdict = "FL act succeeded" if outcome.ok else "FL act FAILED"
+    console.title(f"{verdict} in {outcome.act_s:.1f} s")
+    return 0 if outcome.ok else 1
 
 
 if __name__ == "__main__":

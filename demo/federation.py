@@ -39,6 +39,7 @@ __all__ = [
     "Federation",
     "NodeFiles",
     "commit_analysis",
+    "commit_files",
 ]
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -133,28 +134,34 @@ def unreachable_parent(path: Path, user: str) -> Path | None:
     return None
 
 
-def commit_analysis(repo_dir: Path) -> tuple[str, str]:
-    """Commit the node analysis to a new bare repository; return (url, commit).
+def commit_files(
+    repo_dir: Path, files: dict[str, bytes], message: str
+) -> tuple[str, str]:
+    """Commit *files* to a new bare repository on ``main``; return (url, commit).
 
-    The tree holds ``node_analysis.py`` and a README; the commit id is stable
-    across runs (fixed author, time and content).
+    The commit id is stable across runs (fixed author, time and content).
     """
     repo = pygit2.init_repository(str(repo_dir), bare=True)
-    readme = b"Partial statistics of a cardiac cohort, for the femd demo.\n"
     builder = repo.TreeBuilder()
-    builder.insert("README", repo.create_blob(readme), pygit2.GIT_FILEMODE_BLOB)
-    builder.insert(
-        "node_analysis.py",
-        repo.create_blob(ANALYSIS.read_bytes()),
-        pygit2.GIT_FILEMODE_BLOB,
-    )
+    for name, data in sorted(files.items()):
+        builder.insert(name, repo.create_blob(data), pygit2.GIT_FILEMODE_BLOB)
     name, email, when = _AUTHOR
     who = pygit2.Signature(name, email, when, 0)
     commit = repo.create_commit(
-        "refs/heads/main", who, who, "node analysis v1\n", builder.write(), []
+        "refs/heads/main", who, who, message, builder.write(), []
     )
     repo.set_head("refs/heads/main")
     return f"file://{repo_dir}", str(commit)
+
+
+def commit_analysis(repo_dir: Path) -> tuple[str, str]:
+    """Commit the node analysis to a new bare repository; return (url, commit).
+
+    The tree holds ``node_analysis.py`` and a README.
+    """
+    readme = b"Partial statistics of a cardiac cohort, for the femd demo.\n"
+    files = {"README": readme, "node_analysis.py": ANALYSIS.read_bytes()}
+    return commit_files(repo_dir, files, "node analysis v1\n")
 
 
 class Federation:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import sdnotify
 
@@ -40,7 +40,9 @@ from femd.launchers import (
     LauncherProfile,
     load_profiles,
 )
+from femd.livelog import LogFollower
 from femd.manifest import Cancel, Task, decode_manifest
+from femd.nodestatus import cert_not_after, status_message
 from femd.policy import LoadedPolicy, load_policy
 from femd.readmission import decide_again
 from femd.reprobe import Reprobe
@@ -125,6 +127,8 @@ class Agent:
         self._last_ping = 0.0
         self._ready = False
         self._last_status = 0.0
+        self._last_node_status = 0.0
+        self._cert_not_after = cert_not_after(config.broker.cert)
 
     # -- loading ---------------------------------------------------------------
 
@@ -221,6 +225,7 @@ class Agent:
             return
         self.policy, self.profiles = policy, profiles
         self._build_launchers()
+        self.publish_node_status()
         audit.emit(
             audit.Event.POLICY_RELOADED,
             f"policy reloaded from {policy.source}",
@@ -287,6 +292,25 @@ class Agent:
                 policy_sha256=self.policy.sha256,
             )
         self.link.wake()
+
+    # -- node status -------------------------------------------------------------
+
+    def publish_node_status(self, state: Literal["up", "stopping"] = "up") -> None:
+        """Queue this node's status for the orchestrator (``femd nodes``)."""
+        self._last_node_status = time.monotonic()
+        self.link.publish_soon(
+            status_message(
+                node=self.node,
+                state=state,
+                policy_sha256=self.policy.sha256,
+                caps=self.caps,
+                running=len(self.runners),
+                queued=len(self.queue),
+                state_dir=self.state_dir,
+                cert_not_after=self._cert_not_after,
+                interval_s=self.config.node_status_interval_s,
+            )
+        )
 
     # -- notify ----------------------------------------------------------------
 
@@ -575,6 +599,13 @@ class Agent:
             chunk_bytes=self.config.result_chunk_bytes,
             log_max_bytes=self.config.log_max_bytes,
             wake=self.link.wake,
+            live_log=functools.partial(
+                LogFollower,
+                node=self.node,
+                publish=self.link.publish_soon,
+                rate_bytes_s=self.config.live_log_bytes_s,
+                burst_bytes=self.config.live_log_burst_bytes,
+            ),
         )
 
     def _spawn(self, task_id: str, target: Callable[[], object]) -> None:
@@ -684,6 +715,7 @@ class Agent:
             f"femd agent started for node {self.node}",
             node=self.node,
         )
+        self.publish_node_status()
         while not self._stop.is_set():
             self._tick()
         return self._shutdown()
@@ -724,6 +756,8 @@ class Agent:
         self._dispatch()
         now = time.monotonic()
         self._ping()
+        if now - self._last_node_status >= self.config.node_status_interval_s:
+            self.publish_node_status()
         if now - self._last_status > _STATUS_EVERY_S:
             self._last_status = now
             self._notify(f"STATUS={self._status()}")
@@ -732,6 +766,7 @@ class Agent:
         self._notify("STOPPING=1")
         audit.emit(audit.Event.AGENT_STOPPING, "femd agent stopping", node=self.node)
         self.link.pause_consuming()
+        self.publish_node_status("stopping")
         deadline = time.monotonic() + self.config.stop_grace_s
         while self.threads and time.monotonic() < deadline:
             self._ping()

@@ -101,6 +101,7 @@ class Event(StrEnum):
     BROKER_DISCONNECTED = "2c93de84c59f492ba1fd16032b74559b"
     LAUNCHER_UNAVAILABLE = "1b65eb543cd24d30a2ad5ef15f0796b1"
     LAUNCHER_AVAILABLE = "4a83b3a2d19b44cb9c08010fef3ea295"
+    NETWORK_CONNECTION = "0271cf92ffb14a82b66fce2cbd73350b"
 
 
 Fields = list[tuple[str, str]]

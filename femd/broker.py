@@ -10,6 +10,7 @@ they become ``BrokerError`` or log lines.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -32,11 +33,14 @@ from femd.tlsfiles import check_tls_files
 
 __all__ = [
     "EVENTS_EXCHANGE",
+    "LOGS_EXCHANGE",
+    "NODES_EXCHANGE",
     "RESULTS_EXCHANGE",
     "TASKS_EXCHANGE",
     "Delivery",
     "NodeLink",
     "Outbox",
+    "SideMessage",
     "connection_parameters",
     "describe",
     "node_queue",
@@ -47,6 +51,11 @@ logger = logging.getLogger(__name__)
 TASKS_EXCHANGE: Final = "femd.tasks"
 EVENTS_EXCHANGE: Final = "femd.events"
 RESULTS_EXCHANGE: Final = "femd.results"
+# Best-effort messages (node status, live task output): not in the outbox.
+NODES_EXCHANGE: Final = "femd.nodes"
+LOGS_EXCHANGE: Final = "femd.logs"
+# Best-effort messages waiting for the link at most (older ones are dropped).
+_SIDE_MAX: Final = 256
 
 # Errors that mean "this connection is gone; reconnect".
 _LINK_ERRORS: Final = (pika.exceptions.AMQPError, OSError, ssl.SSLError)
@@ -182,6 +191,16 @@ class Delivery(msgspec.Struct, frozen=True):
     problem: str | None = None
 
 
+class SideMessage(msgspec.Struct, frozen=True):
+    """A best-effort message: published when the link can, lost if it cannot."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, Any] | None = None
+
+
 class OutboxMessage(Protocol):
     """What the link publishes from the outbox."""
 
@@ -245,8 +264,21 @@ class NodeLink(threading.Thread):
         self.ever_connected = threading.Event()
         self.last_error = ""
         self._conn: pika.BlockingConnection | None = None
+        # deque append/popleft are atomic: the agent's threads add, the link takes.
+        self._side: collections.deque[SideMessage] = collections.deque(
+            maxlen=_SIDE_MAX
+        )
 
     # -- API for the agent thread -------------------------------------------
+
+    def publish_soon(self, message: SideMessage) -> None:
+        """Queue a best-effort message (node status, live log); never blocks.
+
+        At most ``_SIDE_MAX`` wait; beyond that the oldest is dropped. Lost if
+        the broker is away: the next status or log batch supersedes it.
+        """
+        self._side.append(message)
+        self.wake()
 
     def ack(self, delivery: Delivery) -> None:
         """Ack a committed *delivery*; a stale generation is dropped (redelivered)."""
@@ -294,7 +326,7 @@ class NodeLink(threading.Thread):
         self._pause.set()
         deadline = time.monotonic() + flush_s
         while time.monotonic() < deadline and self.connected.is_set():
-            if not self._outbox.pending_events(1):
+            if not self._outbox.pending_events(1) and not self._side:
                 break
             self.wake()
             time.sleep(0.05)
@@ -377,6 +409,7 @@ class NodeLink(threading.Thread):
                 )
             )
 
+        side = self._side_exchanges(conn)
         tag = None
         if not self._pause.is_set():
             tag = consume.basic_consume(q, on_message, auto_ack=False)
@@ -399,6 +432,8 @@ class NodeLink(threading.Thread):
             # One batch at a time: acks and deliveries are served between
             # batches, so a busy outbox never starves the intake.
             more = self._drain(publish)
+            if side:
+                self._drain_side(publish)
             idle = not more and not self._wake.is_set()
             # Returns early on data from the broker or on ``wake()``.
             conn.process_data_events(time_limit=_POLL_S if idle else 0)
@@ -439,6 +474,36 @@ class NodeLink(threading.Thread):
             if done:
                 self._outbox.mark_published(done)
         return len(batch) == _BATCH
+
+    def _side_exchanges(self, conn: pika.BlockingConnection) -> bool:
+        """True if the broker has the best-effort exchanges (passive check)."""
+        for name in (NODES_EXCHANGE, LOGS_EXCHANGE):
+            check = conn.channel()
+            try:
+                check.exchange_declare(name, passive=True)
+            except pika.exceptions.ChannelClosedByBroker:
+                logger.warning(
+                    "broker: no exchange %s (older broker definitions):"
+                    " node status and live logs are not sent",
+                    name,
+                )
+                return False
+            check.close()
+        return True
+
+    def _drain_side(self, channel: Any) -> None:  # noqa: ANN401
+        """Publish up to one batch of best-effort messages (lost on failure)."""
+        for _ in range(_BATCH):
+            try:
+                m = self._side.popleft()
+            except IndexError:
+                return
+            props = pika.BasicProperties(
+                content_type=m.content_type,
+                delivery_mode=1,
+                headers=m.headers or None,
+            )
+            channel.basic_publish(m.exchange, m.routing_key, m.body, props)
 
     def _close(self) -> None:
         was = self.connected.is_set()

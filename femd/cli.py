@@ -24,11 +24,16 @@ from femd import __version__
 from femd.errors import FemdError, InputError, ManifestError, cut
 
 if TYPE_CHECKING:
+    from femd.client import Client
     from femd.config import OrchestratorConfig
 
 __all__ = ["main"]
 
 logger = logging.getLogger("femd")
+
+TERMINAL_EVENT_STATES = frozenset(
+    {"rejected", "succeeded", "failed", "timed_out", "cancelled"}
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -226,13 +231,31 @@ def _orchestrator_config(args: argparse.Namespace) -> OrchestratorConfig:
     )
 
 
-def _cmd_submit(args: argparse.Namespace) -> int:
-    from femd.orchestrator import submit
+def _client(args: argparse.Namespace) -> Client:
+    from femd.client import Client
 
     cfg = _orchestrator_config(args)
+    inbox = getattr(args, "inbox", None)
+    return Client(cfg, inbox=Path(inbox) if inbox else None)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
     data = _read_input(args.envelope, "envelope")
-    task_id = submit(cfg, args.node, data)
+    with _client(args) as client:
+        task_id = client.submit(data, args.node)
     print(f"submitted task {task_id} to {', '.join(args.node)}")
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from femd.keys import load_private_key
+
+    keys = [load_private_key(Path(k)) for k in args.key]
+    with _client(args) as client:
+        cancel_id = client.cancel(
+            args.task, args.node, keys, project=args.project, issuer=args.issuer
+        )
+    print(f"submitted cancel {cancel_id} of task {args.task} to {', '.join(args.node)}")
     return 0
 
 
@@ -260,6 +283,7 @@ def _fem_line(event: dict[str, object]) -> dict[str, object]:
         ) or str(event.get("error") or event.get("state")) + (
             f" (exit code {code})" if code is not None else ""
         )
+    state = event.get("state")
     return {
         "node": event.get("node"),
         "task_id": event.get("task_id"),
@@ -268,28 +292,58 @@ def _fem_line(event: dict[str, object]) -> dict[str, object]:
         "stop_time": stopped,
         "elapsed_time_sec": elapsed,
         "error": error,
+        # FEM's per-node execution report, as its dashboard reads it.
+        "process_info": {
+            "status": _FEM_STATUS.get(str(state), str(state)),
+            "return_code": event.get("exit_code"),
+            "start_time": started,
+            "finish_time": stopped,
+        },
     }
 
 
+# femd's terminal states as FEM's process_info.status words.
+_FEM_STATUS: dict[str, str] = {
+    "succeeded": "finished",
+    "failed": "failed",
+    "timed_out": "timeout",
+    "cancelled": "cancelled",
+    "rejected": "rejected",
+}
+
+
 def _cmd_watch(args: argparse.Namespace) -> int:
-    from femd.orchestrator import TERMINAL, Watch
+    from femd.inbox import LogBatch, OutputStatus
 
-    cfg = _orchestrator_config(args)
-    if args.results:
-        cfg = msgspec.structs.replace(cfg, results_dir=args.results)
-
-    def show(event: dict[str, object]) -> None:
-        if args.format == "fem":
-            if event.get("state") in TERMINAL:
-                print(json.dumps(_fem_line(event)), flush=True)
-            return
-        print(json.dumps(event, sort_keys=True), flush=True)
-
-    watch = Watch(cfg, task_id=args.task, nodes=args.node or (), on_event=show)
-    finished = watch.run(timeout_s=args.timeout)
+    with _client(args) as client:
+        watch = client.watch(args.task, nodes=args.node or (), logs=args.logs)
+        for item in watch.follow(timeout_s=args.timeout):
+            if isinstance(item, LogBatch):
+                # Task output, never a femd record: marked as such, per node.
+                for line in item.text.splitlines():
+                    out = {"node": item.node, "task_id": item.task_id, "log": line}
+                    print(json.dumps(out), flush=True)
+                if item.dropped:
+                    note = {"node": item.node, "task_id": item.task_id}
+                    print(
+                        json.dumps({**note, "log_dropped_bytes": item.dropped}),
+                        flush=True,
+                    )
+            elif isinstance(item, OutputStatus):
+                if item.status == "complete":
+                    print(
+                        f"femd: outputs of {item.task_id} from {item.node}"
+                        f" verified in {item.path}",
+                        file=sys.stderr,
+                    )
+            elif args.format == "fem":
+                if item.state in TERMINAL_EVENT_STATES:
+                    print(json.dumps(_fem_line(item.body)), flush=True)
+            else:
+                print(json.dumps(item.body, sort_keys=True), flush=True)
     for e in watch.errors:
         print(f"femd: error: {e}", file=sys.stderr)
-    if args.task and not finished:
+    if args.task and not watch.done:
         print(
             f"femd: error: watch: timed out waiting for task {args.task}",
             file=sys.stderr,
@@ -298,9 +352,74 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 2 if watch.errors else 0
 
 
+def _cmd_nodes(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.receive > 0:
+            client.receive(args.receive)
+        views = client.nodes()
+    if args.json:
+        out = [
+            {"node": v.node, "age_s": round(v.age_s, 1), "down": v.down, **v.status}
+            for v in views
+        ]
+        print(json.dumps(out, indent=1, sort_keys=True))
+        return 0
+    for v in views:
+        st = v.status
+        print(
+            f"{v.node:<24} {'DOWN' if v.down else 'up':<5} seen {v.age_s:7.1f} s ago"
+            f"  femd {st.get('version', '?')}  running {st.get('running', '?')}"
+            f"  queued {st.get('queued', '?')}"
+            f"  disk free {_gib(st.get('disk_free_bytes'))}"
+            f"  cert until {st.get('cert_not_after', '?')}"
+        )
+    return 0
+
+
+def _gib(value: object) -> str:
+    if not isinstance(value, int):
+        return "?"
+    return f"{value / 2**30:.1f} GiB"
+
+
+def _cmd_orchestrator_tasks(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.receive > 0:
+            client.receive(args.receive)
+        rows = client.tasks()
+        outputs = {(r.node, r.task_id): client.outputs(r.node, r.task_id) for r in rows}
+    if args.limit is not None:
+        rows = rows[: max(args.limit, 0)]
+    if args.json:
+        out = []
+        for r in rows:
+            o = outputs[(r.node, r.task_id)]
+            out.append(
+                {
+                    "node": r.node,
+                    "task_id": r.task_id,
+                    "state": r.state,
+                    "at": r.at,
+                    "outputs": None
+                    if o is None
+                    else {"status": o.status, "path": o.path, "error": o.error},
+                }
+            )
+        print(json.dumps(out, indent=1))
+        return 0
+    for r in rows:
+        o = outputs[(r.node, r.task_id)]
+        where = "" if o is None else f"outputs {o.status} {o.path or o.error or ''}"
+        print(f"{r.at:<28} {r.node:<16} {r.task_id:<38} {r.state:<10} {where}")
+    return 0
+
+
 def _cmd_tasks(args: argparse.Namespace) -> int:
     from femd.config import load_config
     from femd.state import State
+
+    if args.orchestrator:
+        return _cmd_orchestrator_tasks(args)
 
     if args.state_dir:
         state_dir = Path(args.state_dir)
@@ -364,11 +483,24 @@ def _cmd_import_fem(args: argparse.Namespace) -> int:
         commit=args.commit,
         datasets=tuple(fem.parse_dataset(d) for d in args.dataset),
         output_dir=args.output_dir,
+        code_dir=args.code,
         egress=tuple(args.egress),
+        ingress=tuple(fem.parse_port(p) for p in args.ingress),
+        env=tuple(fem.parse_env(e) for e in args.env),
+        runtime=args.runtime,
         execution_id=args.execution_id,
         user_id=args.user_id,
     )
-    results = fem.convert(template, options, tool=tool, params=params)
+    try:
+        conversion = fem.convert(template, options, tool=tool, params=params)
+    except fem.FemImportError as e:
+        # Like `policy lint`: every problem, one line each, with its fix.
+        for problem in e.problems:
+            print(f"femd: error: import-fem: {problem}", file=sys.stderr)
+        return e.exit_code
+    for note in conversion.notes:
+        print(f"femd: note: import-fem: {note}", file=sys.stderr)
+    results = conversion.manifests
     paths = fem.output_paths(args.output, results)
     for path, r in zip(paths, results, strict=True):
         _write_output(path, fem.manifest_json(r.task))
@@ -413,7 +545,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(
             f"  enforces: memory {yes(c.memory_limit)}, cpus {yes(c.cpu_limit)}"
             f" (min {c.min_cpus:g}), pids {yes(c.pids_limit)},"
-            f" egress {yes(c.egress)} (filtered {yes(c.egress_filtered)})"
+            f" egress {yes(c.egress)}, ingress {yes(c.ingress)}"
         )
         for problem in c.problems:
             print(f"  problem: {problem}")
@@ -439,6 +571,16 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------
 # parser
+
+
+def _orchestrator_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--config", help="orchestrator config (default $FEMD_CONFIG)")
+    s.add_argument(
+        "--inbox",
+        "--results",
+        dest="inbox",
+        help="the orchestrator inbox directory (default: results_dir)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -485,7 +627,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="orchestrator: publish an envelope to nodes")
     s.add_argument("envelope", help="envelope file (- for stdin)")
     s.add_argument("--node", action="append", required=True, help="node id (repeat)")
-    s.add_argument("--config", help="orchestrator config (default $FEMD_CONFIG)")
+    _orchestrator_args(s)
     s.set_defaults(func=_cmd_submit)
 
     s = sub.add_parser(
@@ -493,11 +635,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--task", help="stop when this task is done on every --node")
     s.add_argument("--node", action="append", help="node expected to report (repeat)")
-    s.add_argument("--config", help="orchestrator config (default $FEMD_CONFIG)")
-    s.add_argument("--results", help="directory for events.jsonl and outputs")
+    _orchestrator_args(s)
     s.add_argument("--timeout", type=float, help="give up after this many seconds")
     s.add_argument("--format", choices=["json", "fem"], default="json")
+    s.add_argument("--logs", action="store_true", help="also print live task output")
     s.set_defaults(func=_cmd_watch)
+
+    s = sub.add_parser("cancel", help="orchestrator: sign and submit a Cancel")
+    s.add_argument("task", help="the task id to cancel")
+    s.add_argument("--node", action="append", required=True, help="node id (repeat)")
+    s.add_argument("--key", action="append", required=True, help="private key (repeat)")
+    s.add_argument("--project", help="the task's project (default: as submitted)")
+    s.add_argument("--issuer", help="the manifest's issuer")
+    _orchestrator_args(s)
+    s.set_defaults(func=_cmd_cancel)
+
+    s = sub.add_parser("nodes", help="orchestrator: every node, last seen, up/down")
+    _orchestrator_args(s)
+    s.add_argument("--receive", type=float, default=2.0, help="listen first, s")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_nodes)
 
     s = sub.add_parser("doctor", help="what this host can enforce, per launcher")
     s.add_argument("--config", help="femd.yaml (for launchers, state_dir, podman)")
@@ -507,8 +664,13 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_doctor)
 
     s = sub.add_parser("tasks", help="the node's local task history")
-    s.add_argument("--config", help="femd.yaml (to find state_dir)")
+    s.add_argument("--config", help="femd.yaml, or with --orchestrator its config")
     s.add_argument("--state-dir", help="read this state directory instead")
+    s.add_argument(
+        "--orchestrator", action="store_true", help="the orchestrator inbox's tasks"
+    )
+    s.add_argument("--inbox", "--results", dest="inbox", help="with --orchestrator")
+    s.add_argument("--receive", type=float, default=0.0, help="listen first, s")
     s.add_argument("--limit", type=int, help="at most this many, newest first")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_tasks)
@@ -525,7 +687,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--commit", metavar="SHA", help="pins source_code (full id)")
     s.add_argument("--dataset", action="append", default=[], metavar="NAME=MOUNT")
     s.add_argument("--output-dir", default="/out", help="output dir (default /out)")
+    s.add_argument("--code", metavar="MOUNT", help="the FEM volume that held the code")
     s.add_argument("--egress", action="append", default=[], metavar="HOST:PORT")
+    s.add_argument("--ingress", action="append", default=[], metavar="PORT")
+    s.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="for $NAME"
+    )
+    s.add_argument("--runtime", help="a runtime the nodes' policies name")
     s.add_argument("--launcher", choices=["podman", "process"], default="podman")
     s.add_argument("--profile", default="default", help="launcher profile name")
     s.add_argument("--expires-in", default="24h", help="validity (default 24h)")

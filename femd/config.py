@@ -70,6 +70,11 @@ class AgentConfig(Strict, frozen=True, kw_only=True):
     # Published status events and finished tasks' payloads are pruned after
     # this long; task ids, decisions, reasons, keyids and hashes stay for good.
     retention_days: Annotated[float, Meta(gt=0, le=36500)] = 30.0
+    node_status_interval_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
+    live_log_bytes_s: Annotated[int, Meta(ge=0, le=16 * 1024 * 1024)] = 16 * 1024
+    live_log_burst_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = (
+        64 * 1024
+    )
     audit: Literal["auto", "journal", "stderr"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     podman: PodmanConfig = msgspec.field(default_factory=PodmanConfig)
@@ -153,10 +158,19 @@ def load_config(
 
 
 class OrchestratorConfig(Strict, frozen=True, kw_only=True):
-    """``femd submit``/``femd watch`` settings: the orchestrator's own mTLS identity."""
+    """``femd submit``/``femd watch`` settings: the orchestrator's own mTLS identity.
+
+    ``results_dir`` is the orchestrator's inbox (``femd.inbox``): everything
+    received is kept there. ``max_output_bytes`` caps one task's outputs from
+    one node (archive and unpacked content). ``node_down_after_s`` is how long
+    a node may stay silent, at least, before ``femd nodes`` calls it down (it
+    also waits three of the node's own status intervals).
+    """
 
     broker: BrokerConfig
     results_dir: _Path = "results"
+    max_output_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024 * 1024
+    node_down_after_s: Annotated[float, Meta(gt=0, le=86400)] = 90.0
 
 
 def load_orchestrator_config(
@@ -174,7 +188,8 @@ def load_orchestrator_config(
         path = Path(env.get("FEMD_CONFIG") or "orchestrator.yaml")
     config = _load_struct(path, env, OrchestratorConfig)
     base = path.resolve().parent
-    return OrchestratorConfig(
+    return msgspec.structs.replace(
+        config,
         broker=_resolve_broker(base, config.broker),
         results_dir=_resolve(base, config.results_dir),
     )

@@ -55,6 +55,7 @@ class Rule(StrEnum):
     IMAGE_NOT_PINNED = "image.not_pinned"
     GIT_NOT_ALLOWED = "git.not_allowed"
     DATASET_NOT_ALLOWED = "dataset.not_allowed"
+    RUNTIME_NOT_ALLOWED = "runtime.not_allowed"
     RESOURCES_EXCEEDED = "resources.exceeded"
     NETWORK_NOT_ALLOWED = "network.not_allowed"
     OUTPUTS_EXCEEDED = "outputs.exceeded"
@@ -231,6 +232,14 @@ def _datasets(c: _Ctx) -> Iterable[Reason]:
             )
 
 
+def _runtime(c: _Ctx) -> Iterable[Reason]:
+    t = c.manifest
+    if not isinstance(t, Task) or c.project is None or t.runtime is None:
+        return
+    if t.runtime not in c.project.runtimes or t.runtime not in c.policy.policy.runtimes:
+        yield Reason(Rule.RUNTIME_NOT_ALLOWED, f"runtime {t.runtime!r} is not allowed")
+
+
 def _resources(c: _Ctx) -> Iterable[Reason]:
     t = c.manifest
     if not isinstance(t, Task) or c.project is None:
@@ -247,16 +256,20 @@ def _resources(c: _Ctx) -> Iterable[Reason]:
 
 def _network(c: _Ctx) -> Iterable[Reason]:
     t = c.manifest
-    if (
-        not isinstance(t, Task)
-        or c.project is None
-        or isinstance(t.network, NetworkNone)
-    ):
+    if not isinstance(t, Task) or c.project is None:
         return
-    allowed = () if c.project.network == "none" else c.project.network.egress
-    for hp in t.network.allow:
-        if not any(glob_match(p, hp) for p in allowed):
-            yield Reason(Rule.NETWORK_NOT_ALLOWED, f"egress to {hp} is not allowed")
+    net = c.project.network
+    egress = () if net == "none" else net.egress or ()
+    if not isinstance(t.network, NetworkNone):
+        for hp in t.network.allow:
+            if not any(glob_match(p, hp) for p in egress):
+                yield Reason(Rule.NETWORK_NOT_ALLOWED, f"egress to {hp} is not allowed")
+    ports = () if net == "none" or net.ingress is None else net.ingress.ports
+    for port in t.network.listen:
+        if port not in ports:
+            yield Reason(
+                Rule.NETWORK_NOT_ALLOWED, f"listening on port {port} is not allowed"
+            )
 
 
 def _outputs(c: _Ctx) -> Iterable[Reason]:
@@ -280,6 +293,7 @@ _RULES: Final[tuple[Callable[[_Ctx], Iterable[Reason]], ...]] = (
     _image,
     _git,
     _datasets,
+    _runtime,
     _resources,
     _network,
     _outputs,

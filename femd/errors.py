@@ -25,6 +25,7 @@ __all__ = [
     "ManifestError",
     "OutputTooLargeError",
     "PolicyError",
+    "RuntimeMissingError",
     "StageInError",
     "StageOutError",
     "StateError",
@@ -126,6 +127,10 @@ class GitCommitMissingError(StageInError):
 
 class DatasetMissingError(StageInError):
     """A dataset named by the task is missing on this host or escapes its path."""
+
+
+class RuntimeMissingError(StageInError):
+    """A runtime named by the task is missing on this host or escapes its path."""
 
 
 class LaunchError(FemdError):

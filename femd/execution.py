@@ -44,9 +44,10 @@ from femd.launchers import (
     start,
     unenforceable,
 )
+from femd.livelog import LogFollower
 from femd.manifest import NetworkEgress, Task
 from femd.policy import LoadedPolicy
-from femd.stagein import resolve_dataset, source_subdir, stage_git
+from femd.stagein import resolve_dataset, resolve_runtime, source_subdir, stage_git
 from femd.stageout import pack_outputs
 from femd.state import State
 from femd.tree import remove_tree
@@ -84,6 +85,13 @@ def output_cap(task: Task, policy: LoadedPolicy) -> int:
     return most if asked is None else min(asked, most)
 
 
+def runtime_target(task: Task, policy: LoadedPolicy) -> str:
+    """Where the task's runtime is mounted: the path the policy names for it."""
+    if task.runtime is None:
+        raise RuntimeError("runtime_target() of a task without a runtime")
+    return policy.policy.runtimes[task.runtime].path
+
+
 def build_spec(
     task: Task,
     policy: LoadedPolicy,
@@ -92,6 +100,7 @@ def build_spec(
     work_dir: Path,
     code_dir: Path | None = None,
     inputs: Mapping[str, Path] | None = None,
+    runtime_dir: Path | None = None,
     log_max_bytes: int = 1 << 20,
 ) -> LaunchSpec:
     """Build the launch spec: site settings from the profile, paths from the policy.
@@ -100,6 +109,11 @@ def build_spec(
     did that); None leaves them out (admission-time capability checks).
     """
     mounts = [Mount(source=str(src), target=dst) for dst, src in (inputs or {}).items()]
+    if task.runtime is not None and runtime_dir is not None:
+        # A runtime is the node's own, read-only, at the path its policy names.
+        mounts.append(
+            Mount(source=str(runtime_dir), target=runtime_target(task, policy))
+        )
     workdir = None
     if task.source is not None and code_dir is not None:
         mounts.append(Mount(source=str(code_dir), target=CODE_TARGET))
@@ -107,6 +121,8 @@ def build_spec(
         if task.source.path not in (".", ""):
             workdir = f"{CODE_TARGET}/{task.source.path.strip('/')}"
     egress = task.network.allow if isinstance(task.network, NetworkEgress) else None
+    net = policy.policy.projects[task.project].network
+    peers = () if net == "none" or net.ingress is None else net.ingress.peers
     return LaunchSpec(
         task_id=task.id,
         launcher=task.launcher,
@@ -120,6 +136,8 @@ def build_spec(
         output_target=task.outputs.path,
         limits=effective_limits(task, policy),
         egress=egress,
+        listen=task.network.listen,
+        ingress_peers=peers if task.network.listen else (),
         log_max_bytes=log_max_bytes,
     )
 
@@ -182,6 +200,7 @@ class Runner:
         log_max_bytes: int,
         wake: Callable[[], None],
         stop_grace_s: float = 10.0,
+        live_log: Callable[[Handle], LogFollower] | None = None,
     ) -> None:
         """Keep what the run needs; nothing happens before ``run()``."""
         self.task = task
@@ -191,6 +210,8 @@ class Runner:
         self.profiles = profiles
         self.launchers = launchers
         self.work = state_dir / "work" / task.id
+        # Outlives the work dir: chunks are read from it until confirmed.
+        self.outgoing = state_dir / "outgoing"
         self.git_cache = state_dir / "git"
         self.chunk_bytes = chunk_bytes
         self.log_max_bytes = log_max_bytes
@@ -199,6 +220,7 @@ class Runner:
         self.cancelled = threading.Event()
         self.cancel_reason = "cancelled"
         self.handle: Handle | None = None
+        self.live_log = live_log
 
     def cancel(self, reason: str) -> None:
         """Ask the run to stop; the task ends ``cancelled``."""
@@ -223,6 +245,7 @@ class Runner:
             git_commit=t.source.commit if t.source else None,
             datasets=[i.dataset for i in t.inputs],
             policy_sha256=self.policy.sha256,
+            extra={"RUNTIME": t.runtime} if t.runtime else None,
             **kw,  # type: ignore[arg-type]
         )
 
@@ -273,6 +296,9 @@ class Runner:
         for i in t.inputs:
             root = self.policy.policy.datasets[i.dataset].path
             inputs[i.mount] = resolve_dataset(i.dataset, root)
+        runtime = None
+        if t.runtime is not None:
+            runtime = resolve_runtime(t.runtime, runtime_target(t, self.policy))
         profile = self.profiles[t.profile]
         return build_spec(
             t,
@@ -281,6 +307,7 @@ class Runner:
             work_dir=self.work,
             code_dir=code,
             inputs=inputs,
+            runtime_dir=runtime,
             log_max_bytes=self.log_max_bytes,
         )
 
@@ -290,8 +317,11 @@ class Runner:
         started = datetime.now(UTC)
         backstop = time.monotonic() + timeout_s + 2 * self.grace_s + 60
         killed = False
+        follower = self.live_log(handle) if self.live_log else None
         while True:
             outcome = handle.wait(0.5)
+            if follower is not None:
+                follower.poll(final=outcome is not None)
             if outcome is not None:
                 return outcome
             if self.cancelled.is_set():
@@ -326,14 +356,22 @@ class Runner:
     @staticmethod
     def _extra(outcome: Outcome) -> dict[str, object]:
         at = outcome.started_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        return {"log_tail": outcome.log_tail[-LOG_TAIL_BYTES:], "started_at": at}
+        extra: dict[str, object] = {
+            "log_tail": outcome.log_tail[-LOG_TAIL_BYTES:],
+            "started_at": at,
+        }
+        if outcome.traffic:
+            # What femd forwarded for the task, per destination (docs/network.md).
+            extra["network"] = msgspec.to_builtins(outcome.traffic)
+        return extra
 
     def _stage_out(self, outcome: Outcome) -> None:
         t = self.task
         self._transition("uploading")
+        self.outgoing.mkdir(mode=0o700, exist_ok=True)
         packed = pack_outputs(
             self.work / "out",
-            self.work / "outputs.tar.gz",
+            self.outgoing / f"{t.id}.tar.gz",
             max_bytes=output_cap(t, self.policy),
         )
         chunks = self.state.enqueue_results(

@@ -21,6 +21,7 @@ from femd.model import (
     HostPort,
     ImageName,
     Name,
+    Port,
     RelPath,
     Strict,
     TaskId,
@@ -77,14 +78,37 @@ class Resources(Strict, frozen=True, kw_only=True, omit_defaults=True):
     pids: Annotated[int, Meta(ge=1)] | None = None
 
 
+_Listen = Annotated[tuple[Port, ...], Meta(max_length=16)]
+
+
+def _check_listen(listen: tuple[int, ...]) -> None:
+    if len(set(listen)) != len(listen):
+        raise ValueError("`network.listen` lists a port twice")
+
+
 class NetworkNone(Strict, frozen=True, tag_field="mode", tag="none"):
-    """No network at all (the default)."""
+    """No outbound network (the default); ``listen``: ports others may reach.
+
+    ``listen`` names the TCP ports the task listens on inside its sandbox;
+    the node exposes each on the same host port to the peers its policy allows.
+    """
+
+    listen: _Listen = ()
+
+    def __post_init__(self) -> None:
+        """A port is listed once."""
+        _check_listen(self.listen)
 
 
 class NetworkEgress(Strict, frozen=True, tag_field="mode", tag="egress"):
-    """Outbound connections to the listed ``host:port`` only."""
+    """Outbound connections to the listed ``host:port`` only (and ``listen``)."""
 
     allow: Annotated[tuple[HostPort, ...], Meta(min_length=1, max_length=64)]
+    listen: _Listen = ()
+
+    def __post_init__(self) -> None:
+        """A port is listed once."""
+        _check_listen(self.listen)
 
 
 class _Message(Strict, frozen=True, tag_field="kind"):
@@ -103,6 +127,7 @@ class Task(_Message, frozen=True, tag="Task", kw_only=True):
     launcher: Literal["podman", "process"]
     profile: Name = "default"
     image: ImageName | None = None
+    runtime: Name | None = None
     source: Source | None = None
     command: Annotated[tuple[_Arg, ...], Meta(max_length=4096)] = ()
     env: Annotated[dict[EnvName, _Arg], Meta(max_length=1024)] = msgspec.field(

@@ -26,6 +26,8 @@ __all__ = [
     "ImageName",
     "KeyId",
     "Name",
+    "Peer",
+    "Port",
     "RelPath",
     "Sha256Hex",
     "Strict",
@@ -125,6 +127,18 @@ HostPortPattern = Annotated[
         description="`host:port` pattern; `*` matches any part of a name or any port.",
     ),
 ]
+# A peer allowed to reach a task's listener: a CIDR (`10.1.0.0/16`, `::1/128`),
+# one address, or a host name resolved by femd when the task starts.
+Peer = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=253,
+        pattern=_full(r"[0-9A-Za-z.:/-]+"),
+        description="A CIDR, an IP address or a host name.",
+    ),
+]
+Port = Annotated[int, Meta(ge=1, le=65535, description="A TCP port, 1-65535.")]
 UtcTime = Annotated[datetime, Meta(tz=True, description="RFC 3339 time with zone.")]
 
 

@@ -1,23 +1,23 @@
-"""The orchestrator's side of the wire: ``femd submit`` and ``femd watch``.
+"""The orchestrator's side of the wire: publishing tasks, receiving everything.
 
-Owns publishing envelopes to ``femd.tasks`` and following
-``femd.orchestrator.events``/``femd.orchestrator.results`` (the operator's
-durable queues, see ``packaging/rabbitmq``): status events are printed and
-logged, result chunks reassembled, checked against their sha256 and unpacked.
-Runs where the signing happens, never on a data node.
+Owns publishing envelopes to ``femd.tasks`` and the ``Receiver``: the one
+consumer of the operator's durable queues (``femd.orchestrator.events``,
+``.results``, ``.nodes``, ``.logs``; see ``packaging/rabbitmq``) that stages
+every delivery in the ``Inbox``, commits it to disk and only then acks it,
+reconnecting with backoff when the broker goes away. What is received is the
+inbox's business; what to show is ``femd.client``'s. Runs where the signing
+happens, never on a data node.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import random
+import ssl
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, Final
 
-import msgspec
 import pika
 import pika.exceptions
 
@@ -28,19 +28,38 @@ from femd.broker import (
 )
 from femd.config import OrchestratorConfig
 from femd.envelope import decode_envelope
-from femd.errors import BrokerError, StageOutError, cut
-from femd.manifest import decode_manifest
+from femd.errors import BrokerError, FemdError
+from femd.inbox import Inbox
+from femd.manifest import Manifest, decode_manifest
 
-__all__ = ["EVENTS_QUEUE", "RESULTS_QUEUE", "Watch", "submit"]
+__all__ = [
+    "EVENTS_QUEUE",
+    "LOGS_QUEUE",
+    "NODES_QUEUE",
+    "RESULTS_QUEUE",
+    "TERMINAL",
+    "Receiver",
+    "submit",
+]
 
 logger = logging.getLogger(__name__)
 
 EVENTS_QUEUE: Final = "femd.orchestrator.events"
 RESULTS_QUEUE: Final = "femd.orchestrator.results"
+NODES_QUEUE: Final = "femd.orchestrator.nodes"
+LOGS_QUEUE: Final = "femd.orchestrator.logs"
+# Unacked deliveries per queue: bounds the receiver's memory (chunks are up
+# to ``result_chunk_bytes`` each).
+_PREFETCH: Final = {
+    EVENTS_QUEUE: 200,
+    RESULTS_QUEUE: 16,
+    NODES_QUEUE: 50,
+    LOGS_QUEUE: 100,
+}
 TERMINAL: Final = frozenset(
     {"rejected", "succeeded", "failed", "timed_out", "cancelled"}
 )
-_ERRORS: Final = (pika.exceptions.AMQPError, OSError)
+_ERRORS: Final = (pika.exceptions.AMQPError, OSError, ssl.SSLError)
 
 
 def _connect(cfg: OrchestratorConfig) -> pika.BlockingConnection:
@@ -51,11 +70,11 @@ def _connect(cfg: OrchestratorConfig) -> pika.BlockingConnection:
         raise BrokerError(f"broker {params.host}:{params.port}: {describe(e)}") from e
 
 
-def submit(cfg: OrchestratorConfig, nodes: Iterable[str], envelope: bytes) -> str:
+def submit(cfg: OrchestratorConfig, nodes: Iterable[str], envelope: bytes) -> Manifest:
     """Publish *envelope* to each node's queue with publisher confirms.
 
     The envelope is decoded first (never publish garbage); its signatures are
-    the nodes' business. Returns the task id.
+    the nodes' business. Returns the manifest.
 
     Raises:
         EnvelopeError: the envelope is malformed.
@@ -81,7 +100,7 @@ def submit(cfg: OrchestratorConfig, nodes: Iterable[str], envelope: bytes) -> st
                 raise BrokerError(
                     f"submit: the broker has no queue for node {node!r}"
                 ) from e
-        return manifest.id
+        return manifest
     except _ERRORS as e:
         raise BrokerError(f"submit: {describe(e)}") from e
     finally:
@@ -91,167 +110,131 @@ def submit(cfg: OrchestratorConfig, nodes: Iterable[str], envelope: bytes) -> st
             logger.debug("submit: close failed", exc_info=True)
 
 
-class _Outputs(msgspec.Struct):
-    total: int
-    sha256: str
-    parts: dict[int, bytes]
+class Receiver:
+    """Consumes the orchestrator's queues into an ``Inbox``: commit, then ack.
 
+    Driven by its caller: ``pump()`` connects when needed (backoff with
+    jitter after a failure, each distinct failure logged once), serves the
+    broker for a while, commits what came and acks it. A lost connection
+    hands unacked deliveries back to the broker; they come again and the
+    inbox ignores what it already has.
 
-class Watch:
-    """Follow status events and collect outputs into ``results_dir``.
-
-    Layout: ``events.jsonl`` (every event, de-duplicated by node and seq) and
-    ``<node>/<task_id>/`` (the unpacked, sha256-verified outputs).
+    Args:
+        cfg: the orchestrator's broker identity.
+        inbox: where deliveries go before they are acked.
     """
 
-    def __init__(
-        self,
-        cfg: OrchestratorConfig,
-        *,
-        task_id: str | None = None,
-        nodes: Iterable[str] = (),
-        on_event: Callable[[dict[str, Any]], None] | None = None,
-        max_output_bytes: int = 1024 * 1024 * 1024,
-    ) -> None:
-        """Prepare; nothing connects before ``run()``."""
-        self.cfg = cfg
-        self.task_id = task_id
-        self.nodes = set(nodes)
-        self.on_event = on_event or (lambda e: None)
-        self.max_output_bytes = max_output_bytes
-        self.results = Path(cfg.results_dir)
-        self.seen: set[tuple[str, int]] = set()
-        self.terminal: dict[tuple[str, str], dict[str, Any]] = {}
-        self.pending: dict[tuple[str, str], _Outputs] = {}
-        self.collected: set[tuple[str, str]] = set()
-        self.errors: list[str] = []
+    def __init__(self, cfg: OrchestratorConfig, inbox: Inbox) -> None:
+        """Prepare; nothing connects before ``pump()``."""
+        self._cfg = cfg
+        self._params: pika.ConnectionParameters | None = None
+        self._inbox = inbox
+        self._conn: pika.BlockingConnection | None = None
+        self._acks: list[tuple[Any, int]] = []
+        self._backoff = 0.5
+        self._retry_at = 0.0
+        self._reported: set[str] = set()
+        self.connected = False
+        self.last_error = ""
 
-    # -- completion ---------------------------------------------------------
+    def _connect(self) -> None:
+        if self._params is None:
+            self._params = connection_parameters(self._cfg.broker)
+        conn = pika.BlockingConnection(self._params)
+        handlers: dict[str, Callable[[Any, Any, Any, bytes], None]] = {
+            EVENTS_QUEUE: lambda _c, m, _p, b: self._inbox.stage_event(
+                m.routing_key, b
+            ),
+            RESULTS_QUEUE: lambda _c, m, p, b: self._inbox.stage_chunk(
+                m.routing_key, p.headers or {}, b
+            ),
+            NODES_QUEUE: lambda _c, m, _p, b: self._inbox.stage_node(m.routing_key, b),
+            LOGS_QUEUE: lambda _c, m, p, b: self._inbox.stage_log(
+                m.routing_key, p.headers or {}, b
+            ),
+        }
+        for queue, handle in handlers.items():
+            ch = conn.channel()
+            try:
+                ch.queue_declare(queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                if queue in (EVENTS_QUEUE, RESULTS_QUEUE):
+                    conn.close()
+                    raise
+                # Definitions from before node status and live logs.
+                logger.warning("receive: no queue %s on the broker (%s)", queue, e)
+                continue
+            ch.basic_qos(prefetch_count=_PREFETCH[queue])
+            ch.basic_consume(queue, self._deliver(handle))
+        self._conn = conn
 
-    def _wanted(self, task: str) -> bool:
-        return self.task_id is None or task == self.task_id
+    def _deliver(
+        self, handle: Callable[[Any, Any, Any, bytes], None]
+    ) -> Callable[[Any, Any, Any, bytes], None]:
+        def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:  # noqa: ANN401
+            handle(ch, method, props, body)
+            self._acks.append((ch, method.delivery_tag))
 
-    def done(self) -> bool:
-        """True when --task was given and every expected node finished and delivered."""
-        if self.task_id is None:
-            return False
-        finished = {n for (n, t) in self.terminal if t == self.task_id}
-        if self.nodes and not self.nodes <= finished:
-            return False
-        if not finished:
-            return False
-        for (n, t), ev in self.terminal.items():
-            if t == self.task_id and ev.get("outputs") and (n, t) not in self.collected:
-                return False
-        return True
+        return on_message
 
-    # -- handlers -----------------------------------------------------------
+    def _settle(self) -> None:
+        """Commit what was staged, then ack it (DESIGN: ack after commit)."""
+        self._inbox.commit()
+        acks, self._acks = self._acks, []
+        for ch, tag in acks:
+            ch.basic_ack(tag)
 
-    def _on_status(self, body: bytes) -> None:
-        try:
-            event = json.loads(body)
-            node, task, state, seq = (
-                str(event["node"]),
-                str(event["task_id"]),
-                str(event["state"]),
-                int(event["seq"]),
-            )
-        except (ValueError, KeyError, TypeError):
-            logger.warning("watch: ignoring a malformed status event")
-            return
-        if (node, seq) in self.seen:
-            return
-        self.seen.add((node, seq))
-        self.results.mkdir(parents=True, exist_ok=True)
-        with (self.results / "events.jsonl").open("a") as f:
-            f.write(json.dumps(event, sort_keys=True) + "\n")
-        if not self._wanted(task):
-            return
-        if state in TERMINAL:
-            self.terminal[(node, task)] = event
-            outputs = event.get("outputs")
-            if isinstance(outputs, dict) and (node, task) in self.pending:
-                self._try_finish(node, task)
-        self.on_event(event)
-
-    def _on_chunk(self, routing_key: str, headers: dict[str, Any], body: bytes) -> None:
-        try:
-            node, task = routing_key.rsplit(".", 1)
-            index, total = int(headers["index"]), int(headers["total"])
-            sha = str(headers["sha256"])
-        except (ValueError, KeyError, TypeError):
-            logger.warning(
-                "watch: ignoring a malformed result chunk (%s)", cut(routing_key)
-            )
-            return
-        if (node, task) in self.collected or not self._wanted(task):
-            return
-        out = self.pending.setdefault((node, task), _Outputs(total, sha, {}))
-        if out.total != total or out.sha256 != sha or not 0 <= index < total:
-            self.errors.append(f"{node}/{task}: inconsistent result chunks")
-            return
-        out.parts[index] = body
-        self._try_finish(node, task)
-
-    def _try_finish(self, node: str, task: str) -> None:
-        from femd.stageout import unpack_outputs
-
-        out = self.pending.get((node, task))
-        if out is None or len(out.parts) < out.total:
-            return
-        event = self.terminal.get((node, task))
-        data = b"".join(out.parts[i] for i in range(out.total))
-        digest = hashlib.sha256(data).hexdigest()
-        announced = (event or {}).get("outputs", {}).get("sha256", out.sha256)
-        if digest != out.sha256 or digest != announced:
-            self.errors.append(f"{node}/{task}: outputs sha256 mismatch, discarded")
-            del self.pending[(node, task)]
-            return
-        dest = self.results / node / task
-        archive = self.results / node / f"{task}.tar.gz"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        archive.write_bytes(data)
-        try:
-            unpack_outputs(archive, dest, max_bytes=self.max_output_bytes)
-        except StageOutError as e:
-            self.errors.append(f"{node}/{task}: {e}")
-        del self.pending[(node, task)]
-        self.collected.add((node, task))
-
-    # -- loop ---------------------------------------------------------------
-
-    def run(self, timeout_s: float | None = None) -> bool:
-        """Consume until done (``--task``) or *timeout_s*; True when done.
+    def pump(self, time_limit: float = 0.2) -> None:
+        """Serve the broker for about *time_limit* seconds; never raises on I/O.
 
         Raises:
-            BrokerError: the broker is unreachable or refused us.
+            BrokerError: the TLS files cannot be loaded (a configuration error).
+            StateError: the inbox cannot be written (nothing is acked).
         """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        conn = _connect(self.cfg)
-        try:
-            ch = conn.channel()
-            ch.basic_qos(prefetch_count=200)
-
-            def status(chan: Any, method: Any, _p: Any, body: bytes) -> None:  # noqa: ANN401
-                self._on_status(body)
-                chan.basic_ack(method.delivery_tag)
-
-            def chunk(chan: Any, method: Any, props: Any, body: bytes) -> None:  # noqa: ANN401
-                self._on_chunk(method.routing_key, props.headers or {}, body)
-                chan.basic_ack(method.delivery_tag)
-
-            ch.basic_consume(EVENTS_QUEUE, status)
-            ch.basic_consume(RESULTS_QUEUE, chunk)
-            while not self.done():
-                if deadline is not None and time.monotonic() > deadline:
-                    return False
-                conn.process_data_events(time_limit=0.2)
-            return True
-        except _ERRORS as e:
-            raise BrokerError(f"watch: {describe(e)}") from e
-        finally:
+        if self._conn is None:
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:
+                time.sleep(min(wait, time_limit))
+                return
             try:
-                if conn.is_open:
-                    conn.close()
-            except _ERRORS:
-                logger.debug("watch: close failed", exc_info=True)
+                self._connect()
+            except _ERRORS as e:
+                self._failed(e)
+                return
+            self.connected = True
+            self._backoff = 0.5
+            self._reported.clear()
+            logger.info("receive: connected to %s", self._cfg.broker.url)
+        assert self._conn is not None  # noqa: S101 (set by _connect)
+        try:
+            self._conn.process_data_events(time_limit=time_limit)
+            self._settle()
+        except _ERRORS as e:
+            self._failed(e)
+        except FemdError:
+            self.close()  # unacked deliveries go back to the broker
+            raise
+
+    def _failed(self, e: BaseException) -> None:
+        why = describe(e)
+        if self.connected or why not in self._reported:
+            logger.warning("receive: %s; reconnecting with backoff", why)
+        self._reported.add(why)
+        self.last_error = why
+        self.close()
+        delay = min(self._backoff, self._cfg.broker.reconnect_max_s)
+        self._retry_at = time.monotonic() + delay * random.uniform(0.5, 1.0)  # noqa: S311
+        self._backoff = min(self._backoff * 2, self._cfg.broker.reconnect_max_s)
+
+    def close(self) -> None:
+        """Close the connection; unacked deliveries are redelivered later."""
+        conn, self._conn = self._conn, None
+        self._acks.clear()
+        self.connected = False
+        if conn is None:
+            return
+        try:
+            if conn.is_open:
+                conn.close()
+        except _ERRORS:
+            logger.debug("receive: close failed", exc_info=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import ipaddress
 import re
 from collections.abc import Mapping
 from datetime import date
@@ -22,7 +23,16 @@ from msgspec import Meta
 
 from femd.errors import InputError, PolicyError
 from femd.keys import keyid, load_public_key
-from femd.model import AbsPath, HostPortPattern, KeyId, Name, Strict, explain
+from femd.model import (
+    AbsPath,
+    HostPortPattern,
+    KeyId,
+    Name,
+    Peer,
+    Port,
+    Strict,
+    explain,
+)
 from femd.yamlfile import (
     ANY_KEY,
     KEY,
@@ -36,22 +46,26 @@ from femd.yamlfile import (
 __all__ = [
     "Dataset",
     "Defaults",
-    "EgressPolicy",
+    "IngressPolicy",
     "LoadedPolicy",
     "MaxResources",
+    "NetworkPolicy",
     "OutputsPolicy",
     "Policy",
     "Problem",
     "Project",
+    "Runtime",
     "Signer",
     "SignerKey",
     "lint",
     "lint_file",
     "load_policy",
     "policy_schema",
+    "valid_peer",
 ]
 
 _Pattern = Annotated[str, Meta(min_length=1, max_length=512)]
+_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 class Signer(Strict, frozen=True, kw_only=True):
@@ -79,6 +93,17 @@ class Dataset(Strict, frozen=True, kw_only=True):
     path: AbsPath
 
 
+class Runtime(Strict, frozen=True, kw_only=True):
+    """A read-only runtime tasks may use, e.g. a virtualenv of pinned packages.
+
+    `path` is a directory on this node (built by the sysadmin from pinned,
+    hash-checked packages; see `scripts/install.sh`), mounted read-only into
+    the task at the same path. Nothing is downloaded when a task runs.
+    """
+
+    path: AbsPath
+
+
 class MaxResources(Strict, frozen=True, kw_only=True):
     """Upper limits for a task; a task asking more is denied (`resources.exceeded`).
 
@@ -97,10 +122,33 @@ class OutputsPolicy(Strict, frozen=True, kw_only=True):
     max_bytes: Annotated[int, Meta(ge=0)]
 
 
-class EgressPolicy(Strict, frozen=True, kw_only=True):
-    """Outbound connections tasks may open: `host:port` shell-style patterns."""
+class IngressPolicy(Strict, frozen=True, kw_only=True):
+    """Ports tasks may listen on, and the peers that may connect to them.
 
-    egress: Annotated[tuple[HostPortPattern, ...], Meta(min_length=1)]
+    Each port is exposed on the same port of the node, for the task's lifetime,
+    to the listed `peers` only (CIDRs, addresses or host names; a name is
+    resolved when the task starts).
+    """
+
+    ports: Annotated[tuple[Port, ...], Meta(min_length=1, max_length=64)]
+    peers: Annotated[tuple[Peer, ...], Meta(min_length=1, max_length=256)]
+
+
+class NetworkPolicy(Strict, frozen=True, kw_only=True):
+    """Network a project's tasks may have; give `egress`, `ingress` or both.
+
+    `egress`: `host:port` shell-style patterns of destinations a task may ask
+    for (`network.allow` in its manifest). `ingress`: ports a task may listen
+    on (`network.listen`) and who may connect.
+    """
+
+    egress: Annotated[tuple[HostPortPattern, ...], Meta(min_length=1)] | None = None
+    ingress: IngressPolicy | None = None
+
+    def __post_init__(self) -> None:
+        """At least one of the two is given."""
+        if self.egress is None and self.ingress is None:
+            raise ValueError("`network` needs `egress`, `ingress` or both")
 
 
 class Project(Strict, frozen=True, kw_only=True):
@@ -108,7 +156,8 @@ class Project(Strict, frozen=True, kw_only=True):
 
     `images` are shell-style globs on the image repository (the part before
     `@sha256:`); the digest is always required. `git` globs match whole
-    repository URLs. `datasets` name entries of the top-level `datasets`.
+    repository URLs. `datasets` name entries of the top-level `datasets`, and
+    `runtimes` entries of the top-level `runtimes`.
     """
 
     signers: Annotated[tuple[Name, ...], Meta(min_length=1)]
@@ -117,9 +166,14 @@ class Project(Strict, frozen=True, kw_only=True):
     images: tuple[_Pattern, ...] = ()
     git: tuple[_Pattern, ...] = ()
     datasets: tuple[Name, ...] = ()
+    runtimes: tuple[Name, ...] = ()
     max_resources: MaxResources | None = None
-    network: Literal["none"] | EgressPolicy = "none"
+    network: Literal["none"] | NetworkPolicy = "none"
     outputs: OutputsPolicy | None = None
+
+
+# A model checkpoint fits; the steward lowers it per project or node-wide.
+DEFAULT_OUTPUT_BYTES: Final = 2 * 1024 * 1024 * 1024
 
 
 def _default_limits() -> MaxResources:
@@ -127,13 +181,14 @@ def _default_limits() -> MaxResources:
 
 
 def _default_outputs() -> OutputsPolicy:
-    return OutputsPolicy(max_bytes=10 * 1024 * 1024)
+    return OutputsPolicy(max_bytes=DEFAULT_OUTPUT_BYTES)
 
 
 class Defaults(Strict, frozen=True, kw_only=True):
     """Node-wide limits for projects that set none.
 
-    Small and safe by default: 1 cpu, 1024 MB, 600 s, 128 pids, 10 MiB of outputs.
+    Small and safe by default: 1 cpu, 1024 MB, 600 s, 128 pids; outputs up to
+    2 GiB (a model checkpoint fits).
     """
 
     max_resources: MaxResources = msgspec.field(default_factory=_default_limits)
@@ -149,6 +204,7 @@ class Policy(Strict, frozen=True, kw_only=True):
     signers: dict[Name, Signer] = msgspec.field(default_factory=dict)
     revoked_keyids: tuple[KeyId, ...] = ()
     datasets: dict[Name, Dataset] = msgspec.field(default_factory=dict)
+    runtimes: dict[Name, Runtime] = msgspec.field(default_factory=dict)
     projects: dict[Name, Project] = msgspec.field(default_factory=dict)
     defaults: Defaults = msgspec.field(default_factory=Defaults)
 
@@ -232,6 +288,11 @@ def lint(policy: Policy) -> list[Problem]:
                 problems.append(
                     Problem((*at, "datasets", i), f"unknown dataset {ds!r}")
                 )
+        for i, rt in enumerate(project.runtimes):
+            if rt not in policy.runtimes:
+                problems.append(
+                    Problem((*at, "runtimes", i), f"unknown runtime {rt!r}")
+                )
         for i, pattern in enumerate(project.images):
             if "@" in pattern:
                 problems.append(
@@ -241,7 +302,41 @@ def lint(policy: Policy) -> list[Problem]:
                         "leave out the `@sha256:` digest",
                     )
                 )
+        problems += _lint_network(at, project.network)
     return problems
+
+
+def _lint_network(
+    at: tuple[str | int, ...], network: Literal["none"] | NetworkPolicy
+) -> list[Problem]:
+    if network == "none" or network.ingress is None:
+        return []
+    problems: list[Problem] = []
+    ingress = network.ingress
+    where = (*at, "network", "ingress")
+    if len(set(ingress.ports)) != len(ingress.ports):
+        problems.append(Problem((*where, "ports"), "a port is listed twice"))
+    for i, peer in enumerate(ingress.peers):
+        if not valid_peer(peer):
+            problems.append(
+                Problem(
+                    (*where, "peers", i),
+                    f"not a CIDR, address or host name: {peer!r}",
+                )
+            )
+    return problems
+
+
+def valid_peer(peer: str) -> bool:
+    """True when *peer* is a CIDR, an IP address or a DNS host name."""
+    try:
+        ipaddress.ip_network(peer, strict=True)
+    except ValueError:
+        pass
+    else:
+        return True
+    labels = peer.split(".")
+    return len(peer) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
 
 
 def _dedent(node: Any) -> Any:  # noqa: ANN401 (JSON)
@@ -379,6 +474,7 @@ _UNKNOWN: Final = re.compile(r"Object contains unknown field `([^`]+)`")
 _ENTRIES: Final[Mapping[str, type[Strict]]] = {
     "signers": Signer,
     "datasets": Dataset,
+    "runtimes": Runtime,
     "projects": Project,
 }
 

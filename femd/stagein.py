@@ -24,9 +24,15 @@ from typing import Final
 import pygit2
 from pygit2.enums import FileMode, ObjectType, Option
 
-from femd.errors import DatasetMissingError, GitCommitMissingError, StageInError, cut
+from femd.errors import (
+    DatasetMissingError,
+    GitCommitMissingError,
+    RuntimeMissingError,
+    StageInError,
+    cut,
+)
 
-__all__ = ["resolve_dataset", "source_subdir", "stage_git"]
+__all__ = ["resolve_dataset", "resolve_runtime", "source_subdir", "stage_git"]
 
 logger = logging.getLogger(__name__)
 
@@ -369,6 +375,33 @@ def source_subdir(dest: Path, path: str) -> Path:
     return resolved
 
 
+def _resolve(
+    what: str, name: str, root: str, error: type[StageInError], *, dir_only: bool
+) -> Path:
+    """Resolve a steward-named host path once; see ``resolve_dataset``."""
+    if not os.path.isabs(root):
+        raise error(f"{what} {cut(name)}: path must be absolute (got {cut(root)})")
+    try:
+        resolved = Path(os.path.realpath(root, strict=True))
+        st = os.stat(resolved)
+    except OSError as e:
+        raise error(f"{what} {cut(name)}: {cut(root)} is missing ({e.strerror})") from e
+    if not stat.S_ISDIR(st.st_mode) and (dir_only or not stat.S_ISREG(st.st_mode)):
+        raise error(
+            f"{what} {cut(name)}: {cut(root)} is not a directory or regular file"
+        )
+    # SECURITY: never mount the host root or a kernel pseudo-filesystem.
+    if resolved == Path("/") or any(
+        resolved.is_relative_to(p) for p in _FORBIDDEN_ROOTS
+    ):
+        raise error(
+            f"{what} {cut(name)}: {cut(root)} resolves to {cut(resolved)}, not allowed"
+        )
+    if str(resolved) != root.rstrip("/"):
+        logger.info("%s %s: %s resolves to %s", what, name, root, resolved)
+    return resolved
+
+
 def resolve_dataset(name: str, root: str) -> Path:
     """Return the real host path of dataset *name*, configured at *root*.
 
@@ -384,28 +417,16 @@ def resolve_dataset(name: str, root: str) -> Path:
         DatasetMissingError: *root* is relative, missing, of another file type,
             or resolves to a forbidden place.
     """
-    if not os.path.isabs(root):
-        raise DatasetMissingError(
-            f"dataset {cut(name)}: path must be absolute (got {cut(root)})"
-        )
-    try:
-        resolved = Path(os.path.realpath(root, strict=True))
-        st = os.stat(resolved)
-    except OSError as e:
-        raise DatasetMissingError(
-            f"dataset {cut(name)}: {cut(root)} is missing ({e.strerror})"
-        ) from e
-    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
-        raise DatasetMissingError(
-            f"dataset {cut(name)}: {cut(root)} is not a directory or regular file"
-        )
-    # SECURITY: never mount the host root or a kernel pseudo-filesystem.
-    if resolved == Path("/") or any(
-        resolved.is_relative_to(p) for p in _FORBIDDEN_ROOTS
-    ):
-        raise DatasetMissingError(
-            f"dataset {cut(name)}: {cut(root)} resolves to {cut(resolved)}, not allowed"
-        )
-    if str(resolved) != root.rstrip("/"):
-        logger.info("dataset %s: %s resolves to %s", name, root, resolved)
-    return resolved
+    return _resolve("dataset", name, root, DatasetMissingError, dir_only=False)
+
+
+def resolve_runtime(name: str, root: str) -> Path:
+    """Return the real host path of runtime *name*, a directory at *root*.
+
+    Same fences as ``resolve_dataset``; a runtime is always a directory.
+
+    Raises:
+        RuntimeMissingError: *root* is relative, missing, not a directory, or
+            resolves to a forbidden place.
+    """
+    return _resolve("runtime", name, root, RuntimeMissingError, dir_only=True)

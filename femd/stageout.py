@@ -21,7 +21,7 @@ import os
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Final
 
@@ -38,6 +38,7 @@ __all__ = [
     "iter_chunks",
     "pack_outputs",
     "unpack_outputs",
+    "verify_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ CHUNK_BYTES: Final = 256 * 1024
 ARCHIVE_SLACK_BYTES: Final = 1024 * 1024
 _MAX_DEPTH: Final = 256
 _COPY_BYTES: Final = 1024 * 1024
+# Outputs this large are sampled to decide whether to compress them at all.
+_SAMPLE_FROM_BYTES: Final = 16 * 1024 * 1024
+_SAMPLE_FILES: Final = 8
+_SAMPLE_BYTES: Final = 256 * 1024
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS: Final = (
@@ -216,8 +221,10 @@ def pack_outputs(output_dir: Path, dest: Path, *, max_bytes: int) -> Packed:
     """Pack *output_dir* into a deterministic tar.gz at *dest*.
 
     Entries are sorted by path; mtime, owner and group are zeroed; modes are
-    0644/0755 for files, 0755 for directories; the gzip header has mtime 0 and
-    no name. The same outputs always give the same bytes.
+    0644/0755 for files, 0755 for directories; gzip level 1, or 0 (stored)
+    for large outputs whose sample does not compress (model weights); the
+    gzip header has mtime 0 and no name. The same outputs always give the
+    same bytes.
 
     Args:
         output_dir: the task's output directory (not a symlink).
@@ -253,7 +260,10 @@ def pack_outputs(output_dir: Path, dest: Path, *, max_bytes: int) -> Packed:
                 f"outputs: cannot read {cut(output_dir)}: {cut(e)}"
             ) from e
         entries = sorted(scan.entries, key=lambda e: tuple(p.encode() for p in e.parts))
-        sink = _write_archive(root_fd, entries, dest, max_bytes + ARCHIVE_SLACK_BYTES)
+        level = _compression_level(root_fd, entries)
+        sink = _write_archive(
+            root_fd, entries, dest, max_bytes + ARCHIVE_SLACK_BYTES, level
+        )
     finally:
         os.close(root_fd)
     files = sum(1 for e in entries if not e.is_dir)
@@ -269,7 +279,29 @@ def pack_outputs(output_dir: Path, dest: Path, *, max_bytes: int) -> Packed:
     return packed
 
 
-def _write_archive(root_fd: int, entries: list[_Entry], dest: Path, cap: int) -> _Sink:
+def _compression_level(root_fd: int, entries: list[_Entry]) -> int:
+    """Return gzip level 1, or 0 (stored) if a sample of the content will not shrink.
+
+    Model weights and other binary outputs barely compress, and deflating a
+    checkpoint costs minutes; text compresses well and cheaply. The sample
+    (the start of the largest files) is a function of the content, so the
+    archive stays deterministic.
+    """
+    files = sorted((e for e in entries if not e.is_dir), key=lambda e: -e.size)
+    total = sum(e.size for e in files)
+    if total < _SAMPLE_FROM_BYTES:
+        return 1
+    sample = bytearray()
+    for entry in files[:_SAMPLE_FILES]:
+        with _open_file(root_fd, entry) as src:
+            sample += src.read(_SAMPLE_BYTES)
+    squeezed = len(zlib.compress(bytes(sample), 1))
+    return 0 if squeezed > 0.9 * len(sample) else 1
+
+
+def _write_archive(
+    root_fd: int, entries: list[_Entry], dest: Path, cap: int, level: int
+) -> _Sink:
     """Write the archive; on any error remove what was written."""
     try:
         out_fd = os.open(
@@ -283,7 +315,9 @@ def _write_archive(root_fd: int, entries: list[_Entry], dest: Path, cap: int) ->
         with os.fdopen(out_fd, "wb") as out:
             sink = _Sink(out, cap)
             with (
-                gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0) as gz,
+                gzip.GzipFile(
+                    filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=level
+                ) as gz,
                 tarfile.TarFile(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
             ):
                 for entry in entries:
@@ -348,21 +382,39 @@ def iter_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
 
 
 class Reassembler:
-    """Collects the chunks of one announced archive, in any order.
+    """Writes the chunks of one announced archive into a file, in any order.
+
+    Each chunk goes to its place in *part* as it comes (``pwrite``), so memory
+    stays at one chunk whatever the archive's size, and several receivers
+    (processes) may fill the same file. Non-final chunks all have the same
+    length, so a chunk's offset follows from its index and length; an
+    ``offset`` the sender states must agree. ``received`` says which chunks
+    are already in the file (a receiver resuming after a restart).
 
     Args:
-        sha256: the digest announced in the task's ``outputs`` event.
+        part: the file to fill (created 0600 if missing, never via a link).
+        sha256: the digest announced for the whole archive.
         size: the announced archive size in bytes.
         chunks: the announced number of chunks.
         max_bytes: the largest archive this receiver accepts.
+        received: indexes already written to *part*.
 
     Raises:
         OutputTooLargeError: the announced size exceeds *max_bytes*.
-        StageOutError: the announcement is malformed.
+        StageOutError: the announcement is malformed or *part* cannot be opened.
     """
 
-    def __init__(self, *, sha256: str, size: int, chunks: int, max_bytes: int) -> None:
-        """Check the announcement and start with no chunks."""
+    def __init__(
+        self,
+        part: Path,
+        *,
+        sha256: str,
+        size: int,
+        chunks: int,
+        max_bytes: int,
+        received: Iterable[int] = (),
+    ) -> None:
+        """Check the announcement and open *part*."""
         if len(sha256) != 64 or sha256.strip("0123456789abcdef"):
             raise StageOutError(f"outputs: bad sha256 {cut(sha256)}")
         if size < 0 or chunks < 1 or chunks > max(1, size):
@@ -373,26 +425,59 @@ class Reassembler:
             raise OutputTooLargeError(
                 f"outputs: archive of {size} bytes exceeds {max_bytes} bytes"
             )
+        self.part = part
         self.sha256 = sha256
         self.size = size
         self.chunks = chunks
-        self._parts: dict[int, bytes] = {}
-        self._received = 0
+        self.received: set[int] = set(received)
+        try:
+            self._fd = os.open(
+                part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+        except OSError as e:
+            raise StageOutError(f"outputs: cannot write {cut(part)}: {cut(e)}") from e
+
+    def close(self) -> None:
+        """Close the file (what was written stays)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     @property
     def complete(self) -> bool:
-        """True once every chunk arrived."""
-        return len(self._parts) == self.chunks
+        """True once every chunk is in the file."""
+        return len(self.received) == self.chunks
 
-    def feed(self, index: int, total: int, data: bytes) -> bool:
-        """Add chunk *index* of *total*; a repeated identical chunk is ignored.
+    def _offset(self, index: int, length: int, offset: int | None) -> int:
+        if index == self.chunks - 1:
+            at = self.size - length
+            fits = at >= 0
+        else:
+            at = index * length
+            fits = length > 0 and at + length <= self.size
+        if not fits:
+            raise StageOutError(
+                f"outputs: more bytes than announced"
+                f" (over {self.size} at chunk {index})"
+            )
+        if offset is not None and offset != at:
+            raise StageOutError(
+                f"outputs: chunk {index} at offset {offset}, expected {at}"
+            )
+        return at
+
+    def feed(
+        self, index: int, total: int, data: bytes, offset: int | None = None
+    ) -> bool:
+        """Write chunk *index* of *total*; a repeated identical chunk is ignored.
 
         Returns:
             ``complete``.
 
         Raises:
-            StageOutError: wrong total or index, a repeated chunk that differs,
-                or more bytes than announced.
+            StageOutError: wrong total, index or offset, a repeated chunk that
+                differs, more bytes than announced, or the file cannot be
+                written.
         """
         if total != self.chunks:
             raise StageOutError(
@@ -402,48 +487,76 @@ class Reassembler:
             raise StageOutError(
                 f"outputs: chunk index {index} out of range 0..{total - 1}"
             )
-        seen = self._parts.get(index)
-        if seen is not None:
-            if seen != data:
-                raise StageOutError(
-                    f"outputs: chunk {index} differs from an earlier copy"
-                )
-            return self.complete
-        if self._received + len(data) > self.size:
+        at = self._offset(index, len(data), offset)
+        try:
+            if index in self.received:
+                if os.pread(self._fd, len(data), at) != data:
+                    raise StageOutError(
+                        f"outputs: chunk {index} differs from an earlier copy"
+                    )
+                return self.complete
+            os.pwrite(self._fd, data, at)
+        except OSError as e:
             raise StageOutError(
-                f"outputs: more bytes than announced"
-                f" (over {self.size} at chunk {index})"
-            )
-        self._parts[index] = data
-        self._received += len(data)
+                f"outputs: cannot write {cut(self.part)}: {cut(e)}"
+            ) from e
+        self.received.add(index)
         return self.complete
 
+    def sync(self) -> None:
+        """Make what was written durable (before acking the chunks).
+
+        Raises:
+            StageOutError: fsync failed.
+        """
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise StageOutError(
+                f"outputs: cannot sync {cut(self.part)}: {cut(e)}"
+            ) from e
+
     def write(self, dest: Path) -> Path:
-        """Verify the reassembled archive and write it to *dest*.
+        """Verify the whole file and move it to *dest* (never replacing one).
 
         Raises:
             StageOutError: chunks are missing, the size or the SHA-256 differs
                 from the announcement, or *dest* cannot be written.
         """
         if not self.complete:
-            missing = self.chunks - len(self._parts)
+            missing = self.chunks - len(self.received)
             raise StageOutError(f"outputs: {missing} of {self.chunks} chunks missing")
-        data = b"".join(self._parts[i] for i in range(self.chunks))
-        digest = hashlib.sha256(data).hexdigest()
-        # SECURITY: the announced digest is what the node signed off in its
-        # status event; nothing else is unpacked.
-        if len(data) != self.size or digest != self.sha256:
-            raise StageOutError(
-                f"outputs: archive digest mismatch (got {digest} for {len(data)}"
-                f" bytes, expected {self.sha256} for {self.size})"
-            )
+        verify_file(self.part, sha256=self.sha256, size=self.size)
         try:
-            fd = os.open(dest, _CREATE_FLAGS, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
+            os.link(self.part, dest)
+            os.unlink(self.part)
         except OSError as e:
             raise StageOutError(f"outputs: cannot write {cut(dest)}: {cut(e)}") from e
         return dest
+
+
+def verify_file(path: Path, *, sha256: str, size: int) -> None:
+    """Check *path* holds exactly *size* bytes whose SHA-256 is *sha256*, streaming.
+
+    Raises:
+        StageOutError: it does not, or it cannot be read.
+    """
+    digest = hashlib.sha256()
+    got = 0
+    try:
+        with path.open("rb") as f:
+            while data := f.read(_COPY_BYTES):
+                got += len(data)
+                digest.update(data)
+    except OSError as e:
+        raise StageOutError(f"outputs: cannot read {cut(path)}: {cut(e)}") from e
+    # SECURITY: the announced digest is what the node signed off in its
+    # status event; nothing else is unpacked.
+    if got != size or digest.hexdigest() != sha256:
+        raise StageOutError(
+            f"outputs: archive digest mismatch (got {digest.hexdigest()} for {got}"
+            f" bytes, expected {sha256} for {size})"
+        )
 
 
 def _member_parts(name: str) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ import msgspec
 
 from femd import statemark
 from femd.errors import StageOutError, StateError, cut, printable
-from femd.stageout import CHUNK_BYTES, chunk_count, iter_chunks
+from femd.stageout import CHUNK_BYTES, chunk_count
 
 __all__ = [
     "EVENTS_EXCHANGE",
@@ -159,6 +159,33 @@ class _ReasonJson(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 _decode_reasons = msgspec.json.Decoder(tuple[_ReasonJson, ...]).decode
 _decode_keyids = msgspec.json.Decoder(tuple[str, ...]).decode
 _decode_headers = msgspec.json.Decoder(dict[str, object]).decode
+# Private keys of a result chunk's outbox headers: where its bytes are
+# (`_file` is spelled out in mark_published's SQL).
+_FILE: Final = "_file"
+_LENGTH: Final = "_length"
+
+
+def _read_chunk(head: dict[str, object]) -> tuple[dict[str, object], bytes] | None:
+    """Read a queued chunk's bytes; return (public headers, bytes) or None if gone."""
+    path, offset, length = head[_FILE], head.get("offset"), head.get(_LENGTH)
+    if not (
+        isinstance(path, str) and isinstance(offset, int) and isinstance(length, int)
+    ):
+        raise StateError("state: malformed result chunk row")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        logger.error("state: cannot read queued outputs %s: %s", path, e.strerror)
+        return None
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        logger.error("state: queued outputs %s are shorter than queued", path)
+        return None
+    public = {k: v for k, v in head.items() if not k.startswith("_")}
+    return public, data
 
 
 def _time_text(at: datetime) -> str:
@@ -604,6 +631,10 @@ class State:
     def pending_events(self, limit: int = 100) -> list[OutboxEvent]:
         """Return unpublished messages in ``seq`` order, at most *limit*.
 
+        A result chunk's bytes are read here from its archive file; a chunk
+        whose archive is gone is dropped with an error line (the orchestrator
+        then never completes those outputs and says so).
+
         Raises:
             StateError: the read failed or a row is malformed.
         """
@@ -613,19 +644,27 @@ class State:
                 "WHERE published = 0 ORDER BY seq LIMIT ?",
                 (limit,),
             ).fetchall()
-        try:
-            return [
-                OutboxEvent(
-                    seq,
-                    key,
-                    bytes(body),
-                    exchange,
-                    None if headers is None else _decode_headers(headers),
-                )
-                for seq, key, body, exchange, headers in rows
-            ]
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise StateError(f"state: malformed outbox row: {cut(e)}") from e
+        out: list[OutboxEvent] = []
+        lost: list[int] = []
+        for seq, key, body, exchange, headers in rows:
+            try:
+                head = None if headers is None else _decode_headers(headers)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                raise StateError(f"state: malformed outbox row: {cut(e)}") from e
+            data = bytes(body)
+            if head is not None and _FILE in head:
+                chunk = _read_chunk(head)
+                if chunk is None:
+                    lost.append(seq)
+                    continue
+                head, data = chunk
+            out.append(OutboxEvent(seq, key, data, exchange, head))
+        if lost:
+            logger.error(
+                "state: %d result chunks lost (their archive is gone)", len(lost)
+            )
+            self.mark_published(lost)
+        return out
 
     def enqueue_results(
         self,
@@ -640,8 +679,12 @@ class State:
         """Queue the packed outputs as chunks for ``femd.results``, in one transaction.
 
         Each chunk is routed ``<node>.<task_id>`` with headers ``index``,
-        ``total`` and ``sha256`` (of the whole archive). Queue them before the
-        terminal status event that announces ``outputs``.
+        ``total``, ``offset``, ``size`` (of the whole archive) and ``sha256``
+        (of the whole archive). The rows hold no bytes: the archive stays a
+        file (owned by femd, removed once its last chunk is confirmed) and
+        ``pending_events`` reads each chunk from it, so a large output never
+        sits in sqlite nor in memory. Queue them before the terminal status
+        event that announces ``outputs``.
 
         Returns:
             The number of chunks (``chunk_count`` of the archive size).
@@ -653,34 +696,38 @@ class State:
         when = _time_text(at or datetime.now(UTC))
         routing_key = f"{node}.{task_id}"
         try:
-            total = chunk_count(archive.stat().st_size, chunk_bytes)
+            size = archive.stat().st_size
+            total = chunk_count(size, chunk_bytes)
         except OSError as e:
             raise StageOutError(f"outputs: cannot read {cut(archive)}: {cut(e)}") from e
+        rows = []
+        for index in range(total):
+            offset = index * chunk_bytes
+            headers = {
+                "index": index,
+                "total": total,
+                "offset": offset,
+                "size": size,
+                "sha256": sha256,
+                _FILE: str(archive),
+                _LENGTH: min(chunk_bytes, size - offset),
+            }
+            rows.append((RESULTS_EXCHANGE, routing_key, json.dumps(headers), when))
         with self._write("enqueue results") as db:
-            queued = 0
-            for index, data in enumerate(iter_chunks(archive, chunk_bytes)):
-                headers = {"index": index, "total": total, "sha256": sha256}
-                db.execute(
-                    "INSERT INTO outbox (exchange, routing_key, headers, body,"
-                    " created_at) VALUES (?, ?, ?, ?, ?)",
-                    (RESULTS_EXCHANGE, routing_key, json.dumps(headers), data, when),
-                )
-                queued += 1
-            # SECURITY: the announced count must be what was queued (the file
-            # changing under us would otherwise announce a wrong archive).
-            if queued != total:
-                raise StageOutError(
-                    f"outputs: {cut(archive)} changed while queued"
-                    f" (got {queued} chunks, expected {total})"
-                )
+            db.executemany(
+                "INSERT INTO outbox (exchange, routing_key, headers, body,"
+                " created_at) VALUES (?, ?, ?, x'', ?)",
+                rows,
+            )
         logger.info("state: queued %d result chunks of task %s", total, task_id)
         return total
 
     def mark_published(self, seqs: Iterable[int]) -> None:
         """Mark messages as confirmed by the broker.
 
-        Status events stay (small, published); output chunks are deleted, so
-        the outputs do not live on in the state.
+        Status events stay (small, published); output chunks are deleted, and
+        an archive whose last chunk is confirmed is removed, so the outputs do
+        not live on at the node.
 
         Raises:
             StateError: the write failed.
@@ -690,10 +737,36 @@ class State:
             return
         with self._write("mark published") as db:
             db.executemany("UPDATE outbox SET published = 1 WHERE seq = ?", batch)
+            files = {
+                str(f)
+                for (f,) in db.execute(
+                    "SELECT DISTINCT json_extract(headers, '$._file')"
+                    " FROM outbox WHERE published = 1 AND exchange = ?",
+                    (RESULTS_EXCHANGE,),
+                )
+                if f is not None
+            }
             db.execute(
                 "DELETE FROM outbox WHERE published = 1 AND exchange = ?",
                 (RESULTS_EXCHANGE,),
             )
+            done = [
+                f
+                for f in files
+                if db.execute(
+                    "SELECT 1 FROM outbox WHERE exchange = ? AND"
+                    " json_extract(headers, '$._file') = ? LIMIT 1",
+                    (RESULTS_EXCHANGE, f),
+                ).fetchone()
+                is None
+            ]
+        for f in done:
+            try:
+                os.unlink(f)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                logger.warning("state: cannot remove sent archive %s: %s", f, e)
 
     def prune(self, before: datetime) -> tuple[int, int]:
         """Forget what neither replay protection nor the audit needs any more.

@@ -5,7 +5,9 @@
 #     systemd-nspawn, debootstrap, busybox for test images),
 #   - the unprivileged users tasks run as (femd-task for bubblewrap,
 #     femd-podman for rootless Podman with its subuid/subgid ranges),
-#   - a virtualenv in .venv with femd installed (editable) and its test tools.
+#   - a virtualenv in .venv with femd installed (editable) and its test tools,
+#   - the read-only task runtimes in /opt/femd/runtimes (runtimes/*/requirements.txt:
+#     pinned, hash-checked wheels; tasks get them mounted, never download).
 # Safe to run again: it only adds what is missing.
 set -eu
 cd "$(dirname "$0")/.."
@@ -43,4 +45,22 @@ sh scripts/setup-podman-user.sh >/dev/null
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 # Re-run every time: cheap when satisfied, and picks up dependency changes.
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# Task runtimes: one virtualenv per runtimes/NAME/requirements.txt, rebuilt only
+# when that file changes (its sha256 is kept beside the venv).
+for req in runtimes/*/requirements.txt; do
+    [ -f "$req" ] || continue
+    name=$(basename "$(dirname "$req")")
+    dest=/opt/femd/runtimes/$name
+    want=$(sha256sum "$req" | cut -d' ' -f1)
+    if [ "$(cat "$dest/.femd-requirements.sha256" 2>/dev/null)" != "$want" ]; then
+        echo "install: runtime $name -> $dest"
+        rm -rf "$dest"
+        mkdir -p /opt/femd/runtimes
+        /usr/bin/python3 -m venv "$dest"
+        "$dest/bin/pip" install -q --disable-pip-version-check --no-deps \
+            --require-hashes --only-binary=:all: -r "$req"
+        echo "$want" > "$dest/.femd-requirements.sha256"
+        chmod -R go-w,a+rX "$dest"
+    fi
+done
 echo "install: ok"

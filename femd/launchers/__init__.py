@@ -46,6 +46,7 @@ __all__ = [
     "Outcome",
     "PodmanSettings",
     "ProcessSettings",
+    "Traffic",
     "build_all",
     "load_profile",
     "load_profiles",
@@ -74,8 +75,10 @@ class Limits(Strict, frozen=True, kw_only=True):
 class LaunchSpec(Strict, frozen=True, kw_only=True):
     """Everything a launcher needs to run one admitted task; built by the agent.
 
-    ``egress``: ``None`` (or empty) means no network; otherwise the allowed
-    ``host:port`` list. ``output_dir`` is a host directory the agent created
+    ``egress``: ``None`` (or empty) means no outbound network; otherwise the
+    allowed ``host:port`` list. ``listen``: ports the task listens on inside
+    its sandbox, exposed on the same host ports to ``ingress_peers`` (CIDRs,
+    addresses or host names). ``output_dir`` is a host directory the agent created
     empty; it is the only writable place that survives the task.
     """
 
@@ -91,15 +94,23 @@ class LaunchSpec(Strict, frozen=True, kw_only=True):
     output_target: AbsPath = "/out"
     limits: Limits
     egress: tuple[str, ...] | None = None
+    listen: tuple[int, ...] = ()
+    ingress_peers: tuple[str, ...] = ()
     log_max_bytes: Annotated[int, Meta(ge=0)] = 1 << 20
+
+    @property
+    def network(self) -> bool:
+        """Whether the task asks for any network (egress or listening ports)."""
+        return bool(self.egress or self.listen)
 
 
 class Capabilities(Strict, frozen=True, kw_only=True):
     """What one launcher can enforce on this host, found by ``probe()``.
 
-    ``egress``: the launcher can give a task network access in a way the site
-    accepts (filtered to the allow list, or unfiltered where the profile opts
-    in). ``egress_filtered``: that access is limited to the allow list.
+    ``egress``: the launcher can give a task connections to the destinations
+    it lists, and only those (``egress_filtered`` says the same; kept for
+    readers of older ``doctor --json``). ``ingress``: it can expose a task's
+    listening ports to allowed peers only.
     ``min_cpus``: the smallest ``cpus`` limit it can enforce (e.g. 1.0 when
     cpus are whole cores). ``problems``: why something is missing; ``notes``:
     how limits are enforced, where that differs from a cgroup limit.
@@ -113,12 +124,32 @@ class Capabilities(Strict, frozen=True, kw_only=True):
     pids_limit: bool = False
     egress: bool = False
     egress_filtered: bool = False
+    ingress: bool = False
     min_cpus: float = 0.0
     notes: tuple[str, ...] = ()
 
 
+class Traffic(Strict, frozen=True, kw_only=True):
+    """Connections femd forwarded for a task to (or from) one destination.
+
+    ``destination``: the allowed ``host:port`` (egress) or the task's port
+    (ingress). Bytes are counted from the task's side: ``bytes_in`` entered
+    the sandbox, ``bytes_out`` left it.
+    """
+
+    direction: Literal["egress", "ingress"]
+    destination: str
+    connections: int = 0
+    refused: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
 class Outcome(Strict, frozen=True, kw_only=True):
-    """How a task ended. ``log_tail`` is the last few KiB of stdout+stderr."""
+    """How a task ended. ``log_tail`` is the last few KiB of stdout+stderr.
+
+    ``traffic``: what femd forwarded for the task, per destination.
+    """
 
     state: Literal["succeeded", "failed", "timed_out", "cancelled"]
     exit_code: int | None
@@ -126,6 +157,7 @@ class Outcome(Strict, frozen=True, kw_only=True):
     finished_at: datetime
     log_tail: str
     reason: str = ""
+    traffic: tuple[Traffic, ...] = ()
 
 
 class Handle(Protocol):
@@ -279,10 +311,10 @@ def unenforceable(spec: LaunchSpec, caps: Capabilities) -> list[Reason]:
         reasons.append(_refuse(f"pids limit of {limits.pids}", why("pid")))
     if spec.egress and not caps.egress:
         what = f"network egress to [{cut(', '.join(spec.egress), 120)}]"
-        because = f"{who}: profile {spec.profile.name!r} does not allow it"
-        if not caps.egress_filtered:
-            because += " and it cannot be filtered by host"
-        reasons.append(_refuse(what, because))
+        reasons.append(_refuse(what, why("egress")))
+    if spec.listen and not caps.ingress:
+        ports = ", ".join(str(p) for p in spec.listen)
+        reasons.append(_refuse(f"listening on ports [{ports}]", why("ingress")))
     return reasons
 
 

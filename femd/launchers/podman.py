@@ -23,8 +23,10 @@ Limits: the pids limit is ``RLIMIT_NPROC`` of the task uid inside its user
 namespace (plus the cgroup ``pids.max`` where Podman can set it). Memory and cpu
 limits need a cgroup controller delegated to the podman user (cgroup v2); on
 rootless cgroup v1 Podman silently ignores them, so ``probe()`` reports them
-unenforceable and ``launch()`` refuses. Egress is not offered: the launcher has
-no per-host filter, and containers get no network at all.
+unenforceable and ``launch()`` refuses. Network: containers get ``none``; what
+the policy allows is forwarded by femd (``network.TaskNetwork``), attached
+between ``init`` and ``start``, which needs femd to run as root (joining the
+rootless container's namespaces from outside); otherwise it is unenforceable.
 
 Output directory: the task uid is an anonymous subordinate id, so the launcher
 makes the agent-created output directory mode 0777 (``0o777``), and refuses to
@@ -58,6 +60,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Final, Literal, TypeVar
 
+import msgspec
 from podman import PodmanClient
 from podman.errors import ImageNotFound, NotFound, PodmanError
 
@@ -69,6 +72,8 @@ from femd.errors import (
     cut,
 )
 from femd.launchers import Capabilities, LaunchSpec, Outcome
+from femd.launchers.netns import probe_join
+from femd.launchers.network import TaskNetwork
 from femd.launchers.profile import LauncherProfile, PodmanSettings
 from femd.model import TaskId
 
@@ -280,9 +285,11 @@ class PodmanHandle:
         timeout_s: float,
         log_max_bytes: int,
         markers: Path,
+        net: TaskNetwork | None = None,
     ) -> None:
         """Follow container *container_id* (use ``launch()``/``adopt()``)."""
         self.task_id = task_id
+        self._net = net
         self.container_id = container_id
         self._url = url
         self._timeout_s = timeout_s
@@ -405,6 +412,16 @@ class PodmanHandle:
             yield data[i : i + 65536]
 
     def _finish(self, attrs: dict[str, Any] | None) -> Outcome:
+        outcome = self._collect(attrs)
+        if self._net is not None:
+            # The task ended: its ports close now; the counts go in the outcome.
+            traffic = self._net.close()
+            self._net = None
+            outcome = msgspec.structs.replace(outcome, traffic=traffic)
+        self._outcome = outcome
+        return outcome
+
+    def _collect(self, attrs: dict[str, Any] | None) -> Outcome:
         now = datetime.now(UTC)
         if attrs is None:
             self._outcome = Outcome(
@@ -572,9 +589,9 @@ class PodmanLauncher:
                 f"rootless cgroup {version or '?'} without delegated "
                 "memory/cpu controllers: podman would ignore those limits"
             )
-        problems.append(
-            "egress: not offered (no per-host filter; containers get network none)"
-        )
+        net = self._probe_network()
+        if net is not None:
+            problems.append(f"egress and ingress: {net}")
         notes = [
             "pids: RLIMIT_NPROC of the task uid in its user namespace"
             + (" and the cgroup pids controller" if self._cgroup_pids else "")
@@ -586,10 +603,27 @@ class PodmanLauncher:
             memory_limit=memory,
             cpu_limit=cpu,
             pids_limit=available,
-            egress=False,
-            egress_filtered=False,
-            notes=tuple(notes),
+            egress=net is None,
+            egress_filtered=net is None,
+            ingress=net is None,
+            notes=(
+                *notes,
+                "network: none; femd forwards allowed egress and ingress (TCP only)",
+            ),
         )
+
+    def _probe_network(self) -> str | None:
+        """Why femd cannot forward a container's network here, or None."""
+        if not self._profile.network.enabled:
+            return f"profile {self._profile.name!r} gives tasks no network"
+        if os.geteuid() != 0:
+            # A rootless container's namespaces belong to the podman user's
+            # user namespace: only root may join them from outside.
+            return (
+                "joining a rootless container's network namespace needs femd "
+                f"to run as root (it runs as uid {os.geteuid()})"
+            )
+        return probe_join(None)
 
     # -- stage-in -----------------------------------------------------------------
     def ensure_image(self, ref: str, settings: PodmanSettings | None = None) -> str:
@@ -668,8 +702,10 @@ class PodmanLauncher:
             out.append(f"cpu limit of {spec.limits.cpus:g} cpus cannot be enforced")
         if not caps.pids_limit:
             out.append(f"pids limit of {spec.limits.pids} cannot be enforced")
-        if spec.egress:
+        if spec.egress and not caps.egress:
             out.append("network egress cannot be enforced by podman here")
+        if spec.listen and not caps.ingress:
+            out.append("listening ports cannot be enforced by podman here")
         return out
 
     def launch(self, spec: LaunchSpec) -> PodmanHandle:
@@ -703,6 +739,38 @@ class PodmanLauncher:
             raise LaunchError(str(e)) from e
         body = self._container_spec(spec, settings, caps, image_id)
         _prepare_output(Path(spec.output_dir))
+        net = TaskNetwork(spec, spec.profile.network) if spec.network else None
+        for source, target in net.prepare() if net else ():
+            # femd's /etc/hosts, resolv.conf, nsswitch.conf (docs/network.md)
+            body["mounts"].append(
+                {"destination": target, "type": "bind", "source": source,
+                 "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}
+            )  # fmt: skip
+        try:
+            cid = self._create_and_start(spec, body, net)
+        except LaunchError:
+            if net is not None:
+                net.close()
+            raise
+        logger.info("task %s: container %s started", spec.task_id, cid[:12])
+        return PodmanHandle(
+            self._url,
+            cid,
+            spec.task_id,
+            timeout_s=spec.limits.timeout_s,
+            log_max_bytes=spec.log_max_bytes,
+            markers=self._markers,
+            net=net,
+        )
+
+    def _create_and_start(
+        self, spec: LaunchSpec, body: dict[str, Any], net: TaskNetwork | None
+    ) -> str:
+        """Create the container; forward its network (if any); start it.
+
+        Raises:
+            LaunchError: podman or the network helper failed (nothing runs).
+        """
         with _client(self._url) as client:
             reply = _api(
                 f"create {spec.task_id}",
@@ -725,6 +793,12 @@ class PodmanLauncher:
                 )
             cid = str(reply.json()["Id"])
             try:
+                if net is not None:
+                    # Namespaces exist, the command waits: attach, then start.
+                    container = _api("init", lambda: client.containers.get(cid))
+                    _api(f"init {spec.task_id}", container.init)
+                    container.reload()
+                    net.attach_pid(int(container.attrs["State"]["Pid"]))
                 _api(
                     f"start {spec.task_id}", lambda: client.containers.get(cid).start()
                 )
@@ -734,15 +808,7 @@ class PodmanLauncher:
                     lambda: client.containers.get(cid).remove(force=True),
                 )
                 raise
-        logger.info("task %s: container %s started", spec.task_id, cid[:12])
-        return PodmanHandle(
-            self._url,
-            cid,
-            spec.task_id,
-            timeout_s=spec.limits.timeout_s,
-            log_max_bytes=spec.log_max_bytes,
-            markers=self._markers,
-        )
+        return cid
 
     def _container_spec(
         self,

@@ -15,11 +15,13 @@ How each limit is enforced (``Capabilities.notes`` says the same):
   request below one cpu is unenforceable. RLIMIT_CPU is only a backstop.
 - pids: RLIMIT_NPROC, which counts every process of the task's real uid: the
   task user should be dedicated (concurrent tasks of that user share the count).
-- network: none (own network namespace); the host network only when both the
-  task's policy and the profile's ``allow_egress`` allow it (never filtered).
+- network: always its own empty network namespace; what the policy allows
+  (egress to named ``host:port``, ingress on named ports) is forwarded by
+  femd (``network.TaskNetwork``, docs/network.md), attached while bwrap
+  holds the command back (``--block-fd``).
 - time: the wall-clock timeout kills the sandbox's PID namespace.
 
-Namespaces: user, mount, pid, IPC and network (none with egress); not uts nor
+Namespaces: user, mount, pid, IPC and network; not uts nor
 cgroup, which femd.service refuses (see ``_NAMESPACES``). The prefix tools
 (``taskset``, ``prlimit``) need ``sched_setaffinity`` and ``prlimit64``, which
 the unit's ``SystemCallFilter=`` allows; ``probe()`` runs them for real.
@@ -56,6 +58,8 @@ import msgspec
 
 from femd.errors import LaunchError, LauncherUnavailableError, UnenforceableError, cut
 from femd.launchers import Capabilities, LaunchSpec, Outcome, unenforceable
+from femd.launchers.netns import probe_join
+from femd.launchers.network import TaskNetwork
 from femd.launchers.profile import LauncherProfile, ProcessSettings
 from femd.model import TaskId
 
@@ -197,22 +201,32 @@ class BubblewrapLauncher:
         if not problems and settings is not None and user is not None:
             problems += self._smoke(settings, user)
         seccomp = seccomp_filter() is not None
+        net = None
+        if not self._profile.network.enabled:
+            net = f"profile {self._profile.name!r} gives tasks no network"
+        elif not problems and user is not None:
+            net = probe_join(user.uid if user.switch else None)
+        elif problems:
+            net = "the sandbox itself does not work"
         caps = Capabilities(
             launcher=self.name,
             available=not problems,
             problems=tuple(problems)
-            + (() if seccomp else (f"no seccomp filter for {platform.machine()}",)),
+            + (() if seccomp else (f"no seccomp filter for {platform.machine()}",))
+            + (() if net is None else (f"egress and ingress: {net}",)),
             memory_limit=True,
             cpu_limit=seccomp,
             pids_limit=True,
-            egress=settings is not None and settings.allow_egress,
-            egress_filtered=False,
+            egress=net is None,
+            egress_filtered=net is None,
+            ingress=net is None,
             min_cpus=1.0,
             notes=(
                 "memory: per-process address-space cap (RLIMIT_AS), not a cgroup",
                 "cpus: whole cores by CPU affinity, locked by seccomp",
                 "pids: RLIMIT_NPROC of the task user, shared by its tasks",
-                "egress: the host network, unfiltered, when the profile allows",
+                "network: own empty namespace; femd forwards allowed egress "
+                "and ingress (TCP only)",
             ),
         )
         self._caps = caps
@@ -313,26 +327,22 @@ class BubblewrapLauncher:
         argv: list[str],
         status_fd: int | None = None,
         extra_seccomp_fd: int | None = None,
+        net: tuple[list[tuple[str, str]], int] | None = None,
     ) -> list[str]:
         tmp = str(settings.tmp_size_mb << 20)
         args = [shutil.which("bwrap", path=_HOST_PATH) or "bwrap"]
-        # SECURITY: own user, mount, pid, IPC and (unless egress) network
-        # namespaces; no capabilities, no nested user namespaces. Not
-        # --unshare-all: it asks for a cgroup namespace, and femd.service's
-        # RestrictNamespaces= refuses cgroup and uts ones (see _NAMESPACES).
-        args += [*_NAMESPACES, "--disable-userns"]
-        egress = bool(spec and spec.egress and settings.allow_egress)
-        if not egress:
-            args.append("--unshare-net")
+        # SECURITY: own user, mount, pid, IPC and network namespaces; no
+        # capabilities, no nested user namespaces. Not --unshare-all: it asks
+        # for a cgroup namespace, and femd.service's RestrictNamespaces=
+        # refuses cgroup and uts ones (see _NAMESPACES). The network is
+        # always empty: femd forwards what the policy allows (TaskNetwork).
+        args += [*_NAMESPACES, "--disable-userns", "--unshare-net"]
         args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
         args.append("--clearenv")
         env = {"PATH": _TASK_PATH, "HOME": _TMP} | dict(spec.env if spec else ())
         for key, value in env.items():
             args += ["--setenv", key, value]
-        binds = list(settings.ro_binds)
-        if egress:
-            binds += ["/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf"]
-        for path in binds:
+        for path in settings.ro_binds:
             # merged-/usr links (/bin -> usr/bin) are recreated; others followed.
             link = os.readlink(path) if os.path.islink(path) else "/"
             if not link.startswith("/"):
@@ -347,6 +357,8 @@ class BubblewrapLauncher:
                 args += ["--ro-bind", m.source, m.target]
             args += ["--bind", spec.output_dir, spec.output_target]
             workdir = spec.workdir or workdir
+        for source, target in net[0] if net else ():
+            args += ["--ro-bind", source, target]  # femd's /etc/hosts...
         # SECURITY: nothing else is writable: the root and /dev become read-only.
         args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", workdir]
         for fd in (seccomp_fd, extra_seccomp_fd):
@@ -354,6 +366,8 @@ class BubblewrapLauncher:
                 args += ["--add-seccomp-fd", str(fd)]
         if status_fd is not None:
             args += ["--json-status-fd", str(status_fd)]
+        if net is not None:
+            args += ["--block-fd", str(net[1])]  # until femd's forwarders listen
         return [*args, "--", *argv]
 
     # -- launch ----------------------------------------------------------------
@@ -391,7 +405,9 @@ class BubblewrapLauncher:
         user = self._task_user()
         self._prepare_output(spec, user)
         cpus = self._pick_cpus(spec.limits.cpus)
-        handle = _ProcessHandle(spec, self._log_dir / f"{spec.task_id}.log")
+        net = TaskNetwork(spec, self._profile.network) if spec.network else None
+        binds = net.prepare() if net else None
+        handle = _ProcessHandle(spec, self._log_dir / f"{spec.task_id}.log", net, binds)
         handle.start(self, settings, user, cpus)
         return handle
 
@@ -462,9 +478,19 @@ class BubblewrapLauncher:
 class _ProcessHandle:
     """One sandbox: a monitor thread spawns it, pumps its log, enforces time."""
 
-    def __init__(self, spec: LaunchSpec, log_path: Path) -> None:
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        log_path: Path,
+        net: TaskNetwork | None = None,
+        net_binds: list[tuple[str, str]] | None = None,
+    ) -> None:
         self.task_id: TaskId = spec.task_id
         self._spec = spec
+        self._net = net
+        self._net_binds = net_binds or []
+        self._block_w: int | None = None  # holds the command until attached
+        self._net_error: str | None = None
         self._log_path = log_path
         self._tail = bytearray()
         self._done = threading.Event()
@@ -512,13 +538,17 @@ class _ProcessHandle:
         log_fd = os.open(self._log_path, flags, 0o600)
         log_r, log_w = os.pipe()
         status_r, status_w = os.pipe()
-        fds: list[int | None] = [launcher._seccomp_fd(), status_w, None]
+        fds: list[int | None] = [launcher._seccomp_fd(), status_w, None, None]
         if settings.seccomp is not None:
             fds[2] = os.open(settings.seccomp, os.O_RDONLY | os.O_CLOEXEC)
+        net = None
+        if self._net is not None:
+            block_r, self._block_w = os.pipe()
+            fds[3], net = block_r, (self._net_binds, block_r)
         try:
             args = launcher._bwrap_args(
                 settings, self._spec, fds[0], list(self._spec.argv), status_w,
-                fds[2],
+                fds[2], net,
             )  # fmt: skip
             self._popen = subprocess.Popen(  # noqa: S603 (fixed tools, no shell)
                 launcher._prefix(settings, self._spec, cpus) + args,
@@ -546,6 +576,22 @@ class _ProcessHandle:
                     os.close(closing)
         return log_fd, log_r, status_r
 
+    def _end_network(self) -> None:
+        """Close the task's ports and forwarders; the traffic goes in the outcome."""
+        if self._block_w is not None:
+            self._kill()  # never released: the command must not run unforwarded
+            os.close(self._block_w)
+            self._block_w = None
+        if self._net is None:
+            return
+        traffic = self._net.close()
+        if self._outcome is None:
+            return
+        changes: dict[str, object] = {"traffic": traffic}
+        if self._net_error is not None:
+            changes |= {"state": "failed", "exit_code": None, "reason": self._net_error}
+        self._outcome = msgspec.structs.replace(self._outcome, **changes)
+
     def _run(
         self,
         launcher: BubblewrapLauncher,
@@ -557,6 +603,7 @@ class _ProcessHandle:
             log_fd, log_r, status_r = self._spawn(launcher, settings, user, cpus)
         except BaseException as e:  # noqa: BLE001 (handed to the launching thread)
             self._start_error = e
+            self._end_network()
             self._started.set()
             return
         self._started_at = _now()
@@ -580,6 +627,7 @@ class _ProcessHandle:
                 reason=f"launcher error: {cut(e)}",
             )
         finally:
+            self._end_network()
             for fd in (log_fd, log_r, status_r):
                 os.close(fd)
             with self._pidfd_lock:
@@ -615,11 +663,35 @@ class _ProcessHandle:
                 elif key.fd == status_r:
                     status += data
                     self._pin(status)
+                    self._attach_network()
                 else:
                     written += self._log(log_fd, data, written)
         sel.close()
         self._popen.wait(timeout=10)
         return self._result(status, timed_out)
+
+    def _attach_network(self) -> None:
+        """Start the task's forwarders in its namespace, then let it run."""
+        if self._block_w is None or self._net is None or self._pidfd is None:
+            return
+        block_w, self._block_w = self._block_w, None
+        assert self._popen is not None  # noqa: S101 (set by _spawn)
+        try:
+            fd = os.open(f"/proc/{self._pid1}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # SECURITY: still the sandbox pinned by _pin, not a reused pid.
+                if _parent(self._pid1) != self._popen.pid:
+                    raise LaunchError("network: the sandbox ended before it ran")
+                self._net.attach(fd)
+            finally:
+                os.close(fd)
+            os.write(block_w, b"x")
+        except (LaunchError, OSError, ValueError, IndexError) as e:
+            self._net_error = cut(e, 200)
+            logger.error("process: task %s: %s", self.task_id, self._net_error)
+            self._kill()
+        finally:
+            os.close(block_w)
 
     def _log(self, log_fd: int, data: bytes, written: int) -> int:
         self._tail += data

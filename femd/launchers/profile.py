@@ -28,6 +28,7 @@ from femd.yamlfile import YamlError, field_of, line_of, load_yaml, split_error
 __all__ = [
     "DEFAULT_RO_BINDS",
     "LauncherProfile",
+    "NetworkSettings",
     "PodmanSettings",
     "ProcessSettings",
     "load_profile",
@@ -71,10 +72,6 @@ class ProcessSettings(Strict, frozen=True, kw_only=True):
     installs). When femd is unprivileged, tasks run as femd's own user."""
     tmp_size_mb: Megabytes = 64
     """Size of the private `/tmp` and `/dev/shm` tmpfs, each."""
-    allow_egress: bool = False
-    """bubblewrap cannot filter by host: a task allowed egress by the policy
-    shares the host network. Only when this is true; otherwise such a task is
-    refused as unenforceable."""
     nofile: Annotated[int, Meta(ge=16, le=1 << 20)] = 1024
     """RLIMIT_NOFILE: open files per process."""
     fsize_mb: Megabytes = 1024
@@ -108,6 +105,31 @@ class PodmanSettings(Strict, frozen=True, kw_only=True):
     """Additional `--security-opt` values (e.g. an AppArmor profile)."""
 
 
+_Address = Annotated[
+    str, Meta(min_length=2, max_length=64, pattern=r"^[0-9a-fA-F.:]+$(?!\n)")
+]
+
+
+class NetworkSettings(Strict, frozen=True, kw_only=True):
+    """How femd gives tasks the network their policy allows (both launchers).
+
+    A task always has its own empty network namespace; femd forwards each
+    allowed destination and listening port itself (docs/network.md).
+    """
+
+    enabled: bool = True
+    """false: tasks of this profile get no network whatever the policy allows;
+    a task asking for some is refused (`launcher.unenforceable`)."""
+    ingress_bind: tuple[_Address, ...] = ()
+    """Host addresses a task's listening ports are exposed on; empty: every
+    address (`::`, dual-stack, or `0.0.0.0` where IPv6 is off)."""
+    hosts: dict[
+        Annotated[str, Meta(min_length=1, max_length=253)], tuple[_Address, ...]
+    ] = msgspec.field(default_factory=dict)
+    """Fixed addresses for egress host names, used instead of DNS (e.g. the
+    federation server's address, pinned by the site)."""
+
+
 class LauncherProfile(Strict, frozen=True, kw_only=True):
     """A named set of launcher settings, chosen by a task only by its name.
 
@@ -121,6 +143,7 @@ class LauncherProfile(Strict, frozen=True, kw_only=True):
     description: str = ""
     process: ProcessSettings | None = None
     podman: PodmanSettings | None = None
+    network: NetworkSettings = msgspec.field(default_factory=NetworkSettings)
 
 
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")

@@ -5,9 +5,9 @@ root under /tmp (the sandbox user must traverse it) holding:
 
 - an Ed25519 signing key, a policy trusting it for project ``demo`` (process
   launcher, egress to the counter's port only), a launcher profile dir whose
-  ``default`` profile lets a task share the host network (``allow_egress``) and
-  runs it as a test-only user, ``femd.yaml`` (heartbeat 5 s, fast reconnects)
-  and ``orchestrator.yaml`` on the test's ``broker_vhost``;
+  ``default`` profile runs a task as a test-only user (femd forwards its
+  egress to the counter, docs/network.md), ``femd.yaml`` (heartbeat 5 s, fast
+  reconnects) and ``orchestrator.yaml`` on the test's ``broker_vhost``;
 - a ``Counter``: a loopback TCP server that counts, per task id, the connections
   that carried it. Tasks made with ``NodeEnv.counted()`` open one connection at
   their start (bash ``/dev/tcp``), so the counter is a host-side witness of how
@@ -466,7 +466,7 @@ class NodeEnv:
                     "apiVersion": "femd/v1",
                     "kind": "LauncherProfile",
                     "name": "default",
-                    "process": {"run_as": TASK_USER, "allow_egress": True},
+                    "process": {"run_as": TASK_USER},
                 }
             )
         )

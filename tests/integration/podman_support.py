@@ -167,6 +167,8 @@ class PodmanBox:
         timeout_s: int = 30,
         pids: int = 64,
         egress: tuple[str, ...] | None = None,
+        listen: tuple[int, ...] = (),
+        ingress_peers: tuple[str, ...] = (),
         log_max_bytes: int = 1 << 20,
         workdir: str | None = None,
         task_id: str | None = None,
@@ -187,6 +189,8 @@ class PodmanBox:
                 cpus=cpus, memory_mb=memory_mb, timeout_s=timeout_s, pids=pids
             ),
             egress=egress,
+            listen=listen,
+            ingress_peers=ingress_peers,
             log_max_bytes=log_max_bytes,
         )
 

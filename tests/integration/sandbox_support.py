@@ -20,6 +20,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -38,6 +39,7 @@ from femd.launchers import (
     start,
 )
 from femd.launchers.process import BubblewrapLauncher
+from femd.launchers.profile import NetworkSettings
 from tests.backends import unavailable
 
 # A user of the tests' own: RLIMIT_NPROC counts every process of a uid, so the
@@ -61,7 +63,9 @@ def ensure_task_user(name: str = TASK_USER) -> int:
         return pwd.getpwnam(name).pw_uid
 
 
-def profile(**process: object) -> LauncherProfile:
+def profile(
+    network: NetworkSettings | None = None, **process: object
+) -> LauncherProfile:
     """A profile with a process section (settings overridable)."""
     settings = {"run_as": TASK_USER} | process
     return LauncherProfile(
@@ -69,6 +73,7 @@ def profile(**process: object) -> LauncherProfile:
         kind="LauncherProfile",
         name="default",
         process=ProcessSettings(**settings),  # type: ignore[arg-type]
+        network=network or NetworkSettings(),
     )
 
 
@@ -177,6 +182,8 @@ class Sandbox:
         timeout_s: int = 20,
         pids: int = 256,  # generous: PID-1 zombies linger briefly (see settle)
         egress: tuple[str, ...] | None = None,
+        listen: tuple[int, ...] = (),
+        ingress_peers: tuple[str, ...] = (),
         log_max_bytes: int = 1 << 20,
         workdir: str | None = None,
         task_id: str | None = None,
@@ -195,8 +202,36 @@ class Sandbox:
                 cpus=cpus, memory_mb=memory_mb, timeout_s=timeout_s, pids=pids
             ),
             egress=egress,
+            listen=listen,
+            ingress_peers=ingress_peers,
             log_max_bytes=log_max_bytes,
         )
+
+    def run_unprivileged(
+        self, name: str, script: str, *args: str
+    ) -> tuple[Path, subprocess.CompletedProcess[str]]:
+        """Run a Python *script* as the task user, as an unprivileged femd would.
+
+        Its first argument is a fresh directory (owned by that user) holding
+        an empty ``out``; *args* follow. Returns (that directory, the result).
+        """
+        gid = pwd.getpwuid(self.uid).pw_gid
+        root = self.root / name
+        (root / "out").mkdir(parents=True)
+        for path in (root, root / "out"):
+            os.chown(path, self.uid, gid)
+        result = subprocess.run(  # noqa: S603 (our own interpreter and script)
+            [sys.executable, "-c", script, str(root), *args],
+            user=self.uid,
+            group=gid,
+            extra_groups=[],
+            cwd=str(Path(__file__).resolve().parents[2]),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=180,
+        )
+        return root, result
 
     def run(self, script: str, **kw: object) -> tuple[Outcome, Path]:
         """Run *script* with ``/bin/sh -c`` to the end; return (outcome, output dir)."""

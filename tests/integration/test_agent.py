@@ -76,6 +76,12 @@ def test_happy_path_cli(node_env: NodeEnv) -> None:
     assert seqs == sorted(set(seqs))
     done = events[-1]
     assert (done["exit_code"], done["node"]) == (0, NODE)
+    # The counter connection went through femd's forwarder (docs/network.md).
+    (traffic,) = done["network"]
+    assert traffic["direction"] == "egress"
+    assert traffic["destination"] == f"127.0.0.1:{env.counter.port}"
+    assert traffic["connections"] == 1
+    assert traffic["bytes_out"] > 0
     out = done["outputs"]
     assert set(out) == {"sha256", "bytes", "chunks"}
     archive = (results / NODE / "happy-1.tar.gz").read_bytes()

@@ -175,10 +175,28 @@ def test_node_cannot_publish_events_for_another_node(broker_vhost):
             channel.basic_publish("femd.events", "fdn-02.x.running", b"{}")
         assert info.value.reply_code == 403
         assert "fdn-02.x.running" in info.value.reply_text
-        channel = confirmed_channel(connection)
-        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
-            channel.basic_publish("femd.results", "fdn-02.x", b"chunk")
-        assert info.value.reply_code == 403
+        for exchange, key in (
+            ("femd.results", "fdn-02.x"),
+            ("femd.nodes", "fdn-02.status"),
+            ("femd.logs", "fdn-02.x"),
+        ):
+            channel = confirmed_channel(connection)
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
+                channel.basic_publish(exchange, key, b"chunk")
+            assert info.value.reply_code == 403
+
+
+@rabbitmq
+def test_node_status_and_live_logs_reach_the_orchestrator(broker_vhost):
+    with connect(broker_vhost, "fdn-01") as node:
+        confirmed_channel(node).basic_publish("femd.nodes", "fdn-01.status", b"{}")
+        confirmed_channel(node).basic_publish("femd.logs", "fdn-01.x", b"line\n")
+    with connect(broker_vhost, "orchestrator") as orchestrator:
+        channel = orchestrator.channel()
+        for queue, key in (("nodes", "fdn-01.status"), ("logs", "fdn-01.x")):
+            method, _, _ = channel.basic_get(f"femd.orchestrator.{queue}", True)
+            assert method is not None
+            assert method.routing_key == key
 
 
 FORBIDDEN_TO_A_NODE = {
@@ -393,6 +411,8 @@ def test_definitions_script_output_is_the_documented_topology():
         "femd.node.fdn-02",
         "femd.orchestrator.events",
         "femd.orchestrator.results",
+        "femd.orchestrator.nodes",
+        "femd.orchestrator.logs",
         "femd.orchestrator.dead",
     }
     assert all(
@@ -404,6 +424,8 @@ def test_definitions_script_output_is_the_documented_topology():
         "femd.tasks": "direct",
         "femd.events": "topic",
         "femd.results": "topic",
+        "femd.nodes": "topic",
+        "femd.logs": "topic",
         "femd.dead": "fanout",
     }
     assert {u["name"] for u in doc["users"]} == {"fdn-01", "fdn-02", "orchestrator"}

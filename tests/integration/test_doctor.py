@@ -34,6 +34,7 @@ def test_doctor_reports_each_launcher_and_what_it_enforces(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "process (profile default): available" in p.stdout
     assert "enforces: memory yes, cpus yes (min 1), pids yes" in p.stdout
+    assert "egress yes, ingress yes" in p.stdout  # forwarded by femd
     # A podman service that is not there is named, not a crash.
     assert "podman (profile default): UNAVAILABLE" in p.stdout
     assert "absent.sock" in p.stdout
@@ -47,6 +48,8 @@ def test_doctor_json(tmp_path):
     assert p.returncode == 0, p.stderr
     rows = {(r["profile"], r["launcher"]): r for r in json.loads(p.stdout)}
     assert rows[("default", "process")]["available"] is True
+    assert rows[("default", "process")]["egress"] is True
+    assert rows[("default", "process")]["ingress"] is True
     assert rows[("default", "podman")]["available"] is False
     assert rows[("default", "podman")]["problems"]
 

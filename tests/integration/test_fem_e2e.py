@@ -1,7 +1,8 @@
 """FEM -> femd end to end: convert, sign, check, run the Flower client under bwrap.
 
-The Flower tool plan's client template (tests/data/fem), with its per-node
-parameters, is converted by ``femd import-fem`` into one manifest per node,
+FEM's own flcore client template (``../shared/fem``, as FEM serves it), with
+its tool plan and per-node parameters, is converted by ``femd import-fem``
+into one manifest per node,
 signed by ``femd sign``, admitted by ``femd check`` against a policy written
 for it, then run through the real process launcher (bubblewrap) from a local
 ``file://`` git repository made with pygit2. No broker: the launch spec is
@@ -37,23 +38,23 @@ from tests.integration.sandbox_support import Sandbox  # noqa: E402
 
 pytestmark = pytest.mark.bwrap
 
-DATA = REPO / "tests" / "data" / "fem"
+SHARED = REPO.parent / "shared" / "fem"  # FEM's documents, beside the clone
 PROJECT = "dt4h-flower"
 
 # The client: what a Flower client would do with its arguments, minus Flower.
 CLIENT_PY = b"""\
 import json, os, pathlib, sys
 
-rows = pathlib.Path("/data/cohort/cohort.csv").read_text().splitlines()[1:]
+rows = pathlib.Path("/data/cohort.csv").read_text().splitlines()[1:]
 report = {
     "argv": sys.argv[1:],
     "rows": len(rows),
-    "client": os.environ.get("FL_CLIENT_NAME"),
-    "run": os.environ.get("FL_RUN_ID"),
+    "client": os.environ.get("NODE_NAME"),
+    "cacert": os.environ.get("FLOWER_SSL_CACERT"),
     "cwd": os.getcwd(),
     "home_leak": os.environ.get("FEMD_E2E_HOST_SECRET"),
 }
-pathlib.Path("/results/metrics.json").write_text(json.dumps(report))
+pathlib.Path("/sandbox/metrics.json").write_text(json.dumps(report))
 print("flower client done", flush=True)
 """
 
@@ -65,11 +66,11 @@ def box() -> Iterator[Sandbox]:
 
 
 def make_origin(path: Path) -> tuple[str, str]:
-    """A bare repository holding client.py on `main`; returns (url, commit)."""
+    """A bare repository holding client_cmd.py on `main`; returns (url, commit)."""
     repo = pygit2.init_repository(str(path), bare=True)
     sig = pygit2.Signature("DT4H", "dev@dt4h.example", 1_700_000_000, 0)
     tb = repo.TreeBuilder()
-    tb.insert("client.py", repo.create_blob(CLIENT_PY), FileMode.BLOB)
+    tb.insert("client_cmd.py", repo.create_blob(CLIENT_PY), FileMode.BLOB)
     oid = repo.create_commit("refs/heads/main", sig, sig, "client", tb.write(), [])
     return path.as_uri(), str(oid)
 
@@ -111,8 +112,13 @@ def test_flower_client_template_converts_signs_passes_check_and_runs(
     root.mkdir()
     url, commit = make_origin(root / "flcore.git")
     cohort = box.input_dir({"cohort.csv": "age,ef\n71,35\n64,40\n58,30\n"})
-    template = json.loads((DATA / "flower-client.json").read_text())
-    template["source_code"] = {"url": f"{url} --branch main", "commit_hash": ""}
+    if not SHARED.is_dir():
+        pytest.fail(f"FEM's documents are missing: {SHARED}")
+    template = json.loads((SHARED / "flcore-client.task.json").read_text())
+    # Our repository instead of GitHub's (no internet here), same shape; and no
+    # server: this test runs one client alone (the FL act runs the session).
+    template["source_code"] = {"url": f"{url} --branch main"}
+    del template["var_envs"]["FLOWER_CENTRAL_SERVER_IP"]
     (root / "client.json").write_text(json.dumps(template))
     (root / "keys").mkdir()
     assert cli.main(["keygen", "orchestrator", "--dir", str(root / "keys")]) == 0
@@ -122,15 +128,17 @@ def test_flower_client_template_converts_signs_passes_check_and_runs(
     # 1. convert: per-node params -> one manifest per node
     assert cli.main([
         "import-fem", str(root / "client.json"),
-        "--tool", str(DATA / "flower-tool-plan.json"),
-        "--params", str(DATA / "flower-params.json"),
-        "--node", "BSC=fdn-bsc", "--node", "UPM=fdn-upm",
+        "--tool", str(SHARED / "flcore.tool.json"),
+        "--params", str(SHARED / "flcore.params.json"),
+        "--node", "BSC=fdn-bsc", "--node", "UB2=fdn-ub2",
         "--project", PROJECT, "--launcher", "process", "--commit", commit,
-        "--dataset", "hf-cohort=/data/cohort", "--output-dir", "/results",
+        "--dataset", "hf-cohort=/data", "--output-dir", "/sandbox",
+        "--code", "/flcore", "--env", "NODE_NAME=%%node_name%%",
+        "--env", "FLOWER_SSL_CACERT=/certs/ca.pem",
         "--expires-in", "1h", "-o", str(root / "client-{node}.json"),
     ]) == 0  # fmt: skip
     written = [line.split(" ") for line in capsys.readouterr().out.splitlines()]
-    assert [w[2] for w in written] == ["fdn-bsc", "fdn-upm"]
+    assert [w[2] for w in written] == ["fdn-bsc", "fdn-ub2"]
 
     # 2. sign each manifest
     for _, _, node in written:
@@ -139,14 +147,14 @@ def test_flower_client_template_converts_signs_passes_check_and_runs(
             str(root / f"client-{node}.json"), "-o", str(root / f"env-{node}.json"),
         ]) == 0  # fmt: skip
 
-    # 3. check: BSC's envelope is allowed on BSC; UPM's is not (audience)
+    # 3. check: BSC's envelope is allowed on BSC; UB2's is not (audience)
     capsys.readouterr()
     argv = ["check", "--policy", str(policy_path), "--json"]
     assert cli.main([*argv, str(root / "env-fdn-bsc.json")]) == 0
     verdict = json.loads(capsys.readouterr().out)
     assert (verdict["decision"], verdict["reasons"]) == ("allow", [])
     assert verdict["signers"] == ["orchestrator"]
-    assert cli.main([*argv, str(root / "env-fdn-upm.json")]) == 1
+    assert cli.main([*argv, str(root / "env-fdn-ub2.json")]) == 1
     rules = [r["rule"] for r in json.loads(capsys.readouterr().out)["reasons"]]
     assert rules == ["node.audience"]
 
@@ -182,7 +190,7 @@ def test_flower_client_template_converts_signs_passes_check_and_runs(
         code_dir=source_subdir(tree, task.source.path),
         inputs=inputs,
     )
-    assert spec.output_target == "/results"
+    assert spec.output_target == "/sandbox"
     monkeypatch.setenv("FEMD_E2E_HOST_SECRET", "must-not-leak")
     handle = start(box.launcher, spec)
     outcome = handle.wait(90)
@@ -193,14 +201,13 @@ def test_flower_client_template_converts_signs_passes_check_and_runs(
     report = json.loads((work / "out" / "metrics.json").read_text())
     assert report == {
         "argv": [
-            "logistic_regression",
-            "--server-address", "flower-server.dt4h.example:8080",
-            "--client-id=BSC", "--local-epochs", "3", "--lr", "0.005",
-            "--data", "/data/cohort",
+            "--num_rounds", "5", "--model", "random_forest",
+            "--data_id", "/data/test_study/3362-2045-1944", "--node_name", "BSC",
+            "--sandbox_path", "/sandbox/",
         ],
         "rows": 3,
         "client": "BSC",
-        "run": task.id,
+        "cacert": "/certs/ca.pem",
         "cwd": "/src",
         "home_leak": None,
     }  # fmt: skip
@@ -217,6 +224,8 @@ def test_flower_client_template_converts_signs_passes_check_and_runs(
         "started_at": outcome.started_at.astimezone(UTC).strftime(fmt),
     }
     line = cli._fem_line(event)
+    assert line["process_info"]["status"] == "finished"
+    assert line["process_info"]["return_code"] == 0
     assert (line["task_id"], line["exit_code"], line["error"]) == (task.id, 0, None)
     assert 0 <= line["elapsed_time_sec"] < 90
     shutil.rmtree(work, ignore_errors=True)

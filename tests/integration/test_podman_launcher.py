@@ -61,9 +61,8 @@ def test_probe_reports_what_this_host_enforces(podman_box: PodmanBox) -> None:
     assert caps.memory_limit == (v2 and "memory" in delegated)
     assert caps.cpu_limit == (v2 and "cpu" in delegated)
     assert caps.pids_limit  # RLIMIT_NPROC in the container's user namespace
-    assert not caps.egress
-    assert not caps.egress_filtered
-    assert any("egress" in p for p in caps.problems)
+    # femd (root here) joins a container's namespace to forward its network.
+    assert (caps.egress, caps.egress_filtered, caps.ingress) == (True, True, True)
     if not caps.memory_limit:
         assert any("cgroup" in p and "memory" in p for p in caps.problems)
 
@@ -378,10 +377,6 @@ def test_agent_path_refuses_what_this_host_cannot_enforce(
     with pytest.raises(UnenforceableError, match="memory limit of 64 MB"):
         launcher.launch(spec)  # the launcher's own, defensive check
     assert podman_box.containers(spec.task_id) == []
-    egress = podman_box.spec("true", egress=("example.org:443",))
-    with pytest.raises(UnenforceableError, match="egress"):
-        podman_box.launcher.launch(egress)
-    assert podman_box.containers(egress.task_id) == []
 
 
 def test_unsafe_switch_accepts_only_memory_and_cpu(podman_box: PodmanBox) -> None:

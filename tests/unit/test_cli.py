@@ -247,7 +247,7 @@ def test_check_deny_human_names_every_rule(
             task_dict(
                 image="registry.example.org/dt4h/flcore:latest",
                 resources={"cpus": 64},
-                network={"mode": "egress", "allow": ["evil.io:443"]},
+                network={"mode": "egress", "allow": ["evil.io:443"], "listen": [22]},
             ),
             keys["orchestrator"],
             stranger,
@@ -263,8 +263,10 @@ def test_check_deny_human_names_every_rule(
         "image.not_pinned",
         "resources.exceeded",
         "network.not_allowed",
+        "network.not_allowed",
     ]
     assert any("unknown key" in ln for ln in lines)
+    assert "  - network.not_allowed: listening on port 22 is not allowed" in lines
 
 
 def test_check_json_exact_keys(site, capsys):

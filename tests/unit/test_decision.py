@@ -251,6 +251,23 @@ CASES = {
             ]
         },
     ),
+    # --- runtimes
+    "runtime-none-asked": Case(task={"runtime": None}),
+    "runtime-allowed": Case(
+        task={"runtime": "flower"},
+        policy={
+            "runtimes": {"flower": {"path": "/opt/femd/runtimes/flower"}},
+            **project(runtimes=["flower"]),
+        },
+    ),
+    "runtime-not-in-project": Case(
+        [Rule.RUNTIME_NOT_ALLOWED],
+        task={"runtime": "flower"},
+        policy={"runtimes": {"flower": {"path": "/opt/femd/runtimes/flower"}}},
+    ),
+    "runtime-unknown-to-node": Case(
+        [Rule.RUNTIME_NOT_ALLOWED], task={"runtime": "torch"}
+    ),
     # --- resources
     "resources-at-maximum": Case(
         task={
@@ -325,6 +342,54 @@ CASES = {
         },
         policy=project(network={"egress": ["fl.example.org:443"]}),
     ),
+    "listen-allowed": Case(
+        task={"network": {"mode": "none", "listen": [4433]}},
+        policy=project(
+            network={"ingress": {"ports": [4433, 8080], "peers": ["10.0.0.0/8"]}}
+        ),
+    ),
+    "listen-with-network-none": Case(
+        [Rule.NETWORK_NOT_ALLOWED],
+        task={"network": {"mode": "none", "listen": [4433]}},
+    ),
+    "listen-other-port": Case(
+        [Rule.NETWORK_NOT_ALLOWED],
+        task={"network": {"mode": "none", "listen": [4433, 22]}},
+        policy=project(network={"ingress": {"ports": [4433], "peers": ["10.0.0.0/8"]}}),
+    ),
+    "listen-with-egress-only-policy": Case(
+        [Rule.NETWORK_NOT_ALLOWED],
+        task={
+            "network": {
+                "mode": "egress",
+                "allow": ["fl.example.org:443"],
+                "listen": [4433],
+            }
+        },
+        policy=project(network={"egress": ["fl.example.org:443"]}),
+    ),
+    "egress-with-ingress-only-policy": Case(
+        [Rule.NETWORK_NOT_ALLOWED],
+        task={"network": {"mode": "egress", "allow": ["fl.example.org:443"]}},
+        policy=project(
+            network={"ingress": {"ports": [4433], "peers": ["fl.example.org"]}}
+        ),
+    ),
+    "egress-and-listen-allowed": Case(
+        task={
+            "network": {
+                "mode": "egress",
+                "allow": ["fl.example.org:443"],
+                "listen": [4433],
+            }
+        },
+        policy=project(
+            network={
+                "egress": ["fl.example.org:443"],
+                "ingress": {"ports": [4433], "peers": ["::1/128"]},
+            }
+        ),
+    ),
     # --- outputs
     "outputs-at-cap": Case(task={"outputs": {"max_bytes": 52428800}}),
     "outputs-exceeded": Case(
@@ -332,7 +397,7 @@ CASES = {
     ),
     "outputs-node-default": Case(
         [Rule.OUTPUTS_EXCEEDED],
-        task={"outputs": {"max_bytes": 10485761}},
+        task={"outputs": {"max_bytes": 2 * 1024**3 + 1}},
         policy=project(outputs=None),
     ),
     "outputs-unasked": Case(task={"outputs": {"path": "/results"}}),
@@ -452,6 +517,7 @@ def test_rule_names_are_the_design_names():
         "image.not_pinned",
         "git.not_allowed",
         "dataset.not_allowed",
+        "runtime.not_allowed",
         "resources.exceeded",
         "network.not_allowed",
         "outputs.exceeded",

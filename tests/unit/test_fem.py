@@ -23,15 +23,17 @@ from femd import cli, fem
 from femd.errors import FemdError, InputError
 from femd.manifest import Task, decode_manifest, encode_manifest
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "fem"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "fem"  # FEM's own
 ISSUED = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC)
 DIGEST = "sha256:" + "3c" * 32
 COMMIT = "3f9a1c2b7d4e8f60a1b2c3d4e5f60718293a4b5c"
-NODES = (fem.FemNode("BSC", "fdn-bsc"), fem.FemNode("UPM", "fdn-upm"))
+NODES = (fem.FemNode("BSC", "fdn-bsc"), fem.FemNode("UB2", "fdn-ub2"))
 
 
 def load(name: str) -> dict[str, Any]:
-    return json.loads((DATA / name).read_text())
+    if not SHARED.is_dir():  # CI lays shared/ beside the clone: absent is a failure
+        pytest.fail(f"FEM's documents are missing: {SHARED}")
+    return json.loads((SHARED / name).read_text())
 
 
 def ids():
@@ -39,16 +41,28 @@ def ids():
     return lambda: f"task-{next(counter)}"
 
 
+# What makes flcore-client.task.json convert: every fix its problems name.
+CLIENT_FIXES: dict[str, Any] = {
+    "image_digest": DIGEST,
+    "commit": COMMIT,
+    "datasets": (("cohort", "/data"),),
+    "code_dir": "/flcore",
+    "output_dir": "/sandbox",
+    "env": (
+        ("CENTRAL_SERVER_IP", "fl-server.bsc.example"),
+        ("FLOWER_SSL_CACERT", "/certs/ca.pem"),
+        ("NODE_NAME", "%%node_name%%"),
+    ),
+}
+
+
 def options(**kw: Any) -> fem.FemOptions:
     base: dict[str, Any] = {
         "nodes": NODES,
         "project": "dt4h-flower",
         "issued_at": ISSUED,
-        "image_digest": DIGEST,
-        "commit": COMMIT,
-        "datasets": (("hf-cohort", "/data/cohort"),),
-        "output_dir": "/results",
         "new_id": ids(),
+        **CLIENT_FIXES,
     }
     return fem.FemOptions(**(base | kw))
 
@@ -59,11 +73,11 @@ def template(doc: dict[str, Any]) -> fem.FemTemplate:
 
 def convert(doc: dict[str, Any], params: dict[str, Any] | None = None, **kw: Any):
     p = fem.decode_params(json.dumps(params).encode()) if params is not None else None
-    return fem.convert(template(doc), options(**kw), params=p)
+    return list(fem.convert(template(doc), options(**kw), params=p).manifests)
 
 
 def client(**changes: Any) -> dict[str, Any]:
-    doc = load("flower-client.json")
+    doc = load("flcore-client.task.json")
     for key, value in changes.items():
         if value is None:
             doc.pop(key, None)
@@ -91,6 +105,9 @@ SIMPLE: dict[str, Any] = {
     "image_digest": None,
     "datasets": (),
     "commit": None,
+    "code_dir": None,
+    "env": (),
+    "output_dir": "/out",
 }
 
 
@@ -101,98 +118,140 @@ def simple_argv(base: str = "python3 run.py", args=None, params=None, **kw):
 
 
 # ---------------------------------------------------------------------------
-# the Flower fixtures
+# FEM's flcore documents (shared/fem), as FEM serves them
 
 
-def test_fixtures_decode_as_fem_documents():
-    plan = fem.decode_tool_plan((DATA / "flower-tool-plan.json").read_bytes())
-    assert [t.host_list for t in plan.tasks] == [("BSC",), ("BSC", "UPM")]
-    server = fem.decode_template((DATA / "flower-server.json").read_bytes())
-    assert server.port_mappings
-    params = fem.decode_params((DATA / "flower-params.json").read_bytes())
-    assert params["UPM"] == {"local_epochs": 5, "dp": True}
+def test_flcore_client_with_per_node_params_makes_one_manifest_per_node():
+    plan = fem.decode_tool_plan(json.dumps(load("flcore.tool.json")).encode())
+    params = fem.decode_params(json.dumps(load("flcore.params.json")).encode())
+    conversion = fem.convert(template(client()), options(), tool=plan, params=params)
+    results = conversion.manifests
+    assert [r.nodes for r in results] == [("fdn-bsc",), ("fdn-ub2",)]
+    bsc, ub2 = (r.task for r in results)
+    assert (bsc.id, ub2.id) == ("task-1", "task-2")
+    assert list(bsc.command) == [
+        "python3", "client_cmd.py", "--num_rounds", "5", "--model", "random_forest",
+        "--data_id", "/data/test_study/3362-2045-1944", "--node_name", "BSC",
+        "--sandbox_path", "/sandbox/",
+    ]  # fmt: skip
+    assert list(ub2.command)[7] == "/data/test_study/7781-0042-1203"
+    assert bsc.env == {
+        "FLOWER_CENTRAL_SERVER_IP": "fl-server.bsc.example",
+        "FLOWER_CENTRAL_SERVER_PORT": "4433",
+        "FLOWER_SSL_CACERT": "/certs/ca.pem",
+        "NODE_NAME": "BSC",  # --env NODE_NAME=%%node_name%%
+    }
+    for t in (bsc, ub2):
+        assert t.image == f"registry.gitlab.bsc.es/fl/flcore@{DIGEST}"
+        assert t.source is not None
+        assert (t.source.git, t.source.commit) == (
+            "https://github.com/DataTools4Heart/flcore.git",
+            COMMIT,
+        )
+        assert [(i.dataset, i.mount) for i in t.inputs] == [("cohort", "/data")]
+        assert t.outputs.path == "/sandbox"
+        # the server address in var_envs is the clients' only destination
+        assert json.loads(msgspec.json.encode(t.network)) == {
+            "mode": "egress",
+            "allow": ["fl-server.bsc.example:4433"],
+        }
+        # never a FEM host path anywhere in the manifest
+        assert b"$SANDBOX_PATH" not in encode_manifest(t)
+        assert b"$DATA_PATH" not in encode_manifest(t)
+        assert decode_manifest(encode_manifest(t)) == t
+    # what no argument takes is said, not silently dropped
+    assert conversion.notes == (
+        "params train_labels, target_label: no argument of flcore-client "
+        "takes them; not passed",
+    )
 
 
-def test_flower_client_with_per_node_params_makes_one_manifest_per_node():
-    plan = fem.decode_tool_plan((DATA / "flower-tool-plan.json").read_bytes())
-    params = fem.decode_params((DATA / "flower-params.json").read_bytes())
-    results = fem.convert(
+def test_host_list_is_split_on_commas_and_star_means_every_node():
+    plan = load("flcore.tool.json")
+    ub3 = fem.FemNode("UB3", "fdn-ub3")
+    conv = fem.convert(
         template(client()),
-        options(egress=("flower-server.dt4h.example:8080",)),
+        options(nodes=(*NODES, ub3)),
+        tool=fem.decode_tool_plan(json.dumps(plan).encode()),
+        params=fem.decode_params(b'{"data_id": "/d", "UB3": {"data_id": "/data/x"}}'),
+    )
+    assert {n for r in conv.manifests for n in r.nodes} == {
+        "fdn-bsc", "fdn-ub2", "fdn-ub3",
+    }  # fmt: skip
+    star = _with(plan, ("tasks", 1, "host_list"), ["*"])
+    conv = fem.convert(
+        template(client()),
+        options(nodes=(fem.FemNode("ANY", "fdn-any"),)),
+        tool=fem.decode_tool_plan(json.dumps(star).encode()),
+        params=fem.decode_params(b'{"data_id": "/data/y"}'),
+    )
+    assert conv.manifests[0].nodes == ("fdn-any",)
+
+
+def test_server_section_applies_to_the_single_node_task():
+    plan = fem.decode_tool_plan(json.dumps(load("flcore.tool.json")).encode())
+    params = fem.decode_params(json.dumps(load("flcore.params.json")).encode())
+    fixes = {
+        "nodes": (NODES[0],),
+        "datasets": (("flower-tls", "/app/config/certificates"),),
+        "ingress": (4433,),
+        "env": (
+            ("FLOWER_SSL_CACERT", "/app/config/certificates/ca.pem"),
+            ("FLOWER_SSL_SERVER_CERT", "/app/config/certificates/server.pem"),
+            ("FLOWER_SSL_SERVER_KEY", "/app/config/certificates/server.key"),
+            ("NODE_NAME", "BSC"),
+        ),
+    }
+    conv = fem.convert(
+        template(load("flcore-server.task.json")),
+        options(**fixes),
         tool=plan,
         params=params,
     )
-    assert [r.nodes for r in results] == [("fdn-bsc",), ("fdn-upm",)]
-    bsc, upm = (r.task for r in results)
-    assert bsc.id == "task-1"
-    assert upm.id == "task-2"
-    assert list(bsc.command) == [
-        "python3", "client.py", "logistic_regression",
-        "--server-address", "flower-server.dt4h.example:8080",
-        "--client-id=BSC", "--local-epochs", "3", "--lr", "0.005",
-        "--data", "/data/cohort",
-    ]  # fmt: skip
-    assert list(upm.command)[5:] == [
-        "--client-id=UPM", "--local-epochs", "5", "--lr", "0.005",
-        "--data", "/data/cohort", "--differential-privacy",
-    ]  # fmt: skip
-    assert bsc.env == {
-        "PYTHONUNBUFFERED": "1",
-        "FL_CLIENT_NAME": "BSC",
-        "FL_RUN_ID": "task-1",  # %%execution_id%% is the femd task id
+    (only,) = conv.manifests
+    argv = list(only.task.command)
+    # server: {num_rounds: 1, num_clients: 2} over the defaults (5 and 1)
+    assert argv[argv.index("--num_rounds") + 1] == "1"
+    assert argv[argv.index("--num_clients") + 1] == "2"
+    # port_mappings with --ingress: the task listens; a bind address is no egress
+    assert json.loads(msgspec.json.encode(only.task.network)) == {
+        "mode": "none",
+        "listen": [4433],
     }
-    assert upm.env["FL_RUN_ID"] == "task-2"
-    for t in (bsc, upm):
-        assert t.image == f"registry.example.org/dt4h/flcore-client@{DIGEST}"
-        assert t.source is not None
-        assert (t.source.git, t.source.commit) == (
-            "https://github.com/dt4h/flcore.git",
-            COMMIT,
-        )
-        assert [(i.dataset, i.mount) for i in t.inputs] == [
-            ("hf-cohort", "/data/cohort")
-        ]
-        assert t.outputs.path == "/results"
-        assert (t.resources.cpus, t.resources.memory_mb) == (1, 512)
-        assert json.loads(msgspec.json.encode(t.network)) == {
-            "mode": "egress",
-            "allow": ["flower-server.dt4h.example:8080"],
-        }
-        assert (t.issued_at, t.expires_at - t.issued_at) == (
-            ISSUED,
-            t.expires_at - ISSUED,
-        )
-        assert (t.expires_at - ISSUED).total_seconds() == 86400
-        # never a host path from FEM anywhere in the manifest
-        assert b"/mnt/fem" not in encode_manifest(t)
-        assert decode_manifest(encode_manifest(t)) == t
+
+
+def test_server_section_is_not_applied_to_a_multi_node_task():
+    (bsc, _) = convert(client(), {"server": {"num_rounds": 9}, "data_id": "/d"})
+    assert "9" not in bsc.task.command
 
 
 def test_identical_params_make_one_manifest_for_all_nodes():
     doc = client()
-    doc["var_envs"] = {"PYTHONUNBUFFERED": "1"}
+    doc["var_envs"] = {"FLOWER_CENTRAL_SERVER_IP": "$CENTRAL_SERVER_IP",
+                       "FLOWER_CENTRAL_SERVER_PORT": "4433",
+                       "FLOWER_SSL_CACERT": "$FLOWER_SSL_CACERT"}  # fmt: skip
     doc["command"]["args"] = [
-        a for a in doc["command"]["args"] if a["id"] != "client_id"
+        a for a in doc["command"]["args"] if a["id"] != "node_name"
     ]
-    params = {"local_epochs": 4, "BSC": {"dp": True}, "UPM": {"dp": True}}
-    (only,) = convert(doc, params)
-    assert only.nodes == ("fdn-bsc", "fdn-upm")
-    assert only.task.nodes == ("fdn-bsc", "fdn-upm")
-    assert "--differential-privacy" in only.task.command
+    env = CLIENT_FIXES["env"][:2]
+    (only,) = convert(doc, {"data_id": "/data/c", "BSC": {"num_rounds": 3},
+                            "UB2": {"num_rounds": 3}}, env=env)  # fmt: skip
+    assert only.nodes == ("fdn-bsc", "fdn-ub2")
+    assert only.task.nodes == ("fdn-bsc", "fdn-ub2")
+    assert list(only.task.command)[3] == "3"
 
 
 def test_node_sections_apply_only_to_their_node():
-    params = {"BSC": {"learning_rate": 0.5}}
-    bsc, upm = convert(client(), params)
-    assert "0.5" in bsc.task.command
-    assert "0.5" not in upm.task.command
-    assert "0.01" in upm.task.command  # the template's default
+    bsc, ub2 = convert(client(), {"data_id": "/d", "BSC": {"model": "xgb"}})
+    assert "xgb" in bsc.task.command
+    assert "xgb" not in ub2.task.command
+    assert "random_forest" in ub2.task.command  # the template's default
 
 
 def test_a_shared_execution_id_keeps_equal_nodes_together():
     doc = simple(args=[arg("run", "str", "%%execution_id%%", prefix="--run")])
     (only,) = convert(doc, **SIMPLE, execution_id="ex-7", issuer="orch.example")
-    assert only.nodes == ("fdn-bsc", "fdn-upm")
+    assert only.nodes == ("fdn-bsc", "fdn-ub2")
     assert list(only.task.command)[-2:] == ["--run", "ex-7"]
     assert only.task.issuer == "orch.example"
 
@@ -200,9 +259,9 @@ def test_a_shared_execution_id_keeps_equal_nodes_together():
 def test_nodes_equal_but_for_their_own_task_id_are_split():
     doc = simple(args=[arg("tag", "str", None, prefix="--tag")])
     # equal when the execution id is left out, different with each task's own
-    params = {"BSC": {"tag": "x%%execution_id%%"}, "UPM": {"tag": "x"}}
+    params = {"BSC": {"tag": "x%%execution_id%%"}, "UB2": {"tag": "x"}}
     bsc, upm = convert(doc, params, **SIMPLE)
-    assert (bsc.nodes, upm.nodes) == (("fdn-bsc",), ("fdn-upm",))
+    assert (bsc.nodes, upm.nodes) == (("fdn-bsc",), ("fdn-ub2",))
     assert bsc.task.id != upm.task.id
     assert list(bsc.task.command)[-2:] == ["--tag", f"x{bsc.task.id}"]
     assert list(upm.task.command)[-2:] == ["--tag", "x"]
@@ -211,7 +270,7 @@ def test_nodes_equal_but_for_their_own_task_id_are_split():
 def test_placeholders_in_base_are_expanded_per_word_after_splitting():
     bsc, upm = convert(simple("python3 run.py --site '%%node_name%% x'"), **SIMPLE)
     assert list(bsc.task.command)[2:] == ["--site", "BSC x"]
-    assert list(upm.task.command)[2:] == ["--site", "UPM x"]
+    assert list(upm.task.command)[2:] == ["--site", "UB2 x"]
 
 
 def test_user_id_placeholder_is_expanded():
@@ -296,10 +355,11 @@ REFUSED_BASE = {
     "glob": ("python3 a.py data/*.csv", r"`\*` \(glob\)"),
     "comment": ("python3 a.py #--debug", r"`#` \(comment\)"),
     "tilde": ("python3 ~/a.py", "home directory"),
-    "env-var": ("python3 a.py --data $DATA_DIR", r"`\$DATA_DIR` refers to the node"),
-    "env-var-braces": ("python3 a.py ${HOME}/x", r"`\$\{HOME\}` refers to the node"),
-    "env-var-quoted": ("python3 a.py '$HOME'", r"`\$HOME` refers to the node"),
-    "dollar-subst": ("python3 a.py $(id -u)", r"`\$\(` refers to the node"),
+    "env-var": ("python3 a.py --data $DATA_DIR", r"`\$DATA_DIR` is read from FEM"),
+    "env-var-braces": ("python3 a.py ${HOME}/x", r"`\$HOME` is read from FEM"),
+    "env-var-quoted": ("python3 a.py '$HOME'", r"`\$HOME` is read from FEM"),
+    "dollar-subst": ("python3 a.py $(id -u)", r"`\(` \(subshell\)"),
+    "dollar-special": ("python3 a.py $1", r"`\$1` is shell syntax"),
     "unterminated": ("python3 'a.py", "no closing quotation"),
     "empty": ("   ", "empty command"),
     "unknown-placeholder": ("python3 a.py %%site_secret%%", "unknown placeholder"),
@@ -317,10 +377,13 @@ def test_shell_constructs_in_base_are_refused(base, match):
         assert "command.base" in str(e.value)
 
 
-def test_env_refusal_says_why():
+def test_env_refusal_says_why_and_env_gives_the_value():
     with pytest.raises(InputError) as e:
         simple_argv(base="python3 a.py $SECRET")
-    assert "the node's environment is the node's, not the task's" in str(e.value)
+    assert "which a femd node does not hand to tasks" in str(e.value)
+    assert "(fix: --env SECRET=VALUE)" in str(e.value)
+    argv = simple_argv(base="python3 a.py ${SITE}-$SITE", env=(("SITE", "bsc"),))
+    assert argv == ["python3", "a.py", "bsc-bsc"]
 
 
 def _drop(doc: dict[str, Any], *path: str) -> dict[str, Any]:
@@ -343,48 +406,60 @@ def _with(doc: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, A
     return doc
 
 
-C = load("flower-client.json")
-ARG0 = ("command", "args", 1)  # server_address, a required str
+C = _with(client(), ("command", "args", 2, "default_value"), "/data/cohort")
+ARG0 = ("command", "args", 1)  # model, a required str
+S = load("flcore-server.task.json")
 Case = tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None, str]
 REFUSED: dict[str, Case] = {
     # (template, options, params, match)
     "port-mappings": (
-        load("flower-server.json"), {"datasets": ()}, None,
-        "port_mappings: refused: femd tasks accept no inbound connections",
+        S, {"datasets": ()}, None,
+        r"port_mappings: the task listens on 4433.* \(fix: --ingress 4433, and "
+        r"projects\.<project>\.network\.ingress\.ports",
     ),
+    "port-remapped": (
+        _with(S, ("port_mappings",), [{"host_port": 1, "container_port": 2}]), {},
+        None, "femd publishes a task's port on the same host port",
+    ),
+    "ingress-without-port": (C, {"ingress": (4433,)}, None, "--ingress 4433: no"),
     "gpus": (_with(C, ("gpus",), 1), {}, None, "gpus: '1' refused: femd has no GPU"),
     "gpus-all": (_with(C, ("gpus",), "all"), {}, None, "gpus: 'all' refused"),
     "unmapped-volume": (
         C, {"datasets": ()}, None,
-        r"volumes: `/mnt/fem/datasets/hf-cohort:/data/cohort` is not mapped",
+        r"volumes: `\$DATA_PATH:/data` is not mapped.*fix: --dataset NAME=/data",
     ),
     "output-volume-unmapped": (
         C, {"output_dir": "/out"}, None,
-        "volumes: `/mnt/fem/results/%%execution_id%%:/results` is not mapped",
+        "volumes: `\\$SANDBOX_PATH/%%user_id%%/%%execution_id%%:/sandbox` is not",
+    ),
+    "code-volume-unmapped": (
+        C, {"code_dir": None}, None, r"fix: .*--code /flcore",
+    ),
+    "code-for-no-volume": (C, {"code_dir": "/app"}, None, "--code /app: no FEM"),
+    "code-without-source": (
+        _with(C, ("source_code",), {"url": ""}), {"commit": None}, None,
+        "--code /flcore: the template has no usable source_code",
     ),
     "dataset-for-no-volume": (
-        C, {"datasets": (("hf-cohort", "/data/cohort"), ("extra", "/data/x"))}, None,
+        C, {"datasets": (("cohort", "/data"), ("extra", "/data/x"))}, None,
         "--dataset extra=/data/x: no FEM volume has that container_path",
     ),
     "dataset-is-output": (
-        C, {"datasets": (("hf-cohort", "/results"),)}, None,
-        "that is the output dir",
+        C, {"datasets": (("cohort", "/sandbox"),)}, None,
+        "that is the output or code dir",
     ),
     "output-outside-dir": (
         _with(C, ("outputs",), ["/srv/model.pt"]), {}, None,
-        "outputs: '/srv/model.pt' is outside the output dir /results",
+        "outputs: '/srv/model.pt' is outside the output dir /sandbox",
     ),
     "tag-not-pinned": (
         C, {"image_digest": None}, None,
-        "image: registry.example.org/dt4h/flcore-client:1.4.0 is a tag, not a pin",
+        r"image: registry.gitlab.bsc.es/fl/flcore:demo is a tag, not a pin "
+        r"\(fix: --image-digest",
     ),
     "no-tag-no-digest": (
-        _with(C, ("image", "tag"), ""), {"image_digest": None}, None,
-        "has no tag and no digest: give --image-digest",
-    ),
-    "fem-hash-not-digest": (
-        _with(C, ("image", "hash"), "4f1e2d"), {"image_digest": None}, None,
-        "image.hash '4f1e2d' is not a sha256",
+        _with(C, ("image",), {"name": "flcore"}), {"image_digest": None}, None,
+        "image: flcore has no digest",
     ),
     "digests-differ": (
         _with(C, ("image", "hash"), "sha256:" + "aa" * 32), {}, None,
@@ -393,9 +468,9 @@ REFUSED: dict[str, Case] = {
     "bad-image-digest": (
         C, {"image_digest": "sha256:XYZ"}, None, "is not a sha256:<64 hex> digest",
     ),
-    "label-and-name": (
-        _with(C, ("image", "label"), "registry.example.org/x:1"), {}, None,
-        "give `label` or `repository`\\+`name`, not both",
+    "label-and-name-disagree": (
+        _with(C, ("image", "label"), "registry.example.org/x"), {}, None,
+        "image: the repositories differ",
     ),
     "no-image-for-podman": (
         _drop(C, "image"), {}, None, "image: the FEM template has none",
@@ -406,11 +481,12 @@ REFUSED: dict[str, Case] = {
     ),
     "branch-without-commit": (
         C, {"commit": None}, None,
-        "source_code.url: `--branch main` is a moving ref, not a pin: give --commit",
+        r"source_code.url: `--branch production` is a moving ref, not a pin "
+        r"\(fix: --commit",
     ),
     "no-commit": (
         _with(C, ("source_code", "url"), "https://github.com/dt4h/flcore.git"),
-        {"commit": None}, None, "source_code.url: no commit_hash: give --commit",
+        {"commit": None}, None, "source_code.url: no commit_hash",
     ),
     "short-commit-hash": (
         _with(C, ("source_code", "commit_hash"), "3f9a1c2"), {"commit": None}, None,
@@ -421,16 +497,12 @@ REFUSED: dict[str, Case] = {
         "--commit differs from source_code.commit_hash",
     ),
     "label-tag-differs": (
-        _with(
-            _drop(_drop(C, "image", "repository"), "image", "name"),
-            ("image", "label"),
-            "registry.example.org/dt4h/flcore-client:2.0",
-        ),
-        {}, None, "image: tag '1.4.0' differs from the label's '2.0'",
+        _with(C, ("image", "label"), "registry.gitlab.bsc.es/fl/flcore:2.0"),
+        {}, None, "image: the tags differ",
     ),
     "image-without-name": (
         _with(C, ("image",), {"tag": "1"}), {}, None,
-        "image: neither `label` nor `name` is given",
+        "image: neither `label`, `url` nor `name` is given",
     ),
     "branch-option-form": (
         _with(C, ("source_code", "url"), "https://x.org/r.git --branch=dev"),
@@ -441,12 +513,13 @@ REFUSED: dict[str, Case] = {
         None, "source_code.url: no closing quotation",
     ),
     "two-datasets-one-mount": (
-        C, {"datasets": (("a", "/data/cohort"), ("b", "/data/cohort/"))}, None,
-        "--dataset: two datasets mapped to /data/cohort",
+        C, {"datasets": (("a", "/data"), ("b", "/data/"))}, None,
+        "--dataset: two datasets mapped to /data",
     ),
     "volume-twice": (
-        _with(C, ("volumes",), [{"container_path": "/results"}] * 2),
-        {}, None, "volumes: container_path /results appears twice",
+        _with(C, ("volumes",), [{"container_path": "/sandbox"}] * 2),
+        {"datasets": (), "code_dir": None}, None,
+        "volumes: container_path /sandbox appears twice",
     ),
     "memory-negative": (_with(C, ("memory",), -1), {}, None, "memory: negative"),
     "bad-commit-option": (C, {"commit": "main"}, None, "--commit: 'main' is not"),
@@ -463,45 +536,43 @@ REFUSED: dict[str, Case] = {
     ),
     "required-without-value": (
         _with(C, (*ARG0, "default_value"), None), {}, None,
-        "command.args `server_address`: required but has no value",
+        "command.args `model`: required but has no value",
     ),
     "required-empty": (
-        _with(C, (*ARG0, "default_value"), ""), {}, None,
-        "command.args `server_address`: required but has no value",
+        client(), {}, None, "command.args `data_id`: required but has no value",
     ),
-    "int-type": (C, {}, {"local_epochs": "three"}, "`local_epochs`: expected int"),
-    "int-from-float": (C, {}, {"local_epochs": 2.5}, "`local_epochs`: expected int"),
-    "int-from-bool": (C, {}, {"local_epochs": True}, "`local_epochs`: expected int"),
-    "float-nan": (C, {}, {"learning_rate": "nan"}, "`learning_rate`: expected float"),
-    "bool-yes": (C, {}, {"dp": "yes"}, "`dp`: expected bool"),
-    "str-from-number": (C, {}, {"server_address": 8080}, "expected str"),
+    "int-type": (C, {}, {"num_rounds": "three"}, "`num_rounds`: expected int"),
+    "int-from-float": (C, {}, {"num_rounds": 2.5}, "`num_rounds`: expected int"),
+    "int-from-bool": (C, {}, {"num_rounds": True}, "`num_rounds`: expected int"),
+    "str-from-number": (C, {}, {"model": 8080}, "expected str"),
     "python-literal-type": (
         _with(C, (*ARG0, "type"), "list"), {}, None,
         "type 'list' refused .*femd never evaluates literals",
     ),
-    "bool-without-prefix": (
-        _with(C, ("command", "args", 6, "prefix"), ""), {}, {"dp": True},
-        "`dp`: a bool argument needs a prefix",
-    ),
     "prefix-whitespace": (
-        _with(C, (*ARG0, "prefix"), "--server address"), {}, None,
-        "prefix '--server address' has whitespace",
+        _with(C, (*ARG0, "prefix"), "--the model"), {}, None,
+        "prefix '--the model' has `\\$` or whitespace",
     ),
     "env-in-prefix": (
         _with(C, (*ARG0, "prefix"), "--$OPT"), {}, None,
-        r"`server_address` prefix: `\$OPT` refers to the node",
+        r"`model`: prefix '--\$OPT' has",
     ),
     "env-in-default": (
-        _with(C, (*ARG0, "default_value"), "$FL_SERVER:8080"), {}, None,
-        r"`server_address`: `\$FL_SERVER` refers to the node's environment",
+        _with(C, (*ARG0, "default_value"), "$FL_MODEL"), {}, None,
+        r"`model`: `\$FL_MODEL` is read from FEM's client environment.*"
+        r"\(fix: --env FL_MODEL=VALUE\)",
     ),
     "env-in-param": (
-        C, {}, {"UPM": {"server_address": "${SERVER}"}},
-        r"`server_address`: `\$\{SERVER\}` refers to the node",
+        C, {}, {"UB2": {"model": "${MODEL}"}},
+        r"`model`: `\$MODEL` is read from FEM's client",
     ),
     "env-in-var-envs": (
         _with(C, ("var_envs",), {"DATA": "$DATA_ROOT/x"}), {}, None,
-        r"var_envs `DATA`: `\$DATA_ROOT` refers to the node's environment",
+        r"var_envs `DATA`: `\$DATA_ROOT` is read from FEM's client environment",
+    ),
+    "env-unused": (
+        _with(C, ("var_envs",), {}), {}, None,
+        r"--env CENTRAL_SERVER_IP: no `\$CENTRAL_SERVER_IP` in the template",
     ),
     "var-envs-name": (
         _with(C, ("var_envs",), {"1X": "a"}), {}, None,
@@ -517,23 +588,22 @@ REFUSED: dict[str, Case] = {
         _with(C, ("var_envs",), {"A": True}), {}, None,
         r"fem template: Expected `int \| float \| str`, got `bool` - at `\$\.var_envs",
     ),
+    "server-address-not-a-host": (
+        C, {"env": (("CENTRAL_SERVER_IP", "a b"), *CLIENT_FIXES["env"][1:])}, None,
+        "var_envs `FLOWER_CENTRAL_SERVER_IP`: 'a b':4433 is not a host:port",
+    ),
     "user-id-missing": (
-        _with(C, ("var_envs",), {"U": "%%user_id%%"}), {}, None,
-        "`%%user_id%%` needs --user-id",
+        _with(C, ("var_envs",), {"U": "%%user_id%%"}), {"env": ()}, None,
+        r"`%%user_id%%` has no value \(fix: --user-id\)",
     ),
     "bad-execution-id": (C, {"execution_id": "a b"}, None, "--execution-id: letters"),
     "params-unknown-node": (
-        C, {}, {"CHUV": {"local_epochs": 1}}, "params: section 'CHUV' names no --node",
-    ),
-    "params-unknown-arg": (C, {}, {"epochs": 1}, "params: no command.args has id"),
-    "params-node-unknown-arg": (
-        C, {}, {"BSC": {"epochs": 1}}, "params BSC: no command.args has id 'epochs'",
+        C, {}, {"CHUV": {"num_rounds": 1}}, "params: section 'CHUV' names no --node",
     ),
     "duplicate-node": (
         C, {"nodes": (NODES[0], fem.FemNode("BSC2", "fdn-bsc"))}, None,
         "--node: a node is given twice",
     ),
-    "no-node": (C, {"nodes": ()}, None, "--node: at least one node"),
     "relative-output-dir": (C, {"output_dir": "out"}, None, "--output-dir: not an"),
     "memory-unit": (_with(C, ("memory",), "4 parsecs"), {}, None, "memory: not a size"),
     "cpus-text": (_with(C, ("cpus",), "two"), {}, None, "cpus: not a number"),
@@ -546,18 +616,36 @@ REFUSED: dict[str, Case] = {
     ("doc", "opts", "params", "match"), list(REFUSED.values()), ids=list(REFUSED)
 )
 def test_unsafe_or_unsupported_constructs_are_refused(doc, opts, params, match):
-    with pytest.raises(InputError, match=match) as e:
+    with pytest.raises(InputError) as e:
         convert(doc, params, **opts)
-    assert "\n" not in str(e.value)
-    assert str(e.value) == str(e.value).strip()
+    problems = getattr(e.value, "problems", None) or [e.value]
+    lines = [str(p) for p in problems]
+    assert any(re.search(match, line) for line in lines), lines
+    for line in [*lines, str(e.value)]:
+        assert "\n" not in line
+        assert line == line.strip()
 
 
-TOOL = load("flower-tool-plan.json")
+def test_one_pass_reports_every_problem_with_its_fix():
+    bare = {"image_digest": None, "commit": None, "datasets": (), "env": (),
+            "code_dir": None}  # fmt: skip
+    with pytest.raises(fem.FemImportError) as e:
+        fem.convert(template(client()), options(**bare))
+    fixes = [p.fix for p in e.value.problems]
+    for wanted in ("--image-digest", "--commit", "--dataset NAME=/data",
+                   "--env CENTRAL_SERVER_IP=VALUE", "--env NODE_NAME=VALUE",
+                   "--env FLOWER_SSL_CACERT=VALUE", "--code /flcore"):  # fmt: skip
+        assert any(f and wanted in f for f in fixes), (wanted, fixes)
+
+
+def test_no_node_is_one_problem():
+    with pytest.raises(fem.FemImportError, match="--node: at least one node"):
+        convert(C, nodes=())
+
+
+TOOL = load("flcore.tool.json")
 TOOL_REFUSED = {
-    "node-not-in-host-list": (
-        load("flower-server.json"),
-        "does not run on 'UPM' \\(host_list: BSC\\)",
-    ),
+    "node-not-in-host-list": (S, "does not run on 'UB2' \\(host_list: BSC\\)"),
     "template-not-in-plan": (simple(), "has no task t1"),
 }
 
@@ -567,38 +655,22 @@ TOOL_REFUSED = {
 )
 def test_tool_plan_is_respected(doc, match):
     plan = fem.decode_tool_plan(json.dumps(TOOL).encode())
-    with pytest.raises(InputError, match=match):
+    with pytest.raises(fem.FemImportError) as e:
         fem.convert(template(doc), options(), tool=plan)
+    assert any(re.search(match, str(p)) for p in e.value.problems)
 
 
 def test_single_node_task_refuses_several_nodes():
-    plan = _with(TOOL, ("tasks", 0, "host_list"), ["BSC", "UPM"])
-    server = load("flower-server.json")
-    server["port_mappings"] = []
-    with pytest.raises(InputError, match="is single_node but 2 nodes were given"):
+    plan = _with(TOOL, ("tasks", 0, "host_list"), ["BSC,UB2"])
+    with pytest.raises(fem.FemImportError) as e:
         fem.convert(
-            template(server),
+            template(S),
             options(datasets=()),
             tool=fem.decode_tool_plan(json.dumps(plan).encode()),
         )
-
-
-def test_server_template_converts_once_ports_are_gone():
-    server = load("flower-server.json")
-    server["port_mappings"] = []
-    (only,) = convert(server, datasets=(), nodes=(NODES[0],), image_digest=None)
-    t = only.task
-    assert t.image == (
-        "registry.example.org/dt4h/flcore-server@sha256:"
-        "8d2f6c0b4e1a9f7d3c5b2a1e0f9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d"
+    assert any(
+        "is single_node but 2 nodes were given" in str(p) for p in e.value.problems
     )
-    assert t.env == {"PYTHONUNBUFFERED": "1", "FL_RUN_ID": t.id}
-    assert list(t.command) == [
-        "python3", "server.py", "--strategy", "fedavg",
-        "--num-rounds", "3", "--min-clients", "2",
-    ]  # fmt: skip
-    assert (t.resources.cpus, t.resources.memory_mb) == (2, 4096)
-    assert t.inputs == ()
 
 
 DECODE_REFUSED = {
@@ -621,7 +693,7 @@ DECODE_REFUSED = {
         "duplicate key 'base'",
     ),
     "base-not-string": ('{"_id": "x", "command": {"base": ["a"]}}', "Expected `str`"),
-    "no-command": ('{"_id": "x"}', "missing required field `command`"),
+    "no-command": ('{"_id": "x"}', "no `command` and no gen-1 `image.cmd`"),
     "not-json": ("{", "fem template: "),
 }
 
@@ -650,7 +722,7 @@ def test_documented_metadata_is_accepted_and_ignored():
     (only,) = fem.convert(
         fem.decode_template(json.dumps(doc).encode()),
         options(**SIMPLE),
-    )
+    ).manifests
     assert list(only.task.command) == ["python3", "run.py", "x"]
 
 
@@ -685,7 +757,7 @@ def test_params_and_tool_plan_decoding_is_strict():
 )  # fmt: skip
 def test_image_is_pinned_by_digest(image, digest, expected):
     doc = simple() | {"image": image}
-    (only,) = convert(doc, image_digest=digest, datasets=(), commit=None)
+    (only,) = convert(doc, **(SIMPLE | {"launcher": "podman", "image_digest": digest}))
     assert only.task.image == expected
 
 
@@ -745,13 +817,13 @@ def test_parse_duration_refuses(text):
 
 
 def test_output_paths():
-    one, two = convert(client())
+    one, two = convert(client(), {"data_id": "/d", "BSC": {"model": "xgb"}})
     assert fem.output_paths(None, [one]) == [None]
     assert fem.output_paths("-", [one]) == [None]
     assert fem.output_paths("m.json", [one]) == ["m.json"]
     assert fem.output_paths("m-{node}.json", [one, two]) == [
         "m-fdn-bsc.json",
-        "m-fdn-upm.json",
+        "m-fdn-ub2.json",
     ]
     with pytest.raises(InputError, match=r"2 manifests .*-o task-\{node\}\.json"):
         fem.output_paths("m.json", [one, two])
@@ -788,12 +860,14 @@ def test_any_bytes_decode_to_a_template_or_an_input_error(data):
 
 def fem_argv(tmp_path: Path, *extra: str) -> list[str]:
     return [
-        "import-fem", str(DATA / "flower-client.json"),
-        "--tool", str(DATA / "flower-tool-plan.json"),
-        "--params", str(DATA / "flower-params.json"),
-        "--node", "BSC=fdn-bsc", "--node", "UPM=fdn-upm",
+        "import-fem", str(SHARED / "flcore-client.task.json"),
+        "--tool", str(SHARED / "flcore.tool.json"),
+        "--params", str(SHARED / "flcore.params.json"),
+        "--node", "BSC=fdn-bsc", "--node", "UB2=fdn-ub2",
         "--project", "dt4h-flower", "--image-digest", DIGEST, "--commit", COMMIT,
-        "--dataset", "hf-cohort=/data/cohort", "--output-dir", "/results",
+        "--dataset", "cohort=/data", "--output-dir", "/sandbox", "--code", "/flcore",
+        "--env", "CENTRAL_SERVER_IP=fl-server.bsc.example",
+        "--env", "FLOWER_SSL_CACERT=/certs/ca.pem", "--env", "NODE_NAME=%%node_name%%",
         "--expires-in", "2h", *extra,
     ]  # fmt: skip
 
@@ -803,7 +877,7 @@ def test_cli_writes_one_manifest_per_node(tmp_path, capsys):
     assert cli.main(fem_argv(tmp_path, "-o", pattern)) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2
-    for line, node in zip(out, ("fdn-bsc", "fdn-upm"), strict=True):
+    for line, node in zip(out, ("fdn-bsc", "fdn-ub2"), strict=True):
         path, task_id, nodes = line.split(" ")
         assert (path, nodes) == (str(tmp_path / f"client-{node}.json"), node)
         task = decode_manifest(Path(path).read_bytes())
@@ -823,19 +897,35 @@ def test_cli_writes_one_manifest_per_node(tmp_path, capsys):
 
 def test_cli_refuses_one_file_for_differing_nodes(tmp_path, capsys):
     assert cli.main(fem_argv(tmp_path, "-o", str(tmp_path / "m.json"))) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("femd: error: import-fem: per-node values differ")
-    assert err.count("\n") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("femd: error: import-fem: per-node values differ")
+    assert len(err) == 2  # and the note on the params no argument takes
     assert not (tmp_path / "m.json").exists()
 
 
 def test_cli_prints_a_single_manifest_to_stdout(tmp_path, capsys):
-    argv = fem_argv(tmp_path, "--execution-id", "run-1")
-    argv[argv.index("UPM=fdn-upm") - 1 : argv.index("UPM=fdn-upm") + 1] = []
+    argv = fem_argv(tmp_path, "--execution-id", "r1")
+    argv[argv.index("UB2=fdn-ub2") - 1 : argv.index("UB2=fdn-ub2") + 1] = []
+    i = argv.index("NODE_NAME=%%node_name%%")
+    argv[i] = "NODE_NAME=%%node_name%%-%%execution_id%%"
     assert cli.main(argv) == 0
-    task = decode_manifest(capsys.readouterr().out.encode())
+    out = capsys.readouterr()
+    task = decode_manifest(out.out.encode())
     assert isinstance(task, Task)
-    assert task.env["FL_RUN_ID"] == "run-1"
+    assert task.env["NODE_NAME"] == "BSC-r1"
+    assert out.err.startswith("femd: note: import-fem: params train_labels")
+
+
+def test_cli_lists_every_problem_on_its_own_line(tmp_path, capsys):
+    argv = fem_argv(tmp_path)
+    for flag in ("--image-digest", "--commit", "--dataset", "--code"):
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4  # the code volume and the dataset volume: one fix each
+    assert all(line.startswith("femd: error: import-fem: ") for line in err)
+    assert all("(fix: " in line for line in err)
 
 
 @pytest.mark.parametrize(
@@ -843,8 +933,10 @@ def test_cli_prints_a_single_manifest_to_stdout(tmp_path, capsys):
     [(["--node", "Bad Node"], "--node: 'Bad Node' is not a femd node id"),
      (["--expires-in", "soon"], "--expires-in"),
      (["--launcher", "docker"], "invalid choice"),
-     (["--egress", "server:80", "--node", "CHUV=fdn-chuv"],
-      "does not run on 'CHUV'")],
+     (["--egress", "server:80", "--launcher", "process"],
+      "--image-digest: the process launcher runs no image"),
+     (["--ingress", "http"], "--ingress: expected a port"),
+     (["--env", "1X=y"], "--env: expected NAME=VALUE")],
 )  # fmt: skip
 def test_cli_errors_are_one_line(tmp_path, capsys, extra, match):
     assert cli.main(fem_argv(tmp_path, *extra)) == 2
@@ -865,7 +957,7 @@ def test_cli_missing_template_file(tmp_path, capsys):
 
 FEM_KEYS = {
     "node", "task_id", "exit_code", "start_time", "stop_time",
-    "elapsed_time_sec", "error",
+    "elapsed_time_sec", "error", "process_info",
 }  # fmt: skip
 
 
@@ -887,24 +979,36 @@ def test_fem_line_for_a_succeeded_task():
         "stop_time": "2026-11-22T10:05:30.500000Z",
         "elapsed_time_sec": 330.5,
         "error": None,
+        "process_info": {
+            "status": "finished",
+            "return_code": 0,
+            "start_time": "2026-11-22T10:00:00.000000Z",
+            "finish_time": "2026-11-22T10:05:30.500000Z",
+        },
     }
     json.dumps(line)  # what watch prints
 
 
 def test_fem_line_for_a_failed_task_names_the_exit_code():
     event = {
-        "node": "fdn-upm", "task_id": "task-2", "state": "failed",
+        "node": "fdn-ub2", "task_id": "task-2", "state": "failed",
         "at": "2026-11-22T10:00:03.000000Z", "seq": 9, "exit_code": 3,
         "started_at": "2026-11-22T10:00:01.000000Z",
     }  # fmt: skip
     line = cli._fem_line(event)
     assert (line["exit_code"], line["elapsed_time_sec"]) == (3, 2.0)
     assert line["error"] == "failed (exit code 3)"
+    assert line["process_info"] == {
+        "status": "failed",
+        "return_code": 3,
+        "start_time": "2026-11-22T10:00:01.000000Z",
+        "finish_time": "2026-11-22T10:00:03.000000Z",
+    }
 
 
 def test_fem_line_for_a_rejected_task_lists_the_rules():
     event = {
-        "node": "fdn-upm", "task_id": "task-2", "state": "rejected",
+        "node": "fdn-ub2", "task_id": "task-2", "state": "rejected",
         "at": "2026-11-22T10:00:00.000000Z", "seq": 2,
         "reasons": [
             {"rule": "image.not_allowed", "message": "image repository x"},

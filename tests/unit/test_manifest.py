@@ -58,6 +58,19 @@ def test_optional_fields_take_their_defaults(task_dict):
     assert isinstance(t.network, NetworkNone)
 
 
+def test_listen_ports_on_both_network_modes(task_dict):
+    for network in (
+        {"mode": "none", "listen": [4433]},
+        {"mode": "egress", "allow": ["fl-server.example:4433"], "listen": [4433]},
+    ):
+        t = decode_manifest(json.dumps(task_dict(network=network)).encode())
+        assert isinstance(t, Task)
+        assert t.network.listen == (4433,)
+        assert json.loads(encode_manifest(t))["network"] == network
+    t = decode_manifest(json.dumps(task_dict(network={"mode": "none"})).encode())
+    assert json.loads(encode_manifest(t))["network"] == {"mode": "none"}
+
+
 def test_sha256_commit_and_egress_network(task_dict):
     t = decode_manifest(
         _bytes(
@@ -208,6 +221,26 @@ BAD = {
     "network-egress-no-port": (
         {"network": {"mode": "egress", "allow": ["fl.example.org"]}},
         r"network\.allow\[0\]",
+    ),
+    "listen-port-zero": (
+        {"network": {"mode": "none", "listen": [0]}},
+        r"network\.listen\[0\]",
+    ),
+    "listen-port-too-big": (
+        {"network": {"mode": "none", "listen": [65536]}},
+        r"network\.listen\[0\]",
+    ),
+    "listen-port-twice": (
+        {"network": {"mode": "egress", "allow": ["a:1"], "listen": [80, 80]}},
+        r"lists a port twice",
+    ),
+    "listen-too-many": (
+        {"network": {"mode": "none", "listen": list(range(1000, 1017))}},
+        r"network\.listen",
+    ),
+    "listen-not-int": (
+        {"network": {"mode": "none", "listen": ["4433"]}},
+        r"network\.listen\[0\]",
     ),
     "network-none-with-allow": (
         {"network": {"mode": "none", "allow": ["a:1"]}},

@@ -83,7 +83,7 @@ def test_defaults_fill_what_a_project_leaves_out(tmp_path, keys, make_policy):
     assert loaded.limits(project) == MaxResources(
         cpus=3, memory_mb=2000, timeout_s=7200, pids=128
     )
-    assert loaded.max_output_bytes(project) == 10 * 1024 * 1024
+    assert loaded.max_output_bytes(project) == 2 * 1024**3
 
 
 def test_builtin_defaults_are_small():
@@ -93,7 +93,7 @@ def test_builtin_defaults_are_small():
     assert p.defaults.max_resources == MaxResources(
         cpus=1, memory_mb=1024, timeout_s=600, pids=128
     )
-    assert p.defaults.outputs.max_bytes == 10 * 1024 * 1024
+    assert p.defaults.outputs.max_bytes == 2 * 1024**3  # a model checkpoint fits
     assert p.projects == {}
 
 

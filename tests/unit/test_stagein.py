@@ -9,8 +9,13 @@ import pygit2
 import pytest
 from pygit2.enums import FileMode, ObjectType
 
-from femd.errors import DatasetMissingError, GitCommitMissingError, StageInError
-from femd.stagein import resolve_dataset, source_subdir, stage_git
+from femd.errors import (
+    DatasetMissingError,
+    GitCommitMissingError,
+    RuntimeMissingError,
+    StageInError,
+)
+from femd.stagein import resolve_dataset, resolve_runtime, source_subdir, stage_git
 
 SIG = pygit2.Signature("Test", "test@example.org", 1_700_000_000, 0)
 MiB = 1024 * 1024
@@ -445,3 +450,22 @@ class TestResolveDataset:
             resolve_dataset("hf", str(fifo))
         with pytest.raises(DatasetMissingError, match="must be absolute"):
             resolve_dataset("hf", "relative/path")
+
+
+class TestResolveRuntime:
+    def test_directory_only(self, tmp_path: Path):
+        venv = tmp_path / "flower"
+        venv.mkdir()
+        assert resolve_runtime("flower", str(venv)) == venv
+        (tmp_path / "file").write_bytes(b"x")
+        with pytest.raises(RuntimeMissingError, match=r"runtime f: .* not a directory"):
+            resolve_runtime("f", str(tmp_path / "file"))
+
+    def test_missing_relative_and_forbidden(self, tmp_path: Path):
+        with pytest.raises(RuntimeMissingError, match=r"runtime flower: .* missing"):
+            resolve_runtime("flower", str(tmp_path / "nope"))
+        with pytest.raises(RuntimeMissingError, match="must be absolute"):
+            resolve_runtime("flower", "opt/flower")
+        (tmp_path / "root").symlink_to("/")
+        with pytest.raises(RuntimeMissingError, match="not allowed"):
+            resolve_runtime("flower", str(tmp_path / "root"))

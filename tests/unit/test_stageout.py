@@ -285,7 +285,11 @@ def roundtrip(tmp_path: Path, outdir: Path, chunk_bytes: int, seed: int = 1) -> 
     chunks = list(iter_chunks(packed.path, chunk_bytes))
     assert len(chunks) == chunk_count(packed.bytes, chunk_bytes)
     r = Reassembler(
-        sha256=packed.sha256, size=packed.bytes, chunks=len(chunks), max_bytes=MiB
+        tmp_path / "recv.part",
+        sha256=packed.sha256,
+        size=packed.bytes,
+        chunks=len(chunks),
+        max_bytes=MiB,
     )
     # A fixed, scrambled arrival order.
     order = sorted(
@@ -354,13 +358,15 @@ def packed(tmp_path: Path, outdir: Path) -> tuple[Packed, list[bytes]]:
     return p, list(iter_chunks(p.path, 1024))
 
 
-def reassembler(p: Packed, n: int) -> Reassembler:
-    return Reassembler(sha256=p.sha256, size=p.bytes, chunks=n, max_bytes=MiB)
+def reassembler(tmp_path: Path, p: Packed, n: int) -> Reassembler:
+    return Reassembler(
+        tmp_path / "recv.part", sha256=p.sha256, size=p.bytes, chunks=n, max_bytes=MiB
+    )
 
 
 def test_tampered_chunk_is_refused(tmp_path: Path, packed):
     p, chunks = packed
-    r = reassembler(p, len(chunks))
+    r = reassembler(tmp_path, p, len(chunks))
     bad = bytearray(chunks[1])
     bad[10] ^= 0x01
     for i, c in enumerate(chunks):
@@ -374,7 +380,7 @@ def test_tampered_chunk_is_refused(tmp_path: Path, packed):
 def test_reassembler_refuses_inconsistent_chunks(tmp_path: Path, packed):
     p, chunks = packed
     n = len(chunks)
-    r = reassembler(p, n)
+    r = reassembler(tmp_path, p, n)
     with pytest.raises(StageOutError, match="total mismatch"):
         r.feed(0, n + 1, chunks[0])
     with pytest.raises(StageOutError, match="out of range"):
@@ -391,21 +397,35 @@ def test_reassembler_refuses_inconsistent_chunks(tmp_path: Path, packed):
         r.write(tmp_path / "recv.tar.gz")
 
 
-def test_reassembler_refuses_bad_announcements(packed):
+def test_reassembler_refuses_bad_announcements(tmp_path: Path, packed):
     p, chunks = packed
     with pytest.raises(OutputTooLargeError):
-        Reassembler(sha256=p.sha256, size=p.bytes, chunks=len(chunks), max_bytes=10)
+        Reassembler(
+            tmp_path / "x",
+            sha256=p.sha256,
+            size=p.bytes,
+            chunks=len(chunks),
+            max_bytes=10,
+        )
     with pytest.raises(StageOutError, match="bad sha256"):
-        Reassembler(sha256="XY" * 32, size=p.bytes, chunks=len(chunks), max_bytes=MiB)
+        Reassembler(
+            tmp_path / "x",
+            sha256="XY" * 32,
+            size=p.bytes,
+            chunks=len(chunks),
+            max_bytes=MiB,
+        )
     with pytest.raises(StageOutError, match="bad announcement"):
-        Reassembler(sha256=p.sha256, size=p.bytes, chunks=0, max_bytes=MiB)
+        Reassembler(
+            tmp_path / "x", sha256=p.sha256, size=p.bytes, chunks=0, max_bytes=MiB
+        )
     with pytest.raises(StageOutError, match="bad announcement"):
-        Reassembler(sha256=p.sha256, size=3, chunks=4, max_bytes=MiB)
+        Reassembler(tmp_path / "x", sha256=p.sha256, size=3, chunks=4, max_bytes=MiB)
 
 
 def test_reassembler_write_never_replaces(tmp_path: Path, packed):
     p, chunks = packed
-    r = reassembler(p, len(chunks))
+    r = reassembler(tmp_path, p, len(chunks))
     for i, c in enumerate(chunks):
         r.feed(i, len(chunks), c)
     existing = tmp_path / "exists"
@@ -511,3 +531,52 @@ def test_unpack_size_cap_and_corrupt(tmp_path: Path):
     garbage.write_bytes(b"\x00garbage")
     with pytest.raises(StageOutError, match="corrupt archive"):
         unpack_outputs(garbage, tmp_path / "d4", max_bytes=MiB)
+
+
+def test_reassembler_resumes_across_instances(tmp_path: Path, packed):
+    """Two receivers (or a restarted one) fill one file; chunk offsets agree."""
+    p, chunks = packed
+    n = len(chunks)
+    part = tmp_path / "shared.part"
+    first = Reassembler(part, sha256=p.sha256, size=p.bytes, chunks=n, max_bytes=MiB)
+    for i in range(0, n, 2):
+        first.feed(i, n, chunks[i], offset=i * 1024)
+    first.sync()
+    first.close()
+    second = Reassembler(
+        part,
+        sha256=p.sha256,
+        size=p.bytes,
+        chunks=n,
+        max_bytes=MiB,
+        received=range(0, n, 2),
+    )
+    with pytest.raises(StageOutError, match="offset"):
+        second.feed(1, n, chunks[1], offset=7)
+    for i in range(1, n, 2):
+        second.feed(i, n, chunks[i])
+    assert second.complete
+    dest = second.write(tmp_path / "recv.tar.gz")
+    second.close()
+    assert dest.read_bytes() == p.path.read_bytes()
+    assert not part.exists()
+
+
+def test_large_outputs_are_stored_unless_they_compress(tmp_path: Path):
+    """Weights-like content is stored (fast); text is deflated; both deterministic."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.bin").write_bytes(os.urandom(17 * MiB))
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "table.csv").write_bytes(b"id,value\n" + b"1,0.5\n" * (3 * MiB))
+    for src, expect in ((weights, "stored"), (text, "deflated")):
+        a = pack_outputs(src, tmp_path / f"{src.name}-1.tar.gz", max_bytes=64 * MiB)
+        b = pack_outputs(src, tmp_path / f"{src.name}-2.tar.gz", max_bytes=64 * MiB)
+        assert a.sha256 == b.sha256
+        ratio = a.bytes / a.content_bytes
+        assert (ratio > 1.0) if expect == "stored" else (ratio < 0.1), (src, ratio)
+        unpacked = unpack_outputs(
+            a.path, tmp_path / f"{src.name}-u", max_bytes=64 * MiB
+        )
+        assert len(unpacked) == 1

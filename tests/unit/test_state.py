@@ -525,12 +525,23 @@ def test_results_go_through_the_outbox(tmp_path: Path, state: State) -> None:
     assert max(c.seq for c in chunks) < done == pending[-1].seq
     assert {c.routing_key for c in chunks} == {f"{NODE}.t1"}
     r = Reassembler(
-        sha256=packed.sha256, size=packed.bytes, chunks=n, max_bytes=1 << 20
+        tmp_path / "recv.part",
+        sha256=packed.sha256,
+        size=packed.bytes,
+        chunks=n,
+        max_bytes=1 << 20,
     )
     for c in chunks:
         assert c.headers is not None
         assert c.headers["sha256"] == packed.sha256
-        r.feed(int(c.headers["index"]), int(c.headers["total"]), c.body)
+        assert c.headers["size"] == packed.bytes
+        assert not any(k.startswith("_") for k in c.headers)  # private keys stay
+        r.feed(
+            int(c.headers["index"]),
+            int(c.headers["total"]),
+            c.body,
+            offset=int(c.headers["offset"]),
+        )
     recv = r.write(tmp_path / "recv.tar.gz")
     assert recv.read_bytes() == packed.path.read_bytes()
     # Published chunks leave the state; published events stay, marked.
@@ -542,6 +553,33 @@ def test_results_go_through_the_outbox(tmp_path: Path, state: State) -> None:
     finally:
         raw.close()
     assert rows == [(EVENTS_EXCHANGE, 1)] * len(events)
+    # The sent archive is removed once its last chunk is confirmed.
+    assert not packed.path.exists()
+
+
+def test_result_chunks_are_read_from_the_file_not_stored(
+    tmp_path: Path, state: State
+) -> None:
+    archive = tmp_path / "big.tar.gz"
+    archive.write_bytes(b"z" * 1000)
+    record(state, "t1")
+    state.enqueue_results(
+        task_id="t1", node=NODE, archive=archive, sha256="0" * 64, chunk_bytes=300
+    )
+    raw = sqlite3.connect(tmp_path / "state" / "state.sqlite")
+    try:
+        sizes = raw.execute(
+            "SELECT length(body) FROM outbox WHERE exchange = ?", (RESULTS_EXCHANGE,)
+        ).fetchall()
+    finally:
+        raw.close()
+    assert sizes == [(0,)] * 4
+    first = state.pending_events(limit=3)[1:]
+    assert [len(c.body) for c in first] == [300, 300]
+    state.mark_published([first[0].seq])
+    assert archive.exists()  # three chunks still to send
+    archive.unlink()  # lost (e.g. removed by hand): dropped, not a poison row
+    assert all(e.exchange == EVENTS_EXCHANGE for e in state.pending_events())
 
 
 def test_enqueue_results_of_missing_archive(tmp_path: Path, state: State) -> None:

@@ -20,7 +20,7 @@ name: default
 process:
   ro_binds: [/usr, /etc/ssl/certs]
   tmp_size_mb: 32
-  allow_egress: false
+  fsize_mb: 512
 podman:
   runtime: crun
   userns: keep-id
@@ -40,7 +40,8 @@ def test_shipped_default_profile_loads():
     assert default.name == "default"
     assert default.process is not None
     assert default.podman is not None
-    assert default.process.allow_egress is False
+    assert default.network.enabled is True
+    assert default.network.ingress_bind == ()
     assert default.process.run_as == "femd-task"
     assert "/usr" in default.process.ro_binds
     assert default.podman.read_only is True
@@ -52,7 +53,7 @@ def test_valid_profile_and_defaults(tmp_path):
     assert profile.process is not None
     assert profile.process.ro_binds == ("/usr", "/etc/ssl/certs")
     assert profile.process.tmp_size_mb == 32
-    assert profile.process.nofile == 1024
+    assert profile.process.fsize_mb == 512
     assert profile.process.seccomp is None
     assert profile.podman is not None
     assert profile.podman.runtime == "crun"
@@ -72,7 +73,8 @@ def test_process_defaults_bind_the_system_read_only(tmp_path):
     profile = load_profile(write(tmp_path, text, "p"))
     assert profile.process is not None
     assert profile.process.ro_binds == DEFAULT_RO_BINDS
-    assert profile.process.allow_egress is False
+    assert profile.network.enabled is True
+    assert profile.network.hosts == {}
 
 
 INVALID = {
@@ -84,7 +86,7 @@ INVALID = {
     ),
     "unknown-field": (
         VALID.replace(
-            "  allow_egress: false\n", "  allow_egress: false\n  privileged: true\n"
+            "  fsize_mb: 512\n", "  fsize_mb: 512\n  privileged: true\n"
         ),
         r"default\.yaml:8: process: Object contains unknown field `privileged`",
     ),
@@ -93,8 +95,8 @@ INVALID = {
         r"default\.yaml:6: process\.tmp_size_mb: Expected `int`, got `str`",
     ),
     "bool-as-string": (
-        VALID.replace("allow_egress: false", "allow_egress: 'no'"),
-        r"default\.yaml:7: process\.allow_egress: Expected `bool`",
+        VALID + "network: {enabled: 'no'}\n",
+        r"default\.yaml:11: network\.enabled: Expected `bool`",
     ),
     "relative-bind": (
         VALID.replace("[/usr, /etc/ssl/certs]", "[/usr, etc/ssl]"),

@@ -32,6 +32,7 @@ FULL = Capabilities(
     pids_limit=True,
     egress=True,
     egress_filtered=True,
+    ingress=True,
 )
 
 
@@ -132,12 +133,21 @@ def test_cpus_below_the_smallest_enforceable_quota(cpus, refused):
 
 def test_egress_needs_the_capability():
     (reason,) = unenforceable(
-        spec(egress=("db:5432",)), caps(egress=False, egress_filtered=False)
+        spec(egress=("db:5432",)),
+        caps(egress=False, egress_filtered=False, problems=("egress: no way in",)),
     )
     assert reason.message == (
         "network egress to [db:5432] cannot be enforced by podman on this host: "
-        "profile 'default' does not allow it and it cannot be filtered by host"
+        "egress: no way in"
     )
+
+
+def test_listening_needs_the_ingress_capability():
+    (reason,) = unenforceable(spec(listen=(4433, 8080)), caps(ingress=False))
+    assert reason.message == (
+        "listening on ports [4433, 8080] cannot be enforced by podman on this host"
+    )
+    assert unenforceable(spec(listen=(4433,)), caps(egress=False)) == []
 
 
 @pytest.mark.parametrize("egress", [None, ()], ids=["none", "empty"])

@@ -1,0 +1,696 @@
+"""The orchestrator's durable inbox: everything its identity receives, on disk.
+
+Owns one directory (``results_dir`` of the orchestrator config, ``--inbox``):
+
+- ``inbox.sqlite`` (WAL): status events (one per node and ``seq``), the
+  announced outputs and which of their chunks are in, node status, live log
+  batches, and the tasks this orchestrator submitted;
+- ``parts/<node>/<task>.part``: outputs being received, each chunk written at
+  its offset as it comes (memory stays at one chunk whatever the size);
+- ``<node>/<task>.tar.gz`` and ``<node>/<task>/``: verified (sha256 of the
+  whole) and safely unpacked outputs;
+- ``events.jsonl``: every status event once, one JSON object a line.
+
+What a receiver took from the broker is ``stage()``d, then ``commit()``ted
+(file data fsynced, rows in one transaction) and only then acked, so a killed
+receiver loses nothing: the broker redelivers and duplicates are ignored. Any
+number of receivers (processes) may share the directory; whoever commits the
+last chunk of an output verifies and unpacks it. Reading is for everyone:
+``femd watch``, ``femd tasks --orchestrator``, ``femd nodes``. Does not talk
+to the broker (``femd.client`` does) nor decide anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from femd.errors import StageOutError, StateError, cut
+from femd.stageout import Reassembler, unpack_outputs
+
+__all__ = [
+    "DEFAULT_MAX_OUTPUT_BYTES",
+    "Inbox",
+    "LogBatch",
+    "NodeSeen",
+    "OutputStatus",
+    "StoredEvent",
+    "TaskSummary",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+# Above any node's default cap (2 GiB of content plus archive slack).
+DEFAULT_MAX_OUTPUT_BYTES: Final = 4 * 1024 * 1024 * 1024
+TERMINAL: Final = frozenset(
+    {"rejected", "succeeded", "failed", "timed_out", "cancelled"}
+)
+_BUSY_MS: Final = 30000
+
+_SCHEMA: Final = """
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    task_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    body TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    UNIQUE (node, seq)
+);
+CREATE INDEX events_task ON events (task_id, id);
+CREATE TABLE outputs (
+    node TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunks INTEGER NOT NULL,
+    status TEXT NOT NULL
+        CHECK (status IN ('receiving', 'verifying', 'complete', 'failed')),
+    claimed_by INTEGER,
+    error TEXT,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (node, task_id)
+);
+CREATE TABLE chunks (
+    node TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    PRIMARY KEY (node, task_id, idx)
+);
+CREATE TABLE nodes (
+    node TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    seen_at TEXT NOT NULL
+);
+CREATE TABLE logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    body BLOB NOT NULL,
+    received_at TEXT NOT NULL,
+    UNIQUE (node, task_id, seq)
+);
+CREATE INDEX logs_task ON logs (task_id, id);
+CREATE TABLE submitted (
+    task_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    project TEXT NOT NULL,
+    nodes TEXT NOT NULL,
+    submitted_at TEXT NOT NULL
+);
+"""
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+# The shapes of femd.model.Name and TaskId: safe as path parts.
+_NODE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_TASK: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+def _split_key(routing_key: str) -> tuple[str, str] | None:
+    """``<node>.<task id>`` (task ids have no dots), or None if malformed."""
+    node, _, task = routing_key.rpartition(".")
+    if _NODE.fullmatch(node) and _TASK.fullmatch(task):
+        return node, task
+    return None
+
+
+class StoredEvent(msgspec.Struct, frozen=True):
+    """One status event as received; ``id`` orders the inbox."""
+
+    id: int
+    node: str
+    task_id: str
+    state: str
+    body: dict[str, Any]
+
+
+class OutputStatus(msgspec.Struct, frozen=True):
+    """Where one task's outputs from one node stand."""
+
+    node: str
+    task_id: str
+    status: str
+    size: int
+    chunks: int
+    received: int
+    path: str | None
+    error: str | None
+
+
+class NodeSeen(msgspec.Struct, frozen=True):
+    """A node's latest status and when the inbox got it."""
+
+    node: str
+    body: dict[str, Any]
+    seen_at: datetime
+
+
+class LogBatch(msgspec.Struct, frozen=True):
+    """Lines a running task printed (task output, never a femd record)."""
+
+    id: int
+    node: str
+    task_id: str
+    seq: int
+    dropped: int
+    text: str
+
+
+class TaskSummary(msgspec.Struct, frozen=True):
+    """A task on one node as the inbox knows it."""
+
+    node: str
+    task_id: str
+    state: str
+    at: str
+    outputs: str | None
+
+
+class _Decoded(msgspec.Struct, frozen=True):
+    node: str
+    task_id: str
+    state: str
+    seq: int
+
+
+_decode_event = msgspec.json.Decoder(_Decoded).decode
+
+
+class Inbox:
+    """One orchestrator inbox directory; safe for one thread per instance.
+
+    Args:
+        root: the directory (created 0700).
+        max_output_bytes: the largest archive (and unpacked content) accepted.
+
+    Raises:
+        StateError: the database cannot be opened.
+    """
+
+    def __init__(
+        self, root: Path, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    ) -> None:
+        """Open (creating if needed) the inbox at *root*."""
+        self.root = root
+        self.max_output_bytes = max_output_bytes
+        self._lock = threading.Lock()
+        self._events: list[tuple[str, int, str, str, str]] = []
+        self._chunks: set[tuple[str, str, int]] = set()
+        self._nodes: dict[str, str] = {}
+        self._logs: list[tuple[str, str, int, int, bytes]] = []
+        self._parts: dict[tuple[str, str], Reassembler] = {}
+        try:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = sqlite3.connect(
+                root / "inbox.sqlite",
+                timeout=_BUSY_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self._setup()
+        except (OSError, sqlite3.Error) as e:
+            raise StateError(f"inbox: cannot open {cut(root)}: {cut(e)}") from e
+
+    def _setup(self) -> None:
+        db = self._db
+        db.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise StateError(
+                    f"inbox: unsupported schema version in {cut(self.root)}"
+                    f" (got {version}, expected {SCHEMA_VERSION})"
+                )
+            # A receiver killed while verifying: whoever comes next does it.
+            for node, task, pid in db.execute(
+                "SELECT node, task_id, claimed_by FROM outputs"
+                " WHERE status = 'verifying'"
+            ).fetchall():
+                if not _alive(pid):
+                    db.execute(
+                        "UPDATE outputs SET status = 'receiving', claimed_by = NULL"
+                        " WHERE node = ? AND task_id = ?",
+                        (node, task),
+                    )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close open part files and the database."""
+        for part in self._parts.values():
+            part.close()
+        self._parts.clear()
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise StateError(f"inbox: {what} failed: {cut(e)}") from e
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                raise StateError(f"inbox: read failed: {cut(e)}") from e
+
+    # -- staging what a receiver took from the broker ---------------------------
+
+    def stage_event(self, routing_key: str, body: bytes) -> None:
+        """Keep a status event for ``commit()``; a malformed one is logged, dropped."""
+        try:
+            ev = _decode_event(body)
+            parsed = json.loads(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+            logger.warning("inbox: dropping a malformed status event: %s", cut(e))
+            return
+        # SECURITY: the broker lets a node publish only under its own name
+        # (topic permissions); the body must not speak for another node.
+        if not isinstance(parsed, dict) or routing_key.rsplit(".", 2)[0] != ev.node:
+            logger.warning("inbox: dropping an event routed %s", cut(routing_key))
+            return
+        text = json.dumps(parsed, sort_keys=True)
+        self._events.append((ev.node, ev.seq, ev.task_id, ev.state, text))
+
+    def stage_node(self, routing_key: str, body: bytes) -> None:
+        """Keep a node status for ``commit()`` (the newest per node wins)."""
+        try:
+            parsed = json.loads(body)
+            node = str(parsed["node"])
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning("inbox: dropping a malformed node status: %s", cut(e))
+            return
+        # SECURITY: as for events, a node speaks only for itself.
+        if not _NODE.fullmatch(node) or routing_key != f"{node}.status":
+            logger.warning("inbox: dropping a node status routed %s", cut(routing_key))
+            return
+        self._nodes[node] = json.dumps(parsed, sort_keys=True)
+
+    def stage_log(
+        self, routing_key: str, headers: Mapping[str, Any], body: bytes
+    ) -> None:
+        """Keep a live log batch for ``commit()``."""
+        key = _split_key(routing_key)
+        try:
+            seq = int(headers["seq"])
+            dropped = int(headers.get("dropped", 0))
+        except (KeyError, TypeError, ValueError):
+            key = None
+        if key is None:
+            logger.warning(
+                "inbox: dropping a malformed log batch (%s)", cut(routing_key)
+            )
+            return
+        self._logs.append((*key, seq, dropped, body))
+
+    def stage_chunk(
+        self, routing_key: str, headers: Mapping[str, Any], body: bytes
+    ) -> None:
+        """Write a result chunk to its part file; its row waits for ``commit()``.
+
+        A chunk that contradicts its outputs' announcement marks those outputs
+        failed (at commit); a malformed one is logged and dropped.
+
+        Raises:
+            StateError: the inbox database failed.
+        """
+        key = _split_key(routing_key)
+        if key is None:
+            logger.warning("inbox: dropping a chunk routed %s", cut(routing_key))
+            return
+        node, task = key
+        try:
+            index, total = int(headers["index"]), int(headers["total"])
+            sha = str(headers["sha256"])
+            size = int(headers["size"]) if "size" in headers else None
+            offset = int(headers["offset"]) if "offset" in headers else None
+        except (KeyError, TypeError, ValueError):
+            logger.warning("inbox: dropping a malformed chunk (%s)", cut(routing_key))
+            return
+        status = self._output_row(node, task)
+        if status is not None and status[0] in ("complete", "failed", "verifying"):
+            return  # a duplicate of outputs already handled
+        if size is None:
+            size = status[1] if status is not None else None
+        if size is None:
+            # An older node states no size; the terminal event will.
+            logger.warning("inbox: chunk of %s/%s without size; dropped", node, task)
+            return
+        try:
+            part = self._part(node, task, sha, size, total)
+            part.feed(index, total, body, offset)
+        except StageOutError as e:
+            self._fail(node, task, sha, size, total, str(e))
+            return
+        self._chunks.add((node, task, index))
+
+    # -- output bookkeeping ------------------------------------------------------
+
+    def _output_row(self, node: str, task: str) -> tuple[str, int, str, int] | None:
+        rows = self._read(
+            "SELECT status, size, sha256, chunks FROM outputs"
+            " WHERE node = ? AND task_id = ?",
+            (node, task),
+        )
+        return None if not rows else (rows[0][0], rows[0][1], rows[0][2], rows[0][3])
+
+    def _part(
+        self, node: str, task: str, sha: str, size: int, total: int
+    ) -> Reassembler:
+        key = (node, task)
+        part = self._parts.get(key)
+        if part is not None:
+            if (part.sha256, part.size, part.chunks) != (sha, size, total):
+                raise StageOutError("outputs: chunks announce two different archives")
+            return part
+        with self._write("announce outputs") as db:
+            db.execute(
+                "INSERT OR IGNORE INTO outputs (node, task_id, sha256, size, chunks,"
+                " status, updated_at) VALUES (?, ?, ?, ?, ?, 'receiving', ?)",
+                (node, task, sha, size, total, _now_text()),
+            )
+            row = db.execute(
+                "SELECT sha256, size, chunks FROM outputs"
+                " WHERE node = ? AND task_id = ?",
+                (node, task),
+            ).fetchone()
+            received = [
+                i
+                for (i,) in db.execute(
+                    "SELECT idx FROM chunks WHERE node = ? AND task_id = ?",
+                    (node, task),
+                )
+            ]
+        if tuple(row) != (sha, size, total):
+            raise StageOutError(
+                f"outputs: chunks announce {sha[:12]}… ({size} bytes), but"
+                f" {row[0][:12]}… ({row[1]} bytes) was announced before"
+            )
+        (self.root / "parts" / node).mkdir(parents=True, exist_ok=True, mode=0o700)
+        part = Reassembler(
+            self.root / "parts" / node / f"{task}.part",
+            sha256=sha,
+            size=size,
+            chunks=total,
+            max_bytes=self.max_output_bytes,
+            received=received,
+        )
+        self._parts[key] = part
+        return part
+
+    def _fail(
+        self, node: str, task: str, sha: str, size: int, chunks: int, why: str
+    ) -> None:
+        logger.error("inbox: outputs of %s/%s refused: %s", node, task, why)
+        with self._write("fail outputs") as db:
+            db.execute(
+                "INSERT OR IGNORE INTO outputs (node, task_id, sha256, size, chunks,"
+                " status, updated_at) VALUES (?, ?, ?, ?, ?, 'failed', ?)",
+                (node, task, sha, max(size, 0), max(chunks, 1), _now_text()),
+            )
+            db.execute(
+                "UPDATE outputs SET status = 'failed', error = ?, updated_at = ?"
+                " WHERE node = ? AND task_id = ?",
+                (cut(why, 300), _now_text(), node, task),
+            )
+        part = self._parts.pop((node, task), None)
+        if part is not None:
+            part.close()
+        (self.root / "parts" / node / f"{task}.part").unlink(missing_ok=True)
+
+    # -- commit --------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Make everything staged durable: fsync part files, one transaction.
+
+        Call before acking what was staged. Then verifies and unpacks every
+        output whose last chunk this commit brought.
+
+        Raises:
+            StateError: the database failed (nothing staged may be acked).
+            StageOutError: a part file cannot be synced.
+        """
+        if not (self._events or self._chunks or self._nodes or self._logs):
+            return
+        touched = {(n, t) for n, t, _ in self._chunks}
+        for key in touched:
+            self._parts[key].sync()
+        now = _now_text()
+        announced: list[tuple[str, str, dict[str, Any]]] = []
+        fresh: list[str] = []
+        with self._write("commit") as db:
+            for node, seq, task, state, text in self._events:
+                if db.execute(
+                    "INSERT OR IGNORE INTO events (node, seq, task_id, state, body,"
+                    " received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (node, seq, task, state, text, now),
+                ).rowcount:
+                    fresh.append(text)
+                outputs = json.loads(text).get("outputs")
+                if state in TERMINAL and isinstance(outputs, dict):
+                    announced.append((node, task, outputs))
+            db.executemany(
+                "INSERT OR IGNORE INTO chunks (node, task_id, idx) VALUES (?, ?, ?)",
+                sorted(self._chunks),
+            )
+            db.executemany(
+                "INSERT INTO nodes (node, body, seen_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (node) DO UPDATE SET body = excluded.body,"
+                " seen_at = excluded.seen_at",
+                [(n, b, now) for n, b in self._nodes.items()],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO logs (node, task_id, seq, dropped, body,"
+                " received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(*row, now) for row in self._logs],
+            )
+        if fresh:
+            # A plain log of every event, for tools that read files (jq, FEM).
+            with (self.root / "events.jsonl").open("a") as f:
+                f.write("".join(line + "\n" for line in fresh))
+        self._events.clear()
+        self._chunks.clear()
+        self._nodes.clear()
+        self._logs.clear()
+        for node, task, outputs in announced:
+            self._check_announcement(node, task, outputs)
+        for node, task in touched:
+            self._finish_if_complete(node, task)
+
+    def _check_announcement(
+        self, node: str, task: str, outputs: dict[str, Any]
+    ) -> None:
+        """The terminal event's ``outputs`` must match what the chunks said."""
+        try:
+            sha, size, chunks = (
+                str(outputs["sha256"]),
+                int(outputs["bytes"]),
+                int(outputs["chunks"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            logger.warning("inbox: %s/%s announces malformed outputs", node, task)
+            return
+        row = self._output_row(node, task)
+        if row is None:
+            with self._write("announce outputs") as db:
+                db.execute(
+                    "INSERT OR IGNORE INTO outputs (node, task_id, sha256, size,"
+                    " chunks, status, updated_at) VALUES (?, ?, ?, ?, ?,"
+                    " 'receiving', ?)",
+                    (node, task, sha, size, chunks, _now_text()),
+                )
+            return
+        if (row[2], row[1], row[3]) != (sha, size, chunks) and row[0] != "failed":
+            # SECURITY: only what the node announced in its status event is kept.
+            self._fail(
+                node, task, sha, size, chunks,
+                "outputs: chunks differ from the announcement in the status event",
+            )  # fmt: skip
+
+    def _finish_if_complete(self, node: str, task: str) -> None:
+        with self._write("claim outputs") as db:
+            got = db.execute(
+                "SELECT COUNT(*) FROM chunks WHERE node = ? AND task_id = ?",
+                (node, task),
+            ).fetchone()[0]
+            claimed = db.execute(
+                "UPDATE outputs SET status = 'verifying', claimed_by = ?,"
+                " updated_at = ? WHERE node = ? AND task_id = ?"
+                " AND status = 'receiving' AND chunks = ?",
+                (os.getpid(), _now_text(), node, task, got),
+            ).rowcount
+        if not claimed:
+            return
+        part = self._parts.pop((node, task))
+        part.received = set(range(part.chunks))  # other receivers wrote the rest
+        dest_dir = self.root / node
+        dest_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        archive = dest_dir / f"{task}.tar.gz"
+        try:
+            archive.unlink(missing_ok=True)  # a leftover of a killed verification
+            part.write(archive)
+            unpack_outputs(archive, dest_dir / task, max_bytes=self.max_output_bytes)
+        except StageOutError as e:
+            part.close()
+            self._fail(node, task, part.sha256, part.size, part.chunks, str(e))
+            return
+        part.close()
+        with self._write("complete outputs") as db:
+            db.execute(
+                "UPDATE outputs SET status = 'complete', updated_at = ?"
+                " WHERE node = ? AND task_id = ?",
+                (_now_text(), node, task),
+            )
+            db.execute(
+                "DELETE FROM chunks WHERE node = ? AND task_id = ?", (node, task)
+            )
+        logger.info("inbox: outputs of %s/%s verified into %s", node, task, archive)
+
+    # -- submitted tasks ----------------------------------------------------------
+
+    def record_submitted(
+        self, task_id: str, kind: str, project: str, nodes: list[str]
+    ) -> None:
+        """Remember a task this orchestrator submitted (for cancel and listings).
+
+        Raises:
+            StateError: the write failed.
+        """
+        with self._write("record submitted") as db:
+            db.execute(
+                "INSERT OR REPLACE INTO submitted (task_id, kind, project, nodes,"
+                " submitted_at) VALUES (?, ?, ?, ?, ?)",
+                (task_id, kind, project, json.dumps(nodes), _now_text()),
+            )
+
+    def submitted(self, task_id: str) -> tuple[str, list[str]] | None:
+        """(project, nodes) of a task submitted from here, or None."""
+        rows = self._read(
+            "SELECT project, nodes FROM submitted WHERE task_id = ?", (task_id,)
+        )
+        return None if not rows else (rows[0][0], json.loads(rows[0][1]))
+
+    # -- reading -------------------------------------------------------------------
+
+    def _since(self, what: str, task_id: str | None, after: int) -> list[Any]:
+        """``SELECT what`` rows with ``id > after`` (of one task), in id order."""
+        if task_id is None:
+            return self._read(f"SELECT {what} WHERE id > ? ORDER BY id", (after,))
+        return self._read(
+            f"SELECT {what} WHERE id > ? AND task_id = ? ORDER BY id",
+            (after, task_id),
+        )
+
+    def last_ids(self) -> tuple[int, int]:
+        """The newest (event, log batch) inbox ids, 0 when there is none."""
+        rows = self._read(
+            "SELECT (SELECT COALESCE(MAX(id), 0) FROM events),"
+            " (SELECT COALESCE(MAX(id), 0) FROM logs)"
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
+    def events(self, task_id: str | None = None, after: int = 0) -> list[StoredEvent]:
+        """Status events after inbox id *after*, of one task or all, in order."""
+        rows = self._since("id, node, task_id, state, body FROM events", task_id, after)
+        return [StoredEvent(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def output(self, node: str, task_id: str) -> OutputStatus | None:
+        """Where the outputs of *task_id* from *node* stand, or None if unknown."""
+        rows = self._read(
+            "SELECT status, size, chunks, error, (SELECT COUNT(*) FROM chunks c"
+            " WHERE c.node = o.node AND c.task_id = o.task_id) FROM outputs o"
+            " WHERE node = ? AND task_id = ?",
+            (node, task_id),
+        )
+        if not rows:
+            return None
+        status, size, chunks, error, got = rows[0]
+        path = None
+        if status == "complete":
+            path = str(self.root / node / task_id)
+            got = chunks
+        return OutputStatus(node, task_id, status, size, chunks, got, path, error)
+
+    def nodes(self) -> list[NodeSeen]:
+        """Every node that ever sent its status, by name."""
+        rows = self._read("SELECT node, body, seen_at FROM nodes ORDER BY node")
+        return [NodeSeen(n, json.loads(b), _parse_time(at)) for n, b, at in rows]
+
+    def logs(self, task_id: str | None = None, after: int = 0) -> list[LogBatch]:
+        """Live log batches after inbox id *after*, in order of arrival."""
+        rows = self._since(
+            "id, node, task_id, seq, dropped, body FROM logs", task_id, after
+        )
+        return [
+            LogBatch(
+                r[0], r[1], r[2], r[3], r[4], bytes(r[5]).decode("utf-8", "replace")
+            )
+            for r in rows
+        ]
+
+    def tasks(self) -> list[TaskSummary]:
+        """The latest state of every task on every node, newest first."""
+        rows = self._read(
+            "SELECT e.node, e.task_id, e.state, json_extract(e.body, '$.at'),"
+            " o.status FROM events e LEFT JOIN outputs o"
+            " ON o.node = e.node AND o.task_id = e.task_id"
+            " WHERE e.id = (SELECT MAX(id) FROM events x"
+            " WHERE x.node = e.node AND x.task_id = e.task_id)"
+            " ORDER BY e.id DESC"
+        )
+        return [TaskSummary(n, t, s, str(at or ""), o) for n, t, s, at, o in rows]
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

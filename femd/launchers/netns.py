@@ -1,0 +1,149 @@
+"""femd's side of ``nsjoin``: sockets made inside a task's network namespace.
+
+Owns ``Helper`` (starts the ``nsjoin`` helper on a namespace and asks it for
+listeners, connections and addresses) and ``probe_join()`` (can this host
+do that at all, for ``probe()`` and ``femd doctor``). What the sockets are
+used for is ``network.TaskNetwork``'s business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Final
+
+from femd.errors import LaunchError, cut
+
+__all__ = ["Helper", "probe_join"]
+
+_HELPER: Final = Path(__file__).with_name("nsjoin.py")
+
+
+class Helper:
+    """The ``nsjoin`` process of one task, in the task's network namespace.
+
+    Raises:
+        LaunchError: it could not start or join (from the constructor).
+    """
+
+    def __init__(self, netns_fd: int) -> None:
+        """Start the helper in the namespace *netns_fd*; wait until it joined."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._lock = threading.Lock()
+        try:
+            self._proc = subprocess.Popen(  # noqa: S603 (our own script, no shell)
+                [sys.executable, "-I", "-S", str(_HELPER), str(theirs.fileno()),
+                 str(netns_fd)],
+                pass_fds=(theirs.fileno(), netns_fd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={},
+                cwd="/",
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._sock.settimeout(30)
+        try:
+            ready = self._sock.recv(256)
+        except OSError as e:
+            self.close()
+            raise LaunchError(f"network: helper did not start: {cut(e)}") from e
+        if ready != b"ready":
+            self.close()
+            raise LaunchError(f"network: {cut(ready.decode(errors='replace'))}")
+
+    def ask(self, request: str) -> socket.socket | None:
+        """Send one request; the socket it made (None for ``address``)."""
+        with self._lock:
+            try:
+                self._sock.send(request.encode())
+                msg, fds, _, _ = socket.recv_fds(self._sock, 256, 1)
+            except OSError as e:
+                raise LaunchError(f"network: helper failed: {cut(e)}") from e
+        if msg != b"ok":
+            for fd in fds:
+                os.close(fd)
+            text = msg.decode(errors="replace") or "helper ended"
+            raise LaunchError(f"network: {request}: {cut(text)}")
+        return socket.socket(fileno=fds[0]) if fds else None
+
+    def close(self) -> None:
+        """Stop the helper (it exits when its control socket closes)."""
+        self._sock.close()  # the helper exits on EOF
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def probe_join(uid: int | None) -> str | None:
+    """Can femd join a network namespace that *uid* created, and listen there?
+
+    Runs ``unshare --user --net sleep`` (as *uid* when given), joins its
+    namespace with the helper and opens a listener, as for a task. Returns
+    None when it works, else the problem.
+    """
+    tool = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if tool is None:
+        return "unshare (util-linux) is not installed"
+    try:
+        proc = subprocess.Popen(  # noqa: S603 (fixed tool, no shell)
+            [tool, "--user", "--net", "--", "sleep", "30"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={"PATH": "/usr/bin:/bin"},
+            user=uid,
+            extra_groups=[] if uid is not None else None,
+        )
+    except OSError as e:
+        return f"cannot create a network namespace: {cut(e)}"
+    try:
+        return _probe_pid(proc)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def _probe_pid(proc: subprocess.Popen[bytes]) -> str | None:
+    own = os.readlink("/proc/self/ns/net")
+    for _ in range(100):
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            return f"cannot create a network namespace: {cut(err.strip())}"
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{proc.pid}/ns/net") != own:
+                break
+        threading.Event().wait(0.05)
+    else:
+        return "cannot create a network namespace: timed out"
+    try:
+        fd = os.open(f"/proc/{proc.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return f"cannot open a task's network namespace: {cut(e)}"
+    try:
+        helper = Helper(fd)
+    except LaunchError as e:
+        return str(e)
+    finally:
+        os.close(fd)
+    try:
+        listener = helper.ask("listen 127.0.1.1 9")
+    except LaunchError as e:
+        return str(e)
+    finally:
+        helper.close()
+    if listener is not None:
+        listener.close()
+    return None

@@ -1,0 +1,121 @@
+"""The node's status message: what ``femd nodes`` shows the orchestrator.
+
+Owns the body of the ``femd.nodes`` message (routing key ``<node>.status``)
+that the agent publishes at start, after a policy reload, every
+``node_status_interval_s`` and once more when it stops: femd version, policy
+sha256, each launcher and what it can enforce, running and queued counts, free
+disk in the state dir, the client certificate's expiry. It is best effort (a
+newer one supersedes a lost one), never a task record. Publishing is the
+broker link's business; when to publish is the agent's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+from cryptography import x509
+
+from femd import __version__
+from femd.broker import NODES_EXCHANGE, SideMessage
+from femd.launchers import Capabilities
+
+__all__ = ["LauncherStatus", "NodeStatus", "cert_not_after", "status_message"]
+
+logger = logging.getLogger(__name__)
+
+
+class LauncherStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One (profile, back-end) and what it can enforce on this host."""
+
+    profile: str
+    launcher: str
+    available: bool
+    memory_limit: bool
+    cpu_limit: bool
+    pids_limit: bool
+    egress: bool
+    egress_filtered: bool
+    problems: tuple[str, ...]
+
+
+class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The wire body of a node status message (JSON)."""
+
+    node: str
+    state: Literal["up", "stopping"]
+    at: str
+    version: str
+    policy_sha256: str
+    launchers: tuple[LauncherStatus, ...]
+    running: int
+    queued: int
+    disk_free_bytes: int | None
+    cert_not_after: str | None
+    interval_s: float
+
+
+def cert_not_after(path: str) -> str | None:
+    """The certificate's notAfter as RFC 3339 UTC, or None if it cannot be read."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as e:
+        logger.warning("node status: cannot read certificate %s: %s", path, e)
+        return None
+    return cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _disk_free(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def status_message(
+    *,
+    node: str,
+    state: Literal["up", "stopping"],
+    policy_sha256: str,
+    caps: Mapping[tuple[str, str], Capabilities],
+    running: int,
+    queued: int,
+    state_dir: Path,
+    cert_not_after: str | None,
+    interval_s: float,
+) -> SideMessage:
+    """Build the status message of *node* as it is now."""
+    launchers = tuple(
+        LauncherStatus(
+            profile=profile,
+            launcher=name,
+            available=cap.available,
+            memory_limit=cap.memory_limit,
+            cpu_limit=cap.cpu_limit,
+            pids_limit=cap.pids_limit,
+            egress=cap.egress,
+            egress_filtered=cap.egress_filtered,
+            problems=cap.problems,
+        )
+        for (profile, name), cap in sorted(caps.items())
+    )
+    body = NodeStatus(
+        node=node,
+        state=state,
+        at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        version=__version__,
+        policy_sha256=policy_sha256,
+        launchers=launchers,
+        running=running,
+        queued=queued,
+        disk_free_bytes=_disk_free(state_dir),
+        cert_not_after=cert_not_after,
+        interval_s=interval_s,
+    )
+    return SideMessage(NODES_EXCHANGE, f"{node}.status", msgspec.json.encode(body))
