@@ -317,6 +317,18 @@ def check_runs(
     started twice, every succeeded task started once, *never_started* never.
     """
     ends: dict[str, str] = {}
+    tasks = list(tasks)
+    # A task's egress is forwarded by a helper: its connection to the counter
+    # may close (and be counted) a moment after the task's terminal event.
+    wait_for(
+        "every succeeded task to be counted",
+        lambda: all(
+            counter.count(t) >= 1
+            for t in tasks
+            if (collector.terminal(t) or {}).get("state") == "succeeded"
+        ),
+        15,
+    )
     counts = counter.counts()
     for t in tasks:
         states = collector.states(t)
