@@ -388,7 +388,10 @@ class Agent:
 
     def _summarise_floods(self) -> None:
         """One audit entry and one status event for each kind of repeats."""
-        for kind, count in self.flood.flush(time.monotonic()).items():
+        repeats = self.flood.flush(time.monotonic())
+        if not repeats:
+            return
+        for kind, count in repeats.items():
             text = (
                 f"{count} more unverifiable messages rejected in"
                 f" {self.flood.window_s:.0f} s ({', '.join(kind)})"
