@@ -159,7 +159,8 @@ def _fl(root: Path, keep: bool) -> int:
     if outcome.federated_accuracy is not None:
         console.good(
             f"federated accuracy {outcome.federated_accuracy:.2f}% vs centralised "
-            f"{outcome.central_accuracy:.2f}%, {len(outcome.rounds)} rounds seen live"
+            f"{outcome.central_accuracy:.2f}%, {len(outcome.rounds)} rounds "
+            f"({outcome.live_rounds} seen live)"
         )
     if outcome.refused:
         console.good(f"extra destination refused: {outcome.refused}")

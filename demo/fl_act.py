@@ -10,7 +10,8 @@
 3. FEM's documents (tool plan, server and client templates, params) through
    ``femd import-fem`` into manifests, signed once each;
 4. the server task submitted to fdn-01, the client tasks to fdn-01 and fdn-02;
-   the rounds' metrics shown live while ``femd watch`` follows the tasks;
+   the rounds' metrics shown live from the server's output, which femd sends
+   as live logs (``femd watch --logs``), then FEM's per-node ``process_info``;
 5. the federated model beside a model trained centrally on the pooled data;
 6. a client task that asks for one more destination, refused by the policy.
 
@@ -27,7 +28,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -97,6 +97,7 @@ class FlOutcome:
     federated_accuracy: float | None = None
     central_accuracy: float | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    live_rounds: int = 0
     refused: str | None = None
     problems: list[str] = field(default_factory=list)
     act_s: float = 0.0
@@ -113,6 +114,7 @@ class FlOutcome:
             "federated_accuracy": self.federated_accuracy,
             "central_accuracy": self.central_accuracy,
             "rounds": self.rounds,
+            "live_rounds": self.live_rounds,
             "refused": self.refused,
             "problems": self.problems,
             "act_s": self.act_s,
@@ -336,7 +338,7 @@ class FlAct(Walkthrough):
         nodes = list(self.fed.nodes)
         argv = [
             "watch", "--config", "orchestrator/orchestrator.yaml", "--format", "fem",
-            *_each("--node", nodes), "--timeout", "100",
+            "--logs", *_each("--node", nodes), "--timeout", "100",
         ]  # fmt: skip
         c.command(["femd", *argv, "&"])
         watch = subprocess.Popen(  # noqa: S603 (our interpreter and module)
@@ -352,19 +354,8 @@ class FlAct(Walkthrough):
                     "submit", "--config", "orchestrator/orchestrator.yaml",
                     *_each("--node", on), f"orchestrator/tasks/{name}.env",
                 )  # fmt: skip
-            server_id = tasks["flower-server"][0]
-            out = self.root / SERVER_NODE / "state" / "work" / server_id / "out"
-            stop = threading.Event()
-            tail = threading.Thread(
-                target=self._tail_rounds, args=(out / "rounds.jsonl", stop), daemon=True
-            )
-            c.say(f"live rounds, from the server's output directory on {SERVER_NODE}:")
-            tail.start()
-            try:
-                finals = self._follow(watch, tasks)
-            finally:
-                stop.set()
-                tail.join(5)
+            c.say("live: the server's output, as femd sends it (femd.logs, --logs):")
+            finals = self._follow(watch, tasks)
         finally:
             if watch.poll() is None:
                 watch.terminate()
@@ -392,6 +383,9 @@ class FlAct(Walkthrough):
         assert watch.stdout is not None  # noqa: S101 (stdout=PIPE)
         for line in watch.stdout:
             info = json.loads(line)
+            if "log" in info:
+                self._show_log(info, tasks["flower-server"][0])
+                continue
             key = (info.get("task_id"), info.get("node"))
             if key not in waiting:
                 continue
@@ -417,23 +411,19 @@ class FlAct(Walkthrough):
         results = self.root / "orchestrator" / "results"
         return results / SERVER_NODE / server_id / "model.json"
 
-    def _tail_rounds(self, path: Path, stop: threading.Event) -> None:
-        seen = 0
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                lines = path.read_text().splitlines()
-                for line in lines[seen:]:
-                    with contextlib.suppress(ValueError):
-                        r = json.loads(line)
-                        self.fl.rounds.append(r)
-                        self.console.say(
-                            f"    round {r['round']}: {r['clients']} clients, "
-                            f"{r['examples']} patients, loss {r['loss']:.4f}, "
-                            f"accuracy {100 * r['accuracy']:.1f}% "
-                            f"(+{r['elapsed_s']:.1f} s)"
-                        )
-                seen = len(lines)
-            stop.wait(0.2)
+    def _show_log(self, info: dict[str, Any], server_id: str) -> None:
+        """Show the server's per-round metrics (its JSON lines) as they arrive."""
+        text = str(info.get("log", ""))
+        if info.get("task_id") != server_id or not text.startswith("{"):
+            return
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            r = json.loads(text)
+            self.console.say(
+                f"    round {r['round']}: {r['clients']} clients, "
+                f"{r['examples']} patients, loss {r['loss']:.4f}, "
+                f"accuracy {100 * r['accuracy']:.1f}% (+{r['elapsed_s']:.1f} s)"
+            )
+            self.fl.live_rounds += 1
 
     # -- 5 ------------------------------------------------------------------------
 
@@ -451,6 +441,12 @@ class FlAct(Walkthrough):
             self.fl.problems.append("no federated model came back from the server")
             c.bad("no federated model came back: nothing to compare")
             return
+        # The server's own record of the rounds came back with the model (live
+        # lines are best effort: a throttled task may have some dropped).
+        rounds = model.parent / "rounds.jsonl"
+        self.fl.rounds = [json.loads(x) for x in rounds.read_text().splitlines()]
+        if len(self.fl.rounds) < ROUNDS:
+            self.fl.problems.append(f"only {len(self.fl.rounds)} rounds ran")
         csvs = [str(f.csv) for f in self.fed.nodes.values()]
         done = subprocess.run(  # noqa: S603 (the runtime's interpreter, our script)
             [

@@ -636,8 +636,20 @@ class Agent:
 
     # -- recovery --------------------------------------------------------------------
 
+    def _prune_outgoing(self) -> None:
+        """Remove archives no queued chunk needs (packing cut short by a crash)."""
+        outgoing = self.state_dir / "outgoing"
+        if not outgoing.is_dir():
+            return
+        keep = {Path(p).resolve() for p in self.state.queued_archives()}
+        for path in outgoing.iterdir():
+            if path.resolve() not in keep:
+                logger.info("outputs: removing unsent leftover %s", path.name)
+                path.unlink(missing_ok=True)
+
     def recover(self) -> None:
         """Reconcile tasks a previous run left in non-terminal states."""
+        self._prune_outgoing()
         for row in self.state.unfinished():
             if row.state in ("received", "queued") and row.payload is not None:
                 if row.kind == "Cancel":
@@ -713,11 +725,6 @@ class Agent:
         )
         self.recover()
         self.link.start()
-        audit.emit(
-            audit.Event.AGENT_STARTED,
-            f"femd agent started for node {self.node}",
-            node=self.node,
-        )
         self.publish_node_status()
         while not self._stop.is_set():
             self._tick()
@@ -737,6 +744,13 @@ class Agent:
         if not self._ready and self.link.ever_connected.is_set():
             self._ready = True
             self._notify("READY=1")
+            # docs/auditor.md: AGENT_STARTED means "up and ready", so after READY.
+            audit.emit(
+                audit.Event.AGENT_STARTED,
+                f"femd agent ready for node {self.node}",
+                node=self.node,
+                policy_sha256=self.policy.sha256,
+            )
             logger.info("ready: node %s, policy %s", self.node, self.policy.sha256[:12])
         if self._reload.is_set():
             self._reload.clear()

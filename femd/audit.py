@@ -8,8 +8,9 @@ diagnostics: those are ordinary ``logging`` records.
 Fields (DESIGN "journald audit"): every entry has ``MESSAGE_ID``, ``MESSAGE``,
 ``PRIORITY`` and ``SYSLOG_IDENTIFIER=femd``, plus those ``FEMD_*`` fields whose
 argument was given (a field is absent, never empty, when its value is None or
-an empty list). Lists are joined with a single space: rule ids, keyids and
-dataset names never contain whitespace. Every value is cut to
+an empty list). A list is written as a repeated field, one value each (rule
+ids, keyids, dataset names), so that ``journalctl FEMD_DATASETS=x`` matches
+every entry naming ``x``; the JSON form makes it a list. Every value is cut to
 ``FIELD_MAX_BYTES`` (an auditor sees ``...`` at the end), so an entry always
 fits one datagram.
 
@@ -231,7 +232,16 @@ class _Sink:
             self.journal.close()
 
     def _write_json(self, fields: Fields) -> None:
-        record: dict[str, str] = dict(fields)
+        # As `journalctl -o json` prints them: a repeated field is a list.
+        record: dict[str, str | list[str]] = {}
+        for key, value in fields:
+            have = record.get(key)
+            if have is None:
+                record[key] = value
+            elif isinstance(have, list):
+                have.append(value)
+            else:
+                record[key] = [have, value]
         record["__REALTIME_TIMESTAMP"] = str(time.time_ns() // 1000)
         stream = self.stream if self.stream is not None else sys.stderr
         # Losing stderr too leaves nothing to report to; the agent goes on.
@@ -279,9 +289,10 @@ def _add(fields: Fields, key: str, value: object) -> None:
     if value is None:
         return
     if isinstance(value, (list, tuple)):
-        if not value:
-            return
-        value = " ".join(str(v) for v in value)
+        # One field per value, repeated: `journalctl FEMD_DATASETS=x` then
+        # matches every entry that names x (journald keeps repeated fields).
+        fields.extend((key, _cut(printable(v))) for v in value)
+        return
     fields.append((key, _cut(printable(value))))
 
 
@@ -319,13 +330,14 @@ def emit(
         node: ``FEMD_NODE``.
         state: ``FEMD_STATE``, a DESIGN status-event state.
         decision: ``FEMD_DECISION``, ``allow`` or ``deny``.
-        rules: ``FEMD_RULES``, violated rule ids, space-separated.
-        signer_keyids: ``FEMD_SIGNER_KEYIDS``, keyids that counted.
+        rules: ``FEMD_RULES``, violated rule ids, one field each (repeated).
+        signer_keyids: ``FEMD_SIGNER_KEYIDS``, keyids that counted, one field
+            each.
         manifest_sha256: ``FEMD_MANIFEST_SHA256`` of the signed payload bytes.
         policy_sha256: ``FEMD_POLICY_SHA256`` of the policy in force.
         image_digest: ``FEMD_IMAGE_DIGEST``.
         git_commit: ``FEMD_GIT_COMMIT``.
-        datasets: ``FEMD_DATASETS``, dataset names, space-separated.
+        datasets: ``FEMD_DATASETS``, dataset names, one field each.
         exit_code: ``FEMD_EXIT_CODE``.
         output_sha256: ``FEMD_OUTPUT_SHA256`` of what left the node.
         extra: more fields; each key is upper case (``[A-Z][A-Z0-9_]*``) and is

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import queue
 import random
+import socket
 import ssl
 import threading
 import time
@@ -25,6 +26,10 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 import pika
 import pika.exceptions
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectionWorkflowFailed,
+    AMQPConnectorException,
+)
 
 from femd import amqpframe
 from femd.config import BrokerConfig
@@ -133,8 +138,24 @@ def describe(e: BaseException) -> str:
         if isinstance(inner, BaseException):
             return describe(inner)
         return cut(text, 160)
+    if isinstance(e, AMQPConnectorException | AMQPConnectionWorkflowFailed):
+        # pika's connection workflow wraps the socket's own error (once or
+        # twice); say what that error means, not the wrappers' names.
+        inner = [getattr(e, "exception", None), *(getattr(e, "exceptions", ()))]
+        inner = [x for x in [*inner, *e.args] if isinstance(x, BaseException)]
+        if inner:
+            return describe(inner[-1])
     if isinstance(e, ConnectionRefusedError):
-        return "connection refused"
+        return (
+            "connection refused: nothing listens there (is the broker running, "
+            "and are the host and port in broker.url right?)"
+        )
+    if isinstance(e, socket.gaierror):
+        return "cannot resolve the broker's host name (check broker.url and DNS)"
+    if isinstance(e, TimeoutError):
+        return "no answer from the broker in time (a firewall, or the wrong host?)"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror[:1].lower()}{e.strerror[1:]}"
     return f"{type(e).__name__}: {cut(text, 160)}"
 
 
@@ -265,9 +286,7 @@ class NodeLink(threading.Thread):
         self.last_error = ""
         self._conn: pika.BlockingConnection | None = None
         # deque append/popleft are atomic: the agent's threads add, the link takes.
-        self._side: collections.deque[SideMessage] = collections.deque(
-            maxlen=_SIDE_MAX
-        )
+        self._side: collections.deque[SideMessage] = collections.deque(maxlen=_SIDE_MAX)
 
     # -- API for the agent thread -------------------------------------------
 
@@ -359,7 +378,9 @@ class NodeLink(threading.Thread):
                         # TLS 1.3: a refused client certificate may show only so.
                         hint = " (is our client certificate trusted?)"
                     logger.warning(
-                        "broker: cannot connect: %s%s; retrying with backoff",
+                        "broker: cannot connect to %s:%s: %s%s; retrying with backoff",
+                        self._params.host,
+                        self._params.port,
                         why,
                         hint,
                     )

@@ -102,7 +102,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 def _load_manifest_doc(path: str) -> bytes:
     """Read a JSON or YAML manifest, validate it, return canonical JSON bytes."""
     from femd.manifest import Manifest, decode_manifest, encode_manifest
-    from femd.model import explain
+    from femd.plain import one_line
     from femd.yamlfile import YamlError, load_yaml
 
     raw = _read_input(path, "manifest")
@@ -117,7 +117,8 @@ def _load_manifest_doc(path: str) -> bytes:
             at = f" line {e.line}" if e.line else ""
             raise ManifestError(f"manifest {path}:{at} {e.message}") from e
         except msgspec.ValidationError as e:
-            raise ManifestError(f"manifest: {cut(explain(str(e)), 200)}") from e
+            text = one_line(data, Manifest, str(e))
+            raise ManifestError(f"manifest {path}: {text}") from e
     return encode_manifest(manifest)
 
 
@@ -182,11 +183,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_lint(args: argparse.Namespace) -> int:
-    from femd.policy import lint_file, load_policy
+    from femd.policy import lint_file, lint_warnings, load_policy
 
     problems = lint_file(Path(args.policy))
     for p in problems:
         print(f"femd: error: {p}", file=sys.stderr)
+    for w in lint_warnings(Path(args.policy)):
+        print(f"femd: warning: {w}", file=sys.stderr)
     if problems:
         return 2
     policy = load_policy(Path(args.policy)).policy
@@ -510,63 +513,64 @@ def _cmd_import_fem(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
+    import shutil
     import tempfile
 
+    from femd import doctor
     from femd.config import load_config
     from femd.launchers import build_all, load_profiles
 
+    config = None
     if args.launchers:
         profiles_dir, socket = Path(args.launchers), args.podman_socket
-        state_dir = Path(tempfile.mkdtemp(prefix="femd-doctor-"))
     else:
         config = load_config(Path(args.config) if args.config else None, os.environ)
         profiles_dir = Path(config.launchers)
         socket = args.podman_socket or config.podman.socket
-        state_dir = config.state_path
     profiles = load_profiles(profiles_dir)
-    _, caps = build_all(profiles, state_dir=state_dir, podman_socket=socket)
+    if not args.verbose:  # the trial's own "unsafe mode" warning: doctor says it
+        logging.getLogger("femd.launchers.podman").setLevel(logging.ERROR)
+    # Trial work dirs: as root in a private scratch dir (open_work_dirs opens
+    # its parents for the sandbox users), as femd in its own state dir.
+    scratch = Path(tempfile.mkdtemp(prefix="femd-doctor-"))
+    if os.geteuid() != 0 and config is not None:
+        work_root = config.state_path / "doctor"
+    else:
+        work_root = scratch / "doctor"
+    checks: list[doctor.Check] = []
+    usable: list[str] = []
+    try:
+        work_root.mkdir(parents=True, exist_ok=True)
+        _, caps = build_all(profiles, state_dir=scratch, podman_socket=socket)
+        for (pname, lname), cap in caps.items():
+            trial = doctor.trial_launcher(
+                lname, profiles[pname], state_dir=scratch, podman_socket=socket
+            )
+            check = doctor.check_launcher(
+                pname, lname, cap, trial, profiles[pname],
+                work_root=work_root, podman_socket=socket,
+            )  # fmt: skip
+            checks.append(check)
+            if check.status != "fail" and doctor.enforces_all(cap):
+                usable.append(f"{lname} ({pname})")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if work_root.parent != scratch:
+            shutil.rmtree(work_root, ignore_errors=True)
+    if config is not None:
+        b = config.broker
+        checks += doctor.check_broker(
+            b.url, Path(b.ca), Path(b.cert), Path(b.key), config.node,
+            timeout_s=b.connect_timeout_s,
+        )  # fmt: skip
+        checks.append(doctor.check_policy(Path(config.policy), config.node))
+        checks.append(doctor.check_state_dir(config.state_path))
+        checks.append(doctor.check_clock(config.clock_skew_s))
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {"profile": p, **msgspec.to_builtins(c)}
-                    for (p, _), c in caps.items()
-                ],
-                indent=1,
-            )
-        )
-    for (pname, lname), c in [] if args.json else list(caps.items()):
-
-        def yes(flag: bool) -> str:
-            return "yes" if flag else "NO"
-
-        state = "available" if c.available else "UNAVAILABLE"
-        print(f"{lname} (profile {pname}): {state}")
-        print(
-            f"  enforces: memory {yes(c.memory_limit)}, cpus {yes(c.cpu_limit)}"
-            f" (min {c.min_cpus:g}), pids {yes(c.pids_limit)},"
-            f" egress {yes(c.egress)}, ingress {yes(c.ingress)}"
-        )
-        for problem in c.problems:
-            print(f"  problem: {problem}")
-        for note in c.notes:
-            print(f"  note: {note}")
-    usable = [
-        k
-        for k, c in caps.items()
-        if c.available and c.memory_limit and c.cpu_limit and c.pids_limit
-    ]
-    if not args.json:
-        if usable:
-            print(
-                "tasks can run with: "
-                + ", ".join(f"{name} ({prof})" for prof, name in usable)
-            )
-        else:
-            print(
-                "no launcher can enforce every limit here: every task would be refused"
-            )
-    return 0 if usable else 1
+        sys.stdout.buffer.write(doctor.to_json(checks, usable) + b"\n")
+    else:
+        sys.stdout.write(doctor.render(checks, usable))
+    return doctor.exit_code(checks, usable)
 
 
 # ---------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from msgspec import Meta
 
 from femd.envelope import MAX_ENVELOPE_BYTES
 from femd.errors import ConfigError
-from femd.model import Name, Strict, explain
-from femd.yamlfile import YamlError, field_of, line_of, load_yaml, split_error
+from femd.model import Name, Strict
+from femd.plain import first
+from femd.yamlfile import YamlError, field_of, line_of, load_yaml
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -72,9 +73,7 @@ class AgentConfig(Strict, frozen=True, kw_only=True):
     retention_days: Annotated[float, Meta(gt=0, le=36500)] = 30.0
     node_status_interval_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
     live_log_bytes_s: Annotated[int, Meta(ge=0, le=16 * 1024 * 1024)] = 16 * 1024
-    live_log_burst_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = (
-        64 * 1024
-    )
+    live_log_burst_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     audit: Literal["auto", "journal", "stderr"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     podman: PodmanConfig = msgspec.field(default_factory=PodmanConfig)
@@ -111,7 +110,7 @@ def _load_struct(path: Path, env: Mapping[str, str], kind: type[_T]) -> _T:
     try:
         return msgspec.convert(data, kind, strict=True)
     except msgspec.ValidationError as e:
-        message, parts = split_error(explain(str(e)))
+        parts, message = first(data, kind, e)
         line = line_of(node, parts)[0]
         field = field_of(parts)
         where = f"{path}:{line}" if line else str(path)

@@ -52,7 +52,13 @@ from femd.stageout import pack_outputs
 from femd.state import State
 from femd.tree import remove_tree
 
-__all__ = ["CODE_TARGET", "Runner", "admission_reasons", "build_spec"]
+__all__ = [
+    "CODE_TARGET",
+    "Runner",
+    "admission_reasons",
+    "build_spec",
+    "open_work_dirs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +189,34 @@ def admission_reasons(
     return unenforceable(spec, cap)
 
 
+def open_work_dirs(work: Path, launcher: str) -> None:
+    """Let the sandbox's user reach a task's dirs, and nobody else list them.
+
+    Under the unit, femd and its process tasks share the `femd` user and
+    femd-podman reaches work dirs through group `femd`: 0750 is enough and
+    "other" stays shut (podman's writable `out` needs a closed parent). When
+    femd runs as root (tests, some installs) process tasks run as another
+    user, who must traverse, not list, the path: 0711.
+    """
+    work_root = work.parent
+    if os.geteuid() != 0:
+        for d in (work_root, work):
+            d.chmod(0o750)
+        return
+    if launcher == "podman":
+        try:
+            gid = grp.getgrnam("femd-podman").gr_gid
+        except KeyError:
+            gid = -1
+        for d in (work_root.parent, work_root):
+            d.chmod(0o711)
+        os.chown(work, -1, gid)
+        work.chmod(0o710)
+        return
+    for d in (work_root.parent, work_root, work):
+        d.chmod(0o711)
+
+
 class Runner:
     """Runs one admitted task to a terminal state (in a worker thread)."""
 
@@ -249,38 +283,11 @@ class Runner:
             **kw,  # type: ignore[arg-type]
         )
 
-    def _open_work_dirs(self) -> None:
-        """Let the sandbox's user reach the task's dirs, and nobody else list them.
-
-        Under the unit, femd and its process tasks share the `femd` user and
-        femd-podman reaches work dirs through group `femd`: 0750 is enough and
-        "other" stays shut (podman's writable `out` needs a closed parent). When
-        femd runs as root (tests, some installs) process tasks run as another
-        user, who must traverse, not list, the path: 0711.
-        """
-        work_root = self.work.parent
-        if os.geteuid() != 0:
-            for d in (work_root, self.work):
-                d.chmod(0o750)
-            return
-        if self.task.launcher == "podman":
-            try:
-                gid = grp.getgrnam("femd-podman").gr_gid
-            except KeyError:
-                gid = -1
-            for d in (work_root.parent, work_root):
-                d.chmod(0o711)
-            os.chown(self.work, -1, gid)
-            self.work.chmod(0o710)
-            return
-        for d in (work_root.parent, work_root, self.work):
-            d.chmod(0o711)
-
     def _stage_in(self) -> LaunchSpec:
         t = self.task
         remove_tree(self.work)
         (self.work / "out").mkdir(parents=True)
-        self._open_work_dirs()
+        open_work_dirs(self.work, self.task.launcher)
         code = None
         if t.source is not None:
             tree = stage_git(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sqlite3
 import threading
@@ -36,8 +35,8 @@ from typing import Any, Final
 
 import msgspec
 
-from femd.errors import StageOutError, StateError, cut
-from femd.stageout import Reassembler, unpack_outputs
+from femd.assembly import OutputAssembly, now_text, release_dead_claims
+from femd.errors import StateError, cut
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT_BYTES",
@@ -114,10 +113,6 @@ CREATE TABLE submitted (
     submitted_at TEXT NOT NULL
 );
 """
-
-
-def _now_text() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _parse_time(text: str) -> datetime:
@@ -218,10 +213,8 @@ class Inbox:
         self.max_output_bytes = max_output_bytes
         self._lock = threading.Lock()
         self._events: list[tuple[str, int, str, str, str]] = []
-        self._chunks: set[tuple[str, str, int]] = set()
         self._nodes: dict[str, str] = {}
         self._logs: list[tuple[str, str, int, int, bytes]] = []
-        self._parts: dict[tuple[str, str], Reassembler] = {}
         try:
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = sqlite3.connect(
@@ -233,6 +226,7 @@ class Inbox:
             self._setup()
         except (OSError, sqlite3.Error) as e:
             raise StateError(f"inbox: cannot open {cut(root)}: {cut(e)}") from e
+        self.assembly = OutputAssembly(self, root, max_output_bytes)
 
     def _setup(self) -> None:
         db = self._db
@@ -252,17 +246,7 @@ class Inbox:
                     f"inbox: unsupported schema version in {cut(self.root)}"
                     f" (got {version}, expected {SCHEMA_VERSION})"
                 )
-            # A receiver killed while verifying: whoever comes next does it.
-            for node, task, pid in db.execute(
-                "SELECT node, task_id, claimed_by FROM outputs"
-                " WHERE status = 'verifying'"
-            ).fetchall():
-                if not _alive(pid):
-                    db.execute(
-                        "UPDATE outputs SET status = 'receiving', claimed_by = NULL"
-                        " WHERE node = ? AND task_id = ?",
-                        (node, task),
-                    )
+            release_dead_claims(db)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -270,14 +254,17 @@ class Inbox:
 
     def close(self) -> None:
         """Close open part files and the database."""
-        for part in self._parts.values():
-            part.close()
-        self._parts.clear()
+        self.assembly.close()
         with self._lock:
             self._db.close()
 
     @contextmanager
-    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+    def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction, rolled back on any error.
+
+        Raises:
+            StateError: sqlite failed.
+        """
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -290,7 +277,12 @@ class Inbox:
             except sqlite3.Error as e:
                 raise StateError(f"inbox: {what} failed: {cut(e)}") from e
 
-    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+    def query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+        """The rows of one read.
+
+        Raises:
+            StateError: sqlite failed.
+        """
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()
@@ -346,121 +338,6 @@ class Inbox:
             return
         self._logs.append((*key, seq, dropped, body))
 
-    def stage_chunk(
-        self, routing_key: str, headers: Mapping[str, Any], body: bytes
-    ) -> None:
-        """Write a result chunk to its part file; its row waits for ``commit()``.
-
-        A chunk that contradicts its outputs' announcement marks those outputs
-        failed (at commit); a malformed one is logged and dropped.
-
-        Raises:
-            StateError: the inbox database failed.
-        """
-        key = _split_key(routing_key)
-        if key is None:
-            logger.warning("inbox: dropping a chunk routed %s", cut(routing_key))
-            return
-        node, task = key
-        try:
-            index, total = int(headers["index"]), int(headers["total"])
-            sha = str(headers["sha256"])
-            size = int(headers["size"]) if "size" in headers else None
-            offset = int(headers["offset"]) if "offset" in headers else None
-        except (KeyError, TypeError, ValueError):
-            logger.warning("inbox: dropping a malformed chunk (%s)", cut(routing_key))
-            return
-        status = self._output_row(node, task)
-        if status is not None and status[0] in ("complete", "failed", "verifying"):
-            return  # a duplicate of outputs already handled
-        if size is None:
-            size = status[1] if status is not None else None
-        if size is None:
-            # An older node states no size; the terminal event will.
-            logger.warning("inbox: chunk of %s/%s without size; dropped", node, task)
-            return
-        try:
-            part = self._part(node, task, sha, size, total)
-            part.feed(index, total, body, offset)
-        except StageOutError as e:
-            self._fail(node, task, sha, size, total, str(e))
-            return
-        self._chunks.add((node, task, index))
-
-    # -- output bookkeeping ------------------------------------------------------
-
-    def _output_row(self, node: str, task: str) -> tuple[str, int, str, int] | None:
-        rows = self._read(
-            "SELECT status, size, sha256, chunks FROM outputs"
-            " WHERE node = ? AND task_id = ?",
-            (node, task),
-        )
-        return None if not rows else (rows[0][0], rows[0][1], rows[0][2], rows[0][3])
-
-    def _part(
-        self, node: str, task: str, sha: str, size: int, total: int
-    ) -> Reassembler:
-        key = (node, task)
-        part = self._parts.get(key)
-        if part is not None:
-            if (part.sha256, part.size, part.chunks) != (sha, size, total):
-                raise StageOutError("outputs: chunks announce two different archives")
-            return part
-        with self._write("announce outputs") as db:
-            db.execute(
-                "INSERT OR IGNORE INTO outputs (node, task_id, sha256, size, chunks,"
-                " status, updated_at) VALUES (?, ?, ?, ?, ?, 'receiving', ?)",
-                (node, task, sha, size, total, _now_text()),
-            )
-            row = db.execute(
-                "SELECT sha256, size, chunks FROM outputs"
-                " WHERE node = ? AND task_id = ?",
-                (node, task),
-            ).fetchone()
-            received = [
-                i
-                for (i,) in db.execute(
-                    "SELECT idx FROM chunks WHERE node = ? AND task_id = ?",
-                    (node, task),
-                )
-            ]
-        if tuple(row) != (sha, size, total):
-            raise StageOutError(
-                f"outputs: chunks announce {sha[:12]}… ({size} bytes), but"
-                f" {row[0][:12]}… ({row[1]} bytes) was announced before"
-            )
-        (self.root / "parts" / node).mkdir(parents=True, exist_ok=True, mode=0o700)
-        part = Reassembler(
-            self.root / "parts" / node / f"{task}.part",
-            sha256=sha,
-            size=size,
-            chunks=total,
-            max_bytes=self.max_output_bytes,
-            received=received,
-        )
-        self._parts[key] = part
-        return part
-
-    def _fail(
-        self, node: str, task: str, sha: str, size: int, chunks: int, why: str
-    ) -> None:
-        logger.error("inbox: outputs of %s/%s refused: %s", node, task, why)
-        with self._write("fail outputs") as db:
-            db.execute(
-                "INSERT OR IGNORE INTO outputs (node, task_id, sha256, size, chunks,"
-                " status, updated_at) VALUES (?, ?, ?, ?, ?, 'failed', ?)",
-                (node, task, sha, max(size, 0), max(chunks, 1), _now_text()),
-            )
-            db.execute(
-                "UPDATE outputs SET status = 'failed', error = ?, updated_at = ?"
-                " WHERE node = ? AND task_id = ?",
-                (cut(why, 300), _now_text(), node, task),
-            )
-        part = self._parts.pop((node, task), None)
-        if part is not None:
-            part.close()
-        (self.root / "parts" / node / f"{task}.part").unlink(missing_ok=True)
-
     # -- commit --------------------------------------------------------------------
 
     def commit(self) -> None:
@@ -473,15 +350,13 @@ class Inbox:
             StateError: the database failed (nothing staged may be acked).
             StageOutError: a part file cannot be synced.
         """
-        if not (self._events or self._chunks or self._nodes or self._logs):
+        if not (self._events or self.assembly.staged or self._nodes or self._logs):
             return
-        touched = {(n, t) for n, t, _ in self._chunks}
-        for key in touched:
-            self._parts[key].sync()
-        now = _now_text()
+        touched = self.assembly.sync()
+        now = now_text()
         announced: list[tuple[str, str, dict[str, Any]]] = []
         fresh: list[str] = []
-        with self._write("commit") as db:
+        with self.transaction("commit") as db:
             for node, seq, task, state, text in self._events:
                 if db.execute(
                     "INSERT OR IGNORE INTO events (node, seq, task_id, state, body,"
@@ -492,10 +367,7 @@ class Inbox:
                 outputs = json.loads(text).get("outputs")
                 if state in TERMINAL and isinstance(outputs, dict):
                     announced.append((node, task, outputs))
-            db.executemany(
-                "INSERT OR IGNORE INTO chunks (node, task_id, idx) VALUES (?, ?, ?)",
-                sorted(self._chunks),
-            )
+            self.assembly.record(db)
             db.executemany(
                 "INSERT INTO nodes (node, body, seen_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (node) DO UPDATE SET body = excluded.body,"
@@ -512,82 +384,26 @@ class Inbox:
             with (self.root / "events.jsonl").open("a") as f:
                 f.write("".join(line + "\n" for line in fresh))
         self._events.clear()
-        self._chunks.clear()
         self._nodes.clear()
         self._logs.clear()
         for node, task, outputs in announced:
-            self._check_announcement(node, task, outputs)
+            self.assembly.check_announcement(node, task, outputs)
         for node, task in touched:
-            self._finish_if_complete(node, task)
+            self.assembly.finish_if_complete(node, task)
 
-    def _check_announcement(
-        self, node: str, task: str, outputs: dict[str, Any]
-    ) -> None:
-        """The terminal event's ``outputs`` must match what the chunks said."""
-        try:
-            sha, size, chunks = (
-                str(outputs["sha256"]),
-                int(outputs["bytes"]),
-                int(outputs["chunks"]),
-            )
-        except (KeyError, TypeError, ValueError):
-            logger.warning("inbox: %s/%s announces malformed outputs", node, task)
-            return
-        row = self._output_row(node, task)
-        if row is None:
-            with self._write("announce outputs") as db:
-                db.execute(
-                    "INSERT OR IGNORE INTO outputs (node, task_id, sha256, size,"
-                    " chunks, status, updated_at) VALUES (?, ?, ?, ?, ?,"
-                    " 'receiving', ?)",
-                    (node, task, sha, size, chunks, _now_text()),
-                )
-            return
-        if (row[2], row[1], row[3]) != (sha, size, chunks) and row[0] != "failed":
-            # SECURITY: only what the node announced in its status event is kept.
-            self._fail(
-                node, task, sha, size, chunks,
-                "outputs: chunks differ from the announcement in the status event",
-            )  # fmt: skip
+    def stage_chunk(
+        self, routing_key: str, headers: Mapping[str, Any], body: bytes
+    ) -> bool:
+        """Place a result chunk (see ``OutputAssembly.stage``); False: hand it back.
 
-    def _finish_if_complete(self, node: str, task: str) -> None:
-        with self._write("claim outputs") as db:
-            got = db.execute(
-                "SELECT COUNT(*) FROM chunks WHERE node = ? AND task_id = ?",
-                (node, task),
-            ).fetchone()[0]
-            claimed = db.execute(
-                "UPDATE outputs SET status = 'verifying', claimed_by = ?,"
-                " updated_at = ? WHERE node = ? AND task_id = ?"
-                " AND status = 'receiving' AND chunks = ?",
-                (os.getpid(), _now_text(), node, task, got),
-            ).rowcount
-        if not claimed:
-            return
-        part = self._parts.pop((node, task))
-        part.received = set(range(part.chunks))  # other receivers wrote the rest
-        dest_dir = self.root / node
-        dest_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        archive = dest_dir / f"{task}.tar.gz"
-        try:
-            archive.unlink(missing_ok=True)  # a leftover of a killed verification
-            part.write(archive)
-            unpack_outputs(archive, dest_dir / task, max_bytes=self.max_output_bytes)
-        except StageOutError as e:
-            part.close()
-            self._fail(node, task, part.sha256, part.size, part.chunks, str(e))
-            return
-        part.close()
-        with self._write("complete outputs") as db:
-            db.execute(
-                "UPDATE outputs SET status = 'complete', updated_at = ?"
-                " WHERE node = ? AND task_id = ?",
-                (_now_text(), node, task),
-            )
-            db.execute(
-                "DELETE FROM chunks WHERE node = ? AND task_id = ?", (node, task)
-            )
-        logger.info("inbox: outputs of %s/%s verified into %s", node, task, archive)
+        Raises:
+            StateError: the inbox database failed.
+        """
+        key = _split_key(routing_key)
+        if key is None:
+            logger.warning("inbox: dropping a chunk routed %s", cut(routing_key))
+            return True
+        return self.assembly.stage(*key, headers, body)
 
     # -- submitted tasks ----------------------------------------------------------
 
@@ -599,16 +415,16 @@ class Inbox:
         Raises:
             StateError: the write failed.
         """
-        with self._write("record submitted") as db:
+        with self.transaction("record submitted") as db:
             db.execute(
                 "INSERT OR REPLACE INTO submitted (task_id, kind, project, nodes,"
                 " submitted_at) VALUES (?, ?, ?, ?, ?)",
-                (task_id, kind, project, json.dumps(nodes), _now_text()),
+                (task_id, kind, project, json.dumps(nodes), now_text()),
             )
 
     def submitted(self, task_id: str) -> tuple[str, list[str]] | None:
         """(project, nodes) of a task submitted from here, or None."""
-        rows = self._read(
+        rows = self.query(
             "SELECT project, nodes FROM submitted WHERE task_id = ?", (task_id,)
         )
         return None if not rows else (rows[0][0], json.loads(rows[0][1]))
@@ -618,15 +434,15 @@ class Inbox:
     def _since(self, what: str, task_id: str | None, after: int) -> list[Any]:
         """``SELECT what`` rows with ``id > after`` (of one task), in id order."""
         if task_id is None:
-            return self._read(f"SELECT {what} WHERE id > ? ORDER BY id", (after,))
-        return self._read(
+            return self.query(f"SELECT {what} WHERE id > ? ORDER BY id", (after,))
+        return self.query(
             f"SELECT {what} WHERE id > ? AND task_id = ? ORDER BY id",
             (after, task_id),
         )
 
     def last_ids(self) -> tuple[int, int]:
         """The newest (event, log batch) inbox ids, 0 when there is none."""
-        rows = self._read(
+        rows = self.query(
             "SELECT (SELECT COALESCE(MAX(id), 0) FROM events),"
             " (SELECT COALESCE(MAX(id), 0) FROM logs)"
         )
@@ -639,7 +455,7 @@ class Inbox:
 
     def output(self, node: str, task_id: str) -> OutputStatus | None:
         """Where the outputs of *task_id* from *node* stand, or None if unknown."""
-        rows = self._read(
+        rows = self.query(
             "SELECT status, size, chunks, error, (SELECT COUNT(*) FROM chunks c"
             " WHERE c.node = o.node AND c.task_id = o.task_id) FROM outputs o"
             " WHERE node = ? AND task_id = ?",
@@ -656,7 +472,7 @@ class Inbox:
 
     def nodes(self) -> list[NodeSeen]:
         """Every node that ever sent its status, by name."""
-        rows = self._read("SELECT node, body, seen_at FROM nodes ORDER BY node")
+        rows = self.query("SELECT node, body, seen_at FROM nodes ORDER BY node")
         return [NodeSeen(n, json.loads(b), _parse_time(at)) for n, b, at in rows]
 
     def logs(self, task_id: str | None = None, after: int = 0) -> list[LogBatch]:
@@ -673,7 +489,7 @@ class Inbox:
 
     def tasks(self) -> list[TaskSummary]:
         """The latest state of every task on every node, newest first."""
-        rows = self._read(
+        rows = self.query(
             "SELECT e.node, e.task_id, e.state, json_extract(e.body, '$.at'),"
             " o.status FROM events e LEFT JOIN outputs o"
             " ON o.node = e.node AND o.task_id = e.task_id"
@@ -682,15 +498,3 @@ class Inbox:
             " ORDER BY e.id DESC"
         )
         return [TaskSummary(n, t, s, str(at or ""), o) for n, t, s, at, o in rows]
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

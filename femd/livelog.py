@@ -60,7 +60,9 @@ class LogFollower:
         self.tokens = float(burst_bytes)
         self.offset = 0
         self.partial = b""
-        self.seq = 0
+        # Microseconds at start: a follower started again after an agent
+        # restart never reuses a seq (the orchestrator keeps one per seq).
+        self.seq = time.time_ns() // 1000
         self.dropped = 0
         self.sent = 0
         self._batch = bytearray()

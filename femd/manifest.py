@@ -29,6 +29,7 @@ from femd.model import (
     explain,
     refuse_duplicate_keys,
 )
+from femd.plain import one_line
 
 __all__ = [
     "Cancel",
@@ -190,7 +191,10 @@ def decode_manifest(payload: bytes) -> Manifest:
     try:
         refuse_duplicate_keys(payload)
         manifest: Manifest = _decoder.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
+    except msgspec.ValidationError as e:
+        text = one_line(msgspec.json.decode(payload), Manifest, explain(str(e)))
+        raise ManifestError(f"manifest: {text}") from e
+    except (msgspec.DecodeError, ValueError) as e:
         raise ManifestError(f"manifest: {cut(explain(str(e)), 200)}") from e
     return manifest
 

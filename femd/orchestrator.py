@@ -130,7 +130,7 @@ class Receiver:
         self._params: pika.ConnectionParameters | None = None
         self._inbox = inbox
         self._conn: pika.BlockingConnection | None = None
-        self._acks: list[tuple[Any, int]] = []
+        self._acks: list[tuple[Any, int, bool]] = []
         self._backoff = 0.5
         self._retry_at = 0.0
         self._reported: set[str] = set()
@@ -141,7 +141,7 @@ class Receiver:
         if self._params is None:
             self._params = connection_parameters(self._cfg.broker)
         conn = pika.BlockingConnection(self._params)
-        handlers: dict[str, Callable[[Any, Any, Any, bytes], None]] = {
+        handlers: dict[str, Callable[[Any, Any, Any, bytes], bool | None]] = {
             EVENTS_QUEUE: lambda _c, m, _p, b: self._inbox.stage_event(
                 m.routing_key, b
             ),
@@ -169,20 +169,27 @@ class Receiver:
         self._conn = conn
 
     def _deliver(
-        self, handle: Callable[[Any, Any, Any, bytes], None]
+        self, handle: Callable[[Any, Any, Any, bytes], bool | None]
     ) -> Callable[[Any, Any, Any, bytes], None]:
         def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:  # noqa: ANN401
-            handle(ch, method, props, body)
-            self._acks.append((ch, method.delivery_tag))
+            later = handle(ch, method, props, body) is False
+            self._acks.append((ch, method.delivery_tag, later))
 
         return on_message
 
     def _settle(self) -> None:
-        """Commit what was staged, then ack it (DESIGN: ack after commit)."""
+        """Commit what was staged, then ack it (DESIGN: ack after commit).
+
+        A delivery the inbox cannot place yet (an old node's chunk before its
+        terminal event) goes back to the broker instead.
+        """
         self._inbox.commit()
         acks, self._acks = self._acks, []
-        for ch, tag in acks:
-            ch.basic_ack(tag)
+        for ch, tag, later in acks:
+            if later:
+                ch.basic_nack(tag, requeue=True)
+            else:
+                ch.basic_ack(tag)
 
     def pump(self, time_limit: float = 0.2) -> None:
         """Serve the broker for about *time_limit* seconds; never raises on I/O.

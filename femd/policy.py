@@ -31,16 +31,13 @@ from femd.model import (
     Peer,
     Port,
     Strict,
-    explain,
 )
+from femd.plain import first, problems
 from femd.yamlfile import (
-    ANY_KEY,
-    KEY,
     YamlError,
     field_of,
     line_of,
     load_yaml,
-    split_error,
 )
 
 __all__ = [
@@ -59,6 +56,7 @@ __all__ = [
     "SignerKey",
     "lint",
     "lint_file",
+    "lint_warnings",
     "load_policy",
     "policy_schema",
     "valid_peer",
@@ -470,37 +468,6 @@ def _load_keys(
     return keys, blobs
 
 
-_UNKNOWN: Final = re.compile(r"Object contains unknown field `([^`]+)`")
-_ENTRIES: Final[Mapping[str, type[Strict]]] = {
-    "signers": Signer,
-    "datasets": Dataset,
-    "runtimes": Runtime,
-    "projects": Project,
-}
-
-
-def _error_path(data: Any, message: str) -> tuple[str, list[str | int]]:  # noqa: ANN401
-    """Split a conversion error, naming the dict entry msgspec leaves out."""
-    message, parts = split_error(message)
-    if unknown := _UNKNOWN.fullmatch(message):
-        parts.append(unknown.group(1))  # point at the stray key's own line
-    ok = len(parts) > 1 and isinstance(data, dict)
-    section = data.get(str(parts[0])) if ok else None
-    if not isinstance(section, dict) or parts[1] not in (ANY_KEY, KEY):
-        return message, parts
-    # msgspec checks entries in order, so the first that fails alone is the one.
-    for key, value in section.items():
-        try:
-            if parts[1] == KEY:
-                msgspec.convert(key, Name)
-            else:
-                msgspec.convert(value, _ENTRIES[str(parts[0])], strict=True)
-        except msgspec.ValidationError as e:
-            rest = [] if parts[1] == KEY else _error_path(value, explain(str(e)))[1]
-            return message, [parts[0], str(key), *rest]
-    return message, parts  # pragma: no cover (defensive: no entry fails alone)
-
-
 def load_policy(path: Path) -> LoadedPolicy:
     """Load, validate and lint a policy file or directory; load its keys.
 
@@ -513,9 +480,9 @@ def load_policy(path: Path) -> LoadedPolicy:
         # Without builtin_types msgspec takes YAML dates and quoted strings alike.
         policy = msgspec.convert(data, Policy, strict=True)
     except msgspec.ValidationError as e:
-        message, parts = _error_path(data, explain(str(e)))
+        parts, message = first(data, Policy, e)
         doc = _locate(docs, parts)
-        raise _fail(doc, str(doc.path), parts, message[0].lower() + message[1:]) from e
+        raise _fail(doc, str(doc.path), parts, message) from e
     problems = lint(policy)
     if problems:
         p = problems[0]
@@ -541,11 +508,11 @@ def lint_file(path: Path) -> list[str]:
         data = _merge(docs) if len(docs) > 1 else docs[0].data
         try:
             policy = msgspec.convert(data, Policy, strict=True)
-        except msgspec.ValidationError:
-            load_policy(path)  # raises the located error
-            raise RuntimeError(  # pragma: no cover (load_policy raised above)
-                "unreachable: conversion failed twice differently"
-            ) from None
+        except msgspec.ValidationError as e:
+            # Every type problem in one pass, not just msgspec's first.
+            found = problems(data, Policy) or [first(data, Policy, e)]
+            located = [(_locate(docs, p), p, m) for p, m in found]
+            return [str(_fail(d, str(d.path), p, m)) for d, p, m in located]
         out = []
         for p in lint(policy):
             doc = _locate(docs, list(p.path))
@@ -556,3 +523,30 @@ def lint_file(path: Path) -> list[str]:
     except PolicyError as e:
         return [str(e)]
     return []
+
+
+def lint_warnings(path: Path) -> list[str]:
+    """Problems that do not make a policy invalid but will refuse tasks.
+
+    Today: a dataset whose path does not exist on this host (a task using it
+    fails at stage-in). Returns ``file:line: field: message`` lines; a policy
+    that does not load yields none here (``lint_file`` reports it).
+    """
+    try:
+        docs = _read_docs(path)
+        data = _merge(docs) if len(docs) > 1 else docs[0].data
+        policy = msgspec.convert(data, Policy, strict=True)
+    except (PolicyError, msgspec.ValidationError):
+        return []
+    out = []
+    for name, dataset in sorted(policy.datasets.items()):
+        if Path(dataset.path).exists():
+            continue
+        parts: list[str | int] = ["datasets", name, "path"]
+        doc = _locate(docs, parts)
+        message = (
+            f"{dataset.path} does not exist on this host; tasks using dataset "
+            f"{name!r} will fail at stage-in (create it or fix the path)"
+        )
+        out.append(str(_fail(doc, str(doc.path), parts, message)))
+    return out

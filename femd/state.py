@@ -802,6 +802,20 @@ class State:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return events, payloads
 
+    def queued_archives(self) -> set[str]:
+        """Paths of the archives that still have result chunks to publish.
+
+        Raises:
+            StateError: the read failed.
+        """
+        with self._read("queued archives") as db:
+            rows = db.execute(
+                "SELECT DISTINCT json_extract(headers, '$._file') FROM outbox"
+                " WHERE exchange = ? AND published = 0",
+                (RESULTS_EXCHANGE,),
+            ).fetchall()
+        return {str(f) for (f,) in rows if f is not None}
+
     def counts(self) -> dict[str, int]:
         """Return the number of tasks in each state (for sd_notify ``STATUS=``).
 

@@ -87,12 +87,54 @@ def load_yaml(text: bytes) -> tuple[Any, Any]:
         problem: str = e.problem or e.context or "invalid YAML"
         if e.context and problem.startswith("but "):  # "expected X, but found Y"
             problem = f"{e.context}, {problem}"
-        raise YamlError(cut(problem, 120), line) from e
+        raise YamlError(_plain_yaml(problem), line) from e
     except yaml.YAMLError as e:
         raise YamlError(cut(e, 120)) from e
     except RecursionError as e:
         raise YamlError("nests too deeply") from e
     return data, node
+
+
+# PyYAML's problems in a steward's words (first match wins).
+_YAML_WORDS: Final = (
+    (
+        "expected <block end>",
+        "this line is indented differently from the lines above it: keys at "
+        "the same level need the same number of spaces",
+    ),
+    (
+        "mapping values are not allowed",
+        "a `: ` where YAML does not expect one: check the indentation, or put "
+        "the value in quotes",
+    ),
+    ("'\\t'", "a tab character: indent YAML with spaces"),
+    (
+        "could not find expected ':'",
+        "a line that is not `key: value` (a missing `:`, or a quote not closed?)",
+    ),
+    ("expected ',' or ']'", "a list opened with `[` is not closed with `]`"),
+    ("expected ',' or '}'", "a mapping opened with `{` is not closed with `}`"),
+    ("found unexpected end of stream", "a quote is not closed"),
+    (
+        "expected a single document",
+        "a second YAML document (`---`): one document per file",
+    ),
+)
+_TAG: Final = re.compile(r"could not determine a constructor for the tag '([^']*)'")
+
+
+def _plain_yaml(problem: str) -> str:
+    """PyYAML's *problem* as one sentence a steward understands."""
+    if m := _TAG.search(problem):
+        tag = m.group(1).removeprefix("tag:yaml.org,2002:")
+        return (
+            f"the YAML tag `{cut(tag, 60)}` is not allowed: femd reads plain "
+            "YAML (no `!tags`, no `<<` merge keys)"
+        )
+    for needle, words in _YAML_WORDS:
+        if needle in problem:
+            return words
+    return f"not valid YAML: {cut(problem, 120)}"
 
 
 # msgspec never names a dict key in its paths: `$.projects[...].threshold` (some

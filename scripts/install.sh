@@ -1,8 +1,9 @@
 #!/bin/sh
 # Idempotent set-up of everything femd's demo and tests need, on a fresh
 # Debian 12 where you are root and only python3 and git exist:
-#   - Debian packages (RabbitMQ, rootless Podman with runc, bubblewrap,
-#     systemd-nspawn, debootstrap, busybox for test images),
+#   - Debian packages (RabbitMQ, rootless Podman with runc, uidmap and
+#     catatonit, bubblewrap, systemd-nspawn, debootstrap, busybox for test
+#     images, lintian for the package test, TLS roots for pip),
 #   - the unprivileged users tasks run as (femd-task for bubblewrap,
 #     femd-podman for rootless Podman with its subuid/subgid ranges),
 #   - a virtualenv in .venv with femd installed (editable) and its test tools,
@@ -17,8 +18,13 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
-pkgs="python3-venv python3-dev gcc rabbitmq-server podman runc uidmap bubblewrap \
-systemd-container debootstrap busybox-static iproute2 procps util-linux"
+# Installed without Recommends, so everything a step needs is listed here: e.g.
+# catatonit (the container init podman runs with --init) is only recommended
+# by podman, and ca-certificates only by git and python3-pip.
+pkgs="python3-venv python3-dev gcc ca-certificates git rabbitmq-server \
+podman runc uidmap catatonit bubblewrap \
+systemd-container debootstrap busybox-static iproute2 procps util-linux \
+lintian"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \

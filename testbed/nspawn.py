@@ -49,6 +49,8 @@ from types import TracebackType
 from typing import Any
 
 __all__ = [
+    "BARE_BASE",
+    "BARE_PACKAGES",
     "PACKAGES",
     "BootError",
     "Container",
@@ -82,6 +84,11 @@ PACKAGES: tuple[str, ...] = (
     "busybox-static",
     "procps",
 )
+# The newcomer's machine the README promises to work on: a booted minimal
+# Debian 12 (debootstrap minbase and an init) where only python3 and git were
+# added. scripts/install.sh must bring everything else.
+BARE_BASE: tuple[str, ...] = ("systemd", "systemd-sysv", "dbus")
+BARE_PACKAGES: tuple[str, ...] = ("python3", "git")
 # Bump when the preparation below changes, so old caches are not reused.
 _RECIPE = "3"
 _ENV = {
@@ -114,15 +121,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEMD_TEST_CACHE", "/var/cache/femd-test"))
 
 
-def _key(packages: Sequence[str]) -> str:
+def _key(packages: Sequence[str], base: Sequence[str]) -> str:
     text = "\n".join([_RECIPE, SUITE, MIRROR, *sorted(packages)])
+    if tuple(base) != _BASE:  # keeps the key of existing caches
+        text += "\nbase:" + ",".join(sorted(base))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def ensure_rootfs(
-    packages: Sequence[str] = PACKAGES, *, cache: Path | None = None
+    packages: Sequence[str] = PACKAGES,
+    *,
+    cache: Path | None = None,
+    base: Sequence[str] | None = None,
 ) -> Path:
     """Return a cached Debian root with *packages*, debootstrapping it once.
+
+    *base* is what debootstrap itself adds to minbase (default: systemd,
+    dbus and ca-certificates); *packages* are then installed with apt.
 
     The root is built in a temporary directory next to the cache entry and
     renamed into place only when complete, so an interrupted build is never
@@ -131,14 +146,15 @@ def ensure_rootfs(
     Raises:
         BootError: debootstrap or the preparation failed.
     """
-    base = cache or cache_dir()
-    root = base / f"rootfs-{SUITE}-{_key(packages)}"
+    include = _BASE if base is None else tuple(base)
+    where = cache or cache_dir()
+    root = where / f"rootfs-{SUITE}-{_key(packages, include)}"
     if (root / ".femd-complete").exists():
         return root
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=base))
+    where.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=where))
     try:
-        _debootstrap(tmp, packages)
+        _debootstrap(tmp, packages, include)
         _prepare(tmp)
         (tmp / ".femd-complete").write_text(" ".join(sorted(packages)) + "\n")
         if (root / ".femd-complete").exists():  # another run finished first
@@ -165,13 +181,13 @@ def _run(cmd: Sequence[str], what: str, log: Path | None = None) -> None:
         raise BootError(f"{what} failed ({done.returncode}):\n{tail}")
 
 
-def _debootstrap(root: Path, packages: Sequence[str]) -> None:
+def _debootstrap(root: Path, packages: Sequence[str], base: Sequence[str]) -> None:
     """A minbase root with systemd, then apt (a real resolver) for the rest."""
     _run(
         [
             "debootstrap",
             "--variant=minbase",
-            "--include=" + ",".join(_BASE),
+            "--include=" + ",".join(base),
             SUITE,
             str(root),
             MIRROR,

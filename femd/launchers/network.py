@@ -36,6 +36,7 @@ import shutil
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Final, Literal, NamedTuple
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 _MAX_CONNECTIONS: Final = 256  # per task, both directions together
 _CONNECT_TIMEOUT_S: Final = 10.0
 _CHUNK: Final = 65536
+_FLUSH_S: Final = 5.0  # after the task ended: what it sent still goes out
 _RESOLV: Final = "# femd: no resolver in the sandbox; names are in /etc/hosts\n"
 _NSSWITCH: Final = "hosts: files\n"
 
@@ -183,7 +185,7 @@ class TaskNetwork:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._workers: list[threading.Thread] = []
+        self._workers: list[tuple[threading.Thread, threading.Event]] = []
         self._closed = False
 
     # -- before the sandbox ----------------------------------------------------
@@ -296,20 +298,32 @@ class TaskNetwork:
             sel.register(s, selectors.EVENT_READ)
         sel.register(wake, selectors.EVENT_READ)
         try:
-            while not self._closed:
+            while True:
                 for key, _ in sel.select():
                     if key.fileobj is wake:
+                        self._drain()
                         return
                     self._accept(key.fileobj)  # type: ignore[arg-type]
         finally:
             sel.close()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _drain(self) -> None:
+        """Serve what the ended task opened but femd did not accept yet.
+
+        Those connections hold what it sent. No new ingress is taken.
+        """
+        for listener in self._inner:
+            while self._accept(listener):
+                pass
+
+    def _accept(self, listener: socket.socket) -> bool:
+        """Accept one connection and start its worker; False when none waits."""
         try:
             conn, peer = listener.accept()
         except OSError:
-            return
+            return False
         conn.setblocking(True)
+        done = threading.Event()  # set once the task's side is forwarded
         with self._lock:
             busy = len(self._live) >= 2 * _MAX_CONNECTIONS
         if listener in self._inner:
@@ -318,29 +332,33 @@ class TaskNetwork:
                 self._refuse(
                     conn, "egress", route.allowed, "task", "too many connections"
                 )
-                return
+                return True
             work = threading.Thread(
-                target=self._egress, args=(conn, route), daemon=True
+                target=self._egress, args=(conn, route, done), daemon=True
             )
         else:
             port = self._outer[listener]
             where = f"{_peer_address(peer[0])}:{peer[1]}"
             if not any(_peer_address(peer[0]) in n for n in self._peers):
                 self._refuse(conn, "ingress", str(port), where, "peer not allowed")
-                return
+                return True
             if busy:
                 self._refuse(conn, "ingress", str(port), where, "too many connections")
-                return
+                return True
             work = threading.Thread(
-                target=self._ingress, args=(conn, port, where), daemon=True
+                target=self._ingress, args=(conn, port, where, done), daemon=True
             )
         with self._lock:
-            self._workers = [w for w in self._workers if w.is_alive()] + [work]
+            alive = [(w, d) for w, d in self._workers if w.is_alive()]
+            self._workers = [*alive, (work, done)]
         work.start()
+        return True
 
     # -- one connection ----------------------------------------------------------
 
-    def _egress(self, inner: socket.socket, route: _Route) -> None:
+    def _egress(
+        self, inner: socket.socket, route: _Route, done: threading.Event
+    ) -> None:
         outer = None
         error = ""
         for target in route.targets:
@@ -353,47 +371,54 @@ class TaskNetwork:
             self._refuse(
                 inner, "egress", route.allowed, "task", f"cannot connect: {error}"
             )
+            done.set()
             return
         outer.settimeout(None)
         peer = "{}:{}".format(*outer.getpeername()[:2])
-        self._relay(inner, outer, "egress", route.allowed, peer)
+        self._relay(inner, outer, ("egress", route.allowed, peer), done)
 
-    def _ingress(self, outer: socket.socket, port: int, peer: str) -> None:
+    def _ingress(
+        self, outer: socket.socket, port: int, peer: str, done: threading.Event
+    ) -> None:
         helper = self._helper  # None once the task ended
         try:
             inner = helper.ask(f"connect {port}") if helper else None
         except LaunchError as e:
             self._refuse(outer, "ingress", str(port), peer, str(e))
+            done.set()
             return
         if inner is None:
             self._refuse(outer, "ingress", str(port), peer, "the task ended")
+            done.set()
             return
-        self._relay(inner, outer, "ingress", str(port), peer)
+        self._relay(inner, outer, ("ingress", str(port), peer), done)
 
     def _relay(
         self,
         inner: socket.socket,
         outer: socket.socket,
-        direction: Literal["egress", "ingress"],
-        destination: str,
-        peer: str,
+        what: tuple[Literal["egress", "ingress"], str, str],
+        done: threading.Event,
     ) -> None:
+        """Copy both ways; *what* is (direction, destination, peer)."""
         with self._lock:
             if self._closed:
                 inner.close()
                 outer.close()
+                done.set()
                 return
             self._live |= {inner, outer}
         moved = [0, 0]  # into the sandbox, out of it
         back = threading.Thread(target=self._copy, args=(outer, inner, moved, 0))
         back.start()
         self._copy(inner, outer, moved, 1)
+        done.set()  # everything the task sent is out
         back.join()
         with self._lock:
             self._live -= {inner, outer}
         inner.close()
         outer.close()
-        self._record(direction, destination, peer, "closed", moved)
+        self._record(*what, "closed", moved)
 
     @staticmethod
     def _copy(src: socket.socket, dst: socket.socket, moved: list[int], i: int) -> None:
@@ -453,21 +478,31 @@ class TaskNetwork:
     # -- after the task ----------------------------------------------------------
 
     def close(self) -> tuple[Traffic, ...]:
-        """Close every port and connection of the task; return its traffic."""
-        with self._lock:
-            self._closed = True
-            live = list(self._live)
+        """Close every port and connection of the task; return its traffic.
+
+        Called when the task ended: connections it opened are still served
+        until what it sent is out (at most ``_FLUSH_S``), then everything is
+        cut and the ports are closed.
+        """
         if self._wake_w is not None:
             with contextlib.suppress(OSError):
-                self._wake_w.send(b"x")
+                self._wake_w.send(b"x")  # the serve thread drains, then ends
         if self._thread is not None:
             self._thread.join(timeout=10)
         for s in [*self._inner, *self._outer]:
             s.close()
+        deadline = time.monotonic() + _FLUSH_S
+        with self._lock:
+            workers = list(self._workers)
+        for _, done in workers:
+            done.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._closed = True
+            live = list(self._live)
         for s in live:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-        for work in self._workers:
+        for work, _ in workers:
             work.join(timeout=5)  # each writes its audit record as it ends
         if self._helper is not None:
             self._helper.close()

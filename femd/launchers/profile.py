@@ -23,7 +23,8 @@ from msgspec import Meta
 
 from femd.errors import ConfigError, cut
 from femd.model import AbsPath, Name, Strict
-from femd.yamlfile import YamlError, field_of, line_of, load_yaml, split_error
+from femd.plain import first
+from femd.yamlfile import YamlError, field_of, line_of, load_yaml
 
 __all__ = [
     "DEFAULT_RO_BINDS",
@@ -174,12 +175,9 @@ def load_profile(path: Path) -> LauncherProfile:
     try:
         profile = msgspec.convert(data, LauncherProfile, strict=True)
     except msgspec.ValidationError as e:
-        message, parts = split_error(str(e))
-        unknown = _UNKNOWN.search(message)
-        # Point at the unknown key itself, not at its parent mapping.
-        at = [*parts, unknown.group(1)] if unknown else parts
+        parts, message = first(data, LauncherProfile, e)
         field = field_of(parts) or "$"
-        raise ConfigError(f"{_where(path, node, at)}: {field}: {message}") from e
+        raise ConfigError(f"{_where(path, node, parts)}: {field}: {message}") from e
     if profile.name != path.stem:
         raise ConfigError(
             f"{_where(path, node, ['name'])}: name: must equal the file name "

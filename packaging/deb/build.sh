@@ -8,7 +8,8 @@
 #      or the configured index) with the build host's python3, which must be the
 #      target's: Debian 12 ships Python 3.11 and the wheels are cp311/manylinux.
 #      The package's Depends pins python3 to that minor version for this reason.
-#   2. lays out the package tree: wheels in /usr/share/femd/wheels, units,
+#   2. generates the manual page femd(1) from the CLI's argparse definitions
+#      (packaging/deb/manpage.py) and lays out the package tree: wheels in /usr/share/femd/wheels, units,
 #      sysusers.d, tmpfiles.d, journald catalog, scripts/setup-podman-user.sh
 #      (run by postinst), launcher profiles, example
 #      policies, docs, conffiles /etc/femd/{femd.yaml,policy.yaml}, /usr/bin/femd.
@@ -56,6 +57,16 @@ mkdir -p "$wheels"
 [ -n "$(ls "$wheels"/femd-"$version"-*.whl 2>/dev/null)" ] || {
     echo "build.sh: the femd wheel was not built" >&2; exit 1; }
 
+# femd(1), generated from the CLI's argparse definitions so it never drifts.
+"$work/buildenv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    --no-index --find-links "$wheels" femd
+changelog_version=$(sed -n '1s/^femd (\([^)]*\)).*/\1/p' "$here/changelog")
+[ "$changelog_version" = "$version" ] || {
+    echo "build.sh: packaging/deb/changelog is for $changelog_version, femd is $version" >&2
+    exit 2; }
+changelog_date=$(sed -n 's/^ -- .*>  \(.*\)$/\1/p' "$here/changelog" | head -n 1)
+man_date=$(date -u -d "$changelog_date" +%Y-%m-%d)
+
 # --- 2. the package tree ------------------------------------------------------
 install -d "$root/DEBIAN" "$root/lib/systemd/system" "$root/usr/lib/sysusers.d" \
     "$root/usr/lib/tmpfiles.d" "$root/usr/lib/systemd/catalog" \
@@ -78,6 +89,12 @@ for f in "$repo"/docs/*.md "$repo/README.md"; do
     if [ -f "$f" ]; then install -m 0644 "$f" "$root/usr/share/doc/femd/"; fi
 done
 install -m 0644 "$here/copyright" "$root/usr/share/doc/femd/copyright"
+# A native package: the changelog is changelog.gz (gzip -n: reproducible).
+gzip -9n < "$here/changelog" > "$root/usr/share/doc/femd/changelog.gz"
+install -d "$root/usr/share/man/man1"
+"$work/buildenv/bin/python" "$here/manpage.py" "$version" "$man_date" > "$work/femd.1"
+gzip -9n < "$work/femd.1" > "$root/usr/share/man/man1/femd.1.gz"
+chmod 0644 "$root/usr/share/doc/femd/changelog.gz" "$root/usr/share/man/man1/femd.1.gz"
 # The repository's femd.yaml already names the /etc, /usr/share, /var/lib and
 # /run paths this package uses; it is shipped as is.
 install -m 0644 "$repo/femd.yaml" "$root/etc/femd/femd.yaml"

@@ -67,9 +67,7 @@ def pinned(box: PodmanBox) -> LauncherProfile:
     return msgspec.structs.replace(box.profile, network=settings)
 
 
-def test_egress_reaches_the_listed_destination_only(
-    podman_box: PodmanBox, net: Bench
-):
+def test_egress_reaches_the_listed_destination_only(podman_box: PodmanBox, net: Bench):
     caps = podman_box.launcher.probe()
     assert (caps.egress, caps.ingress) == (True, True), caps.problems
     outcome, _, _ = podman_box.run(

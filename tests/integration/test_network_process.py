@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -274,3 +275,39 @@ def test_an_unprivileged_agent_forwards_too(box: Sandbox, net: Bench):
     assert report["egress"] is True
     assert report["state"] == "succeeded", report
     assert_only_the_listed_destination(probe_results(report["log"]), net)
+
+
+COUNT = 20
+
+
+def test_what_a_task_sent_before_it_ended_still_arrives(box: Sandbox):
+    # The task connects, writes and exits at once: femd accepts and forwards
+    # what is already queued before it closes the task's network.
+    got: list[bytes] = []
+    with socket.socket() as sink:
+        sink.bind(("127.0.0.1", 0))
+        sink.listen(COUNT)
+        port = sink.getsockname()[1]
+
+        def collect() -> None:
+            for _ in range(COUNT):
+                conn, _ = sink.accept()
+                with conn:
+                    got.append(b"".join(iter(lambda c=conn: c.recv(100), b"")))
+
+        thread = threading.Thread(target=collect, daemon=True)
+        thread.start()
+        # bash: connect, write and exit take a millisecond, less than femd
+        # needs to accept and connect out.
+        burst = " & ".join(
+            f"echo hello {i} >/dev/tcp/127.0.0.1/{port}" for i in range(COUNT)
+        )
+        outcome, _ = box.run(
+            "",
+            argv=("/bin/bash", "-c", f"{burst}; wait"),
+            egress=(f"127.0.0.1:{port}",),
+        )
+        thread.join(20)
+    assert outcome.state == "succeeded", outcome
+    assert sorted(got) == sorted(b"hello %d\n" % i for i in range(COUNT)), outcome
+    assert outcome.traffic[0].connections == COUNT

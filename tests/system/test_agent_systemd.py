@@ -17,6 +17,9 @@ that one agent, as a sysadmin and an auditor would:
    signer, the commit, the datasets and the digest of what left;
 3. a task asking for a dataset the policy does not allow is denied, with its
    rule in ``FEMD_RULES``;
+3b. a task allowed one destination on the container's loopback reaches it
+   through femd's forwarder (unprivileged, under the hardened unit) and not
+   the broker next to it; the connection is in the journal;
 4. ``systemctl reload femd`` with a broken policy keeps the old one;
 5. a stopped (``kill -STOP``) agent is restarted by the watchdog;
 6. ``systemctl stop femd`` is clean.
@@ -100,6 +103,8 @@ state_dir: /var/lib/femd
 stop_grace_s: 5
 """
 
+WEB_PORT = 8089  # a web server on the container's loopback (test 3b)
+
 POLICY_YAML = f"""\
 apiVersion: femd/v1
 kind: Policy
@@ -117,7 +122,8 @@ projects:
     git: ["file:///srv/git/*"]
     datasets: [cohort-2024]
     max_resources: {{cpus: 1, memory_mb: 256, timeout_s: 60, pids: 32}}
-    network: none
+    network:
+      egress: ["127.0.0.1:{WEB_PORT}"]
     outputs: {{max_bytes: 1048576}}
 """
 
@@ -411,6 +417,9 @@ def test_enable_now_is_active_after_ready(node: Node) -> None:
     node.policy_sha256 = loaded["FEMD_POLICY_SHA256"]
     [started] = femd_entries(box, MESSAGE_ID=Event.AGENT_STARTED.value)
     assert started["_SYSTEMD_UNIT"] == UNIT
+    # "up and ready" (docs/auditor.md): written after READY, not before.
+    audited = next(i for i, ln in enumerate(lines) if started["MESSAGE"] in ln)
+    assert audited > ready, text
 
 
 # --- 2. an allowed task -------------------------------------------------------
@@ -587,6 +596,61 @@ def test_auditor_queries_from_the_docs(node: Node) -> None:
     [explained] = query(box, EXPLAINED, node.denied)
     text = explained["text"]
     assert f"Subject: femd rejected task {node.denied}: dataset.not_allowed" in text
+
+
+# --- 3b. network egress, forwarded by femd ------------------------------------
+
+# A task allowed one destination: it reaches it, and not the broker next to it.
+EGRESS_PY = f"""\
+import socket, urllib.request
+body = urllib.request.urlopen("http://127.0.0.1:{WEB_PORT}/", timeout=10).read()
+try:
+    socket.create_connection(("127.0.0.1", {BROKER_PORT}), 3)
+except OSError:
+    print("broker: unreachable")
+else:
+    raise SystemExit("broker: reachable")
+print("web:", len(body), "bytes")
+"""
+
+
+def test_egress_is_forwarded_under_the_hardened_unit(node: Node) -> None:
+    # The unprivileged, hardened femd forwards what the policy allows
+    # (docs/network.md): setns, AF_NETLINK and the namespaces it needs pass
+    # the unit's filters, and each connection is in the journal.
+    box = node.box
+    box.exec(
+        ["systemd-run", "--unit", "femd-test-web", "--property", "User=nobody",
+         "python3", "-m", "http.server", "--bind", "127.0.0.1",
+         "--directory", "/usr/share/doc", str(WEB_PORT)],
+    )  # fmt: skip
+    task_id = str(uuid.uuid4())
+    data = envelope(
+        node, task_id,
+        command=["python3", "-c", EGRESS_PY],
+        network={"mode": "egress", "allow": [f"127.0.0.1:{WEB_PORT}"]},
+    )  # fmt: skip
+    try:
+        submit(node, task_id, data)
+        events = watch(node, task_id)
+    finally:
+        box.exec(["systemctl", "stop", "femd-test-web"], check=False)
+    done = events[-1]
+    assert done["state"] == "succeeded", f"{events}" + journal_text(box)
+    (traffic,) = done["network"]
+    assert traffic["destination"] == f"127.0.0.1:{WEB_PORT}"
+    assert traffic["connections"] == 1
+    assert traffic["bytes_in"] > 0
+    lines = [
+        e["MESSAGE"] for e in femd_entries(box, FEMD_TASK_ID=task_id)
+        if e.get("SYSLOG_IDENTIFIER") == "femd-task"
+    ]  # fmt: skip
+    assert "broker: unreachable" in lines, lines
+    audit = audit_events(box, task_id)
+    record = audit["NETWORK_CONNECTION"]
+    assert record["FEMD_DIRECTION"] == "egress"
+    assert record["FEMD_PEER"] == f"127.0.0.1:{WEB_PORT}"
+    assert int(record["FEMD_BYTES_IN"]) == traffic["bytes_in"]
 
 
 # --- 4. reload with a broken policy -------------------------------------------

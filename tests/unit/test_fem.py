@@ -607,8 +607,8 @@ REFUSED: dict[str, Case] = {
     "relative-output-dir": (C, {"output_dir": "out"}, None, "--output-dir: not an"),
     "memory-unit": (_with(C, ("memory",), "4 parsecs"), {}, None, "memory: not a size"),
     "cpus-text": (_with(C, ("cpus",), "two"), {}, None, "cpus: not a number"),
-    "bad-egress": (C, {"egress": ("no port",)}, None, r"manifest: .*\$\.network"),
-    "bad-project": (C, {"project": "DT4H Flower"}, None, r"\$\.project"),
+    "bad-egress": (C, {"egress": ("no port",)}, None, r"allow\[1\]: expected `host"),
+    "bad-project": (C, {"project": "DT4H Flower"}, None, r"project: expected lowerc"),
 }  # fmt: skip
 
 

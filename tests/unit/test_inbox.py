@@ -148,7 +148,7 @@ def test_a_verification_left_by_a_dead_receiver_is_taken_over(tmp_path: Path, pa
     first = Inbox(tmp_path / "inbox")
     for i, c in enumerate(chunks):
         first.stage_chunk(f"{NODE}.t1", headers(p, chunks, i), c)
-    first._finish_if_complete = lambda node, task: None  # dies before verifying
+    first.assembly.finish_if_complete = lambda node, task: None  # dies first
     first.commit()
     db = sqlite3.connect(tmp_path / "inbox" / "inbox.sqlite")
     db.execute("UPDATE outputs SET status = 'verifying', claimed_by = 999999999")
@@ -229,3 +229,18 @@ def test_cancel_needs_a_project_it_knows_or_is_given(tmp_path: Path):
         c.cancel("t9", [NODE], [generate()])
     with pytest.raises(InputError, match="--key"):
         c.cancel("t9", [NODE], [])
+
+
+def test_chunks_of_an_older_node_wait_for_the_terminal_event(tmp_path: Path, packed):
+    """Before ``size``/``offset`` headers: placed once the event announced the size."""
+    p, chunks = packed
+    inbox = Inbox(tmp_path / "inbox")
+    old = [{"index": i, "total": len(chunks), "sha256": p.sha256} for i in range(3)]
+    assert inbox.stage_chunk(f"{NODE}.t1", old[0], chunks[0]) is False  # later
+    inbox.stage_event(f"{NODE}.t1.succeeded", done_event(p, chunks))
+    inbox.commit()
+    for i, c in enumerate(chunks):
+        h = {"index": i, "total": len(chunks), "sha256": p.sha256}
+        assert inbox.stage_chunk(f"{NODE}.t1", h, c) is True
+    inbox.commit()
+    assert inbox.output(NODE, "t1").status == "complete"

@@ -61,12 +61,15 @@ def test_whole_lines_go_out_as_they_come_and_the_rest_at_the_end():
         "fdn-01.t1",
         "text/plain",
     )
-    assert m.headers == {"seq": 1, "dropped": 0, "femd_task_output": True}
+    first = m.headers["seq"]
+    assert m.headers == {"seq": first, "dropped": 0, "femd_task_output": True}
     h.data += b"ond\nno newline"
     poll(f)
     poll(f, final=True)
     assert [m.body for m in sent] == [b"first\n", b"second\n", b"no newline"]
-    assert [m.headers["seq"] for m in sent] == [1, 2, 3]
+    assert [m.headers["seq"] - first for m in sent] == [0, 1, 2]
+    again = follower(h, [])
+    assert again.seq >= first + 2  # a restarted follower never reuses a seq
 
 
 def test_a_chatty_task_is_throttled_and_the_drop_is_counted():

@@ -9,7 +9,15 @@ import yaml
 
 from femd.errors import PolicyError
 from femd.keys import public_pem
-from femd.policy import MaxResources, Policy, lint, lint_file, load_policy
+from femd.policy import (
+    MaxResources,
+    Policy,
+    lint,
+    lint_file,
+    lint_warnings,
+    load_policy,
+)
+from tests.conftest import keypair, make_policy
 
 DATA = Path(__file__).parent.parent / "data" / "policies"
 VALID = sorted((DATA / "valid").glob("*.yaml"))
@@ -331,8 +339,9 @@ def test_directory_error_points_at_the_right_file(
     with pytest.raises(PolicyError) as e:
         load_policy(d)
     assert str(e.value).startswith(f"{bad}:")
-    assert "projects.dt4h-heart-failure.threshold: expected `int`, got `str`" in str(
-        e.value
+    assert (
+        'projects.dt4h-heart-failure.threshold: expected a whole number, got text "two"'
+        in str(e.value)
     )
 
 
@@ -389,3 +398,45 @@ def test_yaml_error_paths_helpers():
     node = yaml.compose("a:\n  - x\n  - y: 1\n")
     assert line_of(node, ["a", 1, "y"]) == (3, 3)
     assert line_of(node, ["a", 5]) == (1, 1)
+
+
+def test_lint_reports_every_type_problem_in_one_pass(tmp_path):
+    path = make_policy(
+        tmp_path,
+        {"orchestrator": keypair(), "pi-smith": keypair()},
+        signers={"orchestrator": {"expires": "June 2027"}},
+        projects={
+            "dt4h-heart-failure": {
+                "treshold": 2,
+                "launchers": ["any"],
+                "max_resources": {"timeout_s": "7200"},
+            }
+        },
+    )
+    problems = lint_file(path)
+    text = "\n".join(problems)
+    assert len(problems) == 4, text
+    assert '"June 2027" is not a date; write it as YYYY-MM-DD' in text
+    assert "unknown field `treshold`; did you mean `threshold`?" in text
+    assert '"any" is not allowed here; use one of: podman, process' in text
+    assert 'expected a whole number (or leave it out), got text "7200"' in text
+    assert all(p.startswith(f"{path}:") for p in problems)
+    # load_policy names the first, in the same words
+    with pytest.raises(PolicyError) as e:
+        load_policy(path)
+    assert str(e.value) == problems[0]
+
+
+def test_lint_warnings_name_missing_dataset_paths(tmp_path):
+    ds = "hf-cohort-2024"
+    path = make_policy(tmp_path, datasets={ds: {"path": "/nonexistent/a"}})
+    assert lint_warnings(path) == [
+        f"{path}:12: datasets.{ds}.path: /nonexistent/a does not exist on this "
+        f"host; tasks using dataset '{ds}' will fail at stage-in (create it or fix "
+        "the path)"
+    ]
+    ok = make_policy(tmp_path / "ok", datasets={ds: {"path": str(tmp_path)}})
+    assert lint_warnings(ok) == []
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("kind: [\n")
+    assert lint_warnings(broken) == []

@@ -578,6 +578,7 @@ def test_result_chunks_are_read_from_the_file_not_stored(
     assert [len(c.body) for c in first] == [300, 300]
     state.mark_published([first[0].seq])
     assert archive.exists()  # three chunks still to send
+    assert state.queued_archives() == {str(archive)}
     archive.unlink()  # lost (e.g. removed by hand): dropped, not a poison row
     assert all(e.exchange == EVENTS_EXCHANGE for e in state.pending_events())
 
