@@ -282,12 +282,12 @@ class Testbed:
         self.vhost = self.broker.provision("bench", [AGENT_NODE, ECHO_NODE])
         return self.vhost
 
-    def start_agent(self) -> AgentProcess:
+    def start_agent(self, policy: str = POLICY) -> AgentProcess:
         assert self.vhost is not None
         node = self.base / AGENT_NODE
         node.mkdir(mode=0o711)
         (node / "orchestrator.pub").write_bytes(public_pem(self.key.public_key()))
-        (node / "policy.yaml").write_text(POLICY)
+        (node / "policy.yaml").write_text(policy)
         config = {
             "node": AGENT_NODE,
             "broker": self.vhost.broker_config(AGENT_NODE),
@@ -304,7 +304,7 @@ class Testbed:
         self.agent.wait_ready()
         return self.agent
 
-    def envelope(self) -> tuple[str, bytes]:
+    def envelope(self, **fields: Any) -> tuple[str, bytes]:
         now = datetime.now(UTC)
         task_id = str(uuid.uuid4())
         manifest = {
@@ -317,6 +317,7 @@ class Testbed:
             # of that user on the host (other test runs too): leave headroom.
             "resources": {"cpus": 1, "memory_mb": 256, "timeout_s": 60, "pids": 1024},
         }  # fmt: skip
+        manifest.update(fields)
         return task_id, encode_envelope(sign(json.dumps(manifest).encode(), [self.key]))
 
     def close(self) -> None:
@@ -486,10 +487,9 @@ def measure(n: int, burst_size: int, warmup: int = 3) -> list[Row]:
             note=f"p95 {p95['pika']:.2f} ms, 2 hops + confirms"),
         Row("  baseline: bare bwrap true p50", p50["bwrap"], None, "ms",
             note=f"p95 {p95['bwrap']:.2f} ms, as {TASK_USER}"),
-        Row(f"burst throughput ({burst_size} tasks)", femd_tput, base_tput, "/s",
-            base_tput / femd_tput,
-            f"{femd_burst:.2f} s; concurrency {CONCURRENCY}; ratio = time/baseline. "
-            + burst_fail.note()),
+        Row("burst throughput", femd_tput, base_tput, "/s", femd_tput / base_tput,
+            f"{burst_size} tasks in {femd_burst:.2f} s; concurrency {CONCURRENCY}; "
+            "ratio = femd rate / baseline rate. " + burst_fail.note()),
         Row("  baseline: bare pika burst", burst_size / pika_burst, None, "/s",
             note=f"{pika_burst:.2f} s"),
         Row(f"  baseline: bare bwrap burst, {CONCURRENCY} at a time",

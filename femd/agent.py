@@ -10,9 +10,11 @@ task work and never blocks on the broker (DESIGN "systemd", "broker").
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -56,7 +58,6 @@ logger = logging.getLogger(__name__)
 
 REPLAY_RULE: Final = "task.replayed"
 RESTART_RULE: Final = "agent.restarted"
-_TICK_S: Final = 0.1
 _STATUS_EVERY_S: Final = 5.0
 
 
@@ -109,6 +110,7 @@ class Agent:
             self.state,
             prefetch=max(1, config.max_concurrent_tasks),
             on_state=self._on_broker_state,
+            on_delivery=self._wake,
         )
         self.queue: deque[str] = deque()
         self.retry = Retry()
@@ -117,6 +119,11 @@ class Agent:
         self.runners: dict[str, Runner] = {}
         self.threads: dict[str, threading.Thread] = {}
         self.done = 0
+        # The main loop sleeps until something happens: a delivery, a finished
+        # task (its id in ``_finished``), a connect, a signal, a stop request.
+        # SimpleQueue.put is reentrant, so signal handlers may wake it too.
+        self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._finished: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._notifier = sdnotify.SystemdNotifier()
@@ -339,7 +346,11 @@ class Agent:
             f"{done} done, {broker}"
         )
 
+    def _wake(self) -> None:
+        self._wakeups.put(None)
+
     def _on_broker_state(self, up: bool, why: str) -> None:
+        self._wake()  # READY at once on the first connect, not at the next turn
         if up:
             audit.emit(audit.Event.BROKER_CONNECTED, "broker connected", node=self.node)
         else:
@@ -612,16 +623,30 @@ class Agent:
         )
 
     def _spawn(self, task_id: str, target: Callable[[], object]) -> None:
-        t = threading.Thread(target=target, name=f"task-{task_id}", daemon=True)
+        def run() -> None:
+            try:
+                target()
+            finally:
+                self._finished.put(task_id)
+                self._wake()
+
+        t = threading.Thread(target=run, name=f"task-{task_id}", daemon=True)
         self.threads[task_id] = t
         t.start()
 
+    def _reap(self) -> None:
+        """Free the slots of tasks whose thread said it finished."""
+        while True:
+            try:
+                tid = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            self.threads.pop(tid, None)
+            self.runners.pop(tid, None)
+            self.done += 1
+
     def _dispatch(self) -> None:
-        for tid, thread in list(self.threads.items()):
-            if not thread.is_alive():
-                del self.threads[tid]
-                self.runners.pop(tid, None)
-                self.done += 1
+        self._reap()
         while self.queue and len(self.runners) < self.config.max_concurrent_tasks:
             tid = self.queue.popleft()
             row = self.state.get(tid)
@@ -663,12 +688,19 @@ class Agent:
                 continue
             task = decode_manifest(row.payload) if row.payload else None
             handle = None
-            if isinstance(task, Task) and row.state == "running":
+            # A launch may have begun while the task was still "staging": the
+            # launcher is asked too, so what it left is found (process: killed).
+            if isinstance(task, Task) and row.state in ("staging", "running"):
                 launcher = self.launchers.get((task.profile, task.launcher))
                 try:
                     handle = launcher.adopt(task.id) if launcher else None
                 except FemdError as e:
                     logger.warning("task %s: cannot re-attach: %s", row.task_id, e)
+                if handle is not None and row.state == "staging":
+                    # Never reported running: end it rather than adopt it.
+                    handle.cancel(0)
+                    handle.wait(30)
+                    handle = None
             if isinstance(task, Task) and handle is not None:
                 logger.info("task %s: re-attached after restart", task.id)
                 runner = self._runner(task)
@@ -701,9 +733,11 @@ class Agent:
     def _signals(self) -> None:
         def stop(_sig: int, _frame: FrameType | None) -> None:
             self._stop.set()
+            self._wake()
 
         def reload(_sig: int, _frame: FrameType | None) -> None:
             self._reload.set()
+            self._wake()
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -712,6 +746,7 @@ class Agent:
     def request_stop(self) -> None:
         """Ask the main loop to drain and exit (as SIGTERM does)."""
         self._stop.set()
+        self._wake()
 
     def run(self) -> int:
         """Serve until SIGTERM; return the exit code (0 on a clean stop)."""
@@ -757,19 +792,23 @@ class Agent:
             self._notify("RELOADING=1")
             self.reload()
             self._notify("READY=1")
-        if self.reprobe.due(time.monotonic()):
+        self._sleep()
+        now = time.monotonic()
+        if self.reprobe.due(now):
             self._probe_unavailable()
         self._summarise_floods()
-        if self.retention.due(time.monotonic()):
-            self.retention.run(self.state, _now(), time.monotonic())
+        if self.retention.due(now):
+            self.retention.run(self.state, _now(), now)
         for late in self.retry.due(time.monotonic(), self.link.generation):
             self._admit(late)
-        try:
-            d = self.link.inbox.get(timeout=_TICK_S)
-        except Exception:  # noqa: BLE001 (queue.Empty)
-            d = None
-        if d is not None:
+            self._dispatch()
+        while not self._stop.is_set():
+            try:
+                d = self.link.inbox.get_nowait()
+            except queue.Empty:
+                break
             self._admit(d)
+            self._dispatch()  # a free slot takes the task before the next delivery
         self._dispatch()
         now = time.monotonic()
         self._ping()
@@ -778,6 +817,35 @@ class Agent:
         if now - self._last_status > _STATUS_EVERY_S:
             self._last_status = now
             self._notify(f"STATUS={self._status()}")
+
+    def _sleep(self) -> None:
+        """Wait for a wake-up, or until a WATCHDOG, STATUS or node status is due."""
+        now = time.monotonic()
+        due = min(
+            self._last_status + _STATUS_EVERY_S,
+            self._last_node_status + self.config.node_status_interval_s,
+        )
+        if self._watchdog_s is not None:
+            due = min(due, self._last_ping + self._watchdog_s / 2)
+        # issue 17's timers: commits to retry, launchers to probe again, a
+        # flood summary, the state's retention.
+        for at in (
+            self.retry.next_at(),
+            self.reprobe.next_at(),
+            self.flood.next_at(),
+            self.retention.next_at(),
+        ):
+            if at is not None:
+                due = min(due, at)
+        try:
+            self._wakeups.get(timeout=min(max(0.0, due - now), _STATUS_EVERY_S))
+        except queue.Empty:
+            return
+        while True:  # one turn serves every wake-up that came meanwhile
+            try:
+                self._wakeups.get_nowait()
+            except queue.Empty:
+                return
 
     def _shutdown(self) -> int:
         self._notify("STOPPING=1")
@@ -788,18 +856,15 @@ class Agent:
         while self.threads and time.monotonic() < deadline:
             self._ping()
             self._notify(f"STATUS=stopping: waiting for {len(self.threads)} tasks")
-            time.sleep(0.2)
-            self._dispatch_reap()
+            with contextlib.suppress(queue.Empty):
+                self._wakeups.get(timeout=0.2)
+            self._reap()
         for runner in list(self.runners.values()):
             runner.cancel("agent stopping")
         for thread in list(self.threads.values()):
             thread.join(timeout=30)
         self.link.stop(flush_s=5.0)
         self.state.close()
+        if self._notifier.socket is not None:
+            self._notifier.socket.close()
         return 0
-
-    def _dispatch_reap(self) -> None:
-        for tid, thread in list(self.threads.items()):
-            if not thread.is_alive():
-                del self.threads[tid]
-                self.runners.pop(tid, None)

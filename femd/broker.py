@@ -42,6 +42,7 @@ __all__ = [
     "NODES_EXCHANGE",
     "RESULTS_EXCHANGE",
     "TASKS_EXCHANGE",
+    "Confirms",
     "Delivery",
     "NodeLink",
     "Outbox",
@@ -63,11 +64,13 @@ LOGS_EXCHANGE: Final = "femd.logs"
 _SIDE_MAX: Final = 256
 
 # Errors that mean "this connection is gone; reconnect".
-_LINK_ERRORS: Final = (pika.exceptions.AMQPError, OSError, ssl.SSLError)
+_LINK_ERRORS: Final = (pika.exceptions.AMQPError, OSError, ssl.SSLError, BrokerError)
 # The I/O loop's longest wait; wake() and broker data end it sooner.
 _POLL_S: Final = 0.2
 # Outbox messages published between two turns of the I/O loop.
 _BATCH: Final = 20
+# Outbox messages published and not confirmed yet, at most.
+_IN_FLIGHT: Final = 2 * _BATCH
 
 
 def _nothing() -> None:
@@ -110,6 +113,8 @@ def _stream_lost(text: str) -> str:
 def describe(e: BaseException) -> str:
     """Return one plain line saying why a broker operation failed."""
     text = str(e) or repr(e)
+    if isinstance(e, BrokerError):
+        return text
     if isinstance(e, pika.exceptions.AMQPConnectionError) and (
         "Stream connection lost" in text or "Transport indicated EOF" in text
     ):
@@ -212,6 +217,58 @@ class Delivery(msgspec.Struct, frozen=True):
     problem: str | None = None
 
 
+class Confirms:
+    """Publisher confirms of one channel, many in flight (RabbitMQ "confirms").
+
+    Each publish takes the channel's next delivery tag (from 1); the broker
+    acks or nacks tags, one or all up to a tag (``multiple``), in its own time.
+    ``acked`` collects the outbox seqs it took responsibility for.
+    """
+
+    def __init__(self, on_confirm: Callable[[], None] = _nothing) -> None:
+        """No message in flight; *on_confirm* is called after each confirm."""
+        self._on_confirm = on_confirm
+        self.seqs: dict[int, int | None] = {}  # tag -> outbox seq (None: best effort)
+        self.next_tag = 1
+        self.acked: list[int] = []
+        self.nacked = 0
+
+    def sent(self, seq: int | None) -> None:
+        """Note that outbox message *seq* (None: a best-effort one) was published."""
+        self.seqs[self.next_tag] = seq
+        self.next_tag += 1
+
+    def on_confirm(self, frame: Any) -> None:  # noqa: ANN401 (a pika method frame)
+        """Take a ``Basic.Ack`` or ``Basic.Nack`` (pika calls this)."""
+        method = frame.method
+        tag = int(method.delivery_tag)
+        tags = [t for t in self.seqs if t <= tag] if method.multiple else [tag]
+        ok = isinstance(method, pika.spec.Basic.Ack)
+        for t in tags:
+            if t not in self.seqs:
+                continue
+            seq = self.seqs.pop(t)
+            if seq is None:
+                continue  # best effort: nobody waits for it
+            if ok:
+                self.acked.append(seq)
+            else:
+                self.nacked += 1
+        self._on_confirm()
+
+    def take_acked(self) -> list[int]:
+        """The seqs confirmed since the last call.
+
+        Raises:
+            BrokerError: the broker refused (nacked) a message: reconnect, and
+                publish it again then.
+        """
+        if self.nacked:
+            raise BrokerError("the broker refused (nack) an outbox message")
+        acked, self.acked = self.acked, []
+        return acked
+
+
 class SideMessage(msgspec.Struct, frozen=True):
     """A best-effort message: published when the link can, lost if it cannot."""
 
@@ -259,8 +316,12 @@ class NodeLink(threading.Thread):
         *,
         prefetch: int,
         on_state: Callable[[bool, str], None] | None = None,
+        on_delivery: Callable[[], None] | None = None,
     ) -> None:
         """Prepare the link; nothing connects until ``start()``.
+
+        *on_state* hears every connect and disconnect; *on_delivery* is called
+        (in the link's thread) after each delivery is put in ``inbox``.
 
         Raises:
             BrokerError: the broker configuration is unusable.
@@ -273,6 +334,7 @@ class NodeLink(threading.Thread):
         self._outbox = outbox
         self._prefetch = prefetch
         self._on_state = on_state or (lambda up, why: None)
+        self._on_delivery = on_delivery or _nothing
         self.inbox: queue.Queue[Delivery] = queue.Queue()
         # (delivery, what to do): "ack", "reject" (dead-letter) or "requeue".
         self._acks: queue.SimpleQueue[tuple[Delivery, str]] = queue.SimpleQueue()
@@ -411,7 +473,10 @@ class NodeLink(threading.Thread):
         self._generation += 1
         consume = conn.channel()
         publish = conn.channel()
-        publish.confirm_delivery()
+        # A confirm ends the loop's wait, as wake() does: the next turn marks
+        # it published and fills the window again.
+        confirms = Confirms(self.wake)
+        self._select_confirms(conn, publish, confirms)
         q = node_queue(self._node)
         # The node has no configure permission: passive declares only check the
         # operator's topology (packaging/rabbitmq) exists.
@@ -429,6 +494,7 @@ class NodeLink(threading.Thread):
                     getattr(props, "problem", None),
                 )
             )
+            self._on_delivery()
 
         side = self._side_exchanges(conn)
         tag = None
@@ -444,6 +510,42 @@ class NodeLink(threading.Thread):
             self._params.virtual_host,
         )
         self._on_state(True, "")
+        try:
+            self._loop(conn, consume, publish, confirms, generation, tag, side)
+        finally:
+            # What the broker confirmed stays confirmed, whatever ends the loop.
+            if confirms.acked:
+                self._outbox.mark_published(confirms.acked)
+
+    @staticmethod
+    def _select_confirms(conn: Any, channel: Any, confirms: Confirms) -> None:  # noqa: ANN401
+        """Confirm mode with our own callback, so publishes need not wait.
+
+        pika's ``BlockingChannel.confirm_delivery()`` makes each publish wait
+        for its confirm (a round trip per message); the channel's underlying
+        pika ``Channel`` takes a callback instead.
+        """
+        selected: list[bool] = []
+        channel._impl.confirm_delivery(  # pika has no public async confirms
+            ack_nack_callback=confirms.on_confirm,
+            callback=lambda _frame: selected.append(True),
+        )
+        deadline = time.monotonic() + 30
+        while not selected:
+            if time.monotonic() > deadline:
+                raise BrokerError("the broker did not answer confirm.select")
+            conn.process_data_events(time_limit=0.05)
+
+    def _loop(
+        self,
+        conn: Any,  # noqa: ANN401
+        consume: Any,  # noqa: ANN401
+        publish: Any,  # noqa: ANN401
+        confirms: Confirms,
+        generation: int,
+        tag: str | None,
+        side: bool,
+    ) -> None:
         while not self._halt.is_set():
             self._wake.clear()
             if self._pause.is_set() and tag is not None:
@@ -452,9 +554,9 @@ class NodeLink(threading.Thread):
             self._do_acks(consume, generation)
             # One batch at a time: acks and deliveries are served between
             # batches, so a busy outbox never starves the intake.
-            more = self._drain(publish)
+            more = self._drain(publish, confirms)
             if side:
-                self._drain_side(publish)
+                self._drain_side(publish, confirms)
             idle = not more and not self._wake.is_set()
             # Returns early on data from the broker or on ``wake()``.
             conn.process_data_events(time_limit=_POLL_S if idle else 0)
@@ -473,27 +575,35 @@ class NodeLink(threading.Thread):
             else:
                 channel.basic_nack(d.tag, requeue=what == "requeue")
 
-    def _drain(self, channel: Any) -> bool:  # noqa: ANN401
-        """Publish one batch of the outbox; True if more may be waiting."""
-        batch = self._outbox.pending_events(_BATCH)
-        done: list[int] = []
-        try:
-            for m in batch:
-                props = pika.BasicProperties(
-                    content_type="application/json"
-                    if m.exchange == EVENTS_EXCHANGE
-                    else "application/octet-stream",
-                    delivery_mode=2,
-                    message_id=f"{self._node}:{m.seq}",
-                    headers=m.headers or None,
-                )
-                # Publisher confirms: basic_publish returns once the broker
-                # has taken responsibility for the message (raises on nack).
-                channel.basic_publish(m.exchange, m.routing_key, m.body, props)
-                done.append(m.seq)
-        finally:
-            if done:
-                self._outbox.mark_published(done)
+    def _drain(self, channel: Any, confirms: Confirms) -> bool:  # noqa: ANN401
+        """Publish one batch of the outbox; True if more may be waiting.
+
+        Publishes do not wait for their confirms (they arrive while the loop
+        serves the broker); a message is marked published only once the
+        broker confirmed it, and at most ``_IN_FLIGHT`` wait for that. New
+        messages go out before the confirmed ones are marked (a commit): that
+        write is not on the way of the next event.
+        """
+        room = min(_BATCH, _IN_FLIGHT - len(confirms.seqs))
+        batch = []
+        if room > 0:
+            skip = set(confirms.seqs.values()).union(confirms.acked)
+            pending = self._outbox.pending_events(room + len(skip))
+            batch = [m for m in pending if m.seq not in skip][:room]
+        for m in batch:
+            props = pika.BasicProperties(
+                content_type="application/json"
+                if m.exchange == EVENTS_EXCHANGE
+                else "application/octet-stream",
+                delivery_mode=2,
+                message_id=f"{self._node}:{m.seq}",
+                headers=m.headers or None,
+            )
+            channel.basic_publish(m.exchange, m.routing_key, m.body, props)
+            confirms.sent(m.seq)
+        acked = confirms.take_acked()
+        if acked:
+            self._outbox.mark_published(acked)
         return len(batch) == _BATCH
 
     def _side_exchanges(self, conn: pika.BlockingConnection) -> bool:
@@ -512,8 +622,12 @@ class NodeLink(threading.Thread):
             check.close()
         return True
 
-    def _drain_side(self, channel: Any) -> None:  # noqa: ANN401
-        """Publish up to one batch of best-effort messages (lost on failure)."""
+    def _drain_side(self, channel: Any, confirms: Confirms) -> None:  # noqa: ANN401
+        """Publish up to one batch of best-effort messages (lost on failure).
+
+        They share the outbox's confirm-mode channel: each takes a delivery
+        tag, whose confirm nobody waits for.
+        """
         for _ in range(_BATCH):
             try:
                 m = self._side.popleft()
@@ -525,6 +639,7 @@ class NodeLink(threading.Thread):
                 headers=m.headers or None,
             )
             channel.basic_publish(m.exchange, m.routing_key, m.body, props)
+            confirms.sent(None)
 
     def _close(self) -> None:
         was = self.connected.is_set()

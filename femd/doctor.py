@@ -124,6 +124,7 @@ def _capability_lines(c: Capabilities) -> tuple[str, ...]:
         f" (min {c.min_cpus:g}), pids {yes(c.pids_limit)},"
         f" egress {yes(c.egress)}, ingress {yes(c.ingress)}"
     ]
+    lines += [f"{limit} limit: {how}" for limit, how in c.enforcement]
     lines += [f"problem: {p}" for p in c.problems]
     lines += [f"note: {n}" for n in c.notes]
     return tuple(lines)

@@ -47,7 +47,6 @@ from femd.launchers import (
 from femd.livelog import LogFollower
 from femd.manifest import NetworkEgress, Task
 from femd.policy import LoadedPolicy
-from femd.stagein import resolve_dataset, resolve_runtime, source_subdir, stage_git
 from femd.stageout import pack_outputs
 from femd.state import State
 from femd.tree import remove_tree
@@ -145,6 +144,7 @@ def build_spec(
         listen=task.network.listen,
         ingress_peers=peers if task.network.listen else (),
         log_max_bytes=log_max_bytes,
+        output_max_bytes=output_cap(task, policy),
     )
 
 
@@ -267,8 +267,17 @@ class Runner:
         self.state.transition(self.task.id, new, node=self.node, at=_now(), **kw)  # type: ignore[arg-type]
         self.wake()
 
-    def _audit(self, event: audit.Event, message: str, **kw: object) -> None:
+    def _audit(
+        self,
+        event: audit.Event,
+        message: str,
+        extra: Mapping[str, str] | None = None,
+        **kw: object,
+    ) -> None:
         t = self.task
+        fields = dict(extra or {})
+        if t.runtime:
+            fields["RUNTIME"] = t.runtime
         audit.emit(
             event,
             message,
@@ -279,11 +288,19 @@ class Runner:
             git_commit=t.source.commit if t.source else None,
             datasets=[i.dataset for i in t.inputs],
             policy_sha256=self.policy.sha256,
-            extra={"RUNTIME": t.runtime} if t.runtime else None,
+            extra=fields or None,
             **kw,  # type: ignore[arg-type]
         )
 
     def _stage_in(self) -> LaunchSpec:
+        # pygit2 (~8 MB) is loaded by the first stage-in, not by an idle agent.
+        from femd.stagein import (
+            resolve_dataset,
+            resolve_runtime,
+            source_subdir,
+            stage_git,
+        )
+
         t = self.task
         remove_tree(self.work)
         (self.work / "out").mkdir(parents=True)
@@ -361,6 +378,18 @@ class Runner:
             audit.task_log(self.task.id, self.task.project, data)
 
     @staticmethod
+    def _usage(outcome: Outcome) -> dict[str, float]:
+        """What the task used, for the status event, the state and the journal."""
+        if outcome.usage is None:
+            return {}
+        used = msgspec.to_builtins(outcome.usage)
+        return {k: v for k, v in used.items() if v is not None}
+
+    @staticmethod
+    def _usage_fields(usage: Mapping[str, float]) -> dict[str, str]:
+        return {f"USAGE_{k.upper()}": f"{v:g}" for k, v in usage.items()}
+
+    @staticmethod
     def _extra(outcome: Outcome) -> dict[str, object]:
         at = outcome.started_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         extra: dict[str, object] = {
@@ -388,11 +417,13 @@ class Runner:
             sha256=packed.sha256,
             chunk_bytes=self.chunk_bytes,
         )
+        usage = self._usage(outcome)
         self._transition(
             "succeeded",
             exit_code=outcome.exit_code,
             outputs=(packed.sha256, packed.bytes, chunks),
             extra=self._extra(outcome),
+            usage=usage or None,
         )
         self._audit(
             audit.Event.OUTPUTS_SENT,
@@ -400,6 +431,7 @@ class Runner:
             state="succeeded",
             exit_code=outcome.exit_code,
             output_sha256=packed.sha256,
+            extra=self._usage_fields(usage),
         )
 
     def run(self) -> None:
@@ -421,11 +453,15 @@ class Runner:
             logger.error("task %s: work dir not removed: %s", self.task.id, e)
 
     def _finish_failed(
-        self, why: str, state: str = "failed", rule: str | None = None
+        self,
+        why: str,
+        state: str = "failed",
+        rule: str | None = None,
+        usage: Mapping[str, float] | None = None,
     ) -> None:
         reasons = [(rule or f"task.{state}", why)]
         try:
-            self._transition(state, error=why, reasons=reasons)
+            self._transition(state, error=why, reasons=reasons, usage=usage or None)
         except FemdError as e:
             logger.error("task %s: cannot record %s: %s", self.task.id, state, e)
         self._audit(
@@ -433,6 +469,8 @@ class Runner:
             f"task {self.task.id}: {state}: {why}",
             priority=3,
             state=state,
+            rules=[rule] if rule else [],
+            extra=self._usage_fields(usage or {}),
         )
 
     def _run(self) -> None:
@@ -472,11 +510,14 @@ class Runner:
         self._forward_logs(handle)
         if outcome.state == "cancelled" and self.cancel_reason != "cancelled":
             outcome = msgspec.structs.replace(outcome, reason=self.cancel_reason)
+        usage = self._usage(outcome)
         self._audit(
             audit.Event.TASK_FINISHED,
             f"task {t.id}: {outcome.state} (exit {outcome.exit_code})",
             state=outcome.state,
             exit_code=outcome.exit_code,
+            rules=[outcome.rule] if outcome.rule else [],
+            extra=self._usage_fields(usage),
         )
         if outcome.state != "succeeded":
             # The orchestrator sees why (cancelled by whom, killed at timeout...).
@@ -485,17 +526,19 @@ class Runner:
                 if outcome.exit_code is not None
                 else ""
             )
+            rule = outcome.rule or f"task.{outcome.state}"
             self._transition(
                 outcome.state,
                 exit_code=outcome.exit_code,
                 error=outcome.reason or None,
-                reasons=[(f"task.{outcome.state}", why)] if why else [],
+                reasons=[(rule, why)] if why else [],
                 extra=self._extra(outcome),
+                usage=usage or None,
             )
             return
         try:
             self._stage_out(outcome)
         except OutputTooLargeError as e:
-            self._finish_failed(str(e), "failed", Rule.OUTPUTS_EXCEEDED.value)
+            self._finish_failed(str(e), "failed", Rule.OUTPUTS_EXCEEDED.value, usage)
         except StageOutError as e:
-            self._finish_failed(str(e))
+            self._finish_failed(str(e), usage=usage)

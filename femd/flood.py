@@ -36,6 +36,10 @@ class Tally:
         self._seen[kind] = count + 1
         return count == 0
 
+    def next_at(self) -> float | None:
+        """When the current window ends (monotonic), or None without one."""
+        return None if self._started is None else self._started + self.window_s
+
     def flush(self, now: float) -> dict[tuple[str, ...], int]:
         """At the end of a window, return the repeats per kind (maybe none)."""
         if self._started is None or now - self._started < self.window_s:

@@ -36,6 +36,10 @@ class Retention:
         """True when it is time to prune (monotonic *now*)."""
         return now >= self._next
 
+    def next_at(self) -> float:
+        """When the next pruning is due (monotonic)."""
+        return self._next
+
     def run(self, state: State, at: datetime, now: float) -> None:
         """Prune what is older than the retention at *at*; never raises."""
         self._next = now + self.every_s

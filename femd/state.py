@@ -45,7 +45,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 # DESIGN "Broker topology" exchanges.
 EVENTS_EXCHANGE: Final = "femd.events"
 RESULTS_EXCHANGE: Final = "femd.results"
@@ -81,7 +81,8 @@ CREATE TABLE tasks (
     output_sha256 TEXT,
     output_bytes INTEGER,
     output_chunks INTEGER,
-    error TEXT
+    error TEXT,
+    usage TEXT
 );
 CREATE INDEX tasks_received ON tasks (received_at);
 CREATE TABLE transitions (
@@ -107,8 +108,10 @@ CREATE INDEX outbox_pending ON outbox (published, seq);
 _COLUMNS: Final = (
     "task_id, project, kind, state, decision, reasons, manifest_sha256, payload, "
     "signer_keyids, launcher, received_at, updated_at, exit_code, output_sha256, "
-    "output_bytes, output_chunks, error"
+    "output_bytes, output_chunks, error, usage"
 )
+# Schema 1 -> 2: what each task used (JSON; `usage` of the terminal event).
+_MIGRATE_1_2: Final = "ALTER TABLE tasks ADD COLUMN usage TEXT"
 _INSERT_TRANSITION: Final = (
     "INSERT INTO transitions (task_id, state, at, detail) VALUES (?, ?, ?, ?)"
 )
@@ -134,6 +137,7 @@ class TaskRow(msgspec.Struct, frozen=True):
     output_bytes: int | None
     output_chunks: int | None
     error: str | None
+    usage: dict[str, float] | None = None
 
 
 class OutboxEvent(msgspec.Struct, frozen=True):
@@ -298,6 +302,10 @@ class State:
                 logger.info(
                     "state: created schema %d in %s", SCHEMA_VERSION, self._path
                 )
+            elif version == 1:
+                db.execute(_MIGRATE_1_2)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                logger.info("state: schema 1 -> %d in %s", SCHEMA_VERSION, self._path)
             elif version != SCHEMA_VERSION:
                 raise StateError(
                     f"state: unsupported schema version in {cut(self._path)}"
@@ -418,7 +426,8 @@ class State:
         with self._write("record") as db:
             cur = db.execute(
                 f"INSERT INTO tasks ({_COLUMNS}) VALUES "  # noqa: S608 - constant
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULL) "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "NULL, NULL, NULL, NULL, NULL, NULL) "
                 "ON CONFLICT (task_id) DO NOTHING",
                 (
                     task_id,
@@ -469,6 +478,7 @@ class State:
         outputs: tuple[str, int, int] | None = None,
         error: str | None = None,
         extra: Mapping[str, object] | None = None,
+        usage: Mapping[str, float] | None = None,
     ) -> int:
         """Move a task to *state*, with its history row and status event.
 
@@ -482,6 +492,8 @@ class State:
             outputs: ``(sha256, bytes, chunks)`` of the packed outputs.
             error: our side's one-line failure text (stored, not sent).
             extra: more event fields (e.g. ``log_tail``); may not override any.
+            usage: what the task used (cpu_s, memory_peak_bytes, pids_peak,
+                output_bytes, wall_s), stored and sent as ``usage``.
 
         Returns:
             The outbox ``seq`` of the status event.
@@ -511,6 +523,11 @@ class State:
             sets += ["output_sha256 = ?", "output_bytes = ?", "output_chunks = ?"]
             args += [sha256, size, chunks]
             detail.append(f"output_sha256={sha256}")
+        if usage:
+            fields["usage"] = dict(usage)
+            sets.append("usage = ?")
+            args.append(json.dumps(fields["usage"], sort_keys=True))
+            detail.append("usage=" + json.dumps(fields["usage"], sort_keys=True))
         if error is not None:
             error = printable(error)
             sets.append("error = ?")
@@ -853,6 +870,7 @@ def _task_row(row: tuple[object, ...]) -> TaskRow:
                 "output_bytes": row[14],
                 "output_chunks": row[15],
                 "error": row[16],
+                "usage": json.loads(str(row[17])) if row[17] is not None else None,
             },
             TaskRow,
             strict=True,

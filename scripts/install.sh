@@ -24,7 +24,7 @@ fi
 pkgs="python3-venv python3-dev gcc ca-certificates git rabbitmq-server \
 podman runc uidmap catatonit bubblewrap \
 systemd-container debootstrap busybox-static iproute2 procps util-linux \
-lintian"
+lintian python3-seccomp"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
@@ -51,6 +51,16 @@ sh scripts/setup-podman-user.sh >/dev/null
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 # Re-run every time: cheap when satisfied, and picks up dependency changes.
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# libseccomp's Python binding is a Debian package, not on PyPI: the venv sees
+# that one module (not all of dist-packages), so a test can check femd's
+# syscall tables against libseccomp's.
+seccomp_so=$(ls /usr/lib/python3/dist-packages/seccomp.cpython-*.so 2>/dev/null | head -n 1)
+if [ -n "$seccomp_so" ]; then
+    mkdir -p .venv/debian-seccomp
+    ln -sf "$seccomp_so" .venv/debian-seccomp/
+    site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "$(pwd)/.venv/debian-seccomp" > "$site/debian-seccomp.pth"
+fi
 # Task runtimes: one virtualenv per runtimes/NAME/requirements.txt, rebuilt only
 # when that file changes (its sha256 is kept beside the venv).
 for req in runtimes/*/requirements.txt; do

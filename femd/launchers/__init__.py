@@ -47,6 +47,7 @@ __all__ = [
     "PodmanSettings",
     "ProcessSettings",
     "Traffic",
+    "Usage",
     "build_all",
     "load_profile",
     "load_profiles",
@@ -97,6 +98,7 @@ class LaunchSpec(Strict, frozen=True, kw_only=True):
     listen: tuple[int, ...] = ()
     ingress_peers: tuple[str, ...] = ()
     log_max_bytes: Annotated[int, Meta(ge=0)] = 1 << 20
+    output_max_bytes: Annotated[int, Meta(ge=0)] = 1 << 20
 
     @property
     def network(self) -> bool:
@@ -127,6 +129,23 @@ class Capabilities(Strict, frozen=True, kw_only=True):
     ingress: bool = False
     min_cpus: float = 0.0
     notes: tuple[str, ...] = ()
+    enforcement: tuple[tuple[str, str], ...] = ()
+
+
+class Usage(Strict, frozen=True, kw_only=True, omit_defaults=True):
+    """What a task used (None: not measured by this launcher on this host).
+
+    ``cpu_s``: CPU seconds of all its processes; ``memory_peak_bytes``: the
+    peak of its cgroup's memory (anonymous, page cache, tmpfs, shm);
+    ``pids_peak``: most processes at once (sampled where the kernel keeps no
+    peak); ``output_bytes``: bytes of its collected outputs; ``wall_s``.
+    """
+
+    cpu_s: float | None = None
+    memory_peak_bytes: int | None = None
+    pids_peak: int | None = None
+    output_bytes: int | None = None
+    wall_s: float | None = None
 
 
 class Traffic(Strict, frozen=True, kw_only=True):
@@ -148,6 +167,8 @@ class Traffic(Strict, frozen=True, kw_only=True):
 class Outcome(Strict, frozen=True, kw_only=True):
     """How a task ended. ``log_tail`` is the last few KiB of stdout+stderr.
 
+    ``rule``: the rule id to report when a limit ended it (e.g.
+    ``outputs.exceeded``); ``usage``: what it used, when measured.
     ``traffic``: what femd forwarded for the task, per destination.
     """
 
@@ -157,6 +178,8 @@ class Outcome(Strict, frozen=True, kw_only=True):
     finished_at: datetime
     log_tail: str
     reason: str = ""
+    rule: str = ""
+    usage: Usage | None = None
     traffic: tuple[Traffic, ...] = ()
 
 
@@ -214,10 +237,13 @@ class LauncherFactory(Protocol):
 def _podman(
     profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
 ) -> Launcher:
-    # Imported here so the process launcher works where podman-py is absent.
-    from femd.launchers.podman import PodmanLauncher
+    # podman-py is imported only once a podman socket exists (and never where
+    # the process launcher alone is used).
+    from femd.launchers.deferred import DeferredPodmanLauncher
 
-    return PodmanLauncher(profile, state_dir=state_dir, podman_socket=podman_socket)
+    return DeferredPodmanLauncher(
+        profile, state_dir=state_dir, podman_socket=podman_socket
+    )
 
 
 def _process(

@@ -515,7 +515,7 @@ class NodeEnv:
 
     # -- files ------------------------------------------------------------------
 
-    def write_policy(self, *, pids: int = 64) -> None:
+    def write_policy(self, *, pids: int = 64, memory_mb: int = 256) -> None:
         """The policy: project ``demo`` signed by ``orch``, egress to the counter.
 
         *pids* is the project's maximum, which tasks get (RLIMIT_NPROC of the
@@ -533,7 +533,7 @@ class NodeEnv:
                     "launchers": ["process"],
                     "max_resources": {
                         "cpus": 1,
-                        "memory_mb": 256,
+                        "memory_mb": memory_mb,
                         "timeout_s": 120,
                         "pids": pids,
                     },
