@@ -219,6 +219,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     logging.getLogger().setLevel(level)
     audit.configure(config.audit)
+    if not audit.to_journal():
+        from femd.logline import use_json_lines
+
+        use_json_lines()
     return Agent(config, config_path=path).run()
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import grp
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -50,6 +49,7 @@ from femd.manifest import NetworkEgress, Task
 from femd.policy import LoadedPolicy
 from femd.stageout import pack_outputs
 from femd.state import State
+from femd.tree import remove_tree
 
 __all__ = [
     "CODE_TARGET",
@@ -302,8 +302,7 @@ class Runner:
         )
 
         t = self.task
-        if self.work.exists():
-            shutil.rmtree(self.work)
+        remove_tree(self.work)
         (self.work / "out").mkdir(parents=True)
         open_work_dirs(self.work, self.task.launcher)
         code = None
@@ -451,8 +450,14 @@ class Runner:
             logger.exception("task %s: internal error", t.id)
             self._finish_failed(f"internal error: {type(e).__name__}: {cut(e)}")
         finally:
-            if self.work.exists():
-                shutil.rmtree(self.work, ignore_errors=True)
+            self._clean_up()
+
+    def _clean_up(self) -> None:
+        """Remove the work dir, whatever the task left in it; never raises."""
+        try:
+            remove_tree(self.work)
+        except FemdError as e:
+            logger.error("task %s: work dir not removed: %s", self.task.id, e)
 
     def _finish_failed(
         self,

@@ -29,7 +29,8 @@ from typing import Final, Literal
 
 import msgspec
 
-from femd.errors import StageOutError, StateError, cut
+from femd import statemark
+from femd.errors import StageOutError, StateError, cut, printable
 from femd.stageout import CHUNK_BYTES, chunk_count
 
 __all__ = [
@@ -203,7 +204,11 @@ def _parse_time(text: str) -> datetime:
 
 
 def _reasons_json(reasons: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    return [{"rule": rule, "message": message} for rule, message in reasons]
+    # Messages may quote file names or tool output that are not UTF-8.
+    return [
+        {"rule": printable(rule), "message": printable(message)}
+        for rule, message in reasons
+    ]
 
 
 def _check_state(state: str) -> None:
@@ -226,6 +231,13 @@ class State:
         """Open (creating if needed) the database and bring its schema up."""
         self._path = path
         self._lock = threading.Lock()
+        try:
+            if path.stat().st_size == 0:
+                statemark.check(path, "empty")
+        except FileNotFoundError:
+            statemark.check(path, "missing")
+        except OSError as e:
+            raise StateError(f"state: cannot open {cut(path)}: {e.strerror}") from e
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # The state holds manifests: create it private; sqlite gives its
@@ -257,6 +269,9 @@ class State:
     def _setup(self) -> None:
         db = self._db
         db.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
+        # Takes effect only on a database without tables yet: prune() can
+        # then give freed pages back (an older database keeps its size).
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StateError(
@@ -268,12 +283,17 @@ class State:
         db.execute("PRAGMA foreign_keys = ON")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
+            if not statemark.marker_path(self._path).exists():
+                self._mark("a database created before markers")
             return
         db.execute("BEGIN IMMEDIATE")
         try:
             # Another process may have created the schema while we waited.
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
+                # SECURITY: an empty database where one existed is a lost one,
+                # never a new one (replay protection).
+                statemark.check(self._path, "empty")
                 # Not executescript(): it would COMMIT the open transaction first.
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
@@ -295,6 +315,14 @@ class State:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        statemark.write(self._path)
+
+    def _mark(self, what: str) -> None:
+        """Write the marker of an existing database; a reader may not be able to."""
+        try:
+            statemark.write(self._path)
+        except StateError as e:
+            logger.warning("state: %s has no marker yet: %s", what, e)
 
     def close(self) -> None:
         """Close the database; later calls raise ``StateError``.
@@ -501,6 +529,7 @@ class State:
             args.append(json.dumps(fields["usage"], sort_keys=True))
             detail.append("usage=" + json.dumps(fields["usage"], sort_keys=True))
         if error is not None:
+            error = printable(error)
             sets.append("error = ?")
             args.append(error)
             detail.append(f"error={error}")
@@ -755,6 +784,40 @@ class State:
                 pass
             except OSError as e:
                 logger.warning("state: cannot remove sent archive %s: %s", f, e)
+
+    def prune(self, before: datetime) -> tuple[int, int]:
+        """Forget what neither replay protection nor the audit needs any more.
+
+        Deletes published outbox messages created before *before* and clears
+        the payload of tasks that ended before it. Every task row stays, with
+        its id, decision, reasons, signer keyids and hashes (a replayed id is
+        refused forever), and so do the transitions. Then gives the freed
+        pages back to the file system.
+
+        Returns:
+            (outbox messages deleted, task payloads cleared).
+
+        Raises:
+            StateError: the write failed.
+        """
+        when = _time_text(before)
+        marks = ", ".join("?" for _ in TERMINAL_STATES)
+        with self._write("prune") as db:
+            events = db.execute(
+                "DELETE FROM outbox WHERE published = 1 AND created_at < ?", (when,)
+            ).rowcount
+            payloads = db.execute(
+                "UPDATE tasks SET payload = NULL WHERE payload IS NOT NULL"  # noqa: S608
+                f" AND updated_at < ? AND state IN ({marks})",
+                (when, *sorted(TERMINAL_STATES)),
+            ).rowcount
+        if events or payloads:
+            with self._lock, self._guard("prune"):
+                # executescript() steps the pragma to its end (execute() frees
+                # one page); no transaction is open here.
+                self._db.executescript("PRAGMA incremental_vacuum;")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return events, payloads
 
     def queued_archives(self) -> set[str]:
         """Paths of the archives that still have result chunks to publish.

@@ -342,8 +342,11 @@ def unenforceable(spec: LaunchSpec, caps: Capabilities) -> list[Reason]:
         raise RuntimeError(f"capabilities of {caps.launcher} used for {spec.launcher}")
     who = f"{spec.launcher} on this host"
     if not caps.available:
-        problems = cut("; ".join(caps.problems), 200) or "unknown reason"
-        text = f"launcher {spec.launcher} is not available on this host: {problems}"
+        problems = cut("; ".join(caps.problems), 300, keep_end=True)
+        text = (
+            f"launcher {spec.launcher} is not available on this host:"
+            f" {problems or 'unknown reason'}"
+        )
         return [_refuse(text)]
 
     def why(word: str) -> str:

@@ -326,8 +326,14 @@ class BubblewrapLauncher:
                 cgroup.kill()
                 cgroup.remove()
         if result.returncode != 0:
-            err = result.stderr.decode(errors="replace").strip().splitlines()
-            why = cut(err[-1]) if err else "/bin/sh, stat or tar missing (ro_binds)"
+            lines = result.stderr.decode(errors="replace").splitlines()
+            # The last line that says something is bwrap's error, cause last.
+            said = [line.strip() for line in lines if line.strip()]
+            why = (
+                cut(said[-1], 200, keep_end=True)
+                if said
+                else "/bin/sh, stat or tar missing (ro_binds)"
+            )
             return [f"bubblewrap cannot create a sandbox: {why}"], []
         return [], []
 
