@@ -28,11 +28,12 @@ from typing import Any, Final, Literal
 import sdnotify
 
 from femd import audit
+from femd.admission import Host, admit_here
 from femd.broker import Delivery, NodeLink
 from femd.config import AgentConfig
-from femd.decision import Decision, Verdict, admit
+from femd.decision import Decision, Verdict
 from femd.errors import EnvelopeError, FemdError, ManifestError, cut
-from femd.execution import Runner, admission_reasons
+from femd.execution import Runner
 from femd.flood import Tally
 from femd.intake import Retry
 from femd.launchers import (
@@ -438,14 +439,16 @@ class Agent:
                 d, d.problem, [("input.amqp", d.problem)], dead_letter=True
             )
             return
+        host = Host(self.profiles, self.caps, self.state_dir / "work")
         try:
-            verdict = admit(
+            verdict = admit_here(
                 d.body,
                 self.policy,
                 node=self.node,
                 now=_now(),
                 skew_s=self.config.clock_skew_s,
                 max_bytes=self.config.max_envelope_bytes,
+                host=host,
             )
         except EnvelopeError as e:
             self._reject_unverified(d, str(e), [("input.envelope", str(e))])
@@ -459,11 +462,6 @@ class Agent:
             self._reject_unverified(d, "no trusted signature", reasons)
             return
         decision = verdict.decision
-        if isinstance(m, Task) and decision.allowed:
-            extra = admission_reasons(
-                m, self.policy, self.profiles, self.caps, self.state_dir / "work"
-            )
-            decision = Decision(decision.reasons + tuple(extra))
         self._commit(d, verdict, decision)
 
     def _commit(self, d: Delivery, verdict: Verdict, decision: Decision) -> None:

@@ -24,6 +24,7 @@ from femd import __version__
 from femd.errors import FemdError, InputError, ManifestError, cut
 
 if TYPE_CHECKING:
+    from femd.admission import Host
     from femd.client import Client
     from femd.config import OrchestratorConfig
 
@@ -143,15 +144,47 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_host(args: argparse.Namespace) -> tuple[Host | None, str | None]:
+    """The launchers ``femd check`` admits against, and the node they are on.
+
+    From ``--capabilities`` (a ``femd doctor --json`` output), or probed on
+    this host from ``--config``'s launcher profiles (as ``femd doctor``
+    does), or none: then only the trust kernel runs.
+    """
+    import shutil
+    import tempfile
+
+    from femd.admission import Host, decode_host
+    from femd.config import load_config
+    from femd.launchers import build_all, load_profiles
+
+    if args.capabilities:
+        return decode_host(_read_input(args.capabilities, "capabilities")), None
+    if not args.config:
+        return None, None
+    config = load_config(Path(args.config), os.environ)
+    profiles = load_profiles(Path(config.launchers))
+    logging.getLogger("femd.launchers.podman").setLevel(logging.ERROR)
+    scratch = Path(tempfile.mkdtemp(prefix="femd-check-"))
+    try:
+        _, caps = build_all(
+            profiles, state_dir=scratch, podman_socket=config.podman.socket
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return Host(profiles, caps, config.state_path / "work"), config.node
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
-    from femd.decision import admit
+    from femd.admission import admit_here
     from femd.policy import load_policy
 
     policy = load_policy(Path(args.policy))
     data = _read_input(args.envelope, "envelope")
     now = _parse_time(args.at) if args.at else datetime.now(UTC)
-    node = args.node or policy.policy.node
-    verdict = admit(data, policy, node=node, now=now, skew_s=args.skew)
+    host, host_node = _check_host(args)
+    node = args.node or host_node or policy.policy.node
+    verdict = admit_here(data, policy, node=node, now=now, skew_s=args.skew, host=host)
     m = verdict.manifest
     allowed = verdict.decision.allowed
     if args.json:
@@ -164,6 +197,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 {"rule": r.rule.value, "message": r.message}
                 for r in verdict.decision.reasons
             ],
+            "launch_checked": host is not None,
         }
         print(json.dumps(out))
         return 0 if allowed else 1
@@ -173,6 +207,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"  - {r.rule.value}: {r.message}")
     if verdict.signers:
         print(f"  signed by: {', '.join(verdict.signers)}")
+    if host is None:
+        print(
+            "  note: launch-spec and capability checks not run"
+            " (give --config or --capabilities)"
+        )
     check = verdict.check
     for kid in sorted(check.unknown):
         print(f"  note: signature from an unknown key {cut(kid, 20) or '(no keyid)'}")
@@ -538,6 +577,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     import tempfile
 
     from femd import doctor
+    from femd.admission import host_report
     from femd.config import load_config
     from femd.launchers import build_all, load_profiles
 
@@ -588,7 +628,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         checks.append(doctor.check_state_dir(config.state_path))
         checks.append(doctor.check_clock(config.clock_skew_s))
     if args.json:
-        sys.stdout.buffer.write(doctor.to_json(checks, usable) + b"\n")
+        report = host_report(profiles, caps)
+        sys.stdout.buffer.write(doctor.to_json(checks, usable, report) + b"\n")
     else:
         sys.stdout.write(doctor.render(checks, usable))
     return doctor.exit_code(checks, usable)
@@ -633,6 +674,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--at", help="decide at this RFC 3339 time (default: now)")
     s.add_argument("--skew", type=_skew, default=300, help="clock skew allowed, s")
     s.add_argument("--json", action="store_true", help="one JSON object")
+    how = s.add_mutually_exclusive_group()
+    how.add_argument(
+        "--config", help="femd.yaml: also check against this host's probed launchers"
+    )
+    how.add_argument(
+        "--capabilities",
+        metavar="FILE",
+        help="also check against these launchers (`femd doctor --json` output)",
+    )
     s.set_defaults(func=_cmd_check)
 
     s = sub.add_parser("policy", help="policy tools")

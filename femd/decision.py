@@ -51,6 +51,7 @@ class Rule(StrEnum):
     PROJECT_UNKNOWN = "project.unknown"
     LAUNCHER_NOT_ALLOWED = "launcher.not_allowed"
     LAUNCHER_UNENFORCEABLE = "launcher.unenforceable"
+    MOUNT_RESERVED = "mount.reserved"
     IMAGE_NOT_ALLOWED = "image.not_allowed"
     IMAGE_NOT_PINNED = "image.not_pinned"
     GIT_NOT_ALLOWED = "git.not_allowed"

@@ -35,6 +35,7 @@ import msgspec
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from femd.admission import HostReport
 from femd.errors import FemdError, cut
 from femd.launchers import Capabilities, Launcher, LaunchSpec, Limits
 from femd.launchers.profile import LauncherProfile
@@ -550,15 +551,22 @@ def render(checks: Sequence[Check], usable: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_json(checks: Sequence[Check], usable: Sequence[str]) -> bytes:
-    """The same, for machines: ``{"checks": [...], "usable": [...], "ok": bool}``."""
-    return msgspec.json.encode(
-        {
-            "ok": exit_code(checks, usable) == 0,
-            "usable": list(usable),
-            "checks": [msgspec.to_builtins(c) for c in checks],
-        }
-    )
+def to_json(
+    checks: Sequence[Check], usable: Sequence[str], host: HostReport | None = None
+) -> bytes:
+    """The same, for machines: ``{"checks": [...], "usable": [...], "ok": bool}``.
+
+    With *host*, also its ``profiles`` and ``capabilities`` (what ``femd check
+    --capabilities`` reads).
+    """
+    out: dict[str, object] = {
+        "ok": exit_code(checks, usable) == 0,
+        "usable": list(usable),
+        "checks": [msgspec.to_builtins(c) for c in checks],
+    }
+    if host is not None:
+        out |= msgspec.to_builtins(host)
+    return msgspec.json.encode(out)
 
 
 def exit_code(checks: Sequence[Check], usable: Sequence[str]) -> int:

@@ -22,7 +22,7 @@ from typing import Final
 import msgspec
 
 from femd import audit
-from femd.decision import Reason, Rule
+from femd.decision import Rule
 from femd.errors import (
     FemdError,
     LaunchError,
@@ -33,7 +33,6 @@ from femd.errors import (
     cut,
 )
 from femd.launchers import (
-    Capabilities,
     Handle,
     Launcher,
     LauncherProfile,
@@ -42,7 +41,6 @@ from femd.launchers import (
     Mount,
     Outcome,
     start,
-    unenforceable,
 )
 from femd.livelog import LogFollower
 from femd.manifest import NetworkEgress, Task
@@ -54,7 +52,6 @@ from femd.tree import remove_tree
 __all__ = [
     "CODE_TARGET",
     "Runner",
-    "admission_reasons",
     "build_spec",
     "open_work_dirs",
 ]
@@ -146,47 +143,6 @@ def build_spec(
         log_max_bytes=log_max_bytes,
         output_max_bytes=output_cap(task, policy),
     )
-
-
-def admission_reasons(
-    task: Task,
-    policy: LoadedPolicy,
-    profiles: Mapping[str, LauncherProfile],
-    caps: Mapping[tuple[str, str], Capabilities],
-    work_root: Path,
-) -> list[Reason]:
-    """Reasons this host cannot run *task* as the policy demands (fail closed).
-
-    Called at admission with the launchers' probed capabilities, so a task
-    that cannot be confined is rejected before anything is staged.
-    """
-    if task.project not in policy.policy.projects:
-        return []
-    profile = profiles.get(task.profile)
-    if profile is None:
-        return [
-            Reason(
-                Rule.LAUNCHER_UNENFORCEABLE,
-                f"launcher profile {task.profile!r} does not exist on this node",
-            )
-        ]
-    if getattr(profile, task.launcher) is None:
-        return [
-            Reason(
-                Rule.LAUNCHER_UNENFORCEABLE,
-                f"profile {profile.name!r} has no {task.launcher} section",
-            )
-        ]
-    spec = build_spec(task, policy, profile, work_dir=work_root / task.id)
-    cap = caps.get((task.profile, task.launcher))
-    if cap is None:
-        return [
-            Reason(
-                Rule.LAUNCHER_UNENFORCEABLE,
-                f"launcher {task.launcher} is not configured on this node",
-            )
-        ]
-    return unenforceable(spec, cap)
 
 
 def open_work_dirs(work: Path, launcher: str) -> None:

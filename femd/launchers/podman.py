@@ -75,6 +75,7 @@ from femd.launchers import Capabilities, LaunchSpec, Outcome
 from femd.launchers.netns import probe_join
 from femd.launchers.network import TaskNetwork
 from femd.launchers.profile import LauncherProfile, PodmanSettings
+from femd.launchers.targets import PODMAN_RESERVED as _RESERVED
 from femd.model import TaskId
 
 __all__ = ["TASK_USER", "PodmanHandle", "PodmanLauncher", "verify_image_digest"]
@@ -98,7 +99,6 @@ _DONE: Final = frozenset({"exited", "stopped", "dead"})
 _NEVER_STARTED: Final = frozenset({"created", "configured", "initialized"})
 _UNSAFE_OK: Final = frozenset({"memory", "cpu"})
 # Paths a task mount may not cover: the sandbox's own plumbing.
-_RESERVED: Final = ("/proc", "/sys", "/dev", "/run", "/etc")
 _TMP: Final = "/tmp"  # noqa: S108 (the container's own tmpfs, not the host's)
 # Foreign errors met at this module's boundary (APIError and requests' errors are
 # OSError subclasses; a malformed reply shows up as ValueError/KeyError/TypeError).

@@ -51,7 +51,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import ClassVar, Final
 
 import msgspec
@@ -63,6 +63,8 @@ from femd.launchers.cgroup import CgroupHost, CgroupLimits, TaskCgroup, detect
 from femd.launchers.netns import probe_join
 from femd.launchers.network import TaskNetwork
 from femd.launchers.profile import LauncherProfile, ProcessSettings
+from femd.launchers.targets import PROCESS_RESERVED as _RESERVED
+from femd.launchers.targets import within as _within
 from femd.model import TaskId
 
 __all__ = ["BubblewrapLauncher", "seccomp_filter"]
@@ -82,7 +84,6 @@ _ENTER: Final = (
 )
 _TMP: Final = "/tmp"  # noqa: S108 (inside the sandbox: a private tmpfs)
 _SHM: Final = "/dev/shm"  # noqa: S108 (inside the sandbox: a private tmpfs)
-_RESERVED: Final = ("/", "/proc", "/dev", _TMP)
 # Namespaces every sandbox gets (bwrap always adds a mount namespace). No uts
 # namespace: the task sees the host's hostname and cannot change it (it holds
 # no capability over the host's UTS namespace; under femd.service,
@@ -148,12 +149,6 @@ def seccomp_filter(machine: str | None = None) -> bytes | None:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _within(path: str, root: str) -> bool:
-    """True when *path* is *root* or below it ("/" holds only itself here)."""
-    p, r = PurePosixPath(path), PurePosixPath(root)
-    return p == r or (r != PurePosixPath("/") and r in p.parents)
 
 
 def _parent(pid: int) -> int:

@@ -276,7 +276,10 @@ def test_check_json_exact_keys(site, capsys):
     )
     assert (code, err) == (0, "")
     obj = json.loads(out)
-    assert list(obj) == ["decision", "task_id", "project", "signers", "reasons"]
+    assert list(obj) == [
+        "decision", "task_id", "project", "signers", "reasons", "launch_checked"
+    ]  # fmt: skip
+    assert obj["launch_checked"] is False
     assert obj["decision"] == "allow"
     assert obj["task_id"] == "7b0f6c1e-4a53-4f8e-9b8e-0d6f0a3d2c11"
     assert obj["project"] == "dt4h-heart-failure"

@@ -105,7 +105,7 @@ def test_check_json_from_another_directory(site, tmp_path):
     )
     assert p.returncode == 0, p
     obj = json.loads(p.stdout)
-    assert list(obj) == ["decision", "task_id", "project", "signers", "reasons"]
+    assert list(obj)[:5] == ["decision", "task_id", "project", "signers", "reasons"]
     assert obj["decision"] == "allow"
 
 

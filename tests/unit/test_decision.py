@@ -491,9 +491,9 @@ def test_rule(world, case):
 
 def test_every_rule_is_produced_by_some_case():
     produced = {rule for case in CASES.values() for rule in case.rules}
-    # launcher.unenforceable comes from the host's launcher capabilities
-    # (femd.launchers.unenforceable), not from the policy.
-    assert set(Rule) - produced == {Rule.LAUNCHER_UNENFORCEABLE}
+    # launcher.unenforceable and mount.reserved come from the host's launchers
+    # (femd.admission, tests/unit/test_admission.py), not from the policy.
+    assert set(Rule) - produced == {Rule.LAUNCHER_UNENFORCEABLE, Rule.MOUNT_RESERVED}
     assert Rule.LAUNCHER_UNENFORCEABLE.value == "launcher.unenforceable"
 
 
@@ -513,6 +513,7 @@ def test_rule_names_are_the_design_names():
         "project.unknown",
         "launcher.not_allowed",
         "launcher.unenforceable",
+        "mount.reserved",
         "image.not_allowed",
         "image.not_pinned",
         "git.not_allowed",

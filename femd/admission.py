@@ -1,0 +1,178 @@
+"""One admission path: the trust kernel, then what this host can run. Pure.
+
+Owns ``Host`` (the launcher profiles and probed capabilities admission needs)
+and ``admit_here()``, which ``femd check`` and the agent both call, so the
+dry run and the node cannot disagree. The trust kernel (signatures, policy
+rules) is ``decision.admit()``; this adds the launch-spec checks that used to
+run only in the agent or only at launch: the profile exists and has the
+launcher's section, the launcher is configured here, every limit is
+enforceable (``launcher.unenforceable``) and no mount target is one the
+sandbox keeps (``mount.reserved``). No I/O: the capabilities are probed by
+the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import msgspec
+
+from femd.decision import Decision, Reason, Rule, Verdict, admit
+from femd.envelope import MAX_ENVELOPE_BYTES
+from femd.errors import ConfigError, cut
+from femd.execution import build_spec
+from femd.launchers import Capabilities, LauncherProfile, unenforceable
+from femd.launchers.targets import target_reasons
+from femd.manifest import Task
+from femd.policy import LoadedPolicy
+
+__all__ = [
+    "Host",
+    "HostReport",
+    "ProbedLauncher",
+    "admit_here",
+    "decode_host",
+    "host_report",
+    "launch_reasons",
+]
+
+
+@dataclass(frozen=True)
+class Host:
+    """What admission knows of this host's launchers.
+
+    ``caps`` maps (profile, launcher) to what the launcher's probe found;
+    ``work_root`` is where tasks' work dirs go (only used to build the spec).
+    """
+
+    profiles: Mapping[str, LauncherProfile]
+    caps: Mapping[tuple[str, str], Capabilities]
+    work_root: Path = dataclasses.field(default=Path("/var/lib/femd/work"))
+
+
+class ProbedLauncher(msgspec.Struct, frozen=True, kw_only=True):
+    """What one launcher of one profile can enforce on the host that probed it."""
+
+    profile: str
+    capabilities: Capabilities
+
+
+class HostReport(msgspec.Struct, frozen=True, kw_only=True):
+    """The part of ``femd doctor --json`` that ``femd check --capabilities`` reads.
+
+    ``profiles``: the node's launcher profiles by name, as loaded;
+    ``capabilities``: one entry per (profile, launcher) the profiles define.
+    Other keys of the doctor's output are ignored.
+    """
+
+    profiles: dict[str, LauncherProfile]
+    capabilities: list[ProbedLauncher]
+
+
+def host_report(
+    profiles: Mapping[str, LauncherProfile],
+    caps: Mapping[tuple[str, str], Capabilities],
+) -> HostReport:
+    """What the doctor prints of a host's launchers (``decode_host`` reads it)."""
+    return HostReport(
+        profiles=dict(sorted(profiles.items())),
+        capabilities=[
+            ProbedLauncher(profile=p, capabilities=c)
+            for (p, _), c in sorted(caps.items())
+        ],
+    )
+
+
+def decode_host(data: bytes, work_root: Path = Host.work_root) -> Host:
+    """Read a ``HostReport`` (e.g. ``femd doctor --json``'s output).
+
+    Raises:
+        ConfigError: not such a document.
+    """
+    try:
+        report = msgspec.json.decode(data, type=HostReport)
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"capabilities: {cut(e, 200)}") from e
+    caps = {
+        (e.profile, e.capabilities.launcher): e.capabilities
+        for e in report.capabilities
+    }
+    return Host(report.profiles, caps, work_root)
+
+
+def _unenforceable(text: str) -> list[Reason]:
+    return [Reason(Rule.LAUNCHER_UNENFORCEABLE, text)]
+
+
+def launch_reasons(task: Task, policy: LoadedPolicy, host: Host) -> list[Reason]:
+    """Reasons this host cannot run *task* as the policy demands (fail closed).
+
+    Checked with the launchers' probed capabilities before anything is
+    staged. Inputs, code and runtime get placeholder host paths: only their
+    in-sandbox targets matter here.
+    """
+    if task.project not in policy.policy.projects:
+        return []
+    profile = host.profiles.get(task.profile)
+    if profile is None:
+        return _unenforceable(
+            f"launcher profile {task.profile!r} does not exist on this node"
+        )
+    if getattr(profile, task.launcher) is None:
+        return _unenforceable(
+            f"profile {profile.name!r} has no {task.launcher} section"
+        )
+    cap = host.caps.get((task.profile, task.launcher))
+    if cap is None:
+        return _unenforceable(
+            f"launcher {task.launcher} is not configured on this node"
+        )
+    work = host.work_root / task.id
+    spec = build_spec(
+        task,
+        policy,
+        profile,
+        work_dir=work,
+        code_dir=work / "src" if task.source is not None else None,
+        inputs={i.mount: work / "inputs" / i.dataset for i in task.inputs},
+        runtime_dir=work / "runtime" if task.runtime is not None else None,
+    )
+    targets = [m.target for m in spec.mounts]
+    return unenforceable(spec, cap) + target_reasons(
+        task.launcher, profile, targets, spec.output_target
+    )
+
+
+def admit_here(
+    data: bytes,
+    policy: LoadedPolicy,
+    *,
+    node: str,
+    now: datetime,
+    skew_s: float = 300,
+    max_bytes: int = MAX_ENVELOPE_BYTES,
+    host: Host | None,
+) -> Verdict:
+    """Verify, decide, and (given *host*) check that this host can run the task.
+
+    The verdict's decision holds every reason. With *host* None only the
+    trust kernel runs (``femd check`` without capabilities says so). The
+    launch checks run once the policy allows the task, as the node does.
+
+    Raises:
+        EnvelopeError: the envelope is malformed.
+        ManifestError: a trusted key signed a malformed manifest.
+    """
+    verdict = admit(
+        data, policy, node=node, now=now, skew_s=skew_s, max_bytes=max_bytes
+    )
+    m = verdict.manifest
+    if host is None or not isinstance(m, Task) or not verdict.decision.allowed:
+        return verdict
+    extra = launch_reasons(m, policy, host)
+    decision = Decision(verdict.decision.reasons + tuple(extra))
+    return msgspec.structs.replace(verdict, decision=decision)

@@ -1,0 +1,87 @@
+"""Where a task may mount things inside each sandbox: the reserved paths.
+
+Owns the paths each back-end keeps for itself (``PODMAN_RESERVED``,
+``PROCESS_RESERVED``) and ``target_reasons()``, the pure check that a launch
+spec's mount and output targets stay clear of them. Admission runs it before
+anything is staged; the back-ends refuse the same specs again at launch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import PurePosixPath
+from typing import Final
+
+from femd.decision import Reason, Rule
+from femd.errors import cut
+from femd.launchers.profile import LauncherProfile
+
+__all__ = [
+    "PODMAN_RESERVED",
+    "PROCESS_RESERVED",
+    "SANDBOX_TMP",
+    "target_reasons",
+    "within",
+]
+
+SANDBOX_TMP: Final = "/tmp"  # noqa: S108 (inside the sandbox: a private tmpfs)
+# Podman's container keeps these (its own /proc, /sys, /dev, /run; the image's /etc).
+PODMAN_RESERVED: Final = ("/proc", "/sys", "/dev", "/run", "/etc")
+# bubblewrap builds these itself, before any task mount (plus the profile's ro_binds).
+PROCESS_RESERVED: Final = ("/", "/proc", "/dev", SANDBOX_TMP)
+
+
+def within(path: str, root: str) -> bool:
+    """True when *path* is *root* or below it ("/" holds only itself here)."""
+    p, r = PurePosixPath(path), PurePosixPath(root)
+    return p == r or (r != PurePosixPath("/") and r in p.parents)
+
+
+def _reserved(target: str) -> Reason:
+    return Reason(
+        Rule.MOUNT_RESERVED, f"mount target {cut(target)!r} is reserved by the sandbox"
+    )
+
+
+def _podman(mounts: Iterable[str], output: str) -> list[Reason]:
+    reasons = []
+    taken = {"/", SANDBOX_TMP, output}
+    if output in ("/", SANDBOX_TMP) or any(within(output, r) for r in PODMAN_RESERVED):
+        reasons.append(_reserved(output))
+    for target in mounts:
+        if target in taken or any(within(target, r) for r in PODMAN_RESERVED):
+            reasons.append(_reserved(target))
+        taken.add(target)
+    return reasons
+
+
+def _process(targets: list[str], ro_binds: Iterable[str]) -> list[Reason]:
+    reasons = []
+    reserved = [*PROCESS_RESERVED, *ro_binds]
+    for i, target in enumerate(targets):
+        clash = [r for r in reserved if within(r, target) or within(target, r)]
+        clash += [t for t in targets[i + 1 :] if within(t, target) or within(target, t)]
+        if clash:
+            reasons.append(
+                Reason(
+                    Rule.MOUNT_RESERVED,
+                    f"mount target {cut(target)!r} overlaps {cut(clash[0])!r}",
+                )
+            )
+    return reasons
+
+
+def target_reasons(
+    launcher: str, profile: LauncherProfile, mounts: Iterable[str], output: str
+) -> list[Reason]:
+    """Every mount or output target of a task that *launcher* keeps for itself.
+
+    Pure. *mounts* are the in-sandbox targets of the task's inputs, code and
+    runtime; *output* is its output directory's target.
+    """
+    mounts = list(mounts)
+    if launcher == "podman":
+        return _podman(mounts, output)
+    if launcher == "process" and profile.process is not None:
+        return _process([*mounts, output], profile.process.ro_binds)
+    return []
