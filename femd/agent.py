@@ -37,11 +37,12 @@ from femd.execution import Runner
 from femd.flood import Tally
 from femd.intake import Retry
 from femd.launchers import (
-    LAUNCHERS,
     Capabilities,
     Launcher,
     LauncherProfile,
+    build,
     load_profiles,
+    probe,
 )
 from femd.livelog import LogFollower
 from femd.manifest import Cancel, Task, decode_manifest
@@ -154,19 +155,12 @@ class Agent:
 
     def _build_launchers(self) -> None:
         """One launcher per (profile, back-end): a profile is construction input."""
-        launchers: dict[tuple[str, str], Launcher] = {}
-        caps: dict[tuple[str, str], Capabilities] = {}
-        for pname, profile in sorted(self.profiles.items()):
-            for name, factory in LAUNCHERS.items():
-                if getattr(profile, name) is None:
-                    continue
-                launcher = factory(
-                    profile,
-                    state_dir=self.state_dir,
-                    podman_socket=self.config.podman.socket,
-                )
-                launchers[(pname, name)] = launcher
-                caps[(pname, name)] = self._probe((pname, name), launcher)
+        launchers = build(
+            self.profiles,
+            state_dir=self.state_dir,
+            podman_socket=self.config.podman.socket,
+        )
+        caps = {key: self._probe(key, launcher) for key, launcher in launchers.items()}
         self.launchers, self.caps = launchers, caps
         self.reprobe.reset(
             time.monotonic(), unavailable=not all(c.available for c in caps.values())
@@ -174,14 +168,7 @@ class Agent:
 
     def _probe(self, key: tuple[str, str], launcher: Launcher) -> Capabilities:
         """Probe one launcher; log it, and audit a change of availability."""
-        try:
-            cap = launcher.probe()
-        except Exception as e:  # noqa: BLE001 (a back-end must not stop us)
-            cap = Capabilities(
-                launcher=key[1],
-                available=False,
-                problems=(f"probe failed: {cut(e, 200, keep_end=True)}",),
-            )
+        cap = probe(launcher)
         before = self.caps.get(key)
         what = "/".join(key)
         if cap.available:

@@ -20,6 +20,7 @@ from femd.model import (
     GitUrl,
     HostPort,
     ImageName,
+    LauncherName,
     Name,
     Port,
     RelPath,
@@ -125,7 +126,7 @@ class Task(_Message, frozen=True, tag="Task", kw_only=True):
     issued_at: UtcTime
     expires_at: UtcTime
     nodes: Annotated[tuple[Name, ...], Meta(min_length=1, max_length=256)]
-    launcher: Literal["podman", "process", "slurm"]
+    launcher: LauncherName
     profile: Name = "default"
     image: ImageName | None = None
     runtime: Name | None = None
@@ -145,7 +146,7 @@ class Task(_Message, frozen=True, tag="Task", kw_only=True):
             raise ValueError("`expires_at` must be later than `issued_at`")
         if self.launcher == "podman" and self.image is None:
             raise ValueError("`image` is required when `launcher` is `podman`")
-        if self.launcher in ("process", "slurm") and not self.command:
+        if self.launcher != "podman" and not self.command:
             raise ValueError(
                 f"`command` is required when `launcher` is `{self.launcher}`"
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -25,6 +25,7 @@ __all__ = [
     "HostPortPattern",
     "ImageName",
     "KeyId",
+    "LauncherName",
     "Name",
     "Peer",
     "Port",
@@ -46,6 +47,10 @@ def _full(body: str) -> str:
 
 # A path segment that is exactly ".." anywhere after the current position.
 _NO_DOTDOT = r"(?!(?:.*/)?\.\.(?:/|$))"
+
+# Every launcher femd has: the keys of ``femd.launchers.LAUNCHERS`` (a test
+# keeps them equal). Manifests, policies and launch specs all use this one type.
+LauncherName = Literal["podman", "process", "slurm"]
 
 Name = Annotated[
     str,

@@ -27,6 +27,7 @@ from femd.model import (
     AbsPath,
     HostPortPattern,
     KeyId,
+    LauncherName,
     Name,
     Peer,
     Port,
@@ -160,7 +161,7 @@ class Project(Strict, frozen=True, kw_only=True):
 
     signers: Annotated[tuple[Name, ...], Meta(min_length=1)]
     threshold: Annotated[int, Meta(ge=1)] = 1
-    launchers: tuple[Literal["podman", "process", "slurm"], ...] = ()
+    launchers: tuple[LauncherName, ...] = ()
     images: tuple[_Pattern, ...] = ()
     git: tuple[_Pattern, ...] = ()
     datasets: tuple[Name, ...] = ()

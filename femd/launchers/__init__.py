@@ -32,7 +32,7 @@ from femd.launchers.profile import (
     load_profile,
     load_profiles,
 )
-from femd.model import AbsPath, Strict, TaskId
+from femd.model import AbsPath, LauncherName, Strict, TaskId
 
 __all__ = [
     "LAUNCHERS",
@@ -51,9 +51,11 @@ __all__ = [
     "SlurmSettings",
     "Traffic",
     "Usage",
+    "build",
     "build_all",
     "load_profile",
     "load_profiles",
+    "probe",
     "start",
     "unenforceable",
 ]
@@ -87,7 +89,7 @@ class LaunchSpec(Strict, frozen=True, kw_only=True):
     """
 
     task_id: TaskId
-    launcher: Literal["podman", "process", "slurm"]
+    launcher: LauncherName
     profile: LauncherProfile
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
@@ -291,6 +293,37 @@ LAUNCHERS: Final[Mapping[str, LauncherFactory]] = MappingProxyType(
 )
 
 
+def build(
+    profiles: Mapping[str, LauncherProfile],
+    *,
+    state_dir: Path,
+    podman_socket: str | None,
+) -> dict[tuple[str, str], Launcher]:
+    """One launcher per (profile, back-end) the profiles define; none probed."""
+    launchers: dict[tuple[str, str], Launcher] = {}
+    for pname, profile in sorted(profiles.items()):
+        for name, factory in LAUNCHERS.items():
+            if getattr(profile, name) is not None:
+                launchers[(pname, name)] = factory(
+                    profile, state_dir=state_dir, podman_socket=podman_socket
+                )
+    return launchers
+
+
+def probe(launcher: Launcher) -> Capabilities:
+    """``launcher.probe()``; one that raises is recorded as unavailable, why."""
+    try:
+        return launcher.probe()
+    except Exception as e:  # noqa: BLE001 (a broken back-end must not stop us)
+        return Capabilities(
+            launcher=launcher.name,
+            available=False,
+            problems=(
+                f"probe failed: {type(e).__name__}: {cut(e, 200, keep_end=True)}",
+            ),
+        )
+
+
 def build_all(
     profiles: Mapping[str, LauncherProfile],
     *,
@@ -302,26 +335,8 @@ def build_all(
     A back-end whose probe raises is recorded as unavailable with the reason: a
     broken back-end never stops the agent or ``femd doctor``.
     """
-    launchers: dict[tuple[str, str], Launcher] = {}
-    caps: dict[tuple[str, str], Capabilities] = {}
-    for pname, profile in sorted(profiles.items()):
-        for name, factory in LAUNCHERS.items():
-            if getattr(profile, name) is None:
-                continue
-            launcher = factory(
-                profile, state_dir=state_dir, podman_socket=podman_socket
-            )
-            try:
-                cap = launcher.probe()
-            except Exception as e:  # noqa: BLE001 (reported as unavailable)
-                cap = Capabilities(
-                    launcher=name,
-                    available=False,
-                    problems=(f"probe failed: {type(e).__name__}: {cut(e)}",),
-                )
-            launchers[(pname, name)] = launcher
-            caps[(pname, name)] = cap
-    return launchers, caps
+    launchers = build(profiles, state_dir=state_dir, podman_socket=podman_socket)
+    return launchers, {key: probe(launcher) for key, launcher in launchers.items()}
 
 
 def _refuse(what: str, who: str | None = None) -> Reason:

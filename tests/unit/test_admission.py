@@ -26,15 +26,8 @@ from femd.launchers import (
 )
 from femd.policy import load_policy
 from tests.conftest import NODE, NOW
+from tests.fakes import ENFORCES_ALL
 
-ABLE = {
-    "available": True,
-    "memory_limit": True,
-    "cpu_limit": True,
-    "pids_limit": True,
-    "egress": True,
-    "ingress": True,
-}
 world = table.world  # the decision table's fixture
 PROFILE = LauncherProfile(
     api_version="femd/v1",
@@ -49,7 +42,7 @@ def _host(**caps: bool) -> Host:
     return Host(
         {"default": PROFILE},
         {
-            ("default", name): Capabilities(launcher=name, **(ABLE | caps))
+            ("default", name): Capabilities(launcher=name, **(ENFORCES_ALL | caps))
             for name in ("podman", "process")
         },
         Path("/var/lib/femd/work"),

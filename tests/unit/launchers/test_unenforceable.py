@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, get_args
 
 import pytest
 
@@ -17,11 +15,12 @@ from femd.launchers import (
     LauncherProfile,
     LaunchSpec,
     Limits,
-    Outcome,
     start,
     unenforceable,
 )
 from femd.launchers.process import BubblewrapLauncher, seccomp_filter
+from femd.model import LauncherName
+from tests import fakes
 
 PROFILE = LauncherProfile(api_version="femd/v1", kind="LauncherProfile", name="default")
 FULL = Capabilities(
@@ -163,44 +162,8 @@ def test_capabilities_of_another_launcher_are_a_bug():
 # -- start(): the one boundary ------------------------------------------------
 
 
-class FakeHandle:
-    def __init__(self, task_id: str) -> None:
-        self.task_id = task_id
-
-    def wait(self, timeout_s: float | None = None) -> Outcome | None:
-        now = datetime.now(UTC)
-        return Outcome(
-            state="succeeded", exit_code=0, started_at=now, finished_at=now, log_tail=""
-        )
-
-    def cancel(self, grace_s: float = 10.0) -> None:
-        pass
-
-    def logs(self) -> Iterator[bytes]:
-        yield b""
-
-
-class FakeLauncher:
-    """Implements the Launcher Protocol; launch() does what it is told."""
-
+class FakeLauncher(fakes.FakeLauncher):
     name: ClassVar[str] = "podman"
-
-    def __init__(self, capabilities: Capabilities, error: BaseException | None = None):
-        self.capabilities = capabilities
-        self.error = error
-        self.launched: list[LaunchSpec] = []
-
-    def probe(self) -> Capabilities:
-        return self.capabilities
-
-    def launch(self, spec: LaunchSpec) -> FakeHandle:
-        self.launched.append(spec)
-        if self.error is not None:
-            raise self.error
-        return FakeHandle(spec.task_id)
-
-    def adopt(self, task_id: str) -> FakeHandle | None:
-        return None
 
 
 def test_start_launches_when_enforceable():
@@ -240,6 +203,8 @@ def test_start_passes_femd_errors_through(error):
 
 def test_registry_is_closed_and_read_only():
     assert set(LAUNCHERS) == {"podman", "process", "slurm"}
+    # One launcher-name type (manifests, policies, specs) is the registry's keys.
+    assert get_args(LauncherName) == tuple(LAUNCHERS)
     with pytest.raises(TypeError):
         LAUNCHERS["evil"] = LAUNCHERS["process"]  # type: ignore[index]
 
