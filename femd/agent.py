@@ -20,7 +20,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, Literal
@@ -31,7 +30,7 @@ from femd import audit
 from femd.admission import Host, admit_here
 from femd.broker import Delivery, NodeLink
 from femd.config import AgentConfig
-from femd.decision import Decision, Verdict
+from femd.decision import Decision, EventRule, Verdict
 from femd.errors import EnvelopeError, FemdError, ManifestError, cut
 from femd.execution import Runner
 from femd.flood import Tally
@@ -46,6 +45,7 @@ from femd.launchers import (
 )
 from femd.livelog import LogFollower
 from femd.manifest import Cancel, Task, decode_manifest
+from femd.model import utc_now as _now
 from femd.nodestatus import cert_not_after, status_message
 from femd.policy import LoadedPolicy, load_policy
 from femd.readmission import decide_again
@@ -58,13 +58,9 @@ __all__ = ["REPLAY_RULE", "RESTART_RULE", "Agent"]
 
 logger = logging.getLogger(__name__)
 
-REPLAY_RULE: Final = "task.replayed"
-RESTART_RULE: Final = "agent.restarted"
+REPLAY_RULE: Final = EventRule.TASK_REPLAYED
+RESTART_RULE: Final = EventRule.AGENT_RESTARTED
 _STATUS_EVERY_S: Final = 5.0
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _watchdog_interval() -> float | None:
@@ -423,7 +419,7 @@ class Agent:
         if d.problem is not None:
             # Not even its AMQP properties decode: dead-letter it, alone.
             self._reject_unverified(
-                d, d.problem, [("input.amqp", d.problem)], dead_letter=True
+                d, d.problem, [(EventRule.INPUT_AMQP, d.problem)], dead_letter=True
             )
             return
         host = Host(self.profiles, self.caps, self.state_dir / "work")
@@ -438,10 +434,10 @@ class Agent:
                 host=host,
             )
         except EnvelopeError as e:
-            self._reject_unverified(d, str(e), [("input.envelope", str(e))])
+            self._reject_unverified(d, str(e), [(EventRule.INPUT_ENVELOPE, str(e))])
             return
         except ManifestError as e:
-            self._reject_unverified(d, str(e), [("input.manifest", str(e))])
+            self._reject_unverified(d, str(e), [(EventRule.INPUT_MANIFEST, str(e))])
             return
         m = verdict.manifest
         if m is None:

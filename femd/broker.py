@@ -34,6 +34,14 @@ from pika.adapters.utils.connection_workflow import (
 from femd import amqpframe
 from femd.config import BrokerConfig
 from femd.errors import BrokerError, StateError, cut
+from femd.events import (
+    EVENTS_EXCHANGE,
+    LOGS_EXCHANGE,
+    NODES_EXCHANGE,
+    RESULTS_EXCHANGE,
+    TASKS_EXCHANGE,
+    node_queue,
+)
 from femd.tlsfiles import check_tls_files
 
 __all__ = [
@@ -54,12 +62,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TASKS_EXCHANGE: Final = "femd.tasks"
-EVENTS_EXCHANGE: Final = "femd.events"
-RESULTS_EXCHANGE: Final = "femd.results"
-# Best-effort messages (node status, live task output): not in the outbox.
-NODES_EXCHANGE: Final = "femd.nodes"
-LOGS_EXCHANGE: Final = "femd.logs"
 # Best-effort messages waiting for the link at most (older ones are dropped).
 _SIDE_MAX: Final = 256
 
@@ -75,11 +77,6 @@ _IN_FLIGHT: Final = 2 * _BATCH
 
 def _nothing() -> None:
     """A no-op scheduled from another thread only to end the I/O loop's wait."""
-
-
-def node_queue(node: str) -> str:
-    """Return the name of *node*'s task queue."""
-    return f"femd.node.{node}"
 
 
 # OpenSSL alert names the broker sends when it refuses our client certificate.

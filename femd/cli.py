@@ -22,6 +22,7 @@ import msgspec
 
 from femd import __version__
 from femd.errors import FemdError, InputError, ManifestError, cut
+from femd.events import TERMINAL_STATES
 
 if TYPE_CHECKING:
     from femd.admission import Host
@@ -32,9 +33,6 @@ __all__ = ["main"]
 
 logger = logging.getLogger("femd")
 
-TERMINAL_EVENT_STATES = frozenset(
-    {"rejected", "succeeded", "failed", "timed_out", "cancelled"}
-)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -379,7 +377,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
             elif args.format == "fem":
-                if item.state in TERMINAL_EVENT_STATES:
+                if item.state in TERMINAL_STATES:
                     print(json.dumps(_fem_line(item.body)), flush=True)
             else:
                 print(json.dumps(item.body, sort_keys=True), flush=True)

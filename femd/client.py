@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from femd.config import OrchestratorConfig
 from femd.envelope import encode_envelope, sign
 from femd.errors import InputError
-from femd.inbox import TERMINAL, Inbox, LogBatch, OutputStatus, StoredEvent, TaskSummary
+from femd.events import TERMINAL_STATES
+from femd.inbox import Inbox, LogBatch, OutputStatus, StoredEvent, TaskSummary
 from femd.manifest import Cancel, encode_manifest
 from femd.orchestrator import Receiver, submit
 
@@ -251,7 +252,7 @@ class Watch:
         inbox = self.client.inbox
         for ev in inbox.events(self.task_id, self._after_event):
             self._after_event = ev.id
-            if ev.state in TERMINAL and self.task_id is not None:
+            if ev.state in TERMINAL_STATES and self.task_id is not None:
                 self.terminal[ev.node] = ev
             yield ev
         if self.logs:

@@ -29,6 +29,7 @@ from femd.policy import LoadedPolicy, Project
 
 __all__ = [
     "Decision",
+    "EventRule",
     "Reason",
     "Rule",
     "Verdict",
@@ -60,6 +61,33 @@ class Rule(StrEnum):
     RESOURCES_EXCEEDED = "resources.exceeded"
     NETWORK_NOT_ALLOWED = "network.not_allowed"
     OUTPUTS_EXCEEDED = "outputs.exceeded"
+
+
+class EventRule(StrEnum):
+    """Every other rule id a status event's ``reasons`` carry (not a policy rule).
+
+    ``input.*``: a message rejected before any policy rule could apply;
+    ``task.<state>``: how a task ended when no limit says more (``ended()``);
+    ``task.replayed`` / ``agent.restarted``: what recovery found.
+    """
+
+    INPUT_AMQP = "input.amqp"
+    INPUT_ENVELOPE = "input.envelope"
+    INPUT_MANIFEST = "input.manifest"
+    TASK_REPLAYED = "task.replayed"
+    AGENT_RESTARTED = "agent.restarted"
+    TASK_FAILED = "task.failed"
+    TASK_TIMED_OUT = "task.timed_out"
+    TASK_CANCELLED = "task.cancelled"
+
+    @classmethod
+    def ended(cls, state: str) -> EventRule:
+        """The rule of a task that ended in *state* (failed, timed_out, cancelled).
+
+        Raises:
+            ValueError: *state* is not such a state (a bug).
+        """
+        return cls(f"task.{state}")
 
 
 class Reason(msgspec.Struct, frozen=True):

@@ -22,7 +22,7 @@ from typing import Final
 import msgspec
 
 from femd import audit
-from femd.decision import Rule
+from femd.decision import EventRule, Rule
 from femd.errors import (
     FemdError,
     LaunchError,
@@ -32,6 +32,7 @@ from femd.errors import (
     UnenforceableError,
     cut,
 )
+from femd.events import TaskState
 from femd.launchers import (
     Handle,
     Launcher,
@@ -44,6 +45,7 @@ from femd.launchers import (
 )
 from femd.livelog import LogFollower
 from femd.manifest import NetworkEgress, Task
+from femd.model import utc_now as _now
 from femd.policy import LoadedPolicy
 from femd.stageout import pack_outputs
 from femd.state import State
@@ -61,10 +63,6 @@ logger = logging.getLogger(__name__)
 CODE_TARGET: Final = "/src"
 GIT_MAX_BYTES: Final = 512 * 1024 * 1024
 LOG_TAIL_BYTES: Final = 4096
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def effective_limits(task: Task, policy: LoadedPolicy) -> Limits:
@@ -366,7 +364,7 @@ class Runner:
 
     def _stage_out(self, outcome: Outcome) -> None:
         t = self.task
-        self._transition("uploading")
+        self._transition(TaskState.UPLOADING)
         self.outgoing.mkdir(mode=0o700, exist_ok=True)
         packed = pack_outputs(
             self.work / "out",
@@ -382,7 +380,7 @@ class Runner:
         )
         usage = self._usage(outcome)
         self._transition(
-            "succeeded",
+            TaskState.SUCCEEDED,
             exit_code=outcome.exit_code,
             outputs=(packed.sha256, packed.bytes, chunks),
             extra=self._extra(outcome),
@@ -391,7 +389,7 @@ class Runner:
         self._audit(
             audit.Event.OUTPUTS_SENT,
             f"task {t.id}: outputs sent ({packed.bytes} bytes, {chunks} chunks)",
-            state="succeeded",
+            state=TaskState.SUCCEEDED,
             exit_code=outcome.exit_code,
             output_sha256=packed.sha256,
             extra=self._usage_fields(usage),
@@ -418,11 +416,11 @@ class Runner:
     def _finish_failed(
         self,
         why: str,
-        state: str = "failed",
+        state: TaskState = TaskState.FAILED,
         rule: str | None = None,
         usage: Mapping[str, float] | None = None,
     ) -> None:
-        reasons = [(rule or f"task.{state}", why)]
+        reasons = [(rule or EventRule.ended(state), why)]
         try:
             self._transition(state, error=why, reasons=reasons, usage=usage or None)
         except FemdError as e:
@@ -439,30 +437,36 @@ class Runner:
     def _run(self) -> None:
         t = self.task
         if self.cancelled.is_set():
-            self._finish_failed(self.cancel_reason, "cancelled")
+            self._finish_failed(self.cancel_reason, TaskState.CANCELLED)
             return
-        self._transition("staging")
+        self._transition(TaskState.STAGING)
         try:
             spec = self._stage_in()
         except StageInError as e:
             self._finish_failed(str(e))
             return
-        self._audit(audit.Event.TASK_STAGED, f"task {t.id}: staged", state="staging")
+        self._audit(
+            audit.Event.TASK_STAGED, f"task {t.id}: staged", state=TaskState.STAGING
+        )
         if self.cancelled.is_set():
-            self._finish_failed(self.cancel_reason, "cancelled")
+            self._finish_failed(self.cancel_reason, TaskState.CANCELLED)
             return
         try:
             handle = start(self.launchers[(t.profile, t.launcher)], spec)
         except UnenforceableError as e:
             # DESIGN "Launchers": fail closed, with the rule named.
-            self._finish_failed(str(e), "rejected", Rule.LAUNCHER_UNENFORCEABLE.value)
+            self._finish_failed(
+                str(e), TaskState.REJECTED, Rule.LAUNCHER_UNENFORCEABLE.value
+            )
             return
         except LaunchError as e:
             self._finish_failed(str(e))
             return
         self.handle = handle
-        self._transition("running")
-        self._audit(audit.Event.TASK_STARTED, f"task {t.id}: running", state="running")
+        self._transition(TaskState.RUNNING)
+        self._audit(
+            audit.Event.TASK_STARTED, f"task {t.id}: running", state=TaskState.RUNNING
+        )
         self.attach(handle)
 
     def attach(self, handle: Handle) -> None:
@@ -489,7 +493,7 @@ class Runner:
                 if outcome.exit_code is not None
                 else ""
             )
-            rule = outcome.rule or f"task.{outcome.state}"
+            rule = outcome.rule or EventRule.ended(outcome.state)
             self._transition(
                 outcome.state,
                 exit_code=outcome.exit_code,
@@ -502,6 +506,8 @@ class Runner:
         try:
             self._stage_out(outcome)
         except OutputTooLargeError as e:
-            self._finish_failed(str(e), "failed", Rule.OUTPUTS_EXCEEDED.value, usage)
+            self._finish_failed(
+                str(e), TaskState.FAILED, Rule.OUTPUTS_EXCEEDED.value, usage
+            )
         except StageOutError as e:
             self._finish_failed(str(e), usage=usage)

@@ -37,6 +37,7 @@ import msgspec
 
 from femd.assembly import OutputAssembly, now_text, release_dead_claims
 from femd.errors import StateError, cut
+from femd.events import TERMINAL_STATES
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT_BYTES",
@@ -53,9 +54,6 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION: Final = 1
 # Above any node's default cap (2 GiB of content plus archive slack).
 DEFAULT_MAX_OUTPUT_BYTES: Final = 4 * 1024 * 1024 * 1024
-TERMINAL: Final = frozenset(
-    {"rejected", "succeeded", "failed", "timed_out", "cancelled"}
-)
 _BUSY_MS: Final = 30000
 
 _SCHEMA: Final = """
@@ -365,7 +363,7 @@ class Inbox:
                 ).rowcount:
                     fresh.append(text)
                 outputs = json.loads(text).get("outputs")
-                if state in TERMINAL and isinstance(outputs, dict):
+                if state in TERMINAL_STATES and isinstance(outputs, dict):
                     announced.append((node, task, outputs))
             self.assembly.record(db)
             db.executemany(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -36,6 +36,7 @@ __all__ = [
     "UtcTime",
     "explain",
     "refuse_duplicate_keys",
+    "utc_now",
 ]
 
 
@@ -219,3 +220,8 @@ def explain(message: str) -> str:
         return f"expected {text[0].lower()}{text[1:]}" if text else m.group(0)
 
     return _REGEX_MSG.sub(repl, message)
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware in UTC (what every record stores)."""
+    return datetime.now(UTC)

@@ -29,6 +29,8 @@ from femd.broker import (
 from femd.config import OrchestratorConfig
 from femd.envelope import decode_envelope
 from femd.errors import BrokerError, FemdError
+from femd.events import EVENTS_QUEUE, LOGS_QUEUE, NODES_QUEUE, RESULTS_QUEUE
+from femd.events import TERMINAL_STATES as TERMINAL
 from femd.inbox import Inbox
 from femd.manifest import Manifest, decode_manifest
 
@@ -44,10 +46,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EVENTS_QUEUE: Final = "femd.orchestrator.events"
-RESULTS_QUEUE: Final = "femd.orchestrator.results"
-NODES_QUEUE: Final = "femd.orchestrator.nodes"
-LOGS_QUEUE: Final = "femd.orchestrator.logs"
 # Unacked deliveries per queue: bounds the receiver's memory (chunks are up
 # to ``result_chunk_bytes`` each).
 _PREFETCH: Final = {
@@ -56,9 +54,6 @@ _PREFETCH: Final = {
     NODES_QUEUE: 50,
     LOGS_QUEUE: 100,
 }
-TERMINAL: Final = frozenset(
-    {"rejected", "succeeded", "failed", "timed_out", "cancelled"}
-)
 _ERRORS: Final = (pika.exceptions.AMQPError, OSError, ssl.SSLError)
 # Deliveries gathered under one commit: at most this many, for at most this long.
 _GATHER_MAX: Final = 64

@@ -31,6 +31,13 @@ import msgspec
 
 from femd import statemark
 from femd.errors import StageOutError, StateError, cut, printable
+from femd.events import (
+    EVENTS_EXCHANGE,
+    RESULTS_EXCHANGE,
+    STATES,
+    TERMINAL_STATES,
+    TaskState,
+)
 from femd.stageout import CHUNK_BYTES, chunk_count
 
 __all__ = [
@@ -46,22 +53,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 2
-# DESIGN "Broker topology" exchanges.
-EVENTS_EXCHANGE: Final = "femd.events"
-RESULTS_EXCHANGE: Final = "femd.results"
 _BUSY_MS: Final = 5000
 
-TERMINAL_STATES: Final[frozenset[str]] = frozenset(
-    {"rejected", "succeeded", "failed", "timed_out", "cancelled"}
-)
-# DESIGN "Broker topology" states, plus the node-local `queued`.
-STATES: Final[frozenset[str]] = TERMINAL_STATES | {
-    "received",
-    "queued",
-    "staging",
-    "running",
-    "uploading",
-}
 
 _SCHEMA: Final = """
 CREATE TABLE tasks (
@@ -422,7 +415,7 @@ class State:
             StateError: the database could not be written.
         """
         when = _time_text(at)
-        state = "rejected" if decision == "deny" else "queued"
+        state = TaskState.REJECTED if decision == "deny" else TaskState.QUEUED
         with self._write("record") as db:
             cur = db.execute(
                 f"INSERT INTO tasks ({_COLUMNS}) VALUES "  # noqa: S608 - constant
@@ -450,10 +443,18 @@ class State:
             detail = ",".join(rule for rule, _ in reasons)
             db.executemany(
                 _INSERT_TRANSITION,
-                [(task_id, "received", when, ""), (task_id, state, when, detail)],
+                [
+                    (task_id, TaskState.RECEIVED, when, ""),
+                    (task_id, state, when, detail),
+                ],
             )
             self._emit(
-                db, task_id=task_id, state="received", node=node, at=when, fields={}
+                db,
+                task_id=task_id,
+                state=TaskState.RECEIVED,
+                node=node,
+                at=when,
+                fields={},
             )
             if decision == "deny":
                 self._emit(

@@ -50,7 +50,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar, Final
 
@@ -66,6 +65,7 @@ from femd.launchers.profile import LauncherProfile, ProcessSettings
 from femd.launchers.targets import PROCESS_RESERVED as _RESERVED
 from femd.launchers.targets import within as _within
 from femd.model import TaskId
+from femd.model import utc_now as _now
 
 __all__ = ["BubblewrapLauncher", "seccomp_filter"]
 
@@ -145,10 +145,6 @@ def seccomp_filter(machine: str | None = None) -> bytes | None:
     prog += [(jeq, len(nrs) - i, 0, nr) for i, nr in enumerate(nrs)]
     prog += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _parent(pid: int) -> int:

@@ -25,6 +25,7 @@ from femd.launchers import Accounting, Outcome, Usage
 from femd.launchers.slurm.client import SlurmClient
 from femd.launchers.slurm.stage import JobFile, Stage
 from femd.model import TaskId
+from femd.model import utc_now as _now
 
 __all__ = ["TERMINAL", "SlurmHandle", "to_accounting"]
 
@@ -38,10 +39,6 @@ TERMINAL: Final = frozenset(
 _TAIL_BYTES: Final = 8192
 _STEP_FAILED: Final = 125  # the output step could not stream (capture)
 _ACCOUNTING_WAIT_S: Final = 15.0
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _slurm_time(text: str | None) -> datetime | None:
