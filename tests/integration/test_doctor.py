@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from femd.admission import decode_host
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -63,6 +65,10 @@ def test_doctor_json(tmp_path):
     assert podman["details"][0].startswith("enforces: ")
     process = rows["process (profile default)"]
     assert "egress yes, ingress yes" in process["details"][0]
+    # What `femd check --capabilities` reads: the profiles and what was probed.
+    host = decode_host(p.stdout.encode())
+    assert host.caps[("default", "process")].available
+    assert not host.caps[("default", "podman")].available
 
 
 def test_doctor_with_a_broken_profile_dir_is_one_line(tmp_path):
