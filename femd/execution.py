@@ -46,7 +46,13 @@ from femd.launchers import (
 from femd.livelog import LogFollower
 from femd.manifest import NetworkEgress, Task
 from femd.model import utc_now as _now
-from femd.policy import LoadedPolicy
+from femd.policy import (
+    DEFAULT_CPUS,
+    DEFAULT_MEMORY_MB,
+    DEFAULT_PIDS,
+    DEFAULT_TIMEOUT_S,
+    LoadedPolicy,
+)
 from femd.stageout import pack_outputs
 from femd.state import State
 from femd.tree import remove_tree
@@ -71,10 +77,10 @@ def effective_limits(task: Task, policy: LoadedPolicy) -> Limits:
     most = policy.limits(project)
     r = task.resources
     return Limits(
-        cpus=r.cpus or most.cpus or 1,
-        memory_mb=r.memory_mb or most.memory_mb or 1024,
-        timeout_s=r.timeout_s or most.timeout_s or 600,
-        pids=r.pids or most.pids or 128,
+        cpus=r.cpus or most.cpus or DEFAULT_CPUS,
+        memory_mb=r.memory_mb or most.memory_mb or DEFAULT_MEMORY_MB,
+        timeout_s=r.timeout_s or most.timeout_s or DEFAULT_TIMEOUT_S,
+        pids=r.pids or most.pids or DEFAULT_PIDS,
     )
 
 

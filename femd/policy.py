@@ -42,6 +42,10 @@ from femd.yamlfile import (
 )
 
 __all__ = [
+    "DEFAULT_CPUS",
+    "DEFAULT_MEMORY_MB",
+    "DEFAULT_PIDS",
+    "DEFAULT_TIMEOUT_S",
     "Dataset",
     "Defaults",
     "IngressPolicy",
@@ -175,8 +179,20 @@ class Project(Strict, frozen=True, kw_only=True):
 DEFAULT_OUTPUT_BYTES: Final = 2 * 1024 * 1024 * 1024
 
 
+# Node-wide limits when the policy sets none (``defaults.max_resources``).
+DEFAULT_CPUS: Final = 1
+DEFAULT_MEMORY_MB: Final = 1024
+DEFAULT_TIMEOUT_S: Final = 600
+DEFAULT_PIDS: Final = 128
+
+
 def _default_limits() -> MaxResources:
-    return MaxResources(cpus=1, memory_mb=1024, timeout_s=600, pids=128)
+    return MaxResources(
+        cpus=DEFAULT_CPUS,
+        memory_mb=DEFAULT_MEMORY_MB,
+        timeout_s=DEFAULT_TIMEOUT_S,
+        pids=DEFAULT_PIDS,
+    )
 
 
 def _default_outputs() -> OutputsPolicy:
