@@ -75,9 +75,7 @@ def test_a_fake_launcher_runs_a_task_through_the_agent(
         assert tar.extractfile("result.txt").read() == b"42\n"  # type: ignore[union-attr]
     # Refused at admission, before staging: the same rules as `femd check`.
     assert ends["fake-2"]["state"] == "rejected", ends["fake-2"]
-    agent_rules = [
-        r[0] if isinstance(r, list) else r["rule"] for r in ends["fake-2"]["reasons"]
-    ]
+    agent_rules = [r["rule"] for r in ends["fake-2"]["reasons"]]
     assert agent_rules == ["mount.reserved"]
     envelope = tmp_path / "fake-2.env"
     envelope.write_bytes(reserved)
