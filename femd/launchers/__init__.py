@@ -287,7 +287,9 @@ def _slurm(
     return SlurmLauncher(profile, state_dir=state_dir)
 
 
-# STYLE rule 6: a closed set, no entry points.
+# STYLE rule 6: a closed set, no entry points. A new launcher is its own module
+# (or package), a factory and a line here, its name in ``model.LauncherName``
+# (a test keeps the two equal) and its settings section in ``LauncherProfile``.
 LAUNCHERS: Final[Mapping[str, LauncherFactory]] = MappingProxyType(
     {"podman": _podman, "process": _process, "slurm": _slurm}
 )
