@@ -49,8 +49,11 @@ def _podman(mounts: Iterable[str], output: str) -> list[Reason]:
     if output in ("/", SANDBOX_TMP) or any(within(output, r) for r in PODMAN_RESERVED):
         reasons.append(_reserved(output))
     for target in mounts:
-        if target in taken or any(within(target, r) for r in PODMAN_RESERVED):
+        if any(within(target, r) for r in PODMAN_RESERVED):
             reasons.append(_reserved(target))
+        elif target in taken:
+            text = f"mount target {cut(target)!r} is taken by another mount"
+            reasons.append(Reason(Rule.MOUNT_RESERVED, text))
         taken.add(target)
     return reasons
 

@@ -139,6 +139,11 @@ HOST_CASES = {
         {},
         [],
     ),
+    "podman-input-over-the-code": (
+        {"inputs": [{"dataset": "hf-cohort-2024", "mount": "/src"}]},
+        {},
+        [Rule.MOUNT_RESERVED],
+    ),
     "no-memory-limit": ({}, {"memory_limit": False}, [Rule.LAUNCHER_UNENFORCEABLE]),
     "launcher-unavailable": ({}, {"available": False}, [Rule.LAUNCHER_UNENFORCEABLE]),
     "profile-missing": ({"profile": "gpu"}, {}, [Rule.LAUNCHER_UNENFORCEABLE]),
