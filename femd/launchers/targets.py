@@ -27,7 +27,8 @@ __all__ = [
 SANDBOX_TMP: Final = "/tmp"  # noqa: S108 (inside the sandbox: a private tmpfs)
 # Podman's container keeps these (its own /proc, /sys, /dev, /run; the image's /etc).
 PODMAN_RESERVED: Final = ("/proc", "/sys", "/dev", "/run", "/etc")
-# bubblewrap builds these itself, before any task mount (plus the profile's ro_binds).
+# bubblewrap builds these itself, before any task mount (plus the profile's
+# ro_binds); for process tasks and slurm jobs alike.
 PROCESS_RESERVED: Final = ("/", "/proc", "/dev", SANDBOX_TMP)
 
 
@@ -87,4 +88,7 @@ def target_reasons(
         return _podman(mounts, output)
     if launcher == "process" and profile.process is not None:
         return _process([*mounts, output], profile.process.ro_binds)
+    if launcher == "slurm" and profile.slurm is not None:
+        # The job runs the task in the process launcher's sandbox.
+        return _process([*mounts, output], profile.slurm.sandbox.ro_binds)
     return []

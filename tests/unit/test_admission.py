@@ -23,6 +23,7 @@ from femd.launchers import (
     LauncherProfile,
     PodmanSettings,
     ProcessSettings,
+    SlurmSettings,
 )
 from femd.policy import load_policy
 from tests.conftest import NODE, NOW
@@ -35,6 +36,7 @@ PROFILE = LauncherProfile(
     name="default",
     podman=PodmanSettings(),
     process=ProcessSettings(),
+    slurm=SlurmSettings(stage_dir="/srv/femd-stage"),
 )
 
 
@@ -43,7 +45,7 @@ def _host(**caps: bool) -> Host:
         {"default": PROFILE},
         {
             ("default", name): Capabilities(launcher=name, **(ENFORCES_ALL | caps))
-            for name in ("podman", "process")
+            for name in ("podman", "process", "slurm")
         },
         Path("/var/lib/femd/work"),
     )
@@ -144,6 +146,15 @@ HOST_CASES = {
         {},
         [Rule.MOUNT_RESERVED],
     ),
+    "slurm-mounts-over-usr": (
+        {
+            "launcher": "slurm",
+            "inputs": [{"dataset": "hf-cohort-2024", "mount": "/usr/lib/x"}],
+        },
+        {},
+        [Rule.MOUNT_RESERVED],
+    ),
+    "slurm-mounts-data": ({"launcher": "slurm"}, {}, []),
     "no-memory-limit": ({}, {"memory_limit": False}, [Rule.LAUNCHER_UNENFORCEABLE]),
     "launcher-unavailable": ({}, {"available": False}, [Rule.LAUNCHER_UNENFORCEABLE]),
     "profile-missing": ({"profile": "gpu"}, {}, [Rule.LAUNCHER_UNENFORCEABLE]),
@@ -157,7 +168,9 @@ def test_check_denies_what_the_host_cannot_run(
     tmp_path, keys, make_policy, task_dict, sign, capsys, task, caps, rules
 ):
     path = make_policy(
-        tmp_path, keys, projects={table.PROJECT: {"launchers": ["podman", "process"]}}
+        tmp_path,
+        keys,
+        projects={table.PROJECT: {"launchers": ["podman", "process", "slurm"]}},
     )
     envelope = tmp_path / "task.env"
     data = sign(task_dict(**task), *keys.values())
