@@ -13,11 +13,11 @@ the caller.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Final
 
 import msgspec
 
@@ -31,6 +31,7 @@ from femd.manifest import Task
 from femd.policy import LoadedPolicy
 
 __all__ = [
+    "DEFAULT_WORK_ROOT",
     "Host",
     "HostReport",
     "ProbedLauncher",
@@ -39,6 +40,10 @@ __all__ = [
     "host_report",
     "launch_reasons",
 ]
+
+
+# Where the packaged unit keeps work dirs; only the spec's paths use it.
+DEFAULT_WORK_ROOT: Final = Path("/var/lib/femd/work")
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class Host:
 
     profiles: Mapping[str, LauncherProfile]
     caps: Mapping[tuple[str, str], Capabilities]
-    work_root: Path = dataclasses.field(default=Path("/var/lib/femd/work"))
+    work_root: Path = DEFAULT_WORK_ROOT
 
 
 class ProbedLauncher(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,7 +92,7 @@ def host_report(
     )
 
 
-def decode_host(data: bytes, work_root: Path = Host.work_root) -> Host:
+def decode_host(data: bytes, work_root: Path = DEFAULT_WORK_ROOT) -> Host:
     """Read a ``HostReport`` (e.g. ``femd doctor --json``'s output).
 
     Raises:
