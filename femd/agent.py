@@ -35,6 +35,8 @@ from femd.config import AgentConfig
 from femd.decision import Decision, Verdict, admit
 from femd.errors import EnvelopeError, FemdError, ManifestError, cut
 from femd.execution import Runner, admission_reasons
+from femd.flood import Tally
+from femd.intake import Retry
 from femd.launchers import (
     LAUNCHERS,
     Capabilities,
@@ -46,7 +48,11 @@ from femd.livelog import LogFollower
 from femd.manifest import Cancel, Task, decode_manifest
 from femd.nodestatus import cert_not_after, status_message
 from femd.policy import LoadedPolicy, load_policy
+from femd.readmission import decide_again
+from femd.reprobe import Reprobe
+from femd.retention import Retention
 from femd.state import TERMINAL_STATES, State
+from femd.tlsfiles import check_tls_files
 
 __all__ = ["REPLAY_RULE", "RESTART_RULE", "Agent"]
 
@@ -92,10 +98,13 @@ class Agent:
             PolicyError: the policy is invalid.
             ConfigError: a launcher profile is invalid.
             StateError: the state database cannot be opened.
+            BrokerError: a TLS file is unusable, or not this node's identity.
         """
         self.config = config
         self.config_path = config_path
         self.node = config.node
+        b = config.broker
+        check_tls_files(b.ca, b.cert, b.key, expected_cn=self.node)
         self.policy: LoadedPolicy = self._load_policy()
         self.profiles: dict[str, LauncherProfile] = load_profiles(
             Path(config.launchers)
@@ -107,6 +116,7 @@ class Agent:
             f.chmod(0o600)  # SECURITY: history, payloads and outbox are femd's alone
         self.launchers: dict[tuple[str, str], Launcher] = {}
         self.caps: dict[tuple[str, str], Capabilities] = {}
+        self.reprobe = Reprobe()
         self._build_launchers()
         self.link = NodeLink(
             config.broker,
@@ -117,6 +127,9 @@ class Agent:
             on_delivery=self._wake,
         )
         self.queue: deque[str] = deque()
+        self.retry = Retry()
+        self.flood = Tally()
+        self.retention = Retention(config.retention_days)
         self.runners: dict[str, Runner] = {}
         self.threads: dict[str, threading.Thread] = {}
         self.done = 0
@@ -165,26 +178,56 @@ class Agent:
                     state_dir=self.state_dir,
                     podman_socket=self.config.podman.socket,
                 )
-                try:
-                    cap = launcher.probe()
-                except Exception as e:  # noqa: BLE001 (a back-end must not stop us)
-                    cap = Capabilities(
-                        launcher=name,
-                        available=False,
-                        problems=(f"probe failed: {cut(e)}",),
-                    )
                 launchers[(pname, name)] = launcher
-                caps[(pname, name)] = cap
-                if cap.available:
-                    logger.info("launcher %s/%s: available", pname, name)
-                else:
-                    logger.warning(
-                        "launcher %s/%s: unavailable: %s",
-                        pname,
-                        name,
-                        "; ".join(cap.problems),
-                    )
+                caps[(pname, name)] = self._probe((pname, name), launcher)
         self.launchers, self.caps = launchers, caps
+        self.reprobe.reset(
+            time.monotonic(), unavailable=not all(c.available for c in caps.values())
+        )
+
+    def _probe(self, key: tuple[str, str], launcher: Launcher) -> Capabilities:
+        """Probe one launcher; log it, and audit a change of availability."""
+        try:
+            cap = launcher.probe()
+        except Exception as e:  # noqa: BLE001 (a back-end must not stop us)
+            cap = Capabilities(
+                launcher=key[1],
+                available=False,
+                problems=(f"probe failed: {cut(e, 200, keep_end=True)}",),
+            )
+        before = self.caps.get(key)
+        what = "/".join(key)
+        if cap.available:
+            logger.info("launcher %s: available", what)
+            if before is not None and not before.available:
+                audit.emit(
+                    audit.Event.LAUNCHER_AVAILABLE,
+                    f"launcher {what}: available again",
+                    node=self.node,
+                    extra={"LAUNCHER": what},
+                )
+            return cap
+        why = "; ".join(cap.problems)
+        logger.warning("launcher %s: unavailable: %s", what, why)
+        if before is None or before.available:
+            audit.emit(
+                audit.Event.LAUNCHER_UNAVAILABLE,
+                f"launcher {what}: unavailable: {why}",
+                priority=4,
+                node=self.node,
+                extra={"LAUNCHER": what},
+            )
+        return cap
+
+    def _probe_unavailable(self) -> None:
+        """Probe again the launchers that failed; back off while some still fail."""
+        for key, cap in list(self.caps.items()):
+            if not cap.available:
+                self.caps[key] = self._probe(key, self.launchers[key])
+        self.reprobe.probed(
+            time.monotonic(),
+            unavailable=not all(c.available for c in self.caps.values()),
+        )
 
     def reload(self) -> None:
         """SIGHUP: build a whole new policy and profile set, then swap; else keep."""
@@ -210,6 +253,66 @@ class Agent:
             node=self.node,
             policy_sha256=policy.sha256,
         )
+        self._decide_queued_again()
+
+    def _decide_queued_again(self) -> None:
+        """End ``rejected`` every queued task the current policy now denies.
+
+        Runs after a reload and after recovery (the policy may have changed
+        while the agent was down).
+        """
+        for tid in list(self.queue):
+            try:
+                row = self.state.get(tid)
+            except FemdError as e:
+                logger.error("task %s: cannot decide again, not run: %s", tid, e)
+                self.queue.remove(tid)
+                continue
+            if row is None or row.state != "queued" or row.payload is None:
+                continue
+            m = decode_manifest(row.payload)
+            decision = decide_again(
+                m,
+                row.signer_keyids,
+                self.policy,
+                node=self.node,
+                now=_now(),
+                skew_s=self.config.clock_skew_s,
+            )
+            if decision.allowed:
+                continue
+            # SECURITY: out of the queue first; if the state cannot record the
+            # rejection, the task stays queued on disk and is decided again at
+            # the next start, never run meanwhile.
+            self.queue.remove(tid)
+            reasons = [(r.rule.value, r.message) for r in decision.reasons]
+            text = "; ".join(f"{r}: {t}" for r, t in reasons)
+            try:
+                self.state.transition(
+                    tid,
+                    "rejected",
+                    node=self.node,
+                    at=_now(),
+                    reasons=reasons,
+                    error=f"denied by the current policy: {cut(text, 200)}",
+                )
+            except FemdError as e:
+                logger.error("task %s: denied, cannot record it: %s", tid, e)
+            audit.emit(
+                audit.Event.TASK_REJECTED,
+                f"task {tid} denied by the current policy before it started: {text}",
+                priority=5,
+                task_id=tid,
+                project=row.project,
+                node=self.node,
+                state="rejected",
+                decision="deny",
+                rules=[r for r, _ in reasons],
+                signer_keyids=list(row.signer_keyids),
+                manifest_sha256=row.manifest_sha256,
+                policy_sha256=self.policy.sha256,
+            )
+        self.link.wake()
 
     # -- node status -------------------------------------------------------------
 
@@ -275,8 +378,19 @@ class Agent:
     # -- admission ---------------------------------------------------------------
 
     def _reject_unverified(
-        self, d: Delivery, why: str, reasons: list[tuple[str, str]]
+        self,
+        d: Delivery,
+        why: str,
+        reasons: list[tuple[str, str]],
+        *,
+        dead_letter: bool = False,
     ) -> None:
+        settle = self.link.reject if dead_letter else self.link.ack
+        kind = tuple(r for r, _ in reasons)
+        if not self.flood.first(kind, time.monotonic()):
+            # A repeat within the window: refused, counted, summarised later.
+            settle(d)
+            return
         audit.emit(
             audit.Event.TASK_REJECTED,
             f"envelope rejected: {cut(why, 200)}",
@@ -294,11 +408,50 @@ class Agent:
             at=_now(),
             reasons=reasons,
         )
-        self.link.ack(d)
+        settle(d)
+        self.link.wake()
+
+    def _summarise_floods(self) -> None:
+        """One audit entry and one status event for each kind of repeats."""
+        repeats = self.flood.flush(time.monotonic())
+        if not repeats:
+            return
+        for kind, count in repeats.items():
+            text = (
+                f"{count} more unverifiable messages rejected in"
+                f" {self.flood.window_s:.0f} s ({', '.join(kind)})"
+            )
+            audit.emit(
+                audit.Event.TASK_REJECTED,
+                text,
+                priority=5,
+                node=self.node,
+                state="rejected",
+                decision="deny",
+                rules=list(kind),
+                policy_sha256=self.policy.sha256,
+                extra={"COUNT": str(count)},
+            )
+            try:
+                self.state.event_only(
+                    task_id="unverified",
+                    state="rejected",
+                    node=self.node,
+                    at=_now(),
+                    reasons=[(rule, text) for rule in kind],
+                )
+            except FemdError as e:
+                logger.error("cannot record rejected messages: %s", e)
         self.link.wake()
 
     def handle(self, d: Delivery) -> None:
         """Admit one delivery: verify, decide, commit, then ack; raises nothing."""
+        if d.problem is not None:
+            # Not even its AMQP properties decode: dead-letter it, alone.
+            self._reject_unverified(
+                d, d.problem, [("input.amqp", d.problem)], dead_letter=True
+            )
+            return
         try:
             verdict = admit(
                 d.body,
@@ -549,12 +702,19 @@ class Agent:
                 continue
             task = decode_manifest(row.payload) if row.payload else None
             handle = None
-            if isinstance(task, Task) and row.state == "running":
+            # A launch may have begun while the task was still "staging": the
+            # launcher is asked too, so what it left is found (process: killed).
+            if isinstance(task, Task) and row.state in ("staging", "running"):
                 launcher = self.launchers.get((task.profile, task.launcher))
                 try:
                     handle = launcher.adopt(task.id) if launcher else None
                 except FemdError as e:
                     logger.warning("task %s: cannot re-attach: %s", row.task_id, e)
+                if handle is not None and row.state == "staging":
+                    # Never reported running: end it rather than adopt it.
+                    handle.cancel(0)
+                    handle.wait(30)
+                    handle = None
             if isinstance(task, Task) and handle is not None:
                 logger.info("task %s: re-attached after restart", task.id)
                 runner = self._runner(task)
@@ -580,6 +740,7 @@ class Agent:
                 node=self.node,
                 state="failed",
             )
+        self._decide_queued_again()
 
     # -- main loop --------------------------------------------------------------------
 
@@ -618,10 +779,21 @@ class Agent:
             self._tick()
         return self._shutdown()
 
+    def _admit(self, d: Delivery) -> None:
+        """Handle *d*; if the state cannot take it, keep it for another try."""
+        try:
+            self.handle(d)
+        except FemdError as e:
+            # State unavailable: not acked; tried again after a backoff.
+            self.retry.failed(d, e, time.monotonic())
+        else:
+            self.retry.succeeded(time.monotonic())
+
     def _tick(self) -> None:
         if not self._ready and self.link.ever_connected.is_set():
             self._ready = True
             self._notify("READY=1")
+            logger.info("ready: node %s, policy %s", self.node, self.policy.sha256[:12])
             # docs/auditor.md: AGENT_STARTED means "up and ready", so after READY.
             audit.emit(
                 audit.Event.AGENT_STARTED,
@@ -629,7 +801,6 @@ class Agent:
                 node=self.node,
                 policy_sha256=self.policy.sha256,
             )
-            logger.info("ready: node %s, policy %s", self.node, self.policy.sha256[:12])
             _release_startup_memory()
         if self._reload.is_set():
             self._reload.clear()
@@ -637,16 +808,21 @@ class Agent:
             self.reload()
             self._notify("READY=1")
         self._sleep()
+        now = time.monotonic()
+        if self.reprobe.due(now):
+            self._probe_unavailable()
+        self._summarise_floods()
+        if self.retention.due(now):
+            self.retention.run(self.state, _now(), now)
+        for late in self.retry.due(time.monotonic(), self.link.generation):
+            self._admit(late)
+            self._dispatch()
         while not self._stop.is_set():
             try:
                 d = self.link.inbox.get_nowait()
             except queue.Empty:
                 break
-            try:
-                self.handle(d)
-            except FemdError as e:
-                # State unavailable: do not ack; the broker will redeliver.
-                logger.error("delivery not admitted, will be redelivered: %s", e)
+            self._admit(d)
             self._dispatch()  # a free slot takes the task before the next delivery
         self._dispatch()
         now = time.monotonic()
@@ -658,7 +834,7 @@ class Agent:
             self._notify(f"STATUS={self._status()}")
 
     def _sleep(self) -> None:
-        """Wait for a wake-up, or until a WATCHDOG, STATUS or node status is due."""
+        """Wait for a wake-up, or until something on a timer is due."""
         now = time.monotonic()
         due = min(
             self._last_status + _STATUS_EVERY_S,
@@ -666,6 +842,16 @@ class Agent:
         )
         if self._watchdog_s is not None:
             due = min(due, self._last_ping + self._watchdog_s / 2)
+        # issue 17's timers: commits to retry, launchers to probe again, a
+        # flood summary, the state's retention.
+        for at in (
+            self.retry.next_at(),
+            self.reprobe.next_at(),
+            self.flood.next_at(),
+            self.retention.next_at(),
+        ):
+            if at is not None:
+                due = min(due, at)
         try:
             self._wakeups.get(timeout=min(max(0.0, due - now), _STATUS_EVERY_S))
         except queue.Empty:

@@ -52,6 +52,8 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from typing import IO, Final, Literal
 
+from femd.errors import printable
+
 __all__ = [
     "FIELD_MAX_BYTES",
     "JOURNAL_SOCKET",
@@ -60,6 +62,7 @@ __all__ = [
     "configure",
     "emit",
     "task_log",
+    "to_journal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +100,8 @@ class Event(StrEnum):
     AGENT_STOPPING = "75b4f56879a249f7a9d6c4506d3dff9d"
     BROKER_CONNECTED = "1bc00422adaa48aaaa26bedaf12cff81"
     BROKER_DISCONNECTED = "2c93de84c59f492ba1fd16032b74559b"
+    LAUNCHER_UNAVAILABLE = "1b65eb543cd24d30a2ad5ef15f0796b1"
+    LAUNCHER_AVAILABLE = "4a83b3a2d19b44cb9c08010fef3ea295"
     NETWORK_CONNECTION = "0271cf92ffb14a82b66fce2cbd73350b"
 
 
@@ -274,15 +279,21 @@ def configure(
         _task_bytes.clear()
 
 
+def to_journal() -> bool:
+    """True when audit entries (and so diagnostics) go to the journal."""
+    with _lock:
+        return _sink is not None and _sink.journal is not None
+
+
 def _add(fields: Fields, key: str, value: object) -> None:
     if value is None:
         return
     if isinstance(value, (list, tuple)):
         # One field per value, repeated: `journalctl FEMD_DATASETS=x` then
         # matches every entry that names x (journald keeps repeated fields).
-        fields.extend((key, _cut(str(v))) for v in value)
+        fields.extend((key, _cut(printable(v))) for v in value)
         return
-    fields.append((key, _cut(str(value))))
+    fields.append((key, _cut(printable(value))))
 
 
 def emit(
@@ -340,7 +351,7 @@ def emit(
         raise ValueError(f"priority must be 0-7 (got {priority})")
     fields: Fields = [
         ("MESSAGE_ID", Event(event).value),
-        ("MESSAGE", _cut(message)),
+        ("MESSAGE", _cut(printable(message))),
         ("PRIORITY", str(priority)),
         ("SYSLOG_IDENTIFIER", "femd"),
     ]

@@ -31,8 +31,10 @@ from pika.adapters.utils.connection_workflow import (
     AMQPConnectorException,
 )
 
+from femd import amqpframe
 from femd.config import BrokerConfig
-from femd.errors import BrokerError, cut
+from femd.errors import BrokerError, StateError, cut
+from femd.tlsfiles import check_tls_files
 
 __all__ = [
     "EVENTS_EXCHANGE",
@@ -178,6 +180,7 @@ def connection_parameters(cfg: BrokerConfig) -> pika.ConnectionParameters:
             "broker url: must carry no user or password (mTLS + EXTERNAL)"
         )
     vhost = unquote(url.path[1:]) if len(url.path) > 1 else "/"
+    check_tls_files(cfg.ca, cfg.cert, cfg.key)
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -201,12 +204,17 @@ def connection_parameters(cfg: BrokerConfig) -> pika.ConnectionParameters:
 
 
 class Delivery(msgspec.Struct, frozen=True):
-    """One message from the node's queue; ack it through the link that gave it."""
+    """One message from the node's queue; settle it through the link that gave it.
+
+    ``problem`` says why its AMQP properties could not be decoded (femd rejects
+    such a message on its own, see ``femd.amqpframe``); else None.
+    """
 
     generation: int
     tag: int
     redelivered: bool
     body: bytes
+    problem: str | None = None
 
 
 class Confirms:
@@ -319,6 +327,7 @@ class NodeLink(threading.Thread):
             BrokerError: the broker configuration is unusable.
         """
         super().__init__(name="femd-broker", daemon=True)
+        amqpframe.install()
         self._params = connection_parameters(cfg)
         self._cfg = cfg
         self._node = node
@@ -327,7 +336,8 @@ class NodeLink(threading.Thread):
         self._on_state = on_state or (lambda up, why: None)
         self._on_delivery = on_delivery or _nothing
         self.inbox: queue.Queue[Delivery] = queue.Queue()
-        self._acks: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
+        # (delivery, what to do): "ack", "reject" (dead-letter) or "requeue".
+        self._acks: queue.SimpleQueue[tuple[Delivery, str]] = queue.SimpleQueue()
         self._generation = 0
         self._halt = threading.Event()
         self._pause = threading.Event()
@@ -353,8 +363,23 @@ class NodeLink(threading.Thread):
 
     def ack(self, delivery: Delivery) -> None:
         """Ack a committed *delivery*; a stale generation is dropped (redelivered)."""
-        self._acks.put(delivery)
+        self._acks.put((delivery, "ack"))
         self.wake()
+
+    def reject(self, delivery: Delivery) -> None:
+        """Reject *delivery* without requeueing: the broker dead-letters it."""
+        self._acks.put((delivery, "reject"))
+        self.wake()
+
+    def requeue(self, delivery: Delivery) -> None:
+        """Hand *delivery* back to the queue; the broker delivers it again."""
+        self._acks.put((delivery, "requeue"))
+        self.wake()
+
+    @property
+    def generation(self) -> int:
+        """The current connection's number; deliveries of older ones are void."""
+        return self._generation
 
     def wake(self) -> None:
         """Say the outbox (or the ack queue) has something new.
@@ -423,6 +448,11 @@ class NodeLink(threading.Thread):
                     )
                 reported.add(why)
                 self.last_error = why
+            except StateError as e:
+                # The outbox could not be marked (a full disk): what was sent
+                # is sent again after the reconnect; consumers dedupe by seq.
+                self.last_error = str(e)
+                logger.warning("broker: %s; reconnecting", e)
             except Exception as e:  # the link thread must never die
                 self.last_error = f"internal error: {type(e).__name__}: {cut(e)}"
                 logger.exception("broker: %s; reconnecting", self.last_error)
@@ -454,10 +484,14 @@ class NodeLink(threading.Thread):
         consume.basic_qos(prefetch_count=self._prefetch)
         generation = self._generation
 
-        def on_message(_ch: Any, method: Any, _props: Any, body: bytes) -> None:  # noqa: ANN401
+        def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:  # noqa: ANN401
             self.inbox.put(
                 Delivery(
-                    generation, method.delivery_tag, bool(method.redelivered), body
+                    generation,
+                    method.delivery_tag,
+                    bool(method.redelivered),
+                    body,
+                    getattr(props, "problem", None),
                 )
             )
             self._on_delivery()
@@ -531,11 +565,15 @@ class NodeLink(threading.Thread):
     def _do_acks(self, channel: Any, generation: int) -> None:  # noqa: ANN401
         while True:
             try:
-                d = self._acks.get_nowait()
+                d, what = self._acks.get_nowait()
             except queue.Empty:
                 return
-            if d.generation == generation:
+            if d.generation != generation:
+                continue
+            if what == "ack":
                 channel.basic_ack(d.tag)
+            else:
+                channel.basic_nack(d.tag, requeue=what == "requeue")
 
     def _drain(self, channel: Any, confirms: Confirms) -> bool:  # noqa: ANN401
         """Publish one batch of the outbox; True if more may be waiting.

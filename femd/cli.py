@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -219,6 +219,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     logging.getLogger().setLevel(level)
     audit.configure(config.audit)
+    if not audit.to_journal():
+        from femd.logline import use_json_lines
+
+        use_json_lines()
     return Agent(config, config_path=path).run()
 
 
@@ -449,6 +453,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
                 "output_sha256": r.output_sha256,
                 "manifest_sha256": r.manifest_sha256,
                 "signer_keyids": list(r.signer_keyids),
+                "usage": r.usage,
             }
             for r in rows
         ]
@@ -457,8 +462,28 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     for r in rows:
         when = r.updated_at.strftime("%Y-%m-%d %H:%M:%S")
         rules = ",".join(a for a, _ in r.reasons)
-        print(f"{when}  {r.task_id:<38} {r.project:<24} {r.state:<10} {rules}")
+        line = f"{when}  {r.task_id:<38} {r.project:<24} {r.state:<10} {rules}"
+        print(f"{line}  {_usage_text(r.usage)}".rstrip())
     return 0
+
+
+def _usage_text(usage: Mapping[str, float] | None) -> str:
+    """``cpu 1.2s mem 30.1MiB pids 4 out 0.0MiB wall 3.0s`` (what is known)."""
+    if not usage:
+        return ""
+    mib = 1 << 20
+    shown = [
+        ("cpu", "cpu_s", 1, "s"),
+        ("mem", "memory_peak_bytes", mib, "MiB"),
+        ("pids", "pids_peak", 1, ""),
+        ("out", "output_bytes", mib, "MiB"),
+        ("wall", "wall_s", 1, "s"),
+    ]
+    return " ".join(
+        f"{name} {usage[key] / div:.{0 if name == 'pids' else 1}f}{unit}"
+        for name, key, div, unit in shown
+        if key in usage
+    )
 
 
 def _cmd_import_fem(args: argparse.Namespace) -> int:

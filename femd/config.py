@@ -68,6 +68,9 @@ class AgentConfig(Strict, frozen=True, kw_only=True):
     stop_grace_s: Annotated[float, Meta(ge=0, le=86400)] = 30.0
     result_chunk_bytes: Annotated[int, Meta(ge=4096, le=4 * 1024 * 1024)] = 256 * 1024
     log_max_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    # Published status events and finished tasks' payloads are pruned after
+    # this long; task ids, decisions, reasons, keyids and hashes stay for good.
+    retention_days: Annotated[float, Meta(gt=0, le=36500)] = 30.0
     node_status_interval_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
     live_log_bytes_s: Annotated[int, Meta(ge=0, le=16 * 1024 * 1024)] = 16 * 1024
     live_log_burst_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024

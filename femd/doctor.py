@@ -124,6 +124,7 @@ def _capability_lines(c: Capabilities) -> tuple[str, ...]:
         f" (min {c.min_cpus:g}), pids {yes(c.pids_limit)},"
         f" egress {yes(c.egress)}, ingress {yes(c.ingress)}"
     ]
+    lines += [f"{limit} limit: {how}" for limit, how in c.enforcement]
     lines += [f"problem: {p}" for p in c.problems]
     lines += [f"note: {n}" for n in c.notes]
     return tuple(lines)
@@ -180,9 +181,12 @@ def _trial_spec(
     launcher: str, profile: LauncherProfile, out: Path, image: str | None
 ) -> LaunchSpec:
     argv = ("/catatonit", "-V") if launcher == "podman" else ("/bin/sh", "-c", "id")
+    kind: Literal["podman", "process", "slurm"] = "process"
+    if launcher in ("podman", "slurm"):
+        kind = "podman" if launcher == "podman" else "slurm"
     return LaunchSpec(
         task_id=f"doctor-{secrets.token_hex(6)}",
-        launcher="podman" if launcher == "podman" else "process",
+        launcher=kind,
         profile=profile,
         argv=argv,
         image=image,

@@ -32,13 +32,42 @@ __all__ = [
     "UnenforceableError",
     "UnsafeOutputPathError",
     "cut",
+    "printable",
 ]
 
 
-def cut(value: object, limit: int = 80) -> str:
-    """Return ``repr``-free text of *value*, on one line, at most *limit* chars."""
-    text = str(value).replace("\n", "\\n").replace("\r", "\\r")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def printable(value: object) -> str:
+    r"""Return ``str(value)`` as text that any UTF-8 store accepts.
+
+    File names and tool output may not be UTF-8: Python carries such bytes as
+    lone surrogates, which sqlite, JSON encoders and the journal refuse. They
+    become visible escapes (``\xff``, ``\udc80``) instead.
+    """
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+            text = raw.decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def cut(value: object, limit: int = 80, *, keep_end: bool = False) -> str:
+    """Return ``repr``-free text of *value*, on one line, at most *limit* chars.
+
+    With *keep_end* the middle goes instead of the end: error text from a tool
+    names its cause last (``bwrap: Creating new namespace failed: <cause>``).
+    """
+    text = printable(value).replace("\n", "\\n").replace("\r", "\\r")
+    if len(text) <= limit:
+        return text
+    if keep_end:
+        head = (limit - 3) // 3
+        return text[:head] + "..." + text[len(text) - (limit - 3 - head) :]
+    return text[: limit - 3] + "..."
 
 
 class FemdError(Exception):

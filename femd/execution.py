@@ -12,7 +12,6 @@ from __future__ import annotations
 import grp
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -50,6 +49,7 @@ from femd.manifest import NetworkEgress, Task
 from femd.policy import LoadedPolicy
 from femd.stageout import pack_outputs
 from femd.state import State
+from femd.tree import remove_tree
 
 __all__ = [
     "CODE_TARGET",
@@ -144,6 +144,7 @@ def build_spec(
         listen=task.network.listen,
         ingress_peers=peers if task.network.listen else (),
         log_max_bytes=log_max_bytes,
+        output_max_bytes=output_cap(task, policy),
     )
 
 
@@ -266,8 +267,17 @@ class Runner:
         self.state.transition(self.task.id, new, node=self.node, at=_now(), **kw)  # type: ignore[arg-type]
         self.wake()
 
-    def _audit(self, event: audit.Event, message: str, **kw: object) -> None:
+    def _audit(
+        self,
+        event: audit.Event,
+        message: str,
+        extra: Mapping[str, str] | None = None,
+        **kw: object,
+    ) -> None:
         t = self.task
+        fields = dict(extra or {})
+        if t.runtime:
+            fields["RUNTIME"] = t.runtime
         audit.emit(
             event,
             message,
@@ -278,7 +288,7 @@ class Runner:
             git_commit=t.source.commit if t.source else None,
             datasets=[i.dataset for i in t.inputs],
             policy_sha256=self.policy.sha256,
-            extra={"RUNTIME": t.runtime} if t.runtime else None,
+            extra=fields or None,
             **kw,  # type: ignore[arg-type]
         )
 
@@ -292,8 +302,7 @@ class Runner:
         )
 
         t = self.task
-        if self.work.exists():
-            shutil.rmtree(self.work)
+        remove_tree(self.work)
         (self.work / "out").mkdir(parents=True)
         open_work_dirs(self.work, self.task.launcher)
         code = None
@@ -342,6 +351,10 @@ class Runner:
             if self.cancelled.is_set():
                 handle.cancel(self.grace_s)
                 self.cancelled.clear()
+            if getattr(handle, "queued", False) and not killed:
+                # A batch system's queue is not the task's time (slurm): the
+                # backstop starts when the job does.
+                backstop = time.monotonic() + timeout_s + 2 * self.grace_s + 60
             if time.monotonic() > backstop:
                 if killed:
                     return Outcome(
@@ -369,12 +382,27 @@ class Runner:
             audit.task_log(self.task.id, self.task.project, data)
 
     @staticmethod
+    def _usage(outcome: Outcome) -> dict[str, float]:
+        """What the task used, for the status event, the state and the journal."""
+        if outcome.usage is None:
+            return {}
+        used = msgspec.to_builtins(outcome.usage)
+        return {k: v for k, v in used.items() if v is not None}
+
+    @staticmethod
+    def _usage_fields(usage: Mapping[str, float]) -> dict[str, str]:
+        return {f"USAGE_{k.upper()}": f"{v:g}" for k, v in usage.items()}
+
+    @staticmethod
     def _extra(outcome: Outcome) -> dict[str, object]:
         at = outcome.started_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         extra: dict[str, object] = {
             "log_tail": outcome.log_tail[-LOG_TAIL_BYTES:],
             "started_at": at,
         }
+        if outcome.accounting is not None:
+            # What the batch system measured (elapsed, CPU, MaxRSS, node...).
+            extra["accounting"] = msgspec.to_builtins(outcome.accounting)
         if outcome.traffic:
             # What femd forwarded for the task, per destination (docs/network.md).
             extra["network"] = msgspec.to_builtins(outcome.traffic)
@@ -396,11 +424,13 @@ class Runner:
             sha256=packed.sha256,
             chunk_bytes=self.chunk_bytes,
         )
+        usage = self._usage(outcome)
         self._transition(
             "succeeded",
             exit_code=outcome.exit_code,
             outputs=(packed.sha256, packed.bytes, chunks),
             extra=self._extra(outcome),
+            usage=usage or None,
         )
         self._audit(
             audit.Event.OUTPUTS_SENT,
@@ -408,6 +438,7 @@ class Runner:
             state="succeeded",
             exit_code=outcome.exit_code,
             output_sha256=packed.sha256,
+            extra=self._usage_fields(usage),
         )
 
     def run(self) -> None:
@@ -419,15 +450,25 @@ class Runner:
             logger.exception("task %s: internal error", t.id)
             self._finish_failed(f"internal error: {type(e).__name__}: {cut(e)}")
         finally:
-            if self.work.exists():
-                shutil.rmtree(self.work, ignore_errors=True)
+            self._clean_up()
+
+    def _clean_up(self) -> None:
+        """Remove the work dir, whatever the task left in it; never raises."""
+        try:
+            remove_tree(self.work)
+        except FemdError as e:
+            logger.error("task %s: work dir not removed: %s", self.task.id, e)
 
     def _finish_failed(
-        self, why: str, state: str = "failed", rule: str | None = None
+        self,
+        why: str,
+        state: str = "failed",
+        rule: str | None = None,
+        usage: Mapping[str, float] | None = None,
     ) -> None:
         reasons = [(rule or f"task.{state}", why)]
         try:
-            self._transition(state, error=why, reasons=reasons)
+            self._transition(state, error=why, reasons=reasons, usage=usage or None)
         except FemdError as e:
             logger.error("task %s: cannot record %s: %s", self.task.id, state, e)
         self._audit(
@@ -435,6 +476,8 @@ class Runner:
             f"task {self.task.id}: {state}: {why}",
             priority=3,
             state=state,
+            rules=[rule] if rule else [],
+            extra=self._usage_fields(usage or {}),
         )
 
     def _run(self) -> None:
@@ -474,11 +517,14 @@ class Runner:
         self._forward_logs(handle)
         if outcome.state == "cancelled" and self.cancel_reason != "cancelled":
             outcome = msgspec.structs.replace(outcome, reason=self.cancel_reason)
+        usage = self._usage(outcome)
         self._audit(
             audit.Event.TASK_FINISHED,
             f"task {t.id}: {outcome.state} (exit {outcome.exit_code})",
             state=outcome.state,
             exit_code=outcome.exit_code,
+            rules=[outcome.rule] if outcome.rule else [],
+            extra=self._usage_fields(usage),
         )
         if outcome.state != "succeeded":
             # The orchestrator sees why (cancelled by whom, killed at timeout...).
@@ -487,17 +533,19 @@ class Runner:
                 if outcome.exit_code is not None
                 else ""
             )
+            rule = outcome.rule or f"task.{outcome.state}"
             self._transition(
                 outcome.state,
                 exit_code=outcome.exit_code,
                 error=outcome.reason or None,
-                reasons=[(f"task.{outcome.state}", why)] if why else [],
+                reasons=[(rule, why)] if why else [],
                 extra=self._extra(outcome),
+                usage=usage or None,
             )
             return
         try:
             self._stage_out(outcome)
         except OutputTooLargeError as e:
-            self._finish_failed(str(e), "failed", Rule.OUTPUTS_EXCEEDED.value)
+            self._finish_failed(str(e), "failed", Rule.OUTPUTS_EXCEEDED.value, usage)
         except StageOutError as e:
-            self._finish_failed(str(e))
+            self._finish_failed(str(e), usage=usage)

@@ -125,7 +125,7 @@ class Task(_Message, frozen=True, tag="Task", kw_only=True):
     issued_at: UtcTime
     expires_at: UtcTime
     nodes: Annotated[tuple[Name, ...], Meta(min_length=1, max_length=256)]
-    launcher: Literal["podman", "process"]
+    launcher: Literal["podman", "process", "slurm"]
     profile: Name = "default"
     image: ImageName | None = None
     runtime: Name | None = None
@@ -145,8 +145,10 @@ class Task(_Message, frozen=True, tag="Task", kw_only=True):
             raise ValueError("`expires_at` must be later than `issued_at`")
         if self.launcher == "podman" and self.image is None:
             raise ValueError("`image` is required when `launcher` is `podman`")
-        if self.launcher == "process" and not self.command:
-            raise ValueError("`command` is required when `launcher` is `process`")
+        if self.launcher in ("process", "slurm") and not self.command:
+            raise ValueError(
+                f"`command` is required when `launcher` is `{self.launcher}`"
+            )
         if len(set(self.nodes)) != len(self.nodes):
             raise ValueError("`nodes` lists a node twice")
         targets = [i.mount.rstrip("/") or "/" for i in self.inputs]

@@ -60,6 +60,9 @@ TERMINAL: Final = frozenset(
     {"rejected", "succeeded", "failed", "timed_out", "cancelled"}
 )
 _ERRORS: Final = (pika.exceptions.AMQPError, OSError, ssl.SSLError)
+# Deliveries gathered under one commit: at most this many, for at most this long.
+_GATHER_MAX: Final = 64
+_GATHER_S: Final = 0.1
 
 
 def _connect(cfg: OrchestratorConfig) -> pika.BlockingConnection:
@@ -177,6 +180,16 @@ class Receiver:
 
         return on_message
 
+    def _gather(self) -> None:
+        """Take what keeps arriving for a moment, so one commit (fsync) covers it."""
+        assert self._conn is not None  # noqa: S101 (connected)
+        until = time.monotonic() + _GATHER_S
+        while self._acks and len(self._acks) < _GATHER_MAX:
+            before = len(self._acks)
+            self._conn.process_data_events(time_limit=0.01)
+            if len(self._acks) == before or time.monotonic() > until:
+                return
+
     def _settle(self) -> None:
         """Commit what was staged, then ack it (DESIGN: ack after commit).
 
@@ -215,6 +228,7 @@ class Receiver:
         assert self._conn is not None  # noqa: S101 (set by _connect)
         try:
             self._conn.process_data_events(time_limit=time_limit)
+            self._gather()
             self._settle()
         except _ERRORS as e:
             self._failed(e)

@@ -160,7 +160,7 @@ class Project(Strict, frozen=True, kw_only=True):
 
     signers: Annotated[tuple[Name, ...], Meta(min_length=1)]
     threshold: Annotated[int, Meta(ge=1)] = 1
-    launchers: tuple[Literal["podman", "process"], ...] = ()
+    launchers: tuple[Literal["podman", "process", "slurm"], ...] = ()
     images: tuple[_Pattern, ...] = ()
     git: tuple[_Pattern, ...] = ()
     datasets: tuple[Name, ...] = ()

@@ -29,7 +29,8 @@ from typing import Final, Literal
 
 import msgspec
 
-from femd.errors import StageOutError, StateError, cut
+from femd import statemark
+from femd.errors import StageOutError, StateError, cut, printable
 from femd.stageout import CHUNK_BYTES, chunk_count
 
 __all__ = [
@@ -44,7 +45,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 # DESIGN "Broker topology" exchanges.
 EVENTS_EXCHANGE: Final = "femd.events"
 RESULTS_EXCHANGE: Final = "femd.results"
@@ -80,7 +81,8 @@ CREATE TABLE tasks (
     output_sha256 TEXT,
     output_bytes INTEGER,
     output_chunks INTEGER,
-    error TEXT
+    error TEXT,
+    usage TEXT
 );
 CREATE INDEX tasks_received ON tasks (received_at);
 CREATE TABLE transitions (
@@ -106,8 +108,10 @@ CREATE INDEX outbox_pending ON outbox (published, seq);
 _COLUMNS: Final = (
     "task_id, project, kind, state, decision, reasons, manifest_sha256, payload, "
     "signer_keyids, launcher, received_at, updated_at, exit_code, output_sha256, "
-    "output_bytes, output_chunks, error"
+    "output_bytes, output_chunks, error, usage"
 )
+# Schema 1 -> 2: what each task used (JSON; `usage` of the terminal event).
+_MIGRATE_1_2: Final = "ALTER TABLE tasks ADD COLUMN usage TEXT"
 _INSERT_TRANSITION: Final = (
     "INSERT INTO transitions (task_id, state, at, detail) VALUES (?, ?, ?, ?)"
 )
@@ -133,6 +137,7 @@ class TaskRow(msgspec.Struct, frozen=True):
     output_bytes: int | None
     output_chunks: int | None
     error: str | None
+    usage: dict[str, float] | None = None
 
 
 class OutboxEvent(msgspec.Struct, frozen=True):
@@ -199,7 +204,11 @@ def _parse_time(text: str) -> datetime:
 
 
 def _reasons_json(reasons: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    return [{"rule": rule, "message": message} for rule, message in reasons]
+    # Messages may quote file names or tool output that are not UTF-8.
+    return [
+        {"rule": printable(rule), "message": printable(message)}
+        for rule, message in reasons
+    ]
 
 
 def _check_state(state: str) -> None:
@@ -222,6 +231,13 @@ class State:
         """Open (creating if needed) the database and bring its schema up."""
         self._path = path
         self._lock = threading.Lock()
+        try:
+            if path.stat().st_size == 0:
+                statemark.check(path, "empty")
+        except FileNotFoundError:
+            statemark.check(path, "missing")
+        except OSError as e:
+            raise StateError(f"state: cannot open {cut(path)}: {e.strerror}") from e
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # The state holds manifests: create it private; sqlite gives its
@@ -253,6 +269,9 @@ class State:
     def _setup(self) -> None:
         db = self._db
         db.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
+        # Takes effect only on a database without tables yet: prune() can
+        # then give freed pages back (an older database keeps its size).
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StateError(
@@ -264,12 +283,17 @@ class State:
         db.execute("PRAGMA foreign_keys = ON")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
+            if not statemark.marker_path(self._path).exists():
+                self._mark("a database created before markers")
             return
         db.execute("BEGIN IMMEDIATE")
         try:
             # Another process may have created the schema while we waited.
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
+                # SECURITY: an empty database where one existed is a lost one,
+                # never a new one (replay protection).
+                statemark.check(self._path, "empty")
                 # Not executescript(): it would COMMIT the open transaction first.
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
@@ -278,6 +302,10 @@ class State:
                 logger.info(
                     "state: created schema %d in %s", SCHEMA_VERSION, self._path
                 )
+            elif version == 1:
+                db.execute(_MIGRATE_1_2)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                logger.info("state: schema 1 -> %d in %s", SCHEMA_VERSION, self._path)
             elif version != SCHEMA_VERSION:
                 raise StateError(
                     f"state: unsupported schema version in {cut(self._path)}"
@@ -287,6 +315,14 @@ class State:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        statemark.write(self._path)
+
+    def _mark(self, what: str) -> None:
+        """Write the marker of an existing database; a reader may not be able to."""
+        try:
+            statemark.write(self._path)
+        except StateError as e:
+            logger.warning("state: %s has no marker yet: %s", what, e)
 
     def close(self) -> None:
         """Close the database; later calls raise ``StateError``.
@@ -390,7 +426,8 @@ class State:
         with self._write("record") as db:
             cur = db.execute(
                 f"INSERT INTO tasks ({_COLUMNS}) VALUES "  # noqa: S608 - constant
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULL) "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "NULL, NULL, NULL, NULL, NULL, NULL) "
                 "ON CONFLICT (task_id) DO NOTHING",
                 (
                     task_id,
@@ -441,6 +478,7 @@ class State:
         outputs: tuple[str, int, int] | None = None,
         error: str | None = None,
         extra: Mapping[str, object] | None = None,
+        usage: Mapping[str, float] | None = None,
     ) -> int:
         """Move a task to *state*, with its history row and status event.
 
@@ -454,6 +492,8 @@ class State:
             outputs: ``(sha256, bytes, chunks)`` of the packed outputs.
             error: our side's one-line failure text (stored, not sent).
             extra: more event fields (e.g. ``log_tail``); may not override any.
+            usage: what the task used (cpu_s, memory_peak_bytes, pids_peak,
+                output_bytes, wall_s), stored and sent as ``usage``.
 
         Returns:
             The outbox ``seq`` of the status event.
@@ -483,7 +523,13 @@ class State:
             sets += ["output_sha256 = ?", "output_bytes = ?", "output_chunks = ?"]
             args += [sha256, size, chunks]
             detail.append(f"output_sha256={sha256}")
+        if usage:
+            fields["usage"] = dict(usage)
+            sets.append("usage = ?")
+            args.append(json.dumps(fields["usage"], sort_keys=True))
+            detail.append("usage=" + json.dumps(fields["usage"], sort_keys=True))
         if error is not None:
+            error = printable(error)
             sets.append("error = ?")
             args.append(error)
             detail.append(f"error={error}")
@@ -739,6 +785,40 @@ class State:
             except OSError as e:
                 logger.warning("state: cannot remove sent archive %s: %s", f, e)
 
+    def prune(self, before: datetime) -> tuple[int, int]:
+        """Forget what neither replay protection nor the audit needs any more.
+
+        Deletes published outbox messages created before *before* and clears
+        the payload of tasks that ended before it. Every task row stays, with
+        its id, decision, reasons, signer keyids and hashes (a replayed id is
+        refused forever), and so do the transitions. Then gives the freed
+        pages back to the file system.
+
+        Returns:
+            (outbox messages deleted, task payloads cleared).
+
+        Raises:
+            StateError: the write failed.
+        """
+        when = _time_text(before)
+        marks = ", ".join("?" for _ in TERMINAL_STATES)
+        with self._write("prune") as db:
+            events = db.execute(
+                "DELETE FROM outbox WHERE published = 1 AND created_at < ?", (when,)
+            ).rowcount
+            payloads = db.execute(
+                "UPDATE tasks SET payload = NULL WHERE payload IS NOT NULL"  # noqa: S608
+                f" AND updated_at < ? AND state IN ({marks})",
+                (when, *sorted(TERMINAL_STATES)),
+            ).rowcount
+        if events or payloads:
+            with self._lock, self._guard("prune"):
+                # executescript() steps the pragma to its end (execute() frees
+                # one page); no transaction is open here.
+                self._db.executescript("PRAGMA incremental_vacuum;")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return events, payloads
+
     def queued_archives(self) -> set[str]:
         """Paths of the archives that still have result chunks to publish.
 
@@ -790,6 +870,7 @@ def _task_row(row: tuple[object, ...]) -> TaskRow:
                 "output_bytes": row[14],
                 "output_chunks": row[15],
                 "error": row[16],
+                "usage": json.loads(str(row[17])) if row[17] is not None else None,
             },
             TaskRow,
             strict=True,

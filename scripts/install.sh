@@ -3,7 +3,8 @@
 # Debian 12 where you are root and only python3 and git exist:
 #   - Debian packages (RabbitMQ, rootless Podman with runc, uidmap and
 #     catatonit, bubblewrap, systemd-nspawn, debootstrap, busybox for test
-#     images, lintian for the package test, TLS roots for pip),
+#     images, lintian for the package test, TLS roots for pip, Slurm with
+#     munge, slurmdbd and MariaDB for the slurm launcher's test cluster),
 #   - the unprivileged users tasks run as (femd-task for bubblewrap,
 #     femd-podman for rootless Podman with its subuid/subgid ranges),
 #   - a virtualenv in .venv with femd installed (editable) and its test tools,
@@ -24,7 +25,8 @@ fi
 pkgs="python3-venv python3-dev gcc ca-certificates git rabbitmq-server \
 podman runc uidmap catatonit bubblewrap \
 systemd-container debootstrap busybox-static iproute2 procps util-linux \
-lintian"
+lintian python3-seccomp slurm-wlm slurm-client slurmdbd munge \
+mariadb-server-core mariadb-client-core"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
@@ -34,8 +36,9 @@ if [ -n "$missing" ]; then
     echo "install: apt-get install$missing"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    # The distribution's RabbitMQ node is not used: tests and the demo start
-    # their own private nodes. Keep the package's service from starting.
+    # The distribution's RabbitMQ node, munged, Slurm daemons and MariaDB are
+    # not used: tests and the demo start their own private ones (own ports,
+    # keys, state). Keep the packages' services from starting.
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
     rm -f /usr/sbin/policy-rc.d
@@ -51,6 +54,16 @@ sh scripts/setup-podman-user.sh >/dev/null
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 # Re-run every time: cheap when satisfied, and picks up dependency changes.
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# libseccomp's Python binding is a Debian package, not on PyPI: the venv sees
+# that one module (not all of dist-packages), so a test can check femd's
+# syscall tables against libseccomp's.
+seccomp_so=$(ls /usr/lib/python3/dist-packages/seccomp.cpython-*.so 2>/dev/null | head -n 1)
+if [ -n "$seccomp_so" ]; then
+    mkdir -p .venv/debian-seccomp
+    ln -sf "$seccomp_so" .venv/debian-seccomp/
+    site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "$(pwd)/.venv/debian-seccomp" > "$site/debian-seccomp.pth"
+fi
 # Task runtimes: one virtualenv per runtimes/NAME/requirements.txt, rebuilt only
 # when that file changes (its sha256 is kept beside the venv).
 for req in runtimes/*/requirements.txt; do

@@ -6,6 +6,8 @@ import it with the repository root on ``sys.path``.
 - :mod:`testbed.pki` makes a test CA and issues server and client certificates.
 - :mod:`testbed.rabbit` runs a private RabbitMQ node (TLS only, SASL EXTERNAL) in a
   temporary directory and provisions femd's broker topology into vhosts.
+- :mod:`testbed.slurm` runs a private single-node Slurm cluster (munge, slurmdbd
+  on MariaDB, slurmctld, slurmd with cgroup limits) in a temporary directory.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ BACKENDS: dict[str, Callable[[], bool]] = {
     "podman": lambda: _have("podman"),
     "bwrap": lambda: _have("bwrap"),
     "systemd": lambda: _have("systemd-nspawn", "debootstrap"),
+    "slurm": lambda: _have("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd"),
 }
 
 

@@ -44,6 +44,7 @@ from tests.backends import BACKENDS, required_backends, unavailable
 pytest_plugins = [
     "tests.integration.rabbit_support",
     "tests.integration.podman_support",
+    "tests.integration.slurm_support",
 ]
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)

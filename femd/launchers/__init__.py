@@ -6,7 +6,7 @@ receives (site settings already merged, host paths resolved), ``Capabilities``
 ``unenforceable()`` (pure) and ``start()``, the one place where a back-end's
 foreign errors become ``LaunchError``.
 
-Holds no back-end code: ``process`` (bubblewrap) and ``podman`` do. Does not
+Holds no back-end code: ``process`` (bubblewrap), ``podman`` and ``slurm`` do. Does not
 build a ``LaunchSpec`` from a task (the agent does, from Task + profile +
 policy). DESIGN "Launchers": a limit the host cannot enforce refuses the task.
 """
@@ -28,6 +28,7 @@ from femd.launchers.profile import (
     LauncherProfile,
     PodmanSettings,
     ProcessSettings,
+    SlurmSettings,
     load_profile,
     load_profiles,
 )
@@ -35,6 +36,7 @@ from femd.model import AbsPath, Strict, TaskId
 
 __all__ = [
     "LAUNCHERS",
+    "Accounting",
     "Capabilities",
     "Handle",
     "LaunchSpec",
@@ -46,7 +48,9 @@ __all__ = [
     "Outcome",
     "PodmanSettings",
     "ProcessSettings",
+    "SlurmSettings",
     "Traffic",
+    "Usage",
     "build_all",
     "load_profile",
     "load_profiles",
@@ -83,7 +87,7 @@ class LaunchSpec(Strict, frozen=True, kw_only=True):
     """
 
     task_id: TaskId
-    launcher: Literal["podman", "process"]
+    launcher: Literal["podman", "process", "slurm"]
     profile: LauncherProfile
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
@@ -97,6 +101,7 @@ class LaunchSpec(Strict, frozen=True, kw_only=True):
     listen: tuple[int, ...] = ()
     ingress_peers: tuple[str, ...] = ()
     log_max_bytes: Annotated[int, Meta(ge=0)] = 1 << 20
+    output_max_bytes: Annotated[int, Meta(ge=0)] = 1 << 20
 
     @property
     def network(self) -> bool:
@@ -127,6 +132,40 @@ class Capabilities(Strict, frozen=True, kw_only=True):
     ingress: bool = False
     min_cpus: float = 0.0
     notes: tuple[str, ...] = ()
+    enforcement: tuple[tuple[str, str], ...] = ()
+
+
+class Usage(Strict, frozen=True, kw_only=True, omit_defaults=True):
+    """What a task used (None: not measured by this launcher on this host).
+
+    ``cpu_s``: CPU seconds of all its processes; ``memory_peak_bytes``: the
+    peak of its cgroup's memory (anonymous, page cache, tmpfs, shm);
+    ``pids_peak``: most processes at once (sampled where the kernel keeps no
+    peak); ``output_bytes``: bytes of its collected outputs; ``wall_s``.
+    """
+
+    cpu_s: float | None = None
+    memory_peak_bytes: int | None = None
+    pids_peak: int | None = None
+    output_bytes: int | None = None
+    wall_s: float | None = None
+
+
+class Accounting(Strict, frozen=True, kw_only=True, omit_defaults=True):
+    """What a batch system measured of one task (the ``slurm`` launcher).
+
+    Sent in the terminal status event as ``accounting``; a field the batch
+    system did not report is absent.
+    """
+
+    job_id: str
+    state: str
+    node: str | None = None
+    elapsed_s: int | None = None
+    cpu_s: float | None = None
+    max_rss_kb: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
 
 
 class Traffic(Strict, frozen=True, kw_only=True):
@@ -148,6 +187,8 @@ class Traffic(Strict, frozen=True, kw_only=True):
 class Outcome(Strict, frozen=True, kw_only=True):
     """How a task ended. ``log_tail`` is the last few KiB of stdout+stderr.
 
+    ``rule``: the rule id to report when a limit ended it (e.g.
+    ``outputs.exceeded``); ``usage``: what it used, when measured.
     ``traffic``: what femd forwarded for the task, per destination.
     """
 
@@ -157,6 +198,9 @@ class Outcome(Strict, frozen=True, kw_only=True):
     finished_at: datetime
     log_tail: str
     reason: str = ""
+    rule: str = ""
+    usage: Usage | None = None
+    accounting: Accounting | None = None
     traffic: tuple[Traffic, ...] = ()
 
 
@@ -232,9 +276,18 @@ def _process(
     return BubblewrapLauncher(profile, state_dir=state_dir)
 
 
+def _slurm(
+    profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
+) -> Launcher:
+    from femd.launchers.slurm import SlurmLauncher
+
+    del podman_socket
+    return SlurmLauncher(profile, state_dir=state_dir)
+
+
 # STYLE rule 6: a closed set, no entry points.
 LAUNCHERS: Final[Mapping[str, LauncherFactory]] = MappingProxyType(
-    {"podman": _podman, "process": _process}
+    {"podman": _podman, "process": _process, "slurm": _slurm}
 )
 
 
@@ -289,8 +342,11 @@ def unenforceable(spec: LaunchSpec, caps: Capabilities) -> list[Reason]:
         raise RuntimeError(f"capabilities of {caps.launcher} used for {spec.launcher}")
     who = f"{spec.launcher} on this host"
     if not caps.available:
-        problems = cut("; ".join(caps.problems), 200) or "unknown reason"
-        text = f"launcher {spec.launcher} is not available on this host: {problems}"
+        problems = cut("; ".join(caps.problems), 300, keep_end=True)
+        text = (
+            f"launcher {spec.launcher} is not available on this host:"
+            f" {problems or 'unknown reason'}"
+        )
         return [_refuse(text)]
 
     def why(word: str) -> str:

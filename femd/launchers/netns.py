@@ -1,13 +1,15 @@
 """femd's side of ``nsjoin``: sockets made inside a task's network namespace.
 
-Owns ``Helper`` (starts the ``nsjoin`` helper on a namespace and asks it for
-listeners, connections and addresses) and ``probe_join()`` (can this host
-do that at all, for ``probe()`` and ``femd doctor``). What the sockets are
+Owns ``Helper`` (a task's helper, forked by the agent's one ``nsjoin``
+zygote into the task's namespace, asked for listeners, connections and
+addresses) and ``probe_join()`` (can this host do that at all, for
+``probe()`` and ``femd doctor``). What the sockets are
 used for is ``network.TaskNetwork``'s business.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -33,20 +35,14 @@ class Helper:
     """
 
     def __init__(self, netns_fd: int) -> None:
-        """Start the helper in the namespace *netns_fd*; wait until it joined."""
+        """Fork a helper in the namespace *netns_fd*; wait until it joined."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._lock = threading.Lock()
         try:
-            self._proc = subprocess.Popen(  # noqa: S603 (our own script, no shell)
-                [sys.executable, "-I", "-S", str(_HELPER), str(theirs.fileno()),
-                 str(netns_fd)],
-                pass_fds=(theirs.fileno(), netns_fd),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env={},
-                cwd="/",
-            )  # fmt: skip
+            _zygote.fork(netns_fd, theirs.fileno())
+        except OSError as e:
+            ours.close()
+            raise LaunchError(f"network: helper did not start: {cut(e)}") from e
         finally:
             theirs.close()
         self._sock = ours
@@ -58,7 +54,8 @@ class Helper:
             raise LaunchError(f"network: helper did not start: {cut(e)}") from e
         if ready != b"ready":
             self.close()
-            raise LaunchError(f"network: {cut(ready.decode(errors='replace'))}")
+            text = ready.decode(errors="replace") or "the helper ended"
+            raise LaunchError(f"network: {cut(text)}")
 
     def ask(self, request: str) -> socket.socket | None:
         """Send one request; the socket it made (None for ``address``)."""
@@ -77,12 +74,87 @@ class Helper:
 
     def close(self) -> None:
         """Stop the helper (it exits when its control socket closes)."""
-        self._sock.close()  # the helper exits on EOF
+        self._sock.close()
+
+
+class _Zygote:
+    """The one ``nsjoin`` process of this agent, forking a helper per task.
+
+    Started on first use, again if it died. A fork of that small
+    single-threaded process costs a millisecond; a new interpreter per task
+    cost a tenth of a second under load.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._registered = False
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+            self._proc = subprocess.Popen(  # noqa: S603 (our own script, no shell)
+                [sys.executable, "-I", "-S", str(_HELPER), str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={},
+                cwd="/",
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = ours
+        if not self._registered:
+            atexit.register(self.stop)
+            self._registered = True
+        return ours
+
+    def stop(self) -> None:
+        """End the zygote (its helpers end with their tasks' sockets)."""
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()  # the zygote exits on EOF
+                self._sock = None
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+                self._proc = None
+
+    def fork(self, netns_fd: int, task_fd: int) -> None:
+        """Have a child join *netns_fd* and serve on *task_fd*.
+
+        Raises:
+            OSError: the zygote cannot be started or reached.
+        """
+        with self._lock:
+            for attempt in (1, 2):
+                alive = self._proc is not None and self._proc.poll() is None
+                sock = self._sock if alive and self._sock else None
+                if sock is None:
+                    if self._sock is not None:
+                        self._sock.close()
+                    if self._proc is not None:
+                        self._proc.wait()
+                    sock = self._start()
+                try:
+                    socket.send_fds(sock, [b"join"], [netns_fd, task_fd])
+                    return
+                except OSError:
+                    if attempt == 2:
+                        raise
+                    if self._proc is not None:
+                        self._proc.kill()
+
+
+_zygote: Final = _Zygote()
 
 
 def probe_join(uid: int | None) -> str | None:

@@ -1,10 +1,14 @@
 """The in-namespace half of femd's task network: a helper process, run by femd.
 
-Run as ``python -I -S nsjoin.py CONTROL_FD NETNS_FD``. It joins the network
-namespace *NETNS_FD* (first its owning user namespace when it lacks the right
-to join directly, as an unprivileged femd does), then serves requests on the
-``SOCK_SEQPACKET`` socket *CONTROL_FD*, one per message, each answered with
-``ok`` and a socket passed back (SCM_RIGHTS), or ``error: ...``:
+Run once per agent as ``python -I -S nsjoin.py CONTROL_FD``: a single-threaded
+zygote. For each task femd sends it, on the ``SOCK_SEQPACKET`` socket
+*CONTROL_FD*, a ``join`` message carrying two descriptors (SCM_RIGHTS): the
+task's network namespace and the task's own control socket. The zygote forks
+a child (cheap, and safe: the zygote has one thread) that joins the namespace
+(first its owning user namespace when it lacks the right to join directly, as
+an unprivileged femd does), says ``ready`` (or why not) and serves requests on
+the task's control socket, one per message, each answered with ``ok`` and a
+socket passed back, or ``error: ...``:
 
 - ``listen ADDRESS PORT``: a TCP listener bound there (egress: the task
   connects to it; femd accepts and forwards outside);
@@ -14,7 +18,8 @@ to join directly, as an unprivileged femd does), then serves requests on the
 
 Sockets keep the namespace they were created in, so femd uses them from
 outside. The helper lives outside the sandbox's PID namespace (the task cannot
-see, signal or replace it) and exits when femd closes the control socket.
+see, signal or replace it) and exits when femd closes the control socket; the
+zygote exits when femd does.
 Standard library only: it is not imported by femd, only run.
 """
 
@@ -24,6 +29,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import signal
 import socket
 import struct
 import sys
@@ -133,10 +139,8 @@ def serve(control: socket.socket) -> None:
             socket.send_fds(control, [b"ok"], [made.fileno()])
 
 
-def main() -> int:
+def child(control: socket.socket, netns_fd: int) -> int:
     """Join the namespace, say ``ready`` (or why not), then serve."""
-    control = socket.socket(fileno=int(sys.argv[1]))
-    netns_fd = int(sys.argv[2])
     try:
         join(netns_fd)
     except OSError as e:
@@ -146,6 +150,35 @@ def main() -> int:
         os.close(netns_fd)
     control.send(b"ready")
     serve(control)
+    return 0
+
+
+def zygote(control: socket.socket) -> None:
+    """Fork one child per ``join`` request, until femd closes *control*."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
+    while True:
+        msg, fds, _, _ = socket.recv_fds(control, 16, 2)
+        if not msg:
+            return
+        if msg != b"join" or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            continue
+        netns_fd, task_fd = fds
+        if os.fork() == 0:
+            control.close()
+            code = 1
+            try:
+                code = child(socket.socket(fileno=task_fd), netns_fd)
+            finally:
+                os._exit(code)
+        os.close(netns_fd)
+        os.close(task_fd)
+
+
+def main() -> int:
+    """Serve as the zygote on the control socket given as argument."""
+    zygote(socket.socket(fileno=int(sys.argv[1])))
     return 0
 
 

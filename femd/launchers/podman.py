@@ -497,6 +497,20 @@ class PodmanHandle:
         self._drop_markers()
 
 
+def _enforcement(
+    version: str, memory: bool, cpu: bool, pids: bool
+) -> tuple[tuple[str, str], ...]:
+    """How podman enforces each limit here (femd doctor), never a per-process cap."""
+    by = f"cgroup {version} (podman)"
+    return (
+        ("memory", by if memory else "none"),
+        ("pids", by if pids else "RLIMIT_NPROC of the container's own uids"),
+        ("cpus", by if cpu else "none"),
+        ("outputs", "checked at stage-out (no quota during the run)"),
+        ("time", "wall-clock timeout, kills the container"),
+    )
+
+
 class PodmanLauncher:
     """Runs tasks in rootless Podman containers through the service's socket."""
 
@@ -610,6 +624,7 @@ class PodmanLauncher:
                 *notes,
                 "network: none; femd forwards allowed egress and ingress (TCP only)",
             ),
+            enforcement=_enforcement(version, memory, cpu, self._cgroup_pids),
         )
 
     def _probe_network(self) -> str | None:

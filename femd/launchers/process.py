@@ -1,35 +1,35 @@
 """The ``process`` launcher: a plain process in a bubblewrap sandbox.
 
 Owns ``BubblewrapLauncher`` and its handle: the bwrap command line, the
-resource limits (rlimits, CPU affinity), the built-in seccomp filter, privilege
+resource limits (its cgroup, rlimits), the built-in seccomp filter, privilege
 dropping, log capture, timeout and cancellation. Does not decide what may run
 (the policy does) nor collect outputs (``stageout`` does).
 
-How each limit is enforced (``Capabilities.notes`` says the same):
+How each limit is enforced (``Capabilities.enforcement`` says the same):
 
-- memory: RLIMIT_AS, an *address-space* cap per process, not a cgroup limit. A
-  task of several processes may use up to ``pids x memory_mb`` in total; the
-  private ``/tmp`` and ``/dev/shm`` tmpfs add ``tmp_size_mb`` each.
-- cpus: whole cores through CPU affinity (``floor(cpus)``, at least 1); the
-  seccomp filter refuses ``sched_setaffinity`` so a task cannot widen it. A
-  request below one cpu is unenforceable. RLIMIT_CPU is only a backstop.
-- pids: RLIMIT_NPROC, which counts every process of the task's real uid: the
-  task user should be dedicated (concurrent tasks of that user share the count).
+- memory, pids, cpus: the task's own cgroup (``cgroup``: v2 in femd.service's
+  delegated subtree, v1 when femd runs as root). Memory counts everything the
+  task holds (anonymous, page cache, tmpfs, memfd, shm; swap off) and the OOM
+  killer acts inside it; pids are per task; cpus are a CFS quota (0.5 works).
+  A host with neither refuses every task (``launcher.unenforceable``). The
+  entry step (``/bin/sh``, femd's identity) writes its own pid into the
+  cgroup, then execs ``prlimit`` (file size, open files, no core dumps, a CPU
+  time backstop), ``setpriv`` (when femd is root: to the task user) and bwrap:
+  no task code ever runs outside the cgroup.
+- outputs: the output directory is a tmpfs of the task's output cap, charged
+  to its memory cgroup; ``capture`` streams it out when the command ends.
 - network: always its own empty network namespace; what the policy allows
   (egress to named ``host:port``, ingress on named ports) is forwarded by
   femd (``network.TaskNetwork``, docs/network.md), attached while bwrap
   holds the command back (``--block-fd``).
-- time: the wall-clock timeout kills the sandbox's PID namespace.
+- time: the wall-clock timeout, a cancel and the end of the task kill the
+  whole cgroup, so nothing survives (double-forked, setsid'd, or a sandbox
+  stuck in bwrap's setup). After an agent restart ``adopt()`` kills what a
+  task left in its cgroup.
 
 Namespaces: user, mount, pid, IPC and network; not uts nor
-cgroup, which femd.service refuses (see ``_NAMESPACES``). The prefix tools
-(``taskset``, ``prlimit``) need ``sched_setaffinity`` and ``prlimit64``, which
-the unit's ``SystemCallFilter=`` allows; ``probe()`` runs them for real.
-
-A sandbox dies with the agent (``--die-with-parent``), so ``adopt()`` finds
-nothing after a restart. bwrap's outer process exits without reaping the
-sandbox's PID 1; that zombie goes to the host's init (systemd reaps it at once)
-and counts against the task user's RLIMIT_NPROC until then.
+cgroup, which femd.service refuses (see ``_NAMESPACES``). ``probe()`` runs a
+real (empty) sandbox the way a task runs, in a cgroup of its own.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ import msgspec
 
 from femd.errors import LaunchError, LauncherUnavailableError, UnenforceableError, cut
 from femd.launchers import Capabilities, LaunchSpec, Outcome, unenforceable
+from femd.launchers.capture import OutputCapture, tmpfs_bytes, wrap_argv
+from femd.launchers.cgroup import CgroupHost, CgroupLimits, TaskCgroup, detect
 from femd.launchers.netns import probe_join
 from femd.launchers.network import TaskNetwork
 from femd.launchers.profile import LauncherProfile, ProcessSettings
@@ -70,7 +72,14 @@ logger = logging.getLogger(__name__)
 _HOST_PATH: Final = "/usr/sbin:/usr/bin:/sbin:/bin"
 _TASK_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
 _TAIL_BYTES: Final = 8192
-_TOOLS: Final = ("bwrap", "prlimit", "taskset")
+_TOOLS: Final = ("bwrap", "prlimit", "sh")
+_STEP_FAILED: Final = 125  # the entry or output step could not do its part
+# The entry step: write our pid into every cgroup.procs given, then exec the
+# rest (after "--"). Runs as femd, before any task code.
+_ENTER: Final = (
+    'for f; do shift; [ "$f" = -- ] && exec "$@"; '
+    'echo $$ > "$f" || exit 125; done; exit 125'
+)
 _TMP: Final = "/tmp"  # noqa: S108 (inside the sandbox: a private tmpfs)
 _SHM: Final = "/dev/shm"  # noqa: S108 (inside the sandbox: a private tmpfs)
 _RESERVED: Final = ("/", "/proc", "/dev", _TMP)
@@ -82,11 +91,13 @@ _RESERVED: Final = ("/", "/proc", "/dev", _TMP)
 _NAMESPACES: Final = ("--unshare-user", "--unshare-ipc", "--unshare-pid")
 
 # Syscalls the built-in filter refuses with EPERM, numbered (x86_64, aarch64) as
-# in the kernel's unistd headers. sched_setaffinity keeps the cpu limit; the rest
-# are kernel interfaces a task never needs (keyrings are not namespaced, ptrace
-# and process_vm_* reach other processes, mount APIs, modules, kexec...).
+# in the kernel's unistd headers: kernel interfaces a task never needs (keyrings
+# are not namespaced, ptrace and process_vm_* reach other processes, mount APIs,
+# modules, kexec...), io_uring (its requests bypass this filter), and what
+# containers-common's default seccomp.json denies to a container without
+# capabilities (clock setting, vmsplice, page migration, obsolete calls...).
 _DENY: Final[dict[str, tuple[int | None, int | None]]] = {
-    "sched_setaffinity": (203, 122), "ptrace": (101, 117),
+    "ptrace": (101, 117),
     "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
     "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218),
     "perf_event_open": (298, 241), "bpf": (321, 280), "userfaultfd": (323, 282),
@@ -96,10 +107,20 @@ _DENY: Final[dict[str, tuple[int | None, int | None]]] = {
     "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39),
     "pivot_root": (155, 41), "chroot": (161, 51), "swapon": (167, 224),
     "swapoff": (168, 225), "reboot": (169, 142), "syslog": (103, 116),
-    "acct": (163, 89), "quotactl": (179, 60), "fsopen": (430, 430),
-    "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433),
-    "open_tree": (428, 428), "move_mount": (429, 429), "mount_setattr": (442, 442),
-    "iopl": (172, None), "ioperm": (173, None),
+    "acct": (163, 89), "quotactl": (179, 60), "quotactl_fd": (443, 443),
+    "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432),
+    "fspick": (433, 433), "open_tree": (428, 428), "move_mount": (429, 429),
+    "mount_setattr": (442, 442), "iopl": (172, None), "ioperm": (173, None),
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426),
+    "io_uring_register": (427, 427), "io_pgetevents": (333, 292),
+    "vmsplice": (278, 75), "migrate_pages": (256, 238), "move_pages": (279, 239),
+    "kcmp": (312, 272), "process_madvise": (440, 440), "lookup_dcookie": (212, 18),
+    "fanotify_init": (300, 262), "clock_settime": (227, 112),
+    "settimeofday": (164, 170), "sethostname": (170, 161),
+    "setdomainname": (171, 162), "vhangup": (153, 58), "nfsservctl": (180, 42),
+    "uselib": (134, None), "ustat": (136, None), "sysfs": (139, None),
+    "_sysctl": (156, None), "create_module": (174, None),
+    "get_kernel_syms": (177, None), "query_module": (178, None),
 }  # fmt: skip
 _ARCHES: Final = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}
 
@@ -171,8 +192,7 @@ class BubblewrapLauncher:
         self._profile = profile
         self._log_dir = state_dir / "launchers" / "process"
         self._caps: Capabilities | None = None
-        self._lock = threading.Lock()
-        self._next_cpu = 0
+        self._cgroups: CgroupHost | None = None
 
     # -- probe ---------------------------------------------------------------
 
@@ -181,26 +201,33 @@ class BubblewrapLauncher:
 
         ``start()`` probes before every launch, so an available result is
         reused (a reload builds a new launcher, hence probes afresh): a smoke
-        sandbox per task doubled the sandboxes, and under load the smoke's own
-        RLIMIT_NPROC (64) failed on the task user's unreaped zombies, which
-        refused tasks as ``launcher.unenforceable``.
+        sandbox per task doubled the sandboxes. The smoke runs in a cgroup of
+        its own, entered like a task's: a host whose cgroups cannot be made or
+        entered enforces no memory, pids or cpu limit (every task is refused).
         """
         if self._caps is not None and self._caps.available:
             return self._caps
         problems: list[str] = []
         settings = self._profile.process
-        tools = {t: shutil.which(t, path=_HOST_PATH) for t in _TOOLS}
-        if settings is None:
-            problems.append(f"profile {self._profile.name!r} has no process section")
-        problems += [f"{t} is not installed" for t, found in tools.items() if not found]
         user = None
         try:
             user = self._task_user()
         except LauncherUnavailableError as e:
             problems.append(str(e))
+        tools = [*_TOOLS, "setpriv"] if user is not None and user.switch else _TOOLS
+        found = {t: shutil.which(t, path=_HOST_PATH) for t in tools}
+        if settings is None:
+            problems.append(f"profile {self._profile.name!r} has no process section")
+        problems += [f"{t} is not installed" for t, path in found.items() if not path]
+        cgroups = self._cgroups = detect()
+        limits = list(cgroups.problems)
         if not problems and settings is not None and user is not None:
-            problems += self._smoke(settings, user)
+            smoke, cgroup_problem = self._smoke(settings, user, cgroups)
+            problems += smoke
+            limits += cgroup_problem
         seccomp = seccomp_filter() is not None
+        enforced = cgroups.kind != "none" and not limits
+        how = cgroups.enforced if enforced else "none"
         net = None
         if not self._profile.network.enabled:
             net = f"profile {self._profile.name!r} gives tasks no network"
@@ -212,21 +239,31 @@ class BubblewrapLauncher:
             launcher=self.name,
             available=not problems,
             problems=tuple(problems)
+            + tuple(limits)
             + (() if seccomp else (f"no seccomp filter for {platform.machine()}",))
             + (() if net is None else (f"egress and ingress: {net}",)),
-            memory_limit=True,
-            cpu_limit=seccomp,
-            pids_limit=True,
+            memory_limit=enforced,
+            cpu_limit=enforced,
+            pids_limit=enforced,
             egress=net is None,
             egress_filtered=net is None,
             ingress=net is None,
-            min_cpus=1.0,
+            min_cpus=0.01,
             notes=(
-                "memory: per-process address-space cap (RLIMIT_AS), not a cgroup",
-                "cpus: whole cores by CPU affinity, locked by seccomp",
-                "pids: RLIMIT_NPROC of the task user, shared by its tasks",
+                "memory: the task's cgroup (anonymous, page cache, tmpfs, memfd, "
+                "shm; swap off), OOM kills inside it",
+                "cpus: a CFS quota of the task's cgroup (fractions work)",
+                "pids: the task's cgroup, per task",
+                "outputs: a tmpfs of the output cap, charged to the task's memory",
                 "network: own empty namespace; femd forwards allowed egress "
                 "and ingress (TCP only)",
+            ),
+            enforcement=(
+                ("memory", how),
+                ("pids", how),
+                ("cpus", how),
+                ("outputs", f"tmpfs of the cap ({how})"),
+                ("time", "wall-clock timeout, kills the task's cgroup"),
             ),
         )
         self._caps = caps
@@ -246,17 +283,31 @@ class BubblewrapLauncher:
             raise LauncherUnavailableError(f"process: task user {name!r} is root")
         return _TaskUser(uid=entry.pw_uid, gid=entry.pw_gid, switch=True)
 
-    def _smoke(self, settings: ProcessSettings, user: _TaskUser) -> list[str]:
-        """Run ``true`` in a sandbox like a task's; return the problems seen."""
+    def _smoke(
+        self, settings: ProcessSettings, user: _TaskUser, cgroups: CgroupHost
+    ) -> tuple[list[str], list[str]]:
+        """Run ``true`` in a sandbox like a task's, in a cgroup like a task's.
+
+        Returns the sandbox's problems and the cgroup's (a host whose cgroups
+        cannot be made still runs sandboxes, but refuses every task).
+        """
+        cgroup = None
+        if cgroups.kind != "none":
+            cgroup = TaskCgroup(cgroups, f"femd-probe-{os.getpid()}")
+            cgroup.kill()
+            cgroup.remove()
+            try:
+                cgroup.create(CgroupLimits(memory_bytes=256 << 20, pids=64, cpus=1))
+            except OSError as e:
+                return [], [f"no memory, pids or cpu cgroup can be made: {cut(e)}"]
         memfd = self._seccomp_fd()
         try:
-            cmd = ["/usr/bin/true"]
-            args = self._bwrap_args(settings, None, memfd, cmd)
-            # Pinned like a task (taskset, then prlimit): a host or unit whose
-            # seccomp filter refuses sched_setaffinity or prlimit64 fails here,
-            # not at a task's launch.
-            first_cpu = str(min(os.sched_getaffinity(0)))
-            prefix = self._prefix(settings, None, cpus=first_cpu)
+            # The output step's tools (capture) must be in the sandbox too.
+            needs = "command -v stat >/dev/null && command -v tar >/dev/null"
+            args = self._bwrap_args(settings, None, memfd, ["/bin/sh", "-c", needs])
+            # Entered like a task: a host or unit that refuses the cgroup
+            # write, prlimit64 or setpriv fails here, not at a task's launch.
+            prefix = self._prefix(settings, None, user, cgroup)
             result = subprocess.run(  # noqa: S603 (fixed tools, no shell)
                 prefix + args,
                 stdin=subprocess.DEVNULL,
@@ -265,21 +316,26 @@ class BubblewrapLauncher:
                 check=False,
                 env={"PATH": _HOST_PATH},
                 pass_fds=(memfd,) if memfd is not None else (),
-                user=user.uid if user.switch else None,
-                group=user.gid if user.switch else None,
-                extra_groups=[] if user.switch else None,
             )
         except (OSError, subprocess.SubprocessError) as e:
-            return [f"bubblewrap cannot run: {cut(e)}"]
+            return [f"bubblewrap cannot run: {cut(e)}"], []
         finally:
             if memfd is not None:
                 os.close(memfd)
+            if cgroup is not None:
+                cgroup.kill()
+                cgroup.remove()
         if result.returncode != 0:
-            err = result.stderr.decode(errors="replace").strip().splitlines()
-            return [
-                f"bubblewrap cannot create a sandbox: {cut(err[-1] if err else '')}"
-            ]
-        return []
+            lines = result.stderr.decode(errors="replace").splitlines()
+            # The last line that says something is bwrap's error, cause last.
+            said = [line.strip() for line in lines if line.strip()]
+            why = (
+                cut(said[-1], 200, keep_end=True)
+                if said
+                else "/bin/sh, stat or tar missing (ro_binds)"
+            )
+            return [f"bubblewrap cannot create a sandbox: {why}"], []
+        return [], []
 
     # -- command line ----------------------------------------------------------
 
@@ -294,27 +350,35 @@ class BubblewrapLauncher:
         return fd
 
     def _prefix(
-        self, settings: ProcessSettings, spec: LaunchSpec | None, cpus: str | None
+        self,
+        settings: ProcessSettings,
+        spec: LaunchSpec | None,
+        user: _TaskUser,
+        cgroup: TaskCgroup | None,
     ) -> list[str]:
-        """``[taskset] prlimit ... --``: limits applied before bwrap starts."""
+        """``sh`` (enter the cgroup) ``prlimit ... [setpriv ...] --``."""
         mb = 1 << 20
-        memory = (spec.limits.memory_mb if spec else 256) * mb
-        pids = spec.limits.pids if spec else 64
-        cores = len(cpus.split(",")) if cpus else 1
+        cores = max(1, math.ceil(spec.limits.cpus)) if spec else 1
         cpu_s = (spec.limits.timeout_s if spec else 30) * cores + 5
         limits = {
-            "as": memory,
-            "cpu": cpu_s,
-            "nproc": pids,
+            "cpu": cpu_s,  # a backstop: the timeout kills the cgroup first
             "fsize": settings.fsize_mb * mb,
             "nofile": settings.nofile,
             "core": 0,  # SECURITY: a core dump would copy task memory (data) out
         }
-        taskset = shutil.which("taskset", path=_HOST_PATH) or "taskset"
-        cmd = [taskset, "--cpu-list", cpus] if cpus else []
+        procs = cgroup.procs_files() if cgroup is not None else []
+        cmd = [shutil.which("sh", path=_HOST_PATH) or "/bin/sh", "-c", _ENTER]
+        cmd += ["femd-enter", *procs, "--"]
         cmd.append(shutil.which("prlimit", path=_HOST_PATH) or "prlimit")
         cmd += [f"--{k}={v}:{v + 5 if k == 'cpu' else v}" for k, v in limits.items()]
-        return [*cmd, "--"]
+        cmd.append("--")
+        if user.switch:
+            # SECURITY: tasks never run as root: no supplementary groups, then
+            # gid, then uid (setpriv, util-linux), after the cgroup write.
+            setpriv = shutil.which("setpriv", path=_HOST_PATH) or "setpriv"
+            cmd += [setpriv, f"--regid={user.gid}", f"--reuid={user.uid}"]
+            cmd += ["--clear-groups", "--"]
+        return cmd
 
     def _bwrap_args(
         self,
@@ -335,6 +399,11 @@ class BubblewrapLauncher:
         # always empty: femd forwards what the policy allows (TaskNetwork).
         args += [*_NAMESPACES, "--disable-userns", "--unshare-net"]
         args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+        if spec is not None:
+            # SECURITY: the output step (capture) is the sandbox's PID 1: the
+            # kernel ignores the task's signals to it, so it cannot be killed
+            # before it kills the rest and streams the outputs out.
+            args.append("--as-pid-1")
         args.append("--clearenv")
         env = {"PATH": _TASK_PATH, "HOME": _TMP} | dict(spec.env if spec else ())
         for key, value in env.items():
@@ -352,7 +421,10 @@ class BubblewrapLauncher:
         if spec is not None:
             for m in spec.mounts:
                 args += ["--ro-bind", m.source, m.target]
-            args += ["--bind", spec.output_dir, spec.output_target]
+            # SECURITY: the output dir holds at most the cap at any moment
+            # (tmpfs size, not file sizes); capture brings it out.
+            size = str(tmpfs_bytes(spec.output_max_bytes))
+            args += ["--size", size, "--tmpfs", spec.output_target]
             workdir = spec.workdir or workdir
         for source, target in net[0] if net else ():
             args += ["--ro-bind", source, target]  # femd's /etc/hosts...
@@ -370,8 +442,27 @@ class BubblewrapLauncher:
     # -- launch ----------------------------------------------------------------
 
     def adopt(self, task_id: TaskId) -> None:
-        """Nothing survives a restart: the sandbox dies with the agent."""
-        del task_id
+        """Kill whatever *task_id* left in its cgroup; nothing is re-attached.
+
+        A sandbox dies with the agent (``--die-with-parent``), but not one
+        stuck in bwrap's setup handshake, nor what it forked meanwhile: they
+        are all in the task's cgroup, which goes with them.
+        """
+        host = self._cgroups if self._cgroups is not None else detect()
+        if host.kind == "none":
+            return
+        cgroup = TaskCgroup.of_task(host, task_id)
+        if not cgroup.exists():
+            return
+        left = len(cgroup.pids())
+        emptied = cgroup.kill()
+        cgroup.remove()
+        logger.info(
+            "process: task %s: killed %d processes left after a restart%s",
+            task_id,
+            left,
+            "" if emptied else " (some did not die)",
+        )
 
     def launch(self, spec: LaunchSpec) -> _ProcessHandle:
         """Start *spec* in a new sandbox.
@@ -400,13 +491,36 @@ class BubblewrapLauncher:
         settings = self._profile.process
         self._check(spec, settings)
         user = self._task_user()
-        self._prepare_output(spec, user)
-        cpus = self._pick_cpus(spec.limits.cpus)
+        self._prepare_output(spec)
         net = TaskNetwork(spec, self._profile.network) if spec.network else None
+        cgroup = self._cgroup(spec)
         binds = net.prepare() if net else None
-        handle = _ProcessHandle(spec, self._log_dir / f"{spec.task_id}.log", net, binds)
-        handle.start(self, settings, user, cpus)
+        log = self._log_dir / f"{spec.task_id}.log"
+        handle = _ProcessHandle(spec, log, cgroup, net, binds)
+        handle.start(self, settings, user)
         return handle
+
+    def _cgroup(self, spec: LaunchSpec) -> TaskCgroup:
+        if self._cgroups is None or self._cgroups.kind == "none":
+            raise UnenforceableError(
+                f"task {spec.task_id}: no per-task cgroup on this host"
+            )
+        cgroup = TaskCgroup.of_task(self._cgroups, spec.task_id)
+        if cgroup.exists():  # left by a launch the agent did not see through
+            cgroup.kill()
+            cgroup.remove()
+        limits = CgroupLimits(
+            memory_bytes=spec.limits.memory_mb << 20,
+            pids=spec.limits.pids,
+            cpus=spec.limits.cpus,
+        )
+        try:
+            cgroup.create(limits)
+        except OSError as e:
+            raise LaunchError(
+                f"process: cannot create the cgroup of task {spec.task_id}: {cut(e)}"
+            ) from e
+        return cgroup
 
     def _check(self, spec: LaunchSpec, settings: ProcessSettings) -> None:
         try:
@@ -442,8 +556,8 @@ class BubblewrapLauncher:
                 raise LaunchError(f"process: mount source {cut(m.source)!r} is missing")
 
     @staticmethod
-    def _prepare_output(spec: LaunchSpec, user: _TaskUser) -> None:
-        """Give the (empty) output directory to the task user, mode 0700."""
+    def _prepare_output(spec: LaunchSpec) -> None:
+        """Check the host output directory is empty; femd alone writes it."""
         try:
             fd = os.open(spec.output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError as e:
@@ -455,21 +569,11 @@ class BubblewrapLauncher:
                 raise LaunchError(
                     f"process: output dir {cut(spec.output_dir)!r} is not empty"
                 )
-            if user.switch:
-                os.fchown(fd, user.uid, user.gid)
             os.fchmod(fd, 0o700)
         except OSError as e:
             raise LaunchError(f"process: cannot prepare output dir: {cut(e)}") from e
         finally:
             os.close(fd)
-
-    def _pick_cpus(self, cpus: float) -> str:
-        allowed = sorted(os.sched_getaffinity(0))
-        count = min(len(allowed), max(1, math.floor(cpus + 1e-9)))
-        with self._lock:
-            first = self._next_cpu
-            self._next_cpu = (first + count) % len(allowed)
-        return ",".join(str(allowed[(first + i) % len(allowed)]) for i in range(count))
 
 
 class _ProcessHandle:
@@ -479,11 +583,15 @@ class _ProcessHandle:
         self,
         spec: LaunchSpec,
         log_path: Path,
+        cgroup: TaskCgroup,
         net: TaskNetwork | None = None,
         net_binds: list[tuple[str, str]] | None = None,
     ) -> None:
         self.task_id: TaskId = spec.task_id
         self._spec = spec
+        self._cgroup = cgroup
+        self._capture: OutputCapture | None = None
+        self._mono_start = time.monotonic()
         self._net = net
         self._net_binds = net_binds or []
         self._block_w: int | None = None  # holds the command until attached
@@ -506,13 +614,12 @@ class _ProcessHandle:
         launcher: BubblewrapLauncher,
         settings: ProcessSettings,
         user: _TaskUser,
-        cpus: str,
     ) -> None:
         # The monitor thread owns the child: PR_SET_PDEATHSIG fires when the
         # *thread* that forked bwrap ends, so it must live as long as the task.
         thread = threading.Thread(
             target=self._run,
-            args=(launcher, settings, user, cpus),
+            args=(launcher, settings, user),
             name=f"femd-process-{self.task_id}",
             daemon=True,
         )
@@ -528,13 +635,13 @@ class _ProcessHandle:
         launcher: BubblewrapLauncher,
         settings: ProcessSettings,
         user: _TaskUser,
-        cpus: str,
     ) -> tuple[int, int, int]:
         self._log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         log_fd = os.open(self._log_path, flags, 0o600)
         log_r, log_w = os.pipe()
         status_r, status_w = os.pipe()
+        out_r, out_w = os.pipe()
         fds: list[int | None] = [launcher._seccomp_fd(), status_w, None, None]
         if settings.seccomp is not None:
             fds[2] = os.open(settings.seccomp, os.O_RDONLY | os.O_CLOEXEC)
@@ -543,13 +650,15 @@ class _ProcessHandle:
             block_r, self._block_w = os.pipe()
             fds[3], net = block_r, (self._net_binds, block_r)
         try:
+            spec = self._spec
+            argv = wrap_argv(list(spec.argv), spec.output_target)
             args = launcher._bwrap_args(
-                settings, self._spec, fds[0], list(self._spec.argv), status_w,
-                fds[2], net,
-            )  # fmt: skip
+                settings, spec, fds[0], argv, status_w, fds[2], net
+            )
+            prefix = launcher._prefix(settings, spec, user, self._cgroup)
             self._popen = subprocess.Popen(  # noqa: S603 (fixed tools, no shell)
-                launcher._prefix(settings, self._spec, cpus) + args,
-                stdin=subprocess.DEVNULL,
+                prefix + args,
+                stdin=out_w,  # the output stream (see capture)
                 stdout=log_w,
                 stderr=log_w,
                 pass_fds=tuple(fd for fd in fds if fd is not None),
@@ -557,20 +666,18 @@ class _ProcessHandle:
                 cwd="/",
                 umask=0o077,
                 process_group=0,
-                # SECURITY: tasks never run as root: setgroups([]), setgid and
-                # setuid happen in the child before exec (C code, thread-safe).
-                user=user.uid if user.switch else None,
-                group=user.gid if user.switch else None,
-                extra_groups=[] if user.switch else None,
             )
         except BaseException:
-            for fd in (log_fd, log_r, status_r):
+            for fd in (log_fd, log_r, status_r, out_r):
                 os.close(fd)
             raise
         finally:
-            for closing in (log_w, *fds):
+            for closing in (log_w, out_w, *fds):
                 if closing is not None:
                     os.close(closing)
+        self._capture = OutputCapture(
+            out_r, Path(self._spec.output_dir), self._spec.output_max_bytes
+        )
         return log_fd, log_r, status_r
 
     def _end_network(self) -> None:
@@ -594,17 +701,19 @@ class _ProcessHandle:
         launcher: BubblewrapLauncher,
         settings: ProcessSettings,
         user: _TaskUser,
-        cpus: str,
     ) -> None:
         try:
-            log_fd, log_r, status_r = self._spawn(launcher, settings, user, cpus)
+            log_fd, log_r, status_r = self._spawn(launcher, settings, user)
         except BaseException as e:  # noqa: BLE001 (handed to the launching thread)
+            self._cgroup.kill()
+            self._cgroup.remove()
             self._start_error = e
             self._end_network()
             self._started.set()
             return
         self._started_at = _now()
-        logger.info("process: task %s started (cpus %s)", self.task_id, cpus)
+        self._mono_start = time.monotonic()
+        logger.info("process: task %s started in %s", self.task_id, self._cgroup.name)
         self._started.set()
         try:
             self._outcome = self._monitor(log_fd, log_r, status_r)
@@ -623,8 +732,10 @@ class _ProcessHandle:
                 log_tail=self._tail.decode(errors="replace"),
                 reason=f"launcher error: {cut(e)}",
             )
+            self._cgroup.kill()
         finally:
             self._end_network()
+            self._cgroup.remove()
             for fd in (log_fd, log_r, status_r):
                 os.close(fd)
             with self._pidfd_lock:
@@ -643,6 +754,7 @@ class _ProcessHandle:
         sel.register(status_r, selectors.EVENT_READ)
         while sel.get_map():
             now = time.monotonic()
+            self._cgroup.sample()
             timed_out = timed_out or now >= deadline
             cancelled = self._cancel_at is not None and now >= self._cancel_at
             if (timed_out or cancelled) and not killed:
@@ -665,6 +777,13 @@ class _ProcessHandle:
                     written += self._log(log_fd, data, written)
         sel.close()
         self._popen.wait(timeout=10)
+        # SECURITY: nothing of the task outlives it (double-forked, setsid'd,
+        # or a sandbox stuck in bwrap's setup): the whole cgroup goes.
+        if not self._cgroup.kill():
+            logger.error("process: task %s: processes left in its cgroup", self.task_id)
+        assert self._capture is not None  # noqa: S101 (set by _spawn)
+        if not self._capture.join(30):
+            logger.error("process: task %s: output stream did not end", self.task_id)
         return self._result(status, timed_out)
 
     def _attach_network(self) -> None:
@@ -738,36 +857,54 @@ class _ProcessHandle:
                 os.close(fd)
 
     def _kill(self) -> None:
-        """Kill the whole sandbox: its PID 1 takes the namespace with it."""
-        with self._pidfd_lock:
-            if self._pidfd is not None:
-                with contextlib.suppress(OSError):
-                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        """Kill the whole task: every process of its cgroup, bwrap included."""
+        self._cgroup.kill()
         if self._popen is not None and self._popen.poll() is None:
             self._popen.kill()
 
     def _result(self, status: bytes, timed_out: bool) -> Outcome:
         assert self._popen is not None  # noqa: S101
+        assert self._capture is not None  # noqa: S101
         # bwrap writes "exit-code" only when the task ran; the code itself is
         # taken from bwrap's own exit status, which the task cannot forge.
         exited = any(b'"exit-code"' in line for line in status.splitlines())
         returncode = self._popen.returncode
         code = returncode if exited and returncode >= 0 else None
         tail = self._tail.decode(errors="replace")
-        timeout = self._spec.limits.timeout_s
+        limits, capture = self._spec.limits, self._capture
+        state, reason, rule = "failed", "", ""
         if timed_out:
-            state, reason = "timed_out", f"timeout of {timeout} s reached"
+            state, reason = "timed_out", f"timeout of {limits.timeout_s} s reached"
         elif self._cancel_at is not None:
             state, reason = "cancelled", "cancelled"
-        elif code == 0:
-            state, reason = "succeeded", ""
-        elif code is not None:
-            state, reason = "failed", f"exit code {code}"
+        elif self._cgroup.oom_killed():
+            reason = (
+                f"memory limit of {limits.memory_mb} MB reached: killed by the "
+                "kernel's OOM killer in the task's cgroup"
+            )
+        elif capture.full:
+            rule = "outputs.exceeded"
+            reason = (
+                f"outputs exceed the cap of {self._spec.output_max_bytes} bytes: "
+                "the output directory is full"
+            )
+        elif code is None:
+            reason = f"sandbox setup failed (bwrap exit {returncode})"
+        elif code == _STEP_FAILED and not capture.complete:
+            reason = "outputs not collected: the output step failed in the sandbox"
+        elif code != 0:
+            reason = f"exit code {code}"
             if 128 < code < 128 + signal.NSIG:
                 reason += f" (killed by {signal.Signals(code - 128).name})"
+        elif capture.error or not capture.complete:
+            reason = f"outputs not collected: {capture.error or 'stream incomplete'}"
         else:
-            state = "failed"
-            reason = f"sandbox setup failed (bwrap exit {returncode})"
+            state = "succeeded"
+        usage = msgspec.structs.replace(
+            self._cgroup.usage(),
+            output_bytes=capture.bytes,
+            wall_s=round(time.monotonic() - self._mono_start, 3),
+        )
         logger.info("process: task %s %s %s", self.task_id, state, reason)
         return Outcome(
             state=state,  # type: ignore[arg-type]
@@ -776,6 +913,8 @@ class _ProcessHandle:
             finished_at=_now(),
             log_tail=tail,
             reason=reason,
+            rule=rule,
+            usage=usage,
         )
 
     # -- Handle ----------------------------------------------------------------

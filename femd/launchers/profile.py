@@ -1,13 +1,14 @@
 """Launcher profiles: the sysadmin-owned, declarative settings of each back-end.
 
-Owns the ``LauncherProfile`` document (``launchers/<name>.yaml``), its two
+Owns the ``LauncherProfile`` document (``launchers/<name>.yaml``), its
 settings sections (``ProcessSettings`` for bubblewrap, ``PodmanSettings`` for
-rootless Podman) and ``load_profile()`` / ``load_profiles()``, which validate a
-profile as strictly as the policy: duplicate YAML keys, unknown fields and wrong
-types are refused with ``file:line: field: message``.
+rootless Podman, ``SlurmSettings`` for Slurm batch jobs) and ``load_profile()``
+/ ``load_profiles()``, which validate a profile as strictly as the policy:
+duplicate YAML keys, unknown fields and wrong types are refused with
+``file:line: field: message``.
 
-Does not run anything (the back-ends in ``process`` and ``podman`` do) and does
-not decide whether a task may use a profile (the policy does). DESIGN
+Does not run anything (the back-ends in ``process``, ``podman`` and ``slurm``
+do) and does not decide whether a task may use a profile (the policy does). DESIGN
 "Launchers": site-owned settings come from here, never from the task; a task can
 only name a profile.
 """
@@ -32,6 +33,7 @@ __all__ = [
     "NetworkSettings",
     "PodmanSettings",
     "ProcessSettings",
+    "SlurmSettings",
     "load_profile",
     "load_profiles",
 ]
@@ -106,6 +108,46 @@ class PodmanSettings(Strict, frozen=True, kw_only=True):
     """Additional `--security-opt` values (e.g. an AppArmor profile)."""
 
 
+SlurmName = Annotated[
+    str,
+    Meta(
+        pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63})$(?!\n)",
+        description="A Slurm partition, account or QOS name.",
+    ),
+]
+
+
+class SlurmSettings(Strict, frozen=True, kw_only=True):
+    """How the `slurm` launcher hands a task to the site's Slurm as a batch job.
+
+    The job runs the task on a compute node in the same bubblewrap sandbox as
+    the `process` launcher (`sandbox`); Slurm's cgroups enforce memory and
+    cpus, its time limit backs femd's own timeout.
+    """
+
+    stage_dir: AbsPath
+    """A directory on the cluster's shared filesystem, at the same path on this
+    host and on every compute node: each task gets a subdirectory holding its
+    job script, inputs, code and output directory while it runs."""
+    shared: tuple[AbsPath, ...] = ()
+    """Host paths the compute nodes see at the same place (e.g. `/gpfs/data`):
+    inputs under them are bound in place; other inputs are copied to
+    `stage_dir`."""
+    partition: SlurmName | None = None
+    """`--partition` of every job; the cluster's default when absent."""
+    account: SlurmName | None = None
+    """`--account` of every job; the user's default when absent."""
+    qos: SlurmName | None = None
+    """`--qos` of every job."""
+    slurm_conf: AbsPath | None = None
+    """`SLURM_CONF` for the client commands; the system's when absent."""
+    poll_s: Annotated[float, Meta(ge=0.1, le=60)] = 1.0
+    """How often a running job's state is asked of Slurm."""
+    sandbox: ProcessSettings = msgspec.field(default_factory=ProcessSettings)
+    """The bubblewrap sandbox on the compute node (`run_as`: the job's user
+    when femd runs as root)."""
+
+
 _Address = Annotated[
     str, Meta(min_length=2, max_length=64, pattern=r"^[0-9a-fA-F.:]+$(?!\n)")
 ]
@@ -144,6 +186,7 @@ class LauncherProfile(Strict, frozen=True, kw_only=True):
     description: str = ""
     process: ProcessSettings | None = None
     podman: PodmanSettings | None = None
+    slurm: SlurmSettings | None = None
     network: NetworkSettings = msgspec.field(default_factory=NetworkSettings)
 
 

@@ -25,10 +25,10 @@ orchestrator received, and no task started twice (counter).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -52,8 +52,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from femd.envelope import encode_envelope, sign  # noqa: E402
+from femd.errors import FemdError  # noqa: E402
 from femd.keys import load_private_key, write_keypair  # noqa: E402
 from femd.orchestrator import EVENTS_QUEUE, RESULTS_QUEUE  # noqa: E402
+from femd.tree import remove_tree  # noqa: E402
 from testbed import Vhost  # noqa: E402
 from tests.integration.sandbox_support import ensure_task_user  # noqa: E402
 
@@ -77,6 +79,7 @@ TASK_USER = "femd-agent-test"
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 TERMINAL = frozenset({"rejected", "succeeded", "failed", "timed_out", "cancelled"})
 FLOW = ("received", "staging", "running", "uploading")
+_LEVELS = {"2": "CRITICAL", "3": "ERROR", "4": "WARNING", "6": "INFO", "7": "DEBUG"}
 
 
 def wait_for(
@@ -314,6 +317,18 @@ def check_runs(
     started twice, every succeeded task started once, *never_started* never.
     """
     ends: dict[str, str] = {}
+    tasks = list(tasks)
+    # A task's egress is forwarded by a helper: its connection to the counter
+    # may close (and be counted) a moment after the task's terminal event.
+    wait_for(
+        "every succeeded task to be counted",
+        lambda: all(
+            counter.count(t) >= 1
+            for t in tasks
+            if (collector.terminal(t) or {}).get("state") == "succeeded"
+        ),
+        15,
+    )
     counts = counter.counts()
     for t in tasks:
         states = collector.states(t)
@@ -402,8 +417,25 @@ class AgentProc:
         return self.log_path.read_text(errors="replace")
 
     def log_lines(self) -> list[str]:
-        """The agent's diagnostic lines (``femd: LEVEL: ...``), not audit JSON."""
-        return [line for line in self.log().splitlines() if line.startswith("femd:")]
+        """The agent's diagnostic lines as ``femd: LEVEL: ...``, not audit entries.
+
+        Outside systemd the agent writes its diagnostics as JSON lines beside
+        the audit entries (those have a ``MESSAGE_ID``); start-up errors are
+        plain ``femd: error: ...`` lines.
+        """
+        lines = []
+        for line in self.log().splitlines():
+            if line.startswith("femd:"):
+                lines.append(line)
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "MESSAGE_ID" not in record:
+                level = _LEVELS.get(record.get("PRIORITY", ""), "INFO")
+                lines.append(f"femd: {level}: {record.get('MESSAGE', '')}")
+        return lines
 
     def terminate(self, timeout_s: float = 60) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -483,7 +515,7 @@ class NodeEnv:
 
     # -- files ------------------------------------------------------------------
 
-    def write_policy(self, *, pids: int = 64) -> None:
+    def write_policy(self, *, pids: int = 64, memory_mb: int = 256) -> None:
         """The policy: project ``demo`` signed by ``orch``, egress to the counter.
 
         *pids* is the project's maximum, which tasks get (RLIMIT_NPROC of the
@@ -501,7 +533,7 @@ class NodeEnv:
                     "launchers": ["process"],
                     "max_resources": {
                         "cpus": 1,
-                        "memory_mb": 256,
+                        "memory_mb": memory_mb,
                         "timeout_s": 120,
                         "pids": pids,
                     },
@@ -634,7 +666,8 @@ class NodeEnv:
         if self.collector is not None:
             self.collector.close()
         self.counter.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        with contextlib.suppress(FemdError):
+            remove_tree(self.root)  # tasks may leave trees shutil cannot remove
 
     def diagnostics(self) -> str:
         """The tail of every agent's log, for a failing test's report."""

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -187,10 +188,13 @@ class Sandbox:
         log_max_bytes: int = 1 << 20,
         workdir: str | None = None,
         task_id: str | None = None,
+        output_max_bytes: int = 1 << 20,
     ) -> LaunchSpec:
         self._count += 1
+        # Unique: a task's cgroup is named after its id, and other test runs
+        # on this host create theirs beside it.
         return LaunchSpec(
-            task_id=task_id or f"task-{self._count}",
+            task_id=task_id or f"task-{self._count}-{uuid.uuid4().hex[:12]}",
             launcher="process",
             profile=self.profile,
             argv=argv or ("/bin/sh", "-c", textwrap.dedent(script)),
@@ -205,6 +209,7 @@ class Sandbox:
             listen=listen,
             ingress_peers=ingress_peers,
             log_max_bytes=log_max_bytes,
+            output_max_bytes=output_max_bytes,
         )
 
     def run_unprivileged(

@@ -179,6 +179,11 @@ def test_node_cannot_publish_events_for_another_node(broker_vhost):
             ("femd.results", "fdn-02.x"),
             ("femd.nodes", "fdn-02.status"),
             ("femd.logs", "fdn-02.x"),
+            # Keys of its own prefix but another shape (a node "fdn-01.x"'s).
+            ("femd.events", "fdn-01.x.t.running"),
+            ("femd.results", "fdn-01.x.t"),
+            ("femd.nodes", "fdn-01.x.status"),
+            ("femd.logs", "fdn-01.x.t"),
         ):
             channel = confirmed_channel(connection)
             with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:

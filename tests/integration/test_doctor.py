@@ -34,8 +34,13 @@ def test_doctor_reports_each_launcher_and_what_it_enforces(tmp_path):
     p = _doctor("--podman-socket", f"unix://{tmp_path}/absent.sock")
     assert p.returncode == 1, p.stderr  # a launcher failed
     assert "ok    process (profile default): a trivial task ran" in p.stdout
-    assert "enforces: memory yes, cpus yes (min 1), pids yes" in p.stdout
+    assert "enforces: memory yes, cpus yes (min 0.01), pids yes" in p.stdout
     assert "egress yes, ingress yes" in p.stdout  # forwarded by femd
+    # This CI host: cgroup v1, femd as root. Never a per-process cap as memory.
+    assert "  memory limit: cgroup v1\n" in p.stdout
+    assert "  pids limit: cgroup v1\n" in p.stdout
+    assert "  cpus limit: cgroup v1\n" in p.stdout
+    assert "RLIMIT_AS" not in p.stdout
     # A podman service that is not there is named, not a crash.
     assert "FAIL  podman (profile default): UNAVAILABLE" in p.stdout
     assert "absent.sock" in p.stdout

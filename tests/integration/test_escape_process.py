@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import shlex
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,14 @@ from tests.integration.sandbox_support import (  # noqa: E402
 pytestmark = pytest.mark.bwrap
 
 CONTAINED = 42
+IO_URING = """\
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+params = ctypes.create_string_buffer(120)
+fd = libc.syscall(425, 8, params)  # io_uring_setup: 425 on x86_64 and aarch64
+print("io_uring_setup", fd, ctypes.get_errno())
+sys.exit(0 if fd >= 0 else 1)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -214,9 +223,14 @@ def test_running_past_the_timeout_is_timed_out(box: Sandbox):
     assert not (out / "late").exists()
 
 
-def test_cpu_affinity_cannot_be_widened(box: Sandbox):
-    attempt(box, "taskset -p -c 0-1023 $$ >/dev/null 2>&1", cpus=1)
-    attempt(box, "busybox taskset -p 0xffffffff $$ >/dev/null 2>&1", cpus=1)
+def test_io_uring_is_refused(box: Sandbox):
+    # io_uring's requests would bypass the seccomp filter: no ring at all.
+    attempt(box, f"python3 -c {shlex.quote(IO_URING)}")
+
+
+def test_own_cgroup_cannot_be_left(box: Sandbox):
+    # /sys is not in the sandbox: no cgroup file to write oneself out with.
+    attempt(box, "echo $$ > /sys/fs/cgroup/pids/cgroup.procs 2>/dev/null")
 
 
 def test_setuid_root_binary_gives_no_privilege(box: Sandbox):
@@ -311,12 +325,12 @@ def test_output_symlink_to_etc_passwd_writes_nothing_outside(box: Sandbox):
         "ln /data/cohort.csv /out/hard 2>/dev/null; exit 0",
         mounts=mount,
     )
-    assert outcome.state == "succeeded", outcome
+    # The output tmpfs is streamed out; a symlink in it is never recreated on
+    # the host (femd writes there), and the task fails saying why.
+    assert outcome.state == "failed", outcome
+    assert "symlink" in outcome.reason
     assert sha256(Path("/etc/passwd")) == before
-    assert (out / "link").is_symlink()
-    assert str((out / "link").readlink()) == "/etc/passwd"
-    assert not (out / "hard").exists()  # no hard link across mounts (EXDEV)
-    assert sorted(p.name for p in out.iterdir()) == ["link"]
+    assert list(out.iterdir()) == []
 
 
 def test_log_flood_is_bounded_on_disk(box: Sandbox):

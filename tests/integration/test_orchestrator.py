@@ -279,10 +279,13 @@ def _stages(task: str, env: NodeEnv) -> str:
 def test_one_gib_output_with_bounded_memory(node_env: NodeEnv) -> None:
     env = node_env
     env.write_config(result_chunk_bytes=1024 * 1024)
+    # The process launcher's output dir is a tmpfs charged to the task's
+    # memory: 1 GiB of outputs needs more than 1 GiB of memory_mb.
+    env.write_policy(memory_mb=1400)
     manifest = env.manifest(
         "gib",
         ["/usr/bin/python3", "-c", GIB_WRITER, "/out/blob.bin"],
-        resources={"timeout_s": 110},
+        resources={"timeout_s": 110, "memory_mb": 1400},
     )
     agent = env.start_agent()
     began = time.monotonic()

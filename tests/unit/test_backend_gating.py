@@ -34,7 +34,7 @@ def _pytest(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_marked.py").write_text(MARKED)
     (tmp_path / "pytest.ini").write_text(
         "[pytest]\naddopts = --strict-markers -p no:cacheprovider\n"
-        "markers =\n  rabbitmq\n  podman\n  bwrap\n  systemd\n"
+        "markers =\n  rabbitmq\n  podman\n  bwrap\n  systemd\n  slurm\n"
     )
     empty = tmp_path / "bin"
     empty.mkdir()
@@ -74,8 +74,11 @@ def test_required_backend_fails(tmp_path):
         ({"FEMD_TEST_REQUIRE": ""}, set()),
         ({"FEMD_TEST_REQUIRE": "podman"}, {"podman"}),
         ({"FEMD_TEST_REQUIRE": " bwrap, rabbitmq ,"}, {"bwrap", "rabbitmq"}),
-        ({"FEMD_TEST_REQUIRE": "all"}, {"rabbitmq", "podman", "bwrap", "systemd"}),
-        ({"CI": "true"}, {"rabbitmq", "podman", "bwrap", "systemd"}),
+        (
+            {"FEMD_TEST_REQUIRE": "all"},
+            {"rabbitmq", "podman", "bwrap", "systemd", "slurm"},
+        ),
+        ({"CI": "true"}, {"rabbitmq", "podman", "bwrap", "systemd", "slurm"}),
         ({"CI": "false", "FEMD_TEST_REQUIRE": "systemd"}, {"systemd"}),
     ],
     ids=["none", "empty", "one", "list", "all", "ci", "ci-false"],

@@ -74,7 +74,9 @@ def test_a_watch_that_must_connect_with_unusable_tls_files_says_so(
     assert code == 2
     assert out == ""
     (line,) = err.strip().splitlines()
-    assert line.startswith("femd: error: broker TLS files: ")
+    # Each TLS file problem names that file (issue 17).
+    assert line.startswith("femd: error: broker ca "), line
+    assert "ca.pem: cannot read: No such file" in line, line
 
 
 def test_tasks_and_nodes_from_the_inbox(tmp_path, config, capsys):

@@ -162,6 +162,10 @@ BAD = {
         {"launcher": "process", "image": None, "command": []},
         r"`command` is required",
     ),
+    "slurm-without-command": (
+        {"launcher": "slurm", "image": None, "command": []},
+        r"`command` is required when `launcher` is `slurm`",
+    ),
     "image-with-space": ({"image": "reg/x y@sha256:" + "a" * 64}, r"image: "),
     "commit-branch": (
         {"source": {"commit": "main"}},

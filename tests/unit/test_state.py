@@ -347,12 +347,34 @@ def test_wal_mode_and_private_file(db_path: Path, state: State) -> None:
     raw = sqlite3.connect(db_path)
     try:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
     finally:
         raw.close()
     assert db_path.stat().st_mode & 0o077 == 0
     # synchronous is per connection: FULL (2) on the one the acks depend on.
     assert state._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def test_usage_is_stored_sent_and_a_schema_1_file_is_migrated(db_path: Path) -> None:
+    st = State(db_path)
+    record(st, "t1")
+    st.close()
+    # What a schema-1 agent left: no usage column, user_version 1.
+    raw = sqlite3.connect(db_path)
+    raw.execute("ALTER TABLE tasks DROP COLUMN usage")
+    raw.execute("PRAGMA user_version = 1")
+    raw.commit()
+    raw.close()
+    st = State(db_path)
+    try:
+        assert st.get("t1").usage is None
+        used = {"cpu_s": 1.5, "memory_peak_bytes": 1024, "wall_s": 2.0}
+        seq = st.transition("t1", "failed", node=NODE, at=T0, usage=used)
+        assert st.get("t1").usage == used
+        event = next(e for e in st.pending_events() if e.seq == seq)
+        assert json.loads(event.body)["usage"] == used
+    finally:
+        st.close()
 
 
 def test_committed_data_survives_a_crash(db_path: Path) -> None:
@@ -465,7 +487,7 @@ def test_unsupported_schema_version(db_path: Path) -> None:
     raw = sqlite3.connect(db_path)
     raw.execute("PRAGMA user_version = 9")
     raw.close()
-    with pytest.raises(StateError, match=r"got 9, expected 1"):
+    with pytest.raises(StateError, match=r"got 9, expected 2"):
         State(db_path)
 
 

@@ -239,7 +239,7 @@ def test_start_passes_femd_errors_through(error):
 
 
 def test_registry_is_closed_and_read_only():
-    assert set(LAUNCHERS) == {"podman", "process"}
+    assert set(LAUNCHERS) == {"podman", "process", "slurm"}
     with pytest.raises(TypeError):
         LAUNCHERS["evil"] = LAUNCHERS["process"]  # type: ignore[index]
 

@@ -1,0 +1,122 @@
+"""The host side of the output stream: hostile tar streams change nothing.
+
+What a sandbox sends is task output (a task can forge it): only regular files
+and directories are made, below the output dir, within the byte cap.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from femd.launchers.capture import OutputCapture, tmpfs_bytes, wrap_argv
+
+
+def stream(*members: tuple[tarfile.TarInfo, bytes], free: str = "12") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return f"{free}\n".encode() + buf.getvalue()
+
+
+def entry(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE) -> tuple:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+        info.linkname = "/etc/passwd"
+    return info, data
+
+
+def capture(tmp_path: Path, data: bytes, max_bytes: int = 1 << 20) -> OutputCapture:
+    dest = tmp_path / "out"
+    dest.mkdir()
+    r, w = os.pipe()
+    got = OutputCapture(r, dest, max_bytes)
+
+    def feed() -> None:
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    assert got.join(10)
+    writer.join()
+    return got
+
+
+def test_files_and_dirs_are_extracted_and_counted(tmp_path: Path):
+    got = capture(
+        tmp_path,
+        stream(
+            entry("./", kind=tarfile.DIRTYPE),
+            entry("./d", kind=tarfile.DIRTYPE),
+            entry("./d/model.txt", b"weights"),
+            entry("./r", b"x"),
+        ),
+    )
+    assert (got.complete, got.full, got.error, got.bytes) == (True, False, "", 8)
+    assert (tmp_path / "out" / "d" / "model.txt").read_bytes() == b"weights"
+    assert (tmp_path / "out" / "r").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_full_tmpfs_is_reported(tmp_path: Path):
+    got = capture(tmp_path, stream(entry("./a", b"x"), free="0"))
+    assert got.full
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "why"),
+    [
+        ("./link", tarfile.SYMTYPE, "is a symlink"),
+        ("./hard", tarfile.LNKTYPE, "not a regular file"),
+        ("./fifo", tarfile.FIFOTYPE, "not a regular file"),
+        ("../escape", tarfile.REGTYPE, "unsafe name"),
+        ("/etc/evil", tarfile.REGTYPE, "unsafe name"),
+        ("./a/../../escape", tarfile.REGTYPE, "unsafe name"),
+    ],
+    ids=["symlink", "hardlink", "fifo", "dotdot", "absolute", "inner-dotdot"],
+)
+def test_hostile_members_make_nothing(tmp_path: Path, name: str, kind: bytes, why):
+    got = capture(tmp_path, stream(entry(name, b"", kind), entry("./after", b"x")))
+    assert why in got.error
+    assert not got.complete
+    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "escape").exists()
+
+
+def test_more_than_the_cap_is_cut_and_reported(tmp_path: Path):
+    got = capture(tmp_path, stream(entry("./big", b"x" * 5000)), max_bytes=4096)
+    assert got.full
+    assert "exceed the cap of 4096" in got.error
+    assert not (tmp_path / "out" / "big").exists()
+
+
+def test_garbage_is_an_error_not_a_crash(tmp_path: Path):
+    got = capture(tmp_path, b"7\n" + b"\xff" * 3000)
+    assert not got.complete
+    assert got.error
+
+
+def test_nothing_sent_is_incomplete(tmp_path: Path):
+    nothing = capture(tmp_path, b"")
+    assert (nothing.complete, nothing.full, nothing.error) == (False, False, "")
+
+
+def test_tmpfs_size_is_whole_pages_never_zero():
+    # tmpfs size=0 would mean "no limit".
+    assert tmpfs_bytes(0) == 4096
+    assert tmpfs_bytes(1) == 4096
+    assert tmpfs_bytes(4097) == 8192
+
+
+def test_wrapped_command_keeps_argv_intact():
+    argv = wrap_argv(["python", "-c", "print('a b')"], "/out")
+    assert argv[:2] == ["/bin/sh", "-c"]
+    assert argv[3:] == ["femd-output", "/out", "python", "-c", "print('a b')"]
