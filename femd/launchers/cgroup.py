@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import signal
 import time
@@ -36,7 +37,7 @@ from femd.errors import cut
 from femd.launchers import Usage
 from femd.model import TaskId
 
-__all__ = ["CgroupHost", "CgroupLimits", "TaskCgroup", "detect"]
+__all__ = ["CgroupHost", "CgroupLimits", "TaskCgroup", "detect", "scope_of"]
 
 AGENT_LEAF: Final = "femd-agent"
 _PREFIX: Final = "femd-task-"
@@ -191,6 +192,16 @@ def _detect_v1(fs_root: Path, own: Mapping[str, str]) -> CgroupHost:
     return CgroupHost(kind="v1", dirs=tuple(dirs))
 
 
+def scope_of(state_dir: Path) -> str:
+    """A short, stable tag of one agent: its state directory's path, hashed.
+
+    Agents started from one shell (the demo, the tests) share a parent cgroup;
+    their task cgroups carry this tag so the same task id on two nodes of one
+    host gets two cgroups. It survives restarts (recovery finds the cgroups).
+    """
+    return hashlib.sha256(os.fsencode(os.path.abspath(state_dir))).hexdigest()[:8]
+
+
 class TaskCgroup:
     """One task's cgroup (v2: one directory; v1: one per hierarchy)."""
 
@@ -204,9 +215,13 @@ class TaskCgroup:
         self._pids_peak = 0
 
     @classmethod
-    def of_task(cls, host: CgroupHost, task_id: TaskId) -> TaskCgroup:
-        """The cgroup a task of this id runs (or ran) in."""
-        return cls(host, _PREFIX + task_id)
+    def of_task(cls, host: CgroupHost, task_id: TaskId, scope: str = "") -> TaskCgroup:
+        """The cgroup a task of this id runs (or ran) in.
+
+        *scope* (see ``scope_of``) keeps two agents on one host apart: the same
+        task id sent to two nodes must never share, or kill, one cgroup.
+        """
+        return cls(host, _PREFIX + (f"{scope}-" if scope else "") + task_id)
 
     def _dir(self, controller: str) -> Path:
         return self.dirs[""] if self.host.kind == "v2" else self.dirs[controller]

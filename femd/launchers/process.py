@@ -59,7 +59,13 @@ import msgspec
 from femd.errors import LaunchError, LauncherUnavailableError, UnenforceableError, cut
 from femd.launchers import Capabilities, LaunchSpec, Outcome, unenforceable
 from femd.launchers.capture import OutputCapture, tmpfs_bytes, wrap_argv
-from femd.launchers.cgroup import CgroupHost, CgroupLimits, TaskCgroup, detect
+from femd.launchers.cgroup import (
+    CgroupHost,
+    CgroupLimits,
+    TaskCgroup,
+    detect,
+    scope_of,
+)
 from femd.launchers.netns import probe_join
 from femd.launchers.network import TaskNetwork
 from femd.launchers.profile import LauncherProfile, ProcessSettings
@@ -193,6 +199,7 @@ class BubblewrapLauncher:
         self._log_dir = state_dir / "launchers" / "process"
         self._caps: Capabilities | None = None
         self._cgroups: CgroupHost | None = None
+        self._scope = scope_of(state_dir)
 
     # -- probe ---------------------------------------------------------------
 
@@ -451,7 +458,7 @@ class BubblewrapLauncher:
         host = self._cgroups if self._cgroups is not None else detect()
         if host.kind == "none":
             return
-        cgroup = TaskCgroup.of_task(host, task_id)
+        cgroup = TaskCgroup.of_task(host, task_id, self._scope)
         if not cgroup.exists():
             return
         left = len(cgroup.pids())
@@ -505,7 +512,7 @@ class BubblewrapLauncher:
             raise UnenforceableError(
                 f"task {spec.task_id}: no per-task cgroup on this host"
             )
-        cgroup = TaskCgroup.of_task(self._cgroups, spec.task_id)
+        cgroup = TaskCgroup.of_task(self._cgroups, spec.task_id, self._scope)
         if cgroup.exists():  # left by a launch the agent did not see through
             cgroup.kill()
             cgroup.remove()

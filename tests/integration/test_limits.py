@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from femd.launchers import start  # noqa: E402
-from femd.launchers.cgroup import TaskCgroup, detect  # noqa: E402
+from femd.launchers.cgroup import TaskCgroup, detect, scope_of  # noqa: E402
 from tests.integration.agent_support import (  # noqa: E402
     TASK_USER,
     NodeEnv,
@@ -87,7 +87,9 @@ def test_memory_past_the_limit_is_killed_in_its_cgroup(box: Sandbox, kind: str):
     spec = box.spec(
         "", argv=("python3", "-c", HOLD[kind] + "\nprint('HELD')"), memory_mb=LIMIT_MB
     )
-    usage_file = TaskCgroup.of_task(detect(), spec.task_id).dirs["memory"]
+    usage_file = TaskCgroup.of_task(
+        detect(), spec.task_id, scope_of(box.state_dir)
+    ).dirs["memory"]
     base_shmem = _shmem()
     peaks = {"task": 0, "shmem": 0}
     stop = threading.Event()
@@ -139,7 +141,10 @@ def test_fork_bomb_in_one_task_does_not_starve_another(box: Sandbox):
     # Same task user for both: RLIMIT_NPROC (the old pids limit) was shared.
     bomb = box.spec("", argv=("python3", "-c", BOMB), pids=16, timeout_s=8)
     bombing = start(box.launcher, bomb)
-    pids = TaskCgroup.of_task(detect(), bomb.task_id).dirs["pids"] / "pids.current"
+    pids = (
+        TaskCgroup.of_task(detect(), bomb.task_id, scope_of(box.state_dir)).dirs["pids"]
+        / "pids.current"
+    )
     wait_for("the bomb to reach its limit", lambda: int(pids.read_text()) >= 16, 10)
     outcome, _ = box.run(
         "n=0; while [ $n -lt 40 ]; do /bin/true || exit 9; n=$((n+1)); done; "
@@ -164,7 +169,7 @@ def test_timeout_kills_every_process_even_double_forked_setsid(box: Sandbox):
         f"sh -c 'trap \"\" TERM HUP; exec -a {mark} sleep 302' & sleep 300"
     )
     spec = box.spec(script, timeout_s=2)
-    cgroup = TaskCgroup.of_task(detect(), spec.task_id)
+    cgroup = TaskCgroup.of_task(detect(), spec.task_id, scope_of(box.state_dir))
     handle = start(box.launcher, spec)
     outcome = handle.wait(40)
     assert outcome is not None
@@ -269,10 +274,11 @@ def test_sigkill_while_tasks_launch_and_run_leaves_nothing(node_env: NodeEnv) ->
     wait_for("two tasks running", lambda: len(env.counter.counts()) >= 2, 30)
     uid = pwd.getpwnam(TASK_USER).pw_uid
     host = detect()
+    scope = scope_of(env.state_dir)
     victim = next(t for t in victims if env.counter.count(t))
     # What a sandbox stuck in bwrap's setup handshake is, once its agent is
     # gone: a process of the task user in the task's cgroup, parent not femd.
-    procs = " ".join(TaskCgroup.of_task(host, victim).procs_files())
+    procs = " ".join(TaskCgroup.of_task(host, victim, scope).procs_files())
     stuck = subprocess.Popen(  # noqa: S603 (fixed tools)
         ["/bin/sh", "-c", f'for f in {procs}; do echo $$ > "$f"; done; '
          f"exec setpriv --reuid={uid} --regid={uid} --clear-groups sleep 300"],
@@ -280,7 +286,7 @@ def test_sigkill_while_tasks_launch_and_run_leaves_nothing(node_env: NodeEnv) ->
     )  # fmt: skip
     wait_for(
         "the stuck process in the task's cgroup",
-        lambda: stuck.pid in TaskCgroup.of_task(host, victim).pids(),
+        lambda: stuck.pid in TaskCgroup.of_task(host, victim, scope).pids(),
         10,
     )
     agent.kill()
@@ -291,4 +297,4 @@ def test_sigkill_while_tasks_launch_and_run_leaves_nothing(node_env: NodeEnv) ->
     assert stuck.wait(20) == -9  # killed with its task's cgroup
     wait_for("no process of the task user", lambda: not task_processes(uid), 20)
     for t in everything:
-        assert not TaskCgroup.of_task(host, t).exists(), t
+        assert not TaskCgroup.of_task(host, t, scope).exists(), t

@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:
 
 from femd.errors import LaunchError, UnenforceableError  # noqa: E402
 from femd.launchers import LAUNCHERS, Mount, start  # noqa: E402
+from femd.launchers.cgroup import scope_of  # noqa: E402
 from tests.integration.sandbox_support import (  # noqa: E402
     Sandbox,
     profile,
@@ -179,7 +180,9 @@ def test_concurrent_tasks_are_isolated_each_in_its_own_cgroup(box: Sandbox):
     for spec in specs:
         assert (Path(spec.output_dir) / "r").read_text() == "done\n"
     groups = {o.log_tail.split()[0] for o in outcomes if o}
-    assert groups == {f"8:pids:/femd-task-{s.task_id}" for s in specs}
+    assert groups == {
+        f"8:pids:/femd-task-{scope_of(box.state_dir)}-{s.task_id}" for s in specs
+    }
 
 
 def test_timeout_kills_the_sandbox(box: Sandbox):

@@ -59,6 +59,7 @@ from nspawn_support import (
 from femd.audit import Event
 from femd.envelope import encode_envelope, sign
 from femd.keys import load_private_key, write_keypair
+from femd.launchers.cgroup import scope_of
 from testbed.pki import make_ca
 
 pytestmark = [pytest.mark.systemd, pytest.mark.rabbitmq, pytest.mark.bwrap]
@@ -472,7 +473,8 @@ def test_signed_task_runs_succeeds_and_is_audited(node: Node) -> None:
     assert out["rows"] == "3"
     # The sandbox under the hardened unit: its own cgroup in femd.service's
     # delegated subtree, loopback only.
-    assert out["cgroup"] == f"/system.slice/{UNIT}/femd-task-{task_id}", out
+    scope = scope_of(Path("/var/lib/femd"))
+    assert out["cgroup"] == f"/system.slice/{UNIT}/femd-task-{scope}-{task_id}", out
     assert out["netdevs"] == "1"
     assert final["usage"]["memory_peak_bytes"] > 0
 
