@@ -208,6 +208,11 @@ def audit_events(box: Container, task_id: str) -> dict[str, dict[str, Any]]:
     return found
 
 
+def _written_at(entry: dict[str, Any]) -> int:
+    """When an entry was written (µs): the sender's own time where it gave one."""
+    return int(entry.get("_SOURCE_REALTIME_TIMESTAMP") or entry["__REALTIME_TIMESTAMP"])
+
+
 def _iso(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -414,8 +419,14 @@ def test_enable_now_is_active_after_ready(node: Node) -> None:
     # READY came after the broker connection and the policy (DESIGN "systemd").
     lines = [line.split(": ", 1)[-1] for line in text.splitlines()]
     assert "femd: INFO: launcher default/process: available" in lines, text
-    ready = next(i for i, line in enumerate(lines) if line.startswith(READY_LOG))
-    assert lines.index("broker connected") < ready, text
+    # journalctl interleaves the stderr stream and native entries by arrival,
+    # not by when they were written: compare the times the entries carry.
+    entries = femd_entries(box)
+    [ready] = [e for e in entries if str(e.get("MESSAGE", "")).startswith(READY_LOG)]
+    [connected] = [
+        e for e in entries if e.get("MESSAGE_ID") == Event.BROKER_CONNECTED.value
+    ]
+    assert _written_at(connected) < _written_at(ready), text
     [loaded] = femd_entries(box, MESSAGE_ID=Event.POLICY_LOADED.value)
     assert loaded["FEMD_NODE"] == NODE
     assert re.fullmatch(r"[0-9a-f]{64}", loaded["FEMD_POLICY_SHA256"])
