@@ -13,6 +13,8 @@ scripts are exercised inside a container that boots a real systemd:
    ``systemd-nspawn --boot --register=no --keep-unit --private-network`` in the
    background with the console in a log file, finds the container's PID 1 and
    waits for ``systemctl is-system-running --wait``.
+   On a cgroup v1 host, ``boot(..., writable_cgroup_v1=True)`` then makes the
+   container's v1 controller mounts writable (see ``Container.boot``).
 3. Commands run inside with ``nsenter -t <pid 1> -a`` (``exec``), files go in as
    a tar stream (``copy_in``), the journal comes back as JSON (``journal``),
    and ``poweroff()`` stops the container and removes every trace.
@@ -57,6 +59,7 @@ __all__ = [
     "available",
     "cache_dir",
     "ensure_rootfs",
+    "host_is_cgroup_v1",
 ]
 
 SUITE = "bookworm"
@@ -102,6 +105,10 @@ _ENV = {
 }
 
 
+# The v1 controllers femd puts a task's cgroup in (femd.launchers.cgroup).
+_V1_CONTROLLERS = frozenset({"memory", "pids", "cpu", "cpuacct", "freezer", "blkio"})
+
+
 class BootError(RuntimeError):
     """The container could not be built, booted or reached."""
 
@@ -114,6 +121,11 @@ def available() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     return None
+
+
+def host_is_cgroup_v1(fs_root: Path = Path("/sys/fs/cgroup")) -> bool:
+    """True when this host mounts the cgroup v1 memory controller (legacy/hybrid)."""
+    return (fs_root / "memory" / "cgroup.procs").is_file()
 
 
 def cache_dir() -> Path:
@@ -313,11 +325,27 @@ class Container:
         api_vfs_writable: bool = True,
         timeout_s: float = 120.0,
         extra_args: Sequence[str] = (),
+        writable_cgroup_v1: bool = False,
     ) -> Container:
         """Boot a container on a throw-away layer over *rootfs*.
 
+        *writable_cgroup_v1*: on a cgroup v1 host, systemd-nspawn mounts the
+        v1 controller hierarchies read-only in the container, so nothing in it
+        can create a cgroup (femd as root refuses every process task there, as
+        on any host where it cannot). With this option, once the container is
+        up, the host (as host root, in the container's mount namespace only:
+        no user namespace, so with the host's capabilities) remounts the
+        container's memory, pids, cpu, cpuacct, freezer and blkio mounts
+        read-write, as a bare v1 machine has them. Each mount keeps its root
+        (nspawn's cgroup namespace root, i.e. the cgroup the container runs
+        in), so the paths in the container's ``/proc/self/cgroup`` resolve
+        under them and task cgroups land below the container's own cgroup.
+        Off by default: other system tests prove femd under a container that
+        cannot make cgroups. Ignored on a cgroup v2 host.
+
         Raises:
-            BootError: the container did not reach a running state in time.
+            BootError: the container did not reach a running state in time, or
+                its cgroup v1 mounts could not be made writable.
         """
         workdir = Path(tempfile.mkdtemp(prefix="femd-nspawn-"))
         root = _mount_overlay(rootfs, workdir)
@@ -354,6 +382,8 @@ class Container:
         box = cls(root, workdir, proc)
         try:
             box._wait_booted(timeout_s)
+            if writable_cgroup_v1 and host_is_cgroup_v1():
+                box._make_cgroup_v1_writable()
         except BaseException:
             box.poweroff()
             raise
@@ -384,6 +414,31 @@ class Container:
             if state in ("maintenance", "stopping"):
                 raise BootError(f"system is {state}:\n{self.console_tail()}")
             time.sleep(0.2)
+
+    def _make_cgroup_v1_writable(self) -> None:
+        # Mount points as the container sees them (relative to its root).
+        # Co-mounted controllers (cpu,cpuacct) are one mount, remounted once.
+        targets = []
+        for line in Path(f"/proc/{self.pid}/mountinfo").read_text().splitlines():
+            fields, _, tail = line.partition(" - ")
+            fstype, _src, super_opts = tail.split(" ")[:3]
+            point = fields.split(" ")[4]
+            if (
+                fstype == "cgroup"
+                and point.startswith("/sys/fs/cgroup/")
+                and _V1_CONTROLLERS & set(super_opts.split(","))
+            ):
+                targets.append(point)
+        if not targets:
+            raise BootError("no cgroup v1 controller is mounted in the container")
+        for point in targets:
+            # A bind remount changes only this mount's flags: the hierarchy
+            # and the mount's root stay nspawn's.
+            _run(
+                ["nsenter", "-t", str(self.pid), "-m", "--", "mount", "-o",
+                 "remount,bind,rw,nosuid,nodev,noexec", point],
+                f"making {point} writable in the container",
+            )  # fmt: skip
 
     def _find_init(self) -> int:
         todo = _children(self._proc.pid)

@@ -70,6 +70,9 @@ class Jobs:
                 counts[name[5:]] = counts.get(name[5:], 0) + 1
         return counts
 
+    def count(self, task_id: str) -> int:
+        return self.counts().get(task_id, 0)
+
     def running(self, tid: str) -> bool:
         return [f"femd-{tid}", "RUNNING"] in [[r[0], r[2]] for r in self._rows()]
 

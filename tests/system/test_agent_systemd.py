@@ -208,6 +208,11 @@ def audit_events(box: Container, task_id: str) -> dict[str, dict[str, Any]]:
     return found
 
 
+def _written_at(entry: dict[str, Any]) -> int:
+    """When an entry was written (µs): the sender's own time where it gave one."""
+    return int(entry.get("_SOURCE_REALTIME_TIMESTAMP") or entry["__REALTIME_TIMESTAMP"])
+
+
 def _iso(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -414,8 +419,14 @@ def test_enable_now_is_active_after_ready(node: Node) -> None:
     # READY came after the broker connection and the policy (DESIGN "systemd").
     lines = [line.split(": ", 1)[-1] for line in text.splitlines()]
     assert "femd: INFO: launcher default/process: available" in lines, text
-    ready = next(i for i, line in enumerate(lines) if line.startswith(READY_LOG))
-    assert lines.index("broker connected") < ready, text
+    # journalctl interleaves the stderr stream and native entries by arrival,
+    # not by when they were written: compare the times the entries carry.
+    entries = femd_entries(box)
+    [ready] = [e for e in entries if str(e.get("MESSAGE", "")).startswith(READY_LOG)]
+    [connected] = [
+        e for e in entries if e.get("MESSAGE_ID") == Event.BROKER_CONNECTED.value
+    ]
+    assert _written_at(connected) < _written_at(ready), text
     [loaded] = femd_entries(box, MESSAGE_ID=Event.POLICY_LOADED.value)
     assert loaded["FEMD_NODE"] == NODE
     assert re.fullmatch(r"[0-9a-f]{64}", loaded["FEMD_POLICY_SHA256"])
@@ -645,7 +656,8 @@ print("web:", len(body), "bytes")
 def test_egress_is_forwarded_under_the_hardened_unit(node: Node) -> None:
     # The unprivileged, hardened femd forwards what the policy allows
     # (docs/network.md): setns, AF_NETLINK and the namespaces it needs pass
-    # the unit's filters, and each connection is in the journal.
+    # the unit's filters, and each connection is in the journal. Where the
+    # container cannot delegate cgroups (a v1 host), the task is refused.
     box = node.box
     box.exec(
         ["systemd-run", "--unit", "femd-test-web", "--property", "User=nobody",
@@ -664,6 +676,26 @@ def test_egress_is_forwarded_under_the_hardened_unit(node: Node) -> None:
     finally:
         box.exec(["systemctl", "stop", "femd-test-web"], check=False)
     done = events[-1]
+    if not can_delegate(box):
+        # Fail closed (as in test 2): femd runs unprivileged under the unit and
+        # this cgroup v1 container gives it no cgroup, so the task is refused
+        # before anything runs and no connection is forwarded.
+        states = [e["state"] for e in events]
+        assert states == ["received", "rejected"], f"{events}" + journal_text(box)
+        assert {r["rule"] for r in done["reasons"]} == {"launcher.unenforceable"}
+        assert not done.get("network"), done
+        audit = audit_events(box, task_id)
+        assert "launcher.unenforceable" in audit["TASK_REJECTED"]["FEMD_RULES"]
+        assert "TASK_ADMITTED" not in audit, audit
+        assert "NETWORK_CONNECTION" not in audit, audit
+        ran = [
+            e for e in femd_entries(box, FEMD_TASK_ID=task_id)
+            if e.get("SYSLOG_IDENTIFIER") == "femd-task"
+        ]  # fmt: skip
+        assert ran == [], ran
+        web = box.journal("femd-test-web.service")
+        assert not [e for e in web if "GET /" in str(e.get("MESSAGE", ""))], web
+        return
     assert done["state"] == "succeeded", f"{events}" + journal_text(box)
     (traffic,) = done["network"]
     assert traffic["destination"] == f"127.0.0.1:{WEB_PORT}"

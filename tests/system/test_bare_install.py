@@ -8,7 +8,11 @@ tests and the agent need. This test holds it to that, wherever CI runs:
    ``git``: nothing else) is built once and cached in the test cache dir;
 2. it boots in ``systemd-nspawn`` on a throw-away layer, sharing the host's
    network (install.sh needs Debian's mirrors and PyPI: the host's apt
-   sources, apt proxy settings, local CAs and pip configuration are copied in);
+   sources, apt proxy settings, local CAs and pip configuration are copied in).
+   On a cgroup v1 host its v1 controller mounts are made writable from the
+   host (``Container.boot(writable_cgroup_v1=True)``): nspawn mounts them
+   read-only, a bare machine has them writable for root, and femd refuses
+   every process task where it cannot make the task's cgroup;
 3. a ``git clone`` of this checkout (plus uncommitted edits, never ``.venv``)
    is copied in and ``scripts/install.sh`` runs as root;
 4. ``femd doctor`` runs a trivial real task per launcher, then one real test
@@ -35,7 +39,13 @@ from pathlib import Path
 import pytest
 from nspawn_support import REPO, Container
 
-from testbed.nspawn import BARE_BASE, BARE_PACKAGES, cache_dir, ensure_rootfs
+from testbed.nspawn import (
+    BARE_BASE,
+    BARE_PACKAGES,
+    cache_dir,
+    ensure_rootfs,
+    host_is_cgroup_v1,
+)
 
 pytestmark = pytest.mark.systemd
 
@@ -43,7 +53,7 @@ PODMAN_SOCKET = "unix:///run/femd/podman/podman.sock"
 # One real task per launcher, through the integration suite's own fixtures.
 TASKS = (
     "tests/integration/test_process_launcher.py::"
-    "test_output_is_visible_on_the_host_owned_by_the_task_user",
+    "test_output_is_visible_on_the_host_written_by_femd",
     "tests/integration/test_podman_launcher.py::test_task_writes_its_output_dir",
 )
 _PIP_DIRS = (Path("/etc/pip.conf"), Path("/etc/xdg/pip"))
@@ -121,6 +131,7 @@ def bare() -> Iterator[Container]:
         box = Container.boot(
             rootfs,
             private_network=False,
+            writable_cgroup_v1=host_is_cgroup_v1(),
             extra_args=[
                 f"--bind={debs}:/var/cache/apt/archives",
                 f"--bind={podman_home}:/var/lib/femd-podman",
@@ -204,6 +215,9 @@ def test_bare_debian_install_then_doctor_and_a_task_per_launcher(bare: Container
     # Both launchers ran their trivial task; podman may only warn (limits).
     shown = json.dumps(status, indent=1)
     assert status["process (profile default)"]["status"] == "ok", shown
+    # ...in its own cgroup, with the limits enforced (not refused, not waived).
+    process = status["process (profile default)"]["details"]
+    assert any(d.startswith("enforces: memory yes") for d in process), shown
     assert status["podman (profile default)"]["status"] in ("ok", "warn"), shown
     assert "trivial task ran" in status["podman (profile default)"]["summary"]
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
