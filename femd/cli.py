@@ -34,7 +34,6 @@ __all__ = ["main"]
 logger = logging.getLogger("femd")
 
 
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not usage + error (DESIGN: one clear line for any bad input).
