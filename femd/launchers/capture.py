@@ -27,7 +27,7 @@ from typing import IO, Final
 
 from femd.errors import cut
 
-__all__ = ["OutputCapture", "tmpfs_bytes", "wrap_argv"]
+__all__ = ["STEP_FAILED", "OutputCapture", "tmpfs_bytes", "wrap_argv"]
 
 _PAGE: Final = 4096
 _MAX_MEMBERS: Final = 100_000
@@ -38,11 +38,12 @@ _MAX_MEMBERS: Final = 100_000
 # The step is the sandbox's PID 1 (bwrap --as-pid-1): the task cannot signal
 # it away, and its `wait` reaps orphans. `kill -KILL -1` reaches every other
 # process of the sandbox's PID namespace.
+STEP_FAILED: Final = 125  # the output step could not stream (a task's own code is kept)
 _STEP: Final = (
     'trap : TERM; out=$1; shift; "$@" </dev/null; code=$?; '
     "kill -KILL -1 2>/dev/null; "
     '{ stat -f -c %a "$out" && tar -C "$out" -cf - .; } >&0 2>/dev/null '
-    "|| exit 125; exit $code"
+    f"|| exit {STEP_FAILED}; exit $code"
 )
 
 
@@ -75,6 +76,24 @@ class OutputCapture:
             target=self._run, name="femd-output-capture", daemon=True
         )
         self._thread.start()
+
+    def full_reason(self, max_bytes: int) -> str:
+        """The failure of a task whose output tmpfs filled (``outputs.exceeded``)."""
+        return (
+            f"outputs exceed the cap of {max_bytes} bytes: the output directory is full"
+        )
+
+    def step_failure(self, code: int | None) -> str:
+        """Why the sandbox's step, not the task, ended it with *code*, or ""."""
+        if code == STEP_FAILED and not self.complete:
+            return "outputs not collected: the output step failed in the sandbox"
+        return ""
+
+    def incomplete_reason(self) -> str:
+        """Why the outputs were not collected, or "" when they were."""
+        if self.error or not self.complete:
+            return f"outputs not collected: {self.error or 'stream incomplete'}"
+        return ""
 
     def join(self, timeout_s: float) -> bool:
         """Wait for the stream's end; False if it is still open."""

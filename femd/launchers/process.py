@@ -81,12 +81,11 @@ _HOST_PATH: Final = "/usr/sbin:/usr/bin:/sbin:/bin"
 _TASK_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
 _TAIL_BYTES: Final = 8192
 _TOOLS: Final = ("bwrap", "prlimit", "sh")
-_STEP_FAILED: Final = 125  # the entry or output step could not do its part
 # The entry step: write our pid into every cgroup.procs given, then exec the
 # rest (after "--"). Runs as femd, before any task code.
 _ENTER: Final = (
     'for f; do shift; [ "$f" = -- ] && exec "$@"; '
-    'echo $$ > "$f" || exit 125; done; exit 125'
+    'echo $$ > "$f" || exit 125; done; exit 125'  # 125: capture.STEP_FAILED
 )
 _TMP: Final = "/tmp"  # noqa: S108 (inside the sandbox: a private tmpfs)
 _SHM: Final = "/dev/shm"  # noqa: S108 (inside the sandbox: a private tmpfs)
@@ -882,20 +881,17 @@ class _ProcessHandle:
             )
         elif capture.full:
             rule = "outputs.exceeded"
-            reason = (
-                f"outputs exceed the cap of {self._spec.output_max_bytes} bytes: "
-                "the output directory is full"
-            )
+            reason = capture.full_reason(self._spec.output_max_bytes)
         elif code is None:
             reason = f"sandbox setup failed (bwrap exit {returncode})"
-        elif code == _STEP_FAILED and not capture.complete:
-            reason = "outputs not collected: the output step failed in the sandbox"
+        elif capture.step_failure(code):
+            reason = capture.step_failure(code)
         elif code != 0:
             reason = f"exit code {code}"
             if 128 < code < 128 + signal.NSIG:
                 reason += f" (killed by {signal.Signals(code - 128).name})"
-        elif capture.error or not capture.complete:
-            reason = f"outputs not collected: {capture.error or 'stream incomplete'}"
+        elif capture.incomplete_reason():
+            reason = capture.incomplete_reason()
         else:
             state = "succeeded"
         usage = msgspec.structs.replace(

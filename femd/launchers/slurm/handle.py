@@ -37,7 +37,6 @@ TERMINAL: Final = frozenset(
      "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT", "SPECIAL_EXIT", "REVOKED"}
 )  # fmt: skip
 _TAIL_BYTES: Final = 8192
-_STEP_FAILED: Final = 125  # the output step could not stream (capture)
 _ACCOUNTING_WAIT_S: Final = 15.0
 
 
@@ -296,20 +295,17 @@ class SlurmHandle:
             reason = "out of memory: killed in the job's cgroup (Slurm's --mem)"
         elif capture.full:
             rule = "outputs.exceeded"
-            reason = (
-                f"outputs exceed the cap of {self._record.output_max_bytes} bytes: "
-                "the output directory is full"
-            )
+            reason = capture.full_reason(self._record.output_max_bytes)
         elif code is None:
             reason = f"job {self.job_id} ended {acct.state} before the task ran"
-        elif code == _STEP_FAILED and not capture.complete:
-            reason = "outputs not collected: the output step failed in the sandbox"
+        elif capture.step_failure(code):
+            reason = capture.step_failure(code)
         elif code != 0:
             reason = f"exit code {code}"
         elif acct.state != "COMPLETED":
             reason = f"job {self.job_id} ended {acct.state}"
-        elif capture.error or not capture.complete:
-            reason = f"outputs not collected: {capture.error or 'stream incomplete'}"
+        elif capture.incomplete_reason():
+            reason = capture.incomplete_reason()
         else:
             result = "succeeded"
         self._stage.remove()
