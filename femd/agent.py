@@ -27,7 +27,7 @@ from typing import Final, Literal
 import sdnotify
 
 from femd import audit
-from femd.broker import Delivery, NodeLink
+from femd.broker import NodeLink
 from femd.config import AgentConfig
 from femd.dispatch import RESTART_RULE
 from femd.errors import FemdError, cut
@@ -42,6 +42,7 @@ from femd.launchers import (
     load_profiles,
     probe,
 )
+from femd.messages import Delivery
 from femd.model import utc_now as _now
 from femd.nodestatus import cert_not_after, status_message
 from femd.policy import LoadedPolicy, load_policy

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from femd import audit
 from femd.admission import Host, admit_here
-from femd.broker import Delivery
+from femd.messages import Delivery
 from femd.decision import Decision, EventRule, Verdict
 from femd.dispatch import Dispatch
 from femd.errors import EnvelopeError, FemdError, ManifestError, cut
