@@ -16,12 +16,12 @@ from typing import Any, Final
 
 from femd import audit
 from femd.admission import Host, admit_here
-from femd.messages import Delivery
 from femd.decision import Decision, EventRule, Verdict
 from femd.dispatch import Dispatch
 from femd.errors import EnvelopeError, FemdError, ManifestError, cut
 from femd.flood import Tally
 from femd.manifest import Cancel, Task
+from femd.messages import Delivery
 from femd.model import utc_now as _now
 
 __all__ = ["REPLAY_RULE", "Reception"]
