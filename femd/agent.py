@@ -30,7 +30,7 @@ import sdnotify
 
 from femd import audit
 from femd.admission import Host, admit_here
-from femd.broker import Delivery, NodeLink
+from femd.broker import NodeLink
 from femd.config import AgentConfig
 from femd.decision import Decision, EventRule, Verdict
 from femd.errors import EnvelopeError, FemdError, ManifestError, cut
@@ -47,6 +47,7 @@ from femd.launchers import (
 )
 from femd.livelog import LogFollower
 from femd.manifest import Cancel, Task, decode_manifest
+from femd.messages import Delivery
 from femd.model import utc_now as _now
 from femd.nodestatus import cert_not_after, status_message
 from femd.policy import LoadedPolicy, load_policy

@@ -1,11 +1,11 @@
-"""The AMQP link to RabbitMQ: mutual TLS, SASL EXTERNAL, one I/O thread.
+"""The node's AMQP link to RabbitMQ: one I/O thread owns its pika objects.
 
-Owns every pika object. ``connection_parameters()`` builds the mTLS/EXTERNAL
-parameters for both sides; ``NodeLink`` is the agent's thread that consumes
-``femd.node.<node>``, acks only what the agent says is committed, and drains
-the state outbox with publisher confirms. The thread never runs task work, so
-heartbeats are never starved (DESIGN "broker topology"). No pika error escapes:
-they become ``BrokerError`` or log lines.
+``NodeLink`` consumes ``femd.node.<node>``, acks only what the agent says is
+committed, and drains the state outbox with publisher confirms (counted by
+``femd.confirms``; the mTLS/EXTERNAL parameters come from ``femd.amqpconn``).
+The thread never runs task work, so heartbeats are never starved (DESIGN
+"broker topology"). No pika error escapes: they become ``BrokerError`` or log
+lines.
 """
 
 from __future__ import annotations
@@ -15,24 +15,19 @@ import contextlib
 import logging
 import queue
 import random
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final, Protocol
-from urllib.parse import unquote, urlsplit
+from typing import Any, Final
 
-import msgspec
 import pika
 import pika.exceptions
-from pika.adapters.utils.connection_workflow import (
-    AMQPConnectionWorkflowFailed,
-    AMQPConnectorException,
-)
 
 from femd import amqpframe
+from femd.amqpconn import connection_parameters, describe
 from femd.config import BrokerConfig
+from femd.confirms import Confirms
 from femd.errors import BrokerError, StateError, cut
 from femd.events import (
     EVENTS_EXCHANGE,
@@ -42,7 +37,7 @@ from femd.events import (
     TASKS_EXCHANGE,
     node_queue,
 )
-from femd.tlsfiles import check_tls_files
+from femd.messages import Delivery, Outbox, SideMessage
 
 __all__ = [
     "EVENTS_EXCHANGE",
@@ -50,13 +45,10 @@ __all__ = [
     "NODES_EXCHANGE",
     "RESULTS_EXCHANGE",
     "TASKS_EXCHANGE",
-    "Confirms",
     "Delivery",
     "NodeLink",
     "Outbox",
     "SideMessage",
-    "connection_parameters",
-    "describe",
     "node_queue",
 ]
 
@@ -77,225 +69,6 @@ _IN_FLIGHT: Final = 2 * _BATCH
 
 def _nothing() -> None:
     """A no-op scheduled from another thread only to end the I/O loop's wait."""
-
-
-# OpenSSL alert names the broker sends when it refuses our client certificate.
-# pika reports them only as text inside a StreamLostError.
-_REFUSED: Final = "TLS: the broker refused our client certificate"
-_TLS_ALERTS: Final = (
-    (
-        "UNKNOWN_CA",
-        "TLS: the broker does not trust our client certificate (unknown CA)",
-    ),
-    ("CERTIFICATE_EXPIRED", f"{_REFUSED}: expired"),
-    ("CERTIFICATE_REVOKED", f"{_REFUSED}: revoked"),
-    ("UNSUPPORTED_CERTIFICATE", f"{_REFUSED}: unsupported key usage"),
-    ("BAD_CERTIFICATE", f"{_REFUSED} (bad certificate)"),
-    ("CERTIFICATE_REQUIRED", "TLS: the broker requires a client certificate"),
-    ("HANDSHAKE_FAILURE", "TLS handshake failed (no common protocol or cipher)"),
-)
-
-
-def _stream_lost(text: str) -> str:
-    for marker, why in _TLS_ALERTS:
-        if marker in text:
-            return why
-    if "EOF occurred" in text or "Transport indicated EOF" in text:
-        return "TLS: the broker closed the connection (EOF)"
-    if "ConnectionResetError" in text:
-        return "connection reset by the broker"
-    return f"connection lost ({cut(text.removeprefix('Stream connection lost: '))})"
-
-
-def describe(e: BaseException) -> str:
-    """Return one plain line saying why a broker operation failed."""
-    text = str(e) or repr(e)
-    if isinstance(e, BrokerError):
-        return text
-    if isinstance(e, pika.exceptions.AMQPConnectionError) and (
-        "Stream connection lost" in text or "Transport indicated EOF" in text
-    ):
-        # A stream lost during the TLS handshake reaches us as a StreamLostError,
-        # or as an IncompatibleProtocolError quoting it (pika was waiting for
-        # the protocol header).
-        return _stream_lost(text)
-    if isinstance(e, ssl.SSLCertVerificationError):
-        return f"TLS: the broker's certificate is not trusted ({cut(e.verify_message)})"
-    if isinstance(e, ssl.SSLError):
-        return f"TLS handshake failed ({cut(e.reason or text)})"
-    if isinstance(
-        e,
-        pika.exceptions.ProbableAuthenticationError
-        | pika.exceptions.AuthenticationError,
-    ):
-        return "the broker refused our certificate identity (SASL EXTERNAL)"
-    if isinstance(e, pika.exceptions.ProbableAccessDeniedError):
-        return "the broker denied access to the virtual host"
-    if isinstance(e, pika.exceptions.ChannelClosedByBroker):
-        return f"the broker closed the channel: {e.reply_code} {cut(e.reply_text)}"
-    if isinstance(e, pika.exceptions.ConnectionClosedByBroker):
-        return f"the broker closed the connection: {e.reply_code} {cut(e.reply_text)}"
-    if isinstance(e, pika.exceptions.AMQPConnectionError) and e.args:
-        inner = e.args[0]
-        if isinstance(inner, BaseException):
-            return describe(inner)
-        return cut(text, 160)
-    if isinstance(e, AMQPConnectorException | AMQPConnectionWorkflowFailed):
-        # pika's connection workflow wraps the socket's own error (once or
-        # twice); say what that error means, not the wrappers' names.
-        inner = [getattr(e, "exception", None), *(getattr(e, "exceptions", ()))]
-        inner = [x for x in [*inner, *e.args] if isinstance(x, BaseException)]
-        if inner:
-            return describe(inner[-1])
-    if isinstance(e, ConnectionRefusedError):
-        return (
-            "connection refused: nothing listens there (is the broker running, "
-            "and are the host and port in broker.url right?)"
-        )
-    if isinstance(e, socket.gaierror):
-        return "cannot resolve the broker's host name (check broker.url and DNS)"
-    if isinstance(e, TimeoutError):
-        return "no answer from the broker in time (a firewall, or the wrong host?)"
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror[:1].lower()}{e.strerror[1:]}"
-    return f"{type(e).__name__}: {cut(text, 160)}"
-
-
-def connection_parameters(cfg: BrokerConfig) -> pika.ConnectionParameters:
-    """Build mTLS + EXTERNAL connection parameters from the broker config.
-
-    Raises:
-        BrokerError: the URL is not amqps, or the TLS files cannot be loaded.
-    """
-    url = urlsplit(cfg.url)
-    if url.scheme != "amqps" or not url.hostname:
-        raise BrokerError(
-            f"broker url: expected amqps://host[:port]/vhost (got {cut(cfg.url)})"
-        )
-    if url.username or url.password:
-        raise BrokerError(
-            "broker url: must carry no user or password (mTLS + EXTERNAL)"
-        )
-    vhost = unquote(url.path[1:]) if len(url.path) > 1 else "/"
-    check_tls_files(cfg.ca, cfg.cert, cfg.key)
-    try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(cfg.cert, cfg.key)
-    except (OSError, ssl.SSLError) as e:
-        raise BrokerError(
-            f"broker TLS files: {describe(e)} (ca {cfg.ca}, cert {cfg.cert})"
-        ) from e
-    return pika.ConnectionParameters(
-        host=url.hostname,
-        port=url.port or 5671,
-        virtual_host=vhost,
-        credentials=pika.credentials.ExternalCredentials(),
-        ssl_options=pika.SSLOptions(context, server_hostname=url.hostname),
-        heartbeat=cfg.heartbeat_s,
-        blocked_connection_timeout=max(60, 2 * cfg.heartbeat_s),
-        connection_attempts=1,
-        socket_timeout=cfg.connect_timeout_s,
-        stack_timeout=cfg.connect_timeout_s * 2,
-    )
-
-
-class Delivery(msgspec.Struct, frozen=True):
-    """One message from the node's queue; settle it through the link that gave it.
-
-    ``problem`` says why its AMQP properties could not be decoded (femd rejects
-    such a message on its own, see ``femd.amqpframe``); else None.
-    """
-
-    generation: int
-    tag: int
-    redelivered: bool
-    body: bytes
-    problem: str | None = None
-
-
-class Confirms:
-    """Publisher confirms of one channel, many in flight (RabbitMQ "confirms").
-
-    Each publish takes the channel's next delivery tag (from 1); the broker
-    acks or nacks tags, one or all up to a tag (``multiple``), in its own time.
-    ``acked`` collects the outbox seqs it took responsibility for.
-    """
-
-    def __init__(self, on_confirm: Callable[[], None] = _nothing) -> None:
-        """No message in flight; *on_confirm* is called after each confirm."""
-        self._on_confirm = on_confirm
-        self.seqs: dict[int, int | None] = {}  # tag -> outbox seq (None: best effort)
-        self.next_tag = 1
-        self.acked: list[int] = []
-        self.nacked = 0
-
-    def sent(self, seq: int | None) -> None:
-        """Note that outbox message *seq* (None: a best-effort one) was published."""
-        self.seqs[self.next_tag] = seq
-        self.next_tag += 1
-
-    def on_confirm(self, frame: Any) -> None:  # noqa: ANN401 (a pika method frame)
-        """Take a ``Basic.Ack`` or ``Basic.Nack`` (pika calls this)."""
-        method = frame.method
-        tag = int(method.delivery_tag)
-        tags = [t for t in self.seqs if t <= tag] if method.multiple else [tag]
-        ok = isinstance(method, pika.spec.Basic.Ack)
-        for t in tags:
-            if t not in self.seqs:
-                continue
-            seq = self.seqs.pop(t)
-            if seq is None:
-                continue  # best effort: nobody waits for it
-            if ok:
-                self.acked.append(seq)
-            else:
-                self.nacked += 1
-        self._on_confirm()
-
-    def take_acked(self) -> list[int]:
-        """The seqs confirmed since the last call.
-
-        Raises:
-            BrokerError: the broker refused (nacked) a message: reconnect, and
-                publish it again then.
-        """
-        if self.nacked:
-            raise BrokerError("the broker refused (nack) an outbox message")
-        acked, self.acked = self.acked, []
-        return acked
-
-
-class SideMessage(msgspec.Struct, frozen=True):
-    """A best-effort message: published when the link can, lost if it cannot."""
-
-    exchange: str
-    routing_key: str
-    body: bytes
-    content_type: str = "application/json"
-    headers: dict[str, Any] | None = None
-
-
-class OutboxMessage(Protocol):
-    """What the link publishes from the outbox."""
-
-    seq: int
-    exchange: str
-    routing_key: str
-    body: bytes
-    headers: dict[str, Any] | None
-
-
-class Outbox(Protocol):
-    """The agent's durable outbox (``femd.state``), as the link sees it."""
-
-    def pending_events(self, limit: int = 100) -> list[Any]:
-        """Unpublished messages in seq order."""
-        ...
-
-    def mark_published(self, seqs: list[int]) -> None:
-        """Forget messages the broker confirmed."""
-        ...
 
 
 class NodeLink(threading.Thread):

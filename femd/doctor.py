@@ -357,7 +357,7 @@ def check_broker(
     url: str, ca: Path, cert: Path, key: Path, node: str, *, timeout_s: float = 10.0
 ) -> list[Check]:
     """The node's certificate (CN, expiry) and a TLS handshake with the broker."""
-    from femd.broker import connection_parameters, describe
+    from femd.amqpconn import connection_parameters, describe
     from femd.config import BrokerConfig
 
     out: list[Check] = []

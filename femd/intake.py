@@ -16,8 +16,8 @@ import logging
 from collections import deque
 from typing import Final
 
-from femd.broker import Delivery
 from femd.errors import FemdError
+from femd.messages import Delivery
 
 __all__ = ["Retry"]
 

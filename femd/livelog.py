@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from femd.broker import LOGS_EXCHANGE, SideMessage
 from femd.errors import FemdError
+from femd.events import LOGS_EXCHANGE
 from femd.launchers import Handle
+from femd.messages import SideMessage
 
 __all__ = ["LogFollower"]
 

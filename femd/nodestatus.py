@@ -22,8 +22,9 @@ import msgspec
 from cryptography import x509
 
 from femd import __version__
-from femd.broker import NODES_EXCHANGE, SideMessage
+from femd.events import NODES_EXCHANGE
 from femd.launchers import Capabilities
+from femd.messages import SideMessage
 
 __all__ = ["LauncherStatus", "NodeStatus", "cert_not_after", "status_message"]
 

@@ -21,15 +21,17 @@ from typing import Any, Final
 import pika
 import pika.exceptions
 
-from femd.broker import (
-    TASKS_EXCHANGE,
-    connection_parameters,
-    describe,
-)
+from femd.amqpconn import connection_parameters, describe
 from femd.config import OrchestratorConfig
 from femd.envelope import decode_envelope
 from femd.errors import BrokerError, FemdError
-from femd.events import EVENTS_QUEUE, LOGS_QUEUE, NODES_QUEUE, RESULTS_QUEUE
+from femd.events import (
+    EVENTS_QUEUE,
+    LOGS_QUEUE,
+    NODES_QUEUE,
+    RESULTS_QUEUE,
+    TASKS_EXCHANGE,
+)
 from femd.events import TERMINAL_STATES as TERMINAL
 from femd.inbox import Inbox
 from femd.manifest import Manifest, decode_manifest

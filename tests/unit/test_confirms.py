@@ -1,4 +1,4 @@
-"""Publisher confirms with many messages in flight (femd.broker.Confirms)."""
+"""Publisher confirms with many messages in flight (femd.confirms.Confirms)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pika.frame
 import pika.spec
 import pytest
 
-from femd.broker import Confirms
+from femd.confirms import Confirms
 from femd.errors import BrokerError
 
 

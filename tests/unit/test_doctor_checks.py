@@ -114,7 +114,7 @@ def test_a_dead_broker_is_described_in_plain_words():
         AMQPConnectorSocketConnectError,
     )
 
-    from femd.broker import describe
+    from femd.amqpconn import describe
 
     refused = pika.exceptions.AMQPConnectionError(
         AMQPConnectorSocketConnectError(ConnectionRefusedError(111, "refused"))

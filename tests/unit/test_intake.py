@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from femd.broker import Delivery
 from femd.errors import StateError
 from femd.intake import Retry
+from femd.messages import Delivery
 
 
 def _d(tag: int, generation: int = 1) -> Delivery:

@@ -4,10 +4,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from femd.broker import LOGS_EXCHANGE, SideMessage
 from femd.errors import LaunchError
+from femd.events import LOGS_EXCHANGE
 from femd.launchers import Outcome
 from femd.livelog import LogFollower
+from femd.messages import SideMessage
 
 
 class GrowingHandle:
