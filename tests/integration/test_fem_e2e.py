@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from femd import cli  # noqa: E402
+from femd.cli.orchestrator import _fem_line  # noqa: E402
 from femd.decision import admit  # noqa: E402
 from femd.execution import build_spec  # noqa: E402
 from femd.launchers import start  # noqa: E402
@@ -223,7 +224,7 @@ def test_flower_client_template_converts_signs_passes_check_and_runs(
         "exit_code": outcome.exit_code,
         "started_at": outcome.started_at.astimezone(UTC).strftime(fmt),
     }
-    line = cli._fem_line(event)
+    line = _fem_line(event)
     assert line["process_info"]["status"] == "finished"
     assert line["process_info"]["return_code"] == 0
     assert (line["task_id"], line["exit_code"], line["error"]) == (task.id, 0, None)

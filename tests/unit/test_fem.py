@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from femd import cli, fem
+from femd.cli.orchestrator import _fem_line
 from femd.errors import FemdError, InputError
 from femd.manifest import Task, decode_manifest, encode_manifest
 
@@ -969,7 +970,7 @@ def test_fem_line_for_a_succeeded_task():
         "outputs": {"sha256": "ab" * 32, "bytes": 10, "chunks": 1},
         "log_tail": "done\n",
     }  # fmt: skip
-    line = cli._fem_line(event)
+    line = _fem_line(event)
     assert set(line) == FEM_KEYS
     assert line == {
         "node": "fdn-bsc",
@@ -995,7 +996,7 @@ def test_fem_line_for_a_failed_task_names_the_exit_code():
         "at": "2026-11-22T10:00:03.000000Z", "seq": 9, "exit_code": 3,
         "started_at": "2026-11-22T10:00:01.000000Z",
     }  # fmt: skip
-    line = cli._fem_line(event)
+    line = _fem_line(event)
     assert (line["exit_code"], line["elapsed_time_sec"]) == (3, 2.0)
     assert line["error"] == "failed (exit code 3)"
     assert line["process_info"] == {
@@ -1015,7 +1016,7 @@ def test_fem_line_for_a_rejected_task_lists_the_rules():
             {"rule": "network.not_allowed", "message": "egress to s:80"},
         ],
     }  # fmt: skip
-    line = cli._fem_line(event)
+    line = _fem_line(event)
     assert (line["exit_code"], line["start_time"], line["elapsed_time_sec"]) == (
         None,
         None,
@@ -1035,6 +1036,6 @@ def test_fem_line_survives_a_malformed_time(started):
         "node": "n", "task_id": "t", "state": "timed_out", "seq": 1,
         "at": "2026-11-22T10:00:00.000000Z", "started_at": started,
     }  # fmt: skip
-    line = cli._fem_line(event)
+    line = _fem_line(event)
     assert line["elapsed_time_sec"] is None
     assert line["error"] == "timed_out"

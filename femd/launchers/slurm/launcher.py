@@ -189,7 +189,7 @@ class SlurmLauncher:
         )
         try:
             node_spec = stage.create(spec, user)
-            script = stage.write_job(node_spec, self._profile)
+            script = stage.write_job(node_spec)
             stage.write_record(record)
             limits = spec.limits
             options = [

@@ -36,9 +36,9 @@ from typing import Final
 import msgspec
 
 from femd.errors import LaunchError, cut
-from femd.launchers import LauncherProfile, LaunchSpec, Mount
+from femd.launchers import LaunchSpec, Mount
 from femd.launchers.capture import OutputCapture, wrap_argv
-from femd.launchers.process import BubblewrapLauncher, seccomp_filter
+from femd.launchers.process import bwrap_argv, check_spec, seccomp_filter
 from femd.launchers.profile import SlurmSettings
 
 __all__ = ["JobFile", "Stage", "TaskUser"]
@@ -136,7 +136,7 @@ class Stage:
 
     # -- the job -----------------------------------------------------------------
 
-    def write_job(self, spec: LaunchSpec, profile: LauncherProfile) -> Path:
+    def write_job(self, spec: LaunchSpec) -> Path:
         """Write ``seccomp.bpf`` and ``job.sh`` for *spec* (as the node sees it).
 
         The sandbox is the ``process`` launcher's, with its checks; its limits
@@ -148,18 +148,15 @@ class Stage:
                 environment, argv) or the files cannot be written.
         """
         sandbox = self.settings.sandbox
-        bwrap = BubblewrapLauncher(
-            msgspec.structs.replace(profile, process=sandbox), state_dir=self.root
-        )
         try:
-            bwrap._check(spec, sandbox)  # the one sandbox, reused
+            check_spec(spec, sandbox)  # the one sandbox, reused
         except LaunchError as e:
             raise LaunchError("slurm: " + str(e).removeprefix("process: ")) from e
         program = seccomp_filter()
         if program is None:
             raise LaunchError("slurm: no seccomp filter for this architecture")
         extra = sandbox.seccomp
-        args = bwrap._bwrap_args(
+        args = bwrap_argv(
             sandbox,
             spec,
             _SECCOMP_FD,

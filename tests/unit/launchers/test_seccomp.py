@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import seccomp
 
-from femd.launchers.process import _DENY, seccomp_filter
+from femd.launchers.process.seccomp import _DENY, seccomp_filter
 
 ARCHES = (seccomp.Arch.X86_64, seccomp.Arch.AARCH64)
 

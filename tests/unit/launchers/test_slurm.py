@@ -231,7 +231,7 @@ def test_job_script_runs_the_process_sandbox_under_prlimit(tmp_path: Path):
     data = tmp_path / "data"
     data.mkdir()
     mounts = (Mount(source=str(data), target="/data"),)
-    job = stage.write_job(spec(prof, tmp_path / "out", mounts=mounts), prof)
+    job = stage.write_job(spec(prof, tmp_path / "out", mounts=mounts))
     lines = job.read_text().splitlines()
     assert lines[0] == "#!/bin/sh"
     redirect = f"exec 3<{stage.root}/seccomp.bpf 5>{stage.status} 0>{stage.stream}"
@@ -261,4 +261,4 @@ def test_job_script_keeps_the_sandbox_checks(tmp_path: Path):
     stage.root.mkdir(parents=True)
     bad = spec(prof, tmp_path, mounts=(Mount(source=str(tmp_path), target="/usr/x"),))
     with pytest.raises(LaunchError, match=r"^slurm: mount target '/usr/x' overlaps"):
-        stage.write_job(bad, prof)
+        stage.write_job(bad)

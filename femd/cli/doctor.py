@@ -1,0 +1,89 @@
+"""``femd doctor``: what this host can enforce, per launcher.
+
+Owns the command's set-up (profiles from ``--config`` or ``--launchers``,
+trial work dirs) and which checks run; the checks and the report are
+``femd.doctor``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["add_commands"]
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``doctor`` to the ``femd`` parser."""
+    s = sub.add_parser("doctor", help="what this host can enforce, per launcher")
+    s.add_argument("--config", help="femd.yaml (for launchers, state_dir, podman)")
+    s.add_argument("--launchers", help="a profiles directory instead of --config")
+    s.add_argument("--podman-socket", help="the rootless Podman API socket URL")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_doctor)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from femd import doctor
+    from femd.admission import host_report
+    from femd.config import load_config
+    from femd.launchers import build_all, load_profiles
+
+    config = None
+    if args.launchers:
+        profiles_dir, socket = Path(args.launchers), args.podman_socket
+    else:
+        config = load_config(Path(args.config) if args.config else None, os.environ)
+        profiles_dir = Path(config.launchers)
+        socket = args.podman_socket or config.podman.socket
+    profiles = load_profiles(profiles_dir)
+    if not args.verbose:  # the trial's own "unsafe mode" warning: doctor says it
+        logging.getLogger("femd.launchers.podman").setLevel(logging.ERROR)
+    # Trial work dirs: as root in a private scratch dir (open_work_dirs opens
+    # its parents for the sandbox users), as femd in its own state dir.
+    scratch = Path(tempfile.mkdtemp(prefix="femd-doctor-"))
+    if os.geteuid() != 0 and config is not None:
+        work_root = config.state_path / "doctor"
+    else:
+        work_root = scratch / "doctor"
+    checks: list[doctor.Check] = []
+    usable: list[str] = []
+    try:
+        work_root.mkdir(parents=True, exist_ok=True)
+        _, caps = build_all(profiles, state_dir=scratch, podman_socket=socket)
+        for (pname, lname), cap in caps.items():
+            trial = doctor.trial_launcher(
+                lname, profiles[pname], state_dir=scratch, podman_socket=socket
+            )
+            check = doctor.check_launcher(
+                pname, lname, cap, trial, profiles[pname],
+                work_root=work_root, podman_socket=socket,
+            )  # fmt: skip
+            checks.append(check)
+            if check.status != "fail" and doctor.enforces_all(cap):
+                usable.append(f"{lname} ({pname})")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if work_root.parent != scratch:
+            shutil.rmtree(work_root, ignore_errors=True)
+    if config is not None:
+        b = config.broker
+        checks += doctor.check_broker(
+            b.url, Path(b.ca), Path(b.cert), Path(b.key), config.node,
+            timeout_s=b.connect_timeout_s,
+        )  # fmt: skip
+        checks.append(doctor.check_policy(Path(config.policy), config.node))
+        checks.append(doctor.check_state_dir(config.state_path))
+        checks.append(doctor.check_clock(config.clock_skew_s))
+    if args.json:
+        report = host_report(profiles, caps)
+        sys.stdout.buffer.write(doctor.to_json(checks, usable, report) + b"\n")
+    else:
+        sys.stdout.write(doctor.render(checks, usable))
+    return doctor.exit_code(checks, usable)

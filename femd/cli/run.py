@@ -1,0 +1,42 @@
+"""``femd run``: the agent in the foreground, as systemd starts it.
+
+Owns the command's logging set-up (level, journald or JSON lines); the agent
+is ``femd.agent``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+__all__ = ["add_commands"]
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``run`` to the ``femd`` parser."""
+    s = sub.add_parser("run", help="the agent, in the foreground (systemd runs this)")
+    s.add_argument(
+        "--config", help="femd.yaml (default $FEMD_CONFIG, /etc/femd/femd.yaml)"
+    )
+    s.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from femd import audit
+    from femd.agent import Agent
+    from femd.config import load_config
+
+    path = Path(args.config) if args.config else None
+    config = load_config(path, os.environ)
+    level = (
+        logging.DEBUG if args.verbose else getattr(logging, config.log_level.upper())
+    )
+    logging.getLogger().setLevel(level)
+    audit.configure(config.audit)
+    if not audit.to_journal():
+        from femd.logline import use_json_lines
+
+        use_json_lines()
+    return Agent(config, config_path=path).run()
