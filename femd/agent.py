@@ -117,7 +117,7 @@ class Agent(Reception):
             config.broker,
             self.node,
             self.state,
-            prefetch=max(1, config.max_concurrent_tasks),
+            prefetch=config.intake_window,
             on_state=self._on_broker_state,
             on_delivery=self._wake,
         )
