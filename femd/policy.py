@@ -9,7 +9,6 @@ the policy to a task is ``decision``'s business.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ from femd.model import (
     Peer,
     Port,
     Strict,
+    json_schema,
 )
 from femd.plain import first, problems
 from femd.yamlfile import (
@@ -354,25 +354,9 @@ def valid_peer(peer: str) -> bool:
     return len(peer) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
 
 
-def _dedent(node: Any) -> Any:  # noqa: ANN401 (JSON)
-    # Python 3.13 dedents docstrings itself, 3.11 does not: the shipped schema must
-    # not depend on the interpreter that printed it.
-    if isinstance(node, dict):
-        return {
-            k: inspect.cleandoc(v)
-            if k == "description" and isinstance(v, str)
-            else _dedent(v)
-            for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [_dedent(v) for v in node]
-    return node
-
-
 def policy_schema() -> dict[str, Any]:
     """Return the policy's JSON Schema, generated from the types above."""
-    schema: dict[str, Any] = _dedent(msgspec.json.schema(Policy))
-    return schema
+    return json_schema(Policy)
 
 
 # ---------------------------------------------------------------------------
