@@ -462,11 +462,11 @@ def test_adopt_ignores_another_node_s_containers(podman_box: PodmanBox) -> None:
 def test_conmon_enforces_the_timeout_without_an_agent(
     podman_box: PodmanBox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import femd.launchers.podman as podman_launcher
+    from femd.launchers.podman import container
 
     # Shorten the grace and slack (10 s + 5 s) so that the test is quick.
-    monkeypatch.setattr(podman_launcher, "_STOP_GRACE_S", 1)
-    monkeypatch.setattr(podman_launcher, "_CONMON_SLACK_S", 0)
+    monkeypatch.setattr(container, "STOP_GRACE_S", 1)
+    monkeypatch.setattr(container, "CONMON_SLACK_S", 0)
     handle, spec = podman_box.launch("sleep 60", timeout_s=2)
     del handle  # no agent waits: nobody but conmon enforces the timeout
     podman_box.wait_status(spec.task_id, "exited", timeout_s=30)
