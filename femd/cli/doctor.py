@@ -34,6 +34,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from femd.admission import host_report
     from femd.config import load_config
     from femd.launchers import build_all, load_profiles
+    from femd.statedir import StateDir
 
     config = None
     if args.launchers:
@@ -49,7 +50,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     # its parents for the sandbox users), as femd in its own state dir.
     scratch = Path(tempfile.mkdtemp(prefix="femd-doctor-"))
     if os.geteuid() != 0 and config is not None:
-        work_root = config.state_path / "doctor"
+        work_root = StateDir(config.state_path).doctor
     else:
         work_root = scratch / "doctor"
     checks: list[doctor.Check] = []
