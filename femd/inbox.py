@@ -2,7 +2,8 @@
 
 Owns one directory (``results_dir`` of the orchestrator config, ``--inbox``):
 
-- ``inbox.sqlite`` (WAL): status events (one per node and ``seq``), the
+- ``inbox.sqlite`` (WAL): status events (one per node and ``seq``) and the
+  holes in each node's ``event_seq`` numbering (``eventgaps``), the
   announced outputs and which of their chunks are in, node status, live log
   batches, and the tasks this orchestrator submitted;
 - ``parts/<node>/<task>.part``: outputs being received, each chunk written at
@@ -35,12 +36,15 @@ from typing import Any, Final
 
 import msgspec
 
+from femd import eventgaps
 from femd.assembly import OutputAssembly, now_text, release_dead_claims
 from femd.errors import StateError, cut
+from femd.eventgaps import EventGap
 from femd.events import TERMINAL_STATES
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT_BYTES",
+    "EventGap",
     "Inbox",
     "LogBatch",
     "NodeSeen",
@@ -51,7 +55,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 # Above any node's default cap (2 GiB of content plus archive slack).
 DEFAULT_MAX_OUTPUT_BYTES: Final = 4 * 1024 * 1024 * 1024
 _BUSY_MS: Final = 30000
@@ -65,6 +69,7 @@ CREATE TABLE events (
     state TEXT NOT NULL,
     body TEXT NOT NULL,
     received_at TEXT NOT NULL,
+    event_seq INTEGER,
     UNIQUE (node, seq)
 );
 CREATE INDEX events_task ON events (task_id, id);
@@ -187,6 +192,7 @@ class _Decoded(msgspec.Struct, frozen=True):
     task_id: str
     state: str
     seq: int
+    event_seq: int | None = None
 
 
 _decode_event = msgspec.json.Decoder(_Decoded).decode
@@ -210,7 +216,7 @@ class Inbox:
         self.root = root
         self.max_output_bytes = max_output_bytes
         self._lock = threading.Lock()
-        self._events: list[tuple[str, int, str, str, str]] = []
+        self._events: list[tuple[str, int, str, str, str, int | None]] = []
         self._nodes: dict[str, str] = {}
         self._logs: list[tuple[str, str, int, int, bytes]] = []
         try:
@@ -238,6 +244,14 @@ class Inbox:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                for statement in eventgaps.SCHEMA:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version == 1:
+                # Events numbered by their node (`event_seq`), and the holes.
+                db.execute("ALTER TABLE events ADD COLUMN event_seq INTEGER")
+                for statement in eventgaps.SCHEMA:
+                    db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise StateError(
@@ -303,7 +317,7 @@ class Inbox:
             logger.warning("inbox: dropping an event routed %s", cut(routing_key))
             return
         text = json.dumps(parsed, sort_keys=True)
-        self._events.append((ev.node, ev.seq, ev.task_id, ev.state, text))
+        self._events.append((ev.node, ev.seq, ev.task_id, ev.state, text, ev.event_seq))
 
     def stage_node(self, routing_key: str, body: bytes) -> None:
         """Keep a node status for ``commit()`` (the newest per node wins)."""
@@ -355,13 +369,15 @@ class Inbox:
         announced: list[tuple[str, str, dict[str, Any]]] = []
         fresh: list[str] = []
         with self.transaction("commit") as db:
-            for node, seq, task, state, text in self._events:
+            for node, seq, task, state, text, event_seq in self._events:
                 if db.execute(
                     "INSERT OR IGNORE INTO events (node, seq, task_id, state, body,"
-                    " received_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (node, seq, task, state, text, now),
+                    " received_at, event_seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (node, seq, task, state, text, now, event_seq),
                 ).rowcount:
                     fresh.append(text)
+                    if event_seq is not None:
+                        eventgaps.note(db, node, event_seq, now)
                 outputs = json.loads(text).get("outputs")
                 if state in TERMINAL_STATES and isinstance(outputs, dict):
                     announced.append((node, task, outputs))
@@ -450,6 +466,18 @@ class Inbox:
         """Status events after inbox id *after*, of one task or all, in order."""
         rows = self._since("id, node, task_id, state, body FROM events", task_id, after)
         return [StoredEvent(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def gaps(self) -> list[EventGap]:
+        """Status events missing between ones received, per node (see eventgaps).
+
+        Raises:
+            StateError: the read failed.
+        """
+        with self._lock:
+            try:
+                return eventgaps.open_gaps(self._db)
+            except sqlite3.Error as e:
+                raise StateError(f"inbox: read failed: {cut(e)}") from e
 
     def output(self, node: str, task_id: str) -> OutputStatus | None:
         """Where the outputs of *task_id* from *node* stand, or None if unknown."""
