@@ -20,6 +20,7 @@ from queue import Empty, SimpleQueue
 from typing import Final
 
 from femd import audit
+from femd.admission import Host
 from femd.broker import NodeLink
 from femd.config import AgentConfig
 from femd.decision import EventRule
@@ -85,6 +86,7 @@ class Dispatch:
                 node=self.node,
                 now=_now(),
                 skew_s=self.config.clock_skew_s,
+                host=Host(self.profiles, self.caps, self.dirs.work),
             )
             if decision.allowed:
                 continue
