@@ -88,7 +88,7 @@ class Agent(Reception):
     """
 
     def __init__(self, config: AgentConfig, *, config_path: Path | None = None) -> None:
-        """Load policy and profiles, open state, probe launchers; connect nothing yet.
+        """Load policy and profiles, open state; probe and connect nothing yet.
 
         Raises:
             PolicyError: the policy is invalid.
@@ -110,10 +110,10 @@ class Agent(Reception):
         self.state = State(self.state_dir / "state.sqlite")
         for f in self.state_dir.glob("state.sqlite*"):
             f.chmod(0o600)  # SECURITY: history, payloads and outbox are femd's alone
+        # Built and probed by run(), while the link connects.
         self.launchers: dict[tuple[str, str], Launcher] = {}
         self.caps: dict[tuple[str, str], Capabilities] = {}
         self.reprobe = Reprobe()
-        self._build_launchers()
         self.link = NodeLink(
             config.broker,
             self.node,
@@ -328,8 +328,12 @@ class Agent(Reception):
             node=self.node,
             policy_sha256=self.policy.sha256,
         )
-        self.recover()
+        # The broker connects while the launchers are probed: deliveries wait
+        # in the link's inbox until the loop runs, after every probe (nothing
+        # is admitted on a capability not yet proven) and the recovery.
         self.link.start()
+        self._build_launchers()
+        self.recover()
         self.publish_node_status()
         while not self._stop.is_set():
             self._tick()
