@@ -49,7 +49,8 @@ from femd.policy import LoadedPolicy, load_policy
 from femd.reception import REPLAY_RULE, Reception
 from femd.reprobe import Reprobe
 from femd.retention import Retention
-from femd.state import TERMINAL_STATES, State
+from femd.state import TERMINAL_STATES
+from femd.statedir import StateDir
 from femd.tlsfiles import check_tls_files
 
 __all__ = ["REPLAY_RULE", "RESTART_RULE", "Agent"]
@@ -105,11 +106,9 @@ class Agent(Reception):
         self.profiles: dict[str, LauncherProfile] = load_profiles(
             Path(config.launchers)
         )
-        self.state_dir = config.state_path
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self.state = State(self.state_dir / "state.sqlite")
-        for f in self.state_dir.glob("state.sqlite*"):
-            f.chmod(0o600)  # SECURITY: history, payloads and outbox are femd's alone
+        self.dirs = StateDir(config.state_path)
+        self.state_dir = self.dirs.root
+        self.state = self.dirs.open_state()
         # Built and probed by run(), while the link connects.
         self.launchers: dict[tuple[str, str], Launcher] = {}
         self.caps: dict[tuple[str, str], Capabilities] = {}

@@ -32,6 +32,7 @@ from femd.model import utc_now as _now
 from femd.policy import LoadedPolicy
 from femd.readmission import decide_again
 from femd.state import TERMINAL_STATES, State
+from femd.statedir import StateDir
 
 __all__ = ["RESTART_RULE", "Dispatch"]
 
@@ -47,6 +48,7 @@ class Dispatch:
     node: str
     state: State
     state_dir: Path
+    dirs: StateDir
     link: NodeLink
     policy: LoadedPolicy
     profiles: dict[str, LauncherProfile]
@@ -216,7 +218,7 @@ class Dispatch:
 
     def _prune_outgoing(self) -> None:
         """Remove archives no queued chunk needs (packing cut short by a crash)."""
-        outgoing = self.state_dir / "outgoing"
+        outgoing = self.dirs.outgoing
         if not outgoing.is_dir():
             return
         keep = {Path(p).resolve() for p in self.state.queued_archives()}

@@ -111,7 +111,7 @@ class Reception(Dispatch):
                 d, d.problem, [(EventRule.INPUT_AMQP, d.problem)], dead_letter=True
             )
             return
-        host = Host(self.profiles, self.caps, self.state_dir / "work")
+        host = Host(self.profiles, self.caps, self.dirs.work)
         try:
             verdict = admit_here(
                 d.body,
