@@ -44,7 +44,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         profiles_dir = Path(config.launchers)
         socket = args.podman_socket or config.podman.socket
     profiles = load_profiles(profiles_dir)
-    if not args.verbose:  # the trial's own "unsafe mode" warning: doctor says it
+    if not args.verbose:  # the trial launcher's own warning: doctor says it
         logging.getLogger("femd.launchers.podman").setLevel(logging.ERROR)
     # Trial work dirs: as root in a private scratch dir (open_work_dirs opens
     # its parents for the sandbox users), as femd in its own state dir.

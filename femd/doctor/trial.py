@@ -162,7 +162,7 @@ def _trial(
         image = _doctor_image(podman_socket or "") if name == "podman" else None
         spec = _trial_spec(name, profile, work / "out", image)
         # Not start(): for podman on a host without cgroup delegation the
-        # trial runs in the launcher's unsafe mode (see trial_launcher()).
+        # trial runs without memory/cpu limits (see trial_launcher()).
         handle = launcher.launch(spec)
         outcome = handle.wait(TRIAL_TIMEOUT_S + 30)
         if outcome is None:
@@ -242,11 +242,8 @@ def trial_launcher(
 
     if name != "podman":
         return LAUNCHERS[name](profile, state_dir=state_dir, podman_socket=None)
-    from femd.launchers.podman import PodmanLauncher
+    from femd.launchers.podman import TrialPodmanLauncher
 
-    return PodmanLauncher(
-        profile,
-        state_dir=state_dir,
-        podman_socket=podman_socket,
-        unsafe_unenforced_limits=("memory", "cpu"),
+    return TrialPodmanLauncher(
+        profile, state_dir=state_dir, podman_socket=podman_socket
     )

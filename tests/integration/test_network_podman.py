@@ -4,7 +4,7 @@ The same checks as the process launcher's (test_network_process.py): the
 container keeps ``--network=none``; femd joins its namespace from outside
 before the command starts and forwards the allowed destinations and ports
 only. Limits this host cannot enforce (rootless cgroup v1) run in the tests'
-explicit unsafe mode, as the other podman tests do.
+test-only unenforced launcher, as the other podman tests do.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def test_a_profile_without_network_refuses_such_tasks(podman_box: PodmanBox):
     off = msgspec.structs.replace(
         podman_box.profile, network=NetworkSettings(enabled=False)
     )
-    launcher = podman_box.make_launcher(unsafe=("memory", "cpu"), settings=off)
+    launcher = podman_box.make_launcher(unenforced=True, settings=off)
     assert not launcher.probe().egress
     spec = podman_box.spec("touch /out/ran", egress=("db.example:5432",))
     spec = msgspec.structs.replace(spec, profile=off)

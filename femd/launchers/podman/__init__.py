@@ -19,7 +19,7 @@ subordinate ids), the task process as uid/gid 65534 inside, an init (catatonit)
 as PID 1, a sized ``noexec`` tmpfs on ``/tmp``, inputs bound read-only, the output
 directory the only writable bind, no devices, host ``/etc/hosts`` and
 ``resolv.conf`` not copied in, image ``VOLUME``s ignored, ``k8s-file`` logs of a
-bounded size, labels ``femd.task=<id>`` (+ ``femd.node``, ``femd.timeout_s``).
+bounded size, labels ``femd.task=<id>`` (+ ``femd.timeout_s``, ``femd.log_max_bytes``).
 
 Limits: the pids limit is ``RLIMIT_NPROC`` of the task uid inside its user
 namespace (plus the cgroup ``pids.max`` where Podman can set it). Memory and cpu
@@ -49,12 +49,13 @@ from __future__ import annotations
 from femd.launchers.podman.container import LABEL_TASK, TASK_USER
 from femd.launchers.podman.handle import PodmanHandle
 from femd.launchers.podman.image import verify_image_digest
-from femd.launchers.podman.launcher import PodmanLauncher
+from femd.launchers.podman.launcher import PodmanLauncher, TrialPodmanLauncher
 
 __all__ = [
     "LABEL_TASK",
     "TASK_USER",
     "PodmanHandle",
     "PodmanLauncher",
+    "TrialPodmanLauncher",
     "verify_image_digest",
 ]

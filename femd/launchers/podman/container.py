@@ -20,7 +20,6 @@ from femd.launchers.targets import PODMAN_RESERVED as _RESERVED
 __all__ = [
     "CONMON_SLACK_S",
     "LABEL_LOG_MAX",
-    "LABEL_NODE",
     "LABEL_TASK",
     "LABEL_TIMEOUT",
     "STOP_GRACE_S",
@@ -32,7 +31,6 @@ __all__ = [
 TASK_USER: Final = "65534:65534"
 """uid:gid of the task process inside the container (never root)."""
 LABEL_TASK: Final = "femd.task"
-LABEL_NODE: Final = "femd.node"
 LABEL_TIMEOUT: Final = "femd.timeout_s"
 LABEL_LOG_MAX: Final = "femd.log_max_bytes"
 STOP_GRACE_S: Final = 10
@@ -99,7 +97,6 @@ def container_spec(
     image_id: str,
     *,
     cgroup_pids: bool,
-    node: str | None,
 ) -> dict[str, Any]:
     """The libpod SpecGenerator for *spec* (what ``podman create`` would send).
 
@@ -175,8 +172,6 @@ def container_spec(
         LABEL_LOG_MAX: str(spec.log_max_bytes),
         "femd.profile": spec.profile.name,
     }
-    if node:
-        labels[LABEL_NODE] = node
     body: dict[str, Any] = {
         "name": f"femd-{spec.task_id}",
         "image": image_id,

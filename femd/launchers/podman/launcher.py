@@ -4,7 +4,8 @@ Owns the launcher of the ``podman`` back-end (see the package docstring for
 the sandbox): ``probe()`` asks the service (``info``), ``launch()`` re-checks
 the limits (fail closed), stages the image, creates the container, forwards
 its network if any, and starts it; ``adopt()`` finds a container again by its
-``femd.task`` label after an agent restart.
+``femd.task`` label after an agent restart. ``TrialPodmanLauncher`` is
+``femd doctor``'s, for its trivial task.
 """
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ import json
 import logging
 import os
 import time
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
-from femd.errors import LaunchError, StageInError, UnenforceableError, cut
-from femd.launchers import Capabilities, LaunchSpec
+import msgspec
+
+from femd.errors import LaunchError, StageInError, cut
+from femd.launchers import Capabilities, LaunchSpec, refuse_unenforceable
 from femd.launchers.netns import probe_join
 from femd.launchers.network import TaskNetwork
 from femd.launchers.podman.client import FOREIGN, call, connect, socket_problem
 from femd.launchers.podman.container import (
     LABEL_LOG_MAX,
-    LABEL_NODE,
     LABEL_TASK,
     LABEL_TIMEOUT,
     container_spec,
@@ -35,12 +36,11 @@ from femd.launchers.podman.image import ensure_image
 from femd.launchers.profile import LauncherProfile, PodmanSettings
 from femd.model import TaskId
 
-__all__ = ["PodmanLauncher"]
+__all__ = ["PodmanLauncher", "TrialPodmanLauncher"]
 
 logger = logging.getLogger(__name__)
 
 _PROBE_TTL_S: Final = 30.0
-_UNSAFE_OK: Final = frozenset({"memory", "cpu"})
 
 
 def _enforcement(
@@ -68,26 +68,10 @@ class PodmanLauncher:
         *,
         state_dir: Path,
         podman_socket: str | None,
-        node: str | None = None,
-        unsafe_unenforced_limits: Collection[str] = (),
     ) -> None:
-        """Prepare (not connect); ``probe()`` reports what is missing.
-
-        *unsafe_unenforced_limits* (``"memory"``, ``"cpu"``) lets ``launch()`` run a
-        task whose limit this host cannot enforce. It is for the integration
-        tests on hosts without cgroup delegation, is never set from any
-        configuration, and every such launch logs a warning.
-
-        Raises:
-            RuntimeError: an unknown name in *unsafe_unenforced_limits* (a bug).
-        """
-        unknown = set(unsafe_unenforced_limits) - _UNSAFE_OK
-        if unknown:
-            raise RuntimeError(f"podman: cannot run without {sorted(unknown)} limits")
+        """Prepare (not connect); ``probe()`` reports what is missing."""
         self._profile = profile
         self._markers = state_dir / "podman"
-        self._node = node
-        self._unsafe = frozenset(unsafe_unenforced_limits)
         sock = podman_socket or ""
         self._url = sock if "://" in sock or not sock else f"unix://{sock}"
         self._cgroup_pids = False
@@ -202,29 +186,22 @@ class PodmanLauncher:
         return ensure_image(self._url, ref, chosen)
 
     # -- running ------------------------------------------------------------------
-    def _refusals(self, spec: LaunchSpec, caps: Capabilities) -> list[str]:
-        out = (
-            []
-            if caps.available
-            else [f"podman unavailable: {'; '.join(caps.problems)}"]
-        )
-        if not caps.memory_limit and "memory" not in self._unsafe:
-            out.append(f"memory limit of {spec.limits.memory_mb} MB cannot be enforced")
-        if not caps.cpu_limit and "cpu" not in self._unsafe:
-            out.append(f"cpu limit of {spec.limits.cpus:g} cpus cannot be enforced")
-        if not caps.pids_limit:
-            out.append(f"pids limit of {spec.limits.pids} cannot be enforced")
-        if spec.egress and not caps.egress:
-            out.append("network egress cannot be enforced by podman here")
-        if spec.listen and not caps.ingress:
-            out.append("listening ports cannot be enforced by podman here")
-        return out
-
     def launch(self, spec: LaunchSpec) -> PodmanHandle:
         """Create and start the task's container.
 
         Raises:
             UnenforceableError: a limit of *spec* cannot be enforced (nothing ran).
+            LaunchError: bad spec, image not stageable, or podman failed.
+        """
+        caps = self.probe()
+        # SECURITY: fail closed even when the caller skipped unenforceable().
+        refuse_unenforceable(spec, caps)
+        return self._start(spec, caps)
+
+    def _start(self, spec: LaunchSpec, caps: Capabilities) -> PodmanHandle:
+        """Stage the image, create and start the container under *caps*.
+
+        Raises:
             LaunchError: bad spec, image not stageable, or podman failed.
         """
         settings = spec.profile.podman
@@ -233,29 +210,12 @@ class PodmanLauncher:
                 f"podman: task {spec.task_id}: not a podman task "
                 "(launcher, profile podman section and image needed)"
             )
-        caps = self.probe()
-        # SECURITY: fail closed even when the caller skipped unenforceable().
-        refusals = self._refusals(spec, caps)
-        if refusals:
-            raise UnenforceableError(f"task {spec.task_id}: " + "; ".join(refusals))
-        unenforced = {"memory": not caps.memory_limit, "cpu": not caps.cpu_limit}
-        for kind in sorted(k for k in self._unsafe if unenforced[k]):
-            logger.warning(
-                "task %s: runs WITHOUT an enforced %s limit (unsafe mode)",
-                spec.task_id,
-                kind,
-            )
         try:
             image_id = self.ensure_image(spec.image, settings)
         except StageInError as e:
             raise LaunchError(str(e)) from e
         body = container_spec(
-            spec,
-            settings,
-            caps,
-            image_id,
-            cgroup_pids=self._cgroup_pids,
-            node=self._node,
+            spec, settings, caps, image_id, cgroup_pids=self._cgroup_pids
         )
         prepare_output(Path(spec.output_dir))
         net = TaskNetwork(spec, spec.profile.network) if spec.network else None
@@ -337,8 +297,6 @@ class PodmanLauncher:
         """
         # podman-py: a list of "key=value" strings (a dict takes one value per key).
         labels = [f"label={LABEL_TASK}={task_id}"]
-        if self._node:
-            labels.append(f"label={LABEL_NODE}={self._node}")
         with connect(self._url) as client:
             found = call(
                 f"list {task_id}",
@@ -368,3 +326,33 @@ class PodmanLauncher:
             log_max_bytes=log_max,
             markers=self._markers,
         )
+
+
+class TrialPodmanLauncher(PodmanLauncher):
+    """``femd doctor``'s launcher for its trivial task (never for a task).
+
+    On a host where podman cannot enforce memory or cpu limits (rootless
+    cgroup v1), the doctor's trivial task (``catatonit -V``) still runs, to
+    prove the runtime works, without those two limits: each such launch logs a
+    warning. Every other limit is checked as ``launch()`` does; the probe still
+    reports the missing limits, so the agent refuses every real task.
+    """
+
+    def launch(self, spec: LaunchSpec) -> PodmanHandle:
+        """Start *spec* without the memory and cpu limits this host lacks.
+
+        Raises:
+            UnenforceableError: another limit cannot be enforced (nothing ran).
+            LaunchError: bad spec, image not stageable, or podman failed.
+        """
+        caps = self.probe()
+        waived = {"memory": not caps.memory_limit, "cpu": not caps.cpu_limit}
+        relaxed = msgspec.structs.replace(caps, memory_limit=True, cpu_limit=True)
+        refuse_unenforceable(spec, relaxed)
+        for kind in sorted(k for k, missing in waived.items() if missing):
+            logger.warning(
+                "task %s: runs WITHOUT an enforced %s limit (trial)",
+                spec.task_id,
+                kind,
+            )
+        return self._start(spec, caps)
