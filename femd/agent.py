@@ -89,7 +89,7 @@ class Agent(Reception):
     """
 
     def __init__(self, config: AgentConfig, *, config_path: Path | None = None) -> None:
-        """Load policy and profiles, open state, probe launchers; connect nothing yet.
+        """Load policy and profiles, open state; probe and connect nothing yet.
 
         Raises:
             PolicyError: the policy is invalid.
@@ -109,10 +109,10 @@ class Agent(Reception):
         self.dirs = StateDir(config.state_path)
         self.state_dir = self.dirs.root
         self.state = self.dirs.open_state()
+        # Built and probed by run(), while the link connects.
         self.launchers: dict[tuple[str, str], Launcher] = {}
         self.caps: dict[tuple[str, str], Capabilities] = {}
         self.reprobe = Reprobe()
-        self._build_launchers()
         self.link = NodeLink(
             config.broker,
             self.node,
@@ -327,8 +327,12 @@ class Agent(Reception):
             node=self.node,
             policy_sha256=self.policy.sha256,
         )
-        self.recover()
+        # The broker connects while the launchers are probed: deliveries wait
+        # in the link's inbox until the loop runs, after every probe (nothing
+        # is admitted on a capability not yet proven) and the recovery.
         self.link.start()
+        self._build_launchers()
+        self.recover()
         self.publish_node_status()
         while not self._stop.is_set():
             self._tick()

@@ -1,8 +1,8 @@
 """Lost status events: the holes in each node's ``event_seq`` numbering.
 
 A node numbers its status events 1, 2, 3, ... (``event_seq``, DESIGN "Status
-event"), with no gap on ``femd.events``. Owns two tables of the orchestrator
-inbox: ``event_marks`` (the highest number seen per node) and ``event_gaps``
+event"), with no gap on ``femd.events``. Owns two tables of the inbox
+database: ``event_marks`` (the highest number seen per node) and ``event_gaps``
 (the numbers not received between two that were, with when the hole
 opened). ``note()`` keeps them in the transaction that commits the events, at
 a constant cost per event; a late event (the broker hands back what a
