@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta
@@ -167,6 +167,9 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
+_SCAN: Final = json.JSONDecoder(object_pairs_hook=_pairs)
+
+
 def refuse_duplicate_keys(data: bytes) -> None:
     """Parse *data* as JSON only to refuse any object with a repeated key.
 
@@ -179,8 +182,9 @@ def refuse_duplicate_keys(data: bytes) -> None:
     """
     try:
         # SECURITY: the stdlib parser is used for this scan only; values come from
-        # msgspec's typed decode of the same bytes.
-        json.loads(data, object_pairs_hook=_pairs)
+        # msgspec's typed decode of the same bytes. The bytes are read as
+        # json.loads reads bytes; the decoder is built once (a hot path).
+        _SCAN.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
     except RecursionError as e:
         raise ValueError("JSON nests too deeply") from e
 
