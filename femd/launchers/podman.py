@@ -38,8 +38,9 @@ reads them as "other".
 Lifecycle: a ``wait()`` that returns an ``Outcome`` removes the container (after
 copying up to ``log_max_bytes`` of its log, which ``logs()`` serves from then on).
 Timeouts are wall-clock, from the container's ``StartedAt``, and survive an agent
-restart (``adopt()``); a cancel or a timeout leaves a marker in
-``<state_dir>/podman/`` so the terminal state survives one too.
+restart (``adopt()``); a cancel or a timeout leaves a marker in the
+launcher's state directory (``<state_dir>/launchers/podman/``) so the
+terminal state survives one too.
 """
 
 from __future__ import annotations
@@ -539,7 +540,7 @@ class PodmanLauncher:
         if unknown:
             raise RuntimeError(f"podman: cannot run without {sorted(unknown)} limits")
         self._profile = profile
-        self._markers = state_dir / "podman"
+        self._markers = state_dir
         self._node = node
         self._unsafe = frozenset(unsafe_unenforced_limits)
         sock = podman_socket or ""
