@@ -14,8 +14,8 @@ Runs as root. Issue 5's target: femd / bare <= 1.2x. In one run, interleaved:
   and the busybox test image; `podman run --rm --network none IMAGE true` as
   femd-podman is the bare figure. If femd refuses podman tasks on this host
   because their limits cannot be enforced, that is printed instead of a femd
-  figure; the launcher's overhead is then measured in its test-only
-  `unsafe_unenforced_limits` mode and labelled as such.
+  figure; the launcher's overhead is then measured with the test-only
+  `testbed.podman.unenforced_launcher` (no memory/cpu limits) and labelled as such.
 
 Figures are medians (p95 in the note). No assertions.
 """
@@ -158,7 +158,12 @@ def process_rows(n: int) -> list[Row]:
 
 
 def podman_rows(n: int) -> list[Row]:
-    from testbed.podman import PodmanService, PodmanServiceError, podman_available
+    from testbed.podman import (
+        PodmanService,
+        PodmanServiceError,
+        podman_available,
+        unenforced_launcher,
+    )
 
     why = podman_available()
     if why is not None:
@@ -186,13 +191,8 @@ def podman_rows(n: int) -> list[Row]:
 
         launcher: Launcher = strict
         if refused:
-            from femd.launchers.podman import PodmanLauncher
-
-            launcher = PodmanLauncher(
-                bench.profile,
-                state_dir=root / "state",
-                podman_socket=service.url,
-                unsafe_unenforced_limits=("memory", "cpu"),
+            launcher = unenforced_launcher(
+                bench.profile, state_dir=root / "state", podman_socket=service.url
             )
         for _ in range(2):  # warm up
             bench.run(launcher, bench.spec(argv, image), probe=not refused)

@@ -61,7 +61,8 @@ for p in (str(REPO), str(BENCH)):
 
 IDLE_S = 10.0
 FLOOD_N = 1000
-WIDE_PREFETCH = 32
+# The agent's intake_window (femd.yaml default): the flood baseline's prefetch.
+INTAKE_WINDOW = 32
 _TICK = os.sysconf("SC_CLK_TCK")
 # Row names the summary reads (bench/latency.py and bench/launch.py use them).
 LATENCY = "latency p50, submit->succeeded"
@@ -286,7 +287,7 @@ def bare_consumer(bed: Any, prefetch: int) -> Iterator[subprocess.Popen[str]]:
 
 
 def agent_rows() -> list[Any]:
-    from latency import AGENT_NODE, CONCURRENCY, ECHO_NODE, Row, testbed
+    from latency import AGENT_NODE, ECHO_NODE, Row, testbed
 
     with testbed(with_agent=False) as bed:
         assert bed.vhost is not None
@@ -294,7 +295,7 @@ def agent_rows() -> list[Any]:
         ready_s = agent.ready_s or 0.0
         rss, cpu = idle(agent.pid)
         t0 = time.monotonic()
-        with bare_consumer(bed, CONCURRENCY) as bare:
+        with bare_consumer(bed, INTAKE_WINDOW) as bare:
             assert bare.stdout is not None
             line = bare.stdout.readline()
             bare_ready = time.monotonic() - t0
@@ -312,15 +313,6 @@ def agent_rows() -> list[Any]:
                 bare_s, bare_n = flood.run(bare.pid, ECHO_NODE, bodies)
             finally:
                 flood.close()
-        # What the prefetch window alone allows a consumer (a bound, not a goal).
-        with bare_consumer(bed, WIDE_PREFETCH) as wide:
-            assert wide.stdout is not None
-            wide.stdout.readline()
-            flood = Flood(bed.vhost)
-            try:
-                wide_s, wide_n = flood.run(wide.pid, ECHO_NODE, bodies)
-            finally:
-                flood.close()
     pct = 100 / IDLE_S
     femd_rate, bare_rate = femd_n / femd_s, bare_n / bare_s
     return [
@@ -332,11 +324,9 @@ def agent_rows() -> list[Any]:
             (cpu / bare_cpu) if bare_cpu else None,
             f"utime+stime: {cpu * 1000:.0f} ms vs {bare_cpu * 1000:.0f} ms"),
         Row(FLOOD, femd_rate, bare_rate, "msg/s", femd_rate / bare_rate,
-            f"{femd_n} msgs in {femd_s:.2f} s; prefetch {CONCURRENCY}; "
+            f"{femd_n} msgs in {femd_s:.2f} s; intake window {INTAKE_WINDOW}; "
             f"{kept:.2f} durable state rows kept per message; baseline: bare "
-            "pika consumer acking each"),
-        Row(f"  bare consumer, prefetch {WIDE_PREFETCH}", wide_n / wide_s, None,
-            "msg/s", note="what a wider prefetch window alone allows"),
+            "pika consumer acking each, same prefetch"),
     ]  # fmt: skip
 
 

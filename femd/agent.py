@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import gc
 import logging
 import os
@@ -21,19 +20,17 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import sdnotify
 
 from femd import audit
-from femd.admission import Host, admit_here
 from femd.broker import NodeLink
 from femd.config import AgentConfig
-from femd.decision import Decision, EventRule, Verdict
-from femd.errors import EnvelopeError, FemdError, ManifestError, cut
+from femd.dispatch import RESTART_RULE
+from femd.errors import FemdError, cut
 from femd.execution import Runner
 from femd.flood import Tally
 from femd.intake import Retry
@@ -45,24 +42,21 @@ from femd.launchers import (
     load_profiles,
     probe,
 )
-from femd.livelog import LogFollower
-from femd.manifest import Cancel, Task, decode_manifest
 from femd.messages import Delivery
 from femd.model import utc_now as _now
 from femd.nodestatus import cert_not_after, status_message
 from femd.policy import LoadedPolicy, load_policy
-from femd.readmission import decide_again
+from femd.reception import REPLAY_RULE, Reception
 from femd.reprobe import Reprobe
 from femd.retention import Retention
-from femd.state import TERMINAL_STATES, State
+from femd.state import TERMINAL_STATES
+from femd.statedir import StateDir
 from femd.tlsfiles import check_tls_files
 
 __all__ = ["REPLAY_RULE", "RESTART_RULE", "Agent"]
 
 logger = logging.getLogger(__name__)
 
-REPLAY_RULE: Final = EventRule.TASK_REPLAYED
-RESTART_RULE: Final = EventRule.AGENT_RESTARTED
 _STATUS_EVERY_S: Final = 5.0
 
 
@@ -87,11 +81,15 @@ def _release_startup_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-class Agent:
-    """One femd agent process."""
+class Agent(Reception):
+    """One femd agent process.
+
+    Its intake is ``Reception`` and its tasks ``Dispatch`` (base classes in
+    their own modules); this class loads, loops, reloads and stops.
+    """
 
     def __init__(self, config: AgentConfig, *, config_path: Path | None = None) -> None:
-        """Load policy and profiles, open state, probe launchers; connect nothing yet.
+        """Load policy and profiles, open state; probe and connect nothing yet.
 
         Raises:
             PolicyError: the policy is invalid.
@@ -108,20 +106,18 @@ class Agent:
         self.profiles: dict[str, LauncherProfile] = load_profiles(
             Path(config.launchers)
         )
-        self.state_dir = config.state_path
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self.state = State(self.state_dir / "state.sqlite")
-        for f in self.state_dir.glob("state.sqlite*"):
-            f.chmod(0o600)  # SECURITY: history, payloads and outbox are femd's alone
+        self.dirs = StateDir(config.state_path)
+        self.state_dir = self.dirs.root
+        self.state = self.dirs.open_state()
+        # Built and probed by run(), while the link connects.
         self.launchers: dict[tuple[str, str], Launcher] = {}
         self.caps: dict[tuple[str, str], Capabilities] = {}
         self.reprobe = Reprobe()
-        self._build_launchers()
         self.link = NodeLink(
             config.broker,
             self.node,
             self.state,
-            prefetch=max(1, config.max_concurrent_tasks),
+            prefetch=config.intake_window,
             on_state=self._on_broker_state,
             on_delivery=self._wake,
         )
@@ -240,65 +236,6 @@ class Agent:
         )
         self._decide_queued_again()
 
-    def _decide_queued_again(self) -> None:
-        """End ``rejected`` every queued task the current policy now denies.
-
-        Runs after a reload and after recovery (the policy may have changed
-        while the agent was down).
-        """
-        for tid in list(self.queue):
-            try:
-                row = self.state.get(tid)
-            except FemdError as e:
-                logger.error("task %s: cannot decide again, not run: %s", tid, e)
-                self.queue.remove(tid)
-                continue
-            if row is None or row.state != "queued" or row.payload is None:
-                continue
-            m = decode_manifest(row.payload)
-            decision = decide_again(
-                m,
-                row.signer_keyids,
-                self.policy,
-                node=self.node,
-                now=_now(),
-                skew_s=self.config.clock_skew_s,
-            )
-            if decision.allowed:
-                continue
-            # SECURITY: out of the queue first; if the state cannot record the
-            # rejection, the task stays queued on disk and is decided again at
-            # the next start, never run meanwhile.
-            self.queue.remove(tid)
-            reasons = [(r.rule.value, r.message) for r in decision.reasons]
-            text = "; ".join(f"{r}: {t}" for r, t in reasons)
-            try:
-                self.state.transition(
-                    tid,
-                    "rejected",
-                    node=self.node,
-                    at=_now(),
-                    reasons=reasons,
-                    error=f"denied by the current policy: {cut(text, 200)}",
-                )
-            except FemdError as e:
-                logger.error("task %s: denied, cannot record it: %s", tid, e)
-            audit.emit(
-                audit.Event.TASK_REJECTED,
-                f"task {tid} denied by the current policy before it started: {text}",
-                priority=5,
-                task_id=tid,
-                project=row.project,
-                node=self.node,
-                state="rejected",
-                decision="deny",
-                rules=[r for r, _ in reasons],
-                signer_keyids=list(row.signer_keyids),
-                manifest_sha256=row.manifest_sha256,
-                policy_sha256=self.policy.sha256,
-            )
-        self.link.wake()
-
     # -- node status -------------------------------------------------------------
 
     def publish_node_status(self, state: Literal["up", "stopping"] = "up") -> None:
@@ -360,370 +297,6 @@ class Agent:
                 node=self.node,
             )
 
-    # -- admission ---------------------------------------------------------------
-
-    def _reject_unverified(
-        self,
-        d: Delivery,
-        why: str,
-        reasons: list[tuple[str, str]],
-        *,
-        dead_letter: bool = False,
-    ) -> None:
-        settle = self.link.reject if dead_letter else self.link.ack
-        kind = tuple(r for r, _ in reasons)
-        if not self.flood.first(kind, time.monotonic()):
-            # A repeat within the window: refused, counted, summarised later.
-            settle(d)
-            return
-        audit.emit(
-            audit.Event.TASK_REJECTED,
-            f"envelope rejected: {cut(why, 200)}",
-            priority=5,
-            node=self.node,
-            state="rejected",
-            decision="deny",
-            rules=[r for r, _ in reasons],
-            policy_sha256=self.policy.sha256,
-        )
-        self.state.event_only(
-            task_id="unverified",
-            state="rejected",
-            node=self.node,
-            at=_now(),
-            reasons=reasons,
-        )
-        settle(d)
-        self.link.wake()
-
-    def _summarise_floods(self) -> None:
-        """One audit entry and one status event for each kind of repeats."""
-        repeats = self.flood.flush(time.monotonic())
-        if not repeats:
-            return
-        for kind, count in repeats.items():
-            text = (
-                f"{count} more unverifiable messages rejected in"
-                f" {self.flood.window_s:.0f} s ({', '.join(kind)})"
-            )
-            audit.emit(
-                audit.Event.TASK_REJECTED,
-                text,
-                priority=5,
-                node=self.node,
-                state="rejected",
-                decision="deny",
-                rules=list(kind),
-                policy_sha256=self.policy.sha256,
-                extra={"COUNT": str(count)},
-            )
-            try:
-                self.state.event_only(
-                    task_id="unverified",
-                    state="rejected",
-                    node=self.node,
-                    at=_now(),
-                    reasons=[(rule, text) for rule in kind],
-                )
-            except FemdError as e:
-                logger.error("cannot record rejected messages: %s", e)
-        self.link.wake()
-
-    def handle(self, d: Delivery) -> None:
-        """Admit one delivery: verify, decide, commit, then ack; raises nothing."""
-        if d.problem is not None:
-            # Not even its AMQP properties decode: dead-letter it, alone.
-            self._reject_unverified(
-                d, d.problem, [(EventRule.INPUT_AMQP, d.problem)], dead_letter=True
-            )
-            return
-        host = Host(self.profiles, self.caps, self.state_dir / "work")
-        try:
-            verdict = admit_here(
-                d.body,
-                self.policy,
-                node=self.node,
-                now=_now(),
-                skew_s=self.config.clock_skew_s,
-                max_bytes=self.config.max_envelope_bytes,
-                host=host,
-            )
-        except EnvelopeError as e:
-            self._reject_unverified(d, str(e), [(EventRule.INPUT_ENVELOPE, str(e))])
-            return
-        except ManifestError as e:
-            self._reject_unverified(d, str(e), [(EventRule.INPUT_MANIFEST, str(e))])
-            return
-        m = verdict.manifest
-        if m is None:
-            reasons = [(r.rule.value, r.message) for r in verdict.decision.reasons]
-            self._reject_unverified(d, "no trusted signature", reasons)
-            return
-        decision = verdict.decision
-        self._commit(d, verdict, decision)
-
-    def _commit(self, d: Delivery, verdict: Verdict, decision: Decision) -> None:
-        m = verdict.manifest
-        assert m is not None  # noqa: S101 (checked by the caller)
-        reasons = [(r.rule.value, r.message) for r in decision.reasons]
-        allowed = decision.allowed
-        fresh = self.state.record(
-            task_id=m.id,
-            project=m.project,
-            kind=type(m).__name__,
-            manifest_sha256=verdict.manifest_sha256,
-            payload=verdict.payload,
-            signer_keyids=list(verdict.keyids),
-            launcher=m.launcher if isinstance(m, Task) else None,
-            decision="allow" if allowed else "deny",
-            reasons=reasons,
-            node=self.node,
-            at=_now(),
-        )
-        if not fresh:
-            self._seen_again(d, m.id, verdict.manifest_sha256)
-            return
-        # SECURITY: the ack comes only after the task and its decision are on disk.
-        self.link.ack(d)
-        self.link.wake()
-        common: dict[str, Any] = {
-            "task_id": m.id,
-            "project": m.project,
-            "node": self.node,
-            "signer_keyids": list(verdict.keyids),
-            "manifest_sha256": verdict.manifest_sha256,
-            "policy_sha256": self.policy.sha256,
-        }
-        audit.emit(
-            audit.Event.TASK_RECEIVED,
-            f"task {m.id} received",
-            state="received",
-            **common,
-        )
-        if not allowed:
-            audit.emit(
-                audit.Event.TASK_REJECTED,
-                f"task {m.id} denied: " + "; ".join(f"{r}: {t}" for r, t in reasons),
-                priority=5,
-                state="rejected",
-                decision="deny",
-                rules=[r for r, _ in reasons],
-                **common,
-            )
-            return
-        task_fields: dict[str, object] = {}
-        if isinstance(m, Task):
-            task_fields = {
-                "image_digest": m.image.partition("@")[2] or None if m.image else None,
-                "git_commit": m.source.commit if m.source else None,
-                "datasets": [i.dataset for i in m.inputs],
-            }
-        audit.emit(
-            audit.Event.TASK_ADMITTED,
-            f"task {m.id} admitted, signed by {', '.join(verdict.signers)}",
-            state="queued",
-            decision="allow",
-            **common,
-            **task_fields,  # type: ignore[arg-type]
-        )
-        if isinstance(m, Cancel):
-            self._apply_cancel(m)
-        else:
-            self.queue.append(m.id)
-
-    def _seen_again(self, d: Delivery, task_id: str, sha: str) -> None:
-        row = self.state.get(task_id)
-        if d.redelivered and row is not None and row.manifest_sha256 == sha:
-            # A redelivery of what we committed before a crash: ack, never rerun.
-            logger.info(
-                "task %s: redelivered, already recorded (%s)", task_id, row.state
-            )
-        else:
-            msg = f"task id {task_id} was already received on this node; not run again"
-            self.state.event_only(
-                task_id=task_id,
-                state="rejected",
-                node=self.node,
-                at=_now(),
-                reasons=[(REPLAY_RULE, msg)],
-            )
-            audit.emit(
-                audit.Event.TASK_REJECTED,
-                msg,
-                priority=5,
-                task_id=task_id,
-                node=self.node,
-                state="rejected",
-                decision="deny",
-                rules=[REPLAY_RULE],
-                manifest_sha256=sha,
-            )
-        self.link.ack(d)
-        self.link.wake()
-
-    def _apply_cancel(self, c: Cancel) -> None:
-        target = self.state.get(c.target)
-        detail = ""
-        if target is not None and target.project != c.project:
-            detail = f"target {c.target} belongs to another project; nothing cancelled"
-        elif c.target in self.runners:
-            self.runners[c.target].cancel(f"cancelled by {c.id}")
-            detail = f"cancelling running task {c.target}"
-        elif target is not None and target.state not in TERMINAL_STATES:
-            if c.target in self.queue:
-                self.queue.remove(c.target)
-            self.state.transition(
-                c.target,
-                "cancelled",
-                node=self.node,
-                at=_now(),
-                error=f"cancelled by {c.id}",
-            )
-            detail = f"cancelled queued task {c.target}"
-        else:
-            detail = f"task {c.target} is not queued or running here; nothing cancelled"
-        audit.emit(
-            audit.Event.TASK_CANCELLED,
-            f"cancel {c.id}: {detail}",
-            task_id=c.target,
-            project=c.project,
-            node=self.node,
-            state="cancelled",
-        )
-        self.state.transition(
-            c.id, "succeeded", node=self.node, at=_now(), error=detail
-        )
-        self.link.wake()
-
-    # -- dispatch ------------------------------------------------------------------
-
-    def _runner(self, task: Task) -> Runner:
-        return Runner(
-            task=task,
-            state=self.state,
-            node=self.node,
-            policy=self.policy,
-            profiles=self.profiles,
-            launchers=self.launchers,
-            state_dir=self.state_dir,
-            chunk_bytes=self.config.result_chunk_bytes,
-            log_max_bytes=self.config.log_max_bytes,
-            wake=self.link.wake,
-            live_log=functools.partial(
-                LogFollower,
-                node=self.node,
-                publish=self.link.publish_soon,
-                rate_bytes_s=self.config.live_log_bytes_s,
-                burst_bytes=self.config.live_log_burst_bytes,
-            ),
-        )
-
-    def _spawn(self, task_id: str, target: Callable[[], object]) -> None:
-        def run() -> None:
-            try:
-                target()
-            finally:
-                self._finished.put(task_id)
-                self._wake()
-
-        t = threading.Thread(target=run, name=f"task-{task_id}", daemon=True)
-        self.threads[task_id] = t
-        t.start()
-
-    def _reap(self) -> None:
-        """Free the slots of tasks whose thread said it finished."""
-        while True:
-            try:
-                tid = self._finished.get_nowait()
-            except queue.Empty:
-                return
-            self.threads.pop(tid, None)
-            self.runners.pop(tid, None)
-            self.done += 1
-
-    def _dispatch(self) -> None:
-        self._reap()
-        while self.queue and len(self.runners) < self.config.max_concurrent_tasks:
-            tid = self.queue.popleft()
-            row = self.state.get(tid)
-            if row is None or row.state != "queued" or row.payload is None:
-                continue
-            task = decode_manifest(row.payload)
-            if not isinstance(task, Task):
-                continue
-            runner = self._runner(task)
-            self.runners[tid] = runner
-            self._spawn(tid, runner.run)
-
-    # -- recovery --------------------------------------------------------------------
-
-    def _prune_outgoing(self) -> None:
-        """Remove archives no queued chunk needs (packing cut short by a crash)."""
-        outgoing = self.state_dir / "outgoing"
-        if not outgoing.is_dir():
-            return
-        keep = {Path(p).resolve() for p in self.state.queued_archives()}
-        for path in outgoing.iterdir():
-            if path.resolve() not in keep:
-                logger.info("outputs: removing unsent leftover %s", path.name)
-                path.unlink(missing_ok=True)
-
-    def recover(self) -> None:
-        """Reconcile tasks a previous run left in non-terminal states."""
-        self._prune_outgoing()
-        for row in self.state.unfinished():
-            if row.state in ("received", "queued") and row.payload is not None:
-                if row.kind == "Cancel":
-                    # Committed (and acked), then the agent died before applying
-                    # it: apply it now, or its target would run after all.
-                    cancel = decode_manifest(row.payload)
-                    if isinstance(cancel, Cancel):
-                        self._apply_cancel(cancel)
-                        continue
-                self.queue.append(row.task_id)
-                continue
-            task = decode_manifest(row.payload) if row.payload else None
-            handle = None
-            # A launch may have begun while the task was still "staging": the
-            # launcher is asked too, so what it left is found (process: killed).
-            if isinstance(task, Task) and row.state in ("staging", "running"):
-                launcher = self.launchers.get((task.profile, task.launcher))
-                try:
-                    handle = launcher.adopt(task.id) if launcher else None
-                except FemdError as e:
-                    logger.warning("task %s: cannot re-attach: %s", row.task_id, e)
-                if handle is not None and row.state == "staging":
-                    # Never reported running: end it rather than adopt it.
-                    handle.cancel(0)
-                    handle.wait(30)
-                    handle = None
-            if isinstance(task, Task) and handle is not None:
-                logger.info("task %s: re-attached after restart", task.id)
-                runner = self._runner(task)
-                self.runners[task.id] = runner
-                self._spawn(task.id, functools.partial(runner.attach, handle))
-                continue
-            # The orchestrator must learn why: `error` stays local, `reasons`
-            # travel in the status event.
-            self.state.transition(
-                row.task_id,
-                "failed",
-                node=self.node,
-                at=_now(),
-                error="agent restarted",
-                reasons=[(RESTART_RULE, f"agent restarted while task was {row.state}")],
-            )
-            audit.emit(
-                audit.Event.TASK_FINISHED,
-                f"task {row.task_id}: failed: agent restarted while it was {row.state}",
-                priority=3,
-                task_id=row.task_id,
-                project=row.project,
-                node=self.node,
-                state="failed",
-            )
-        self._decide_queued_again()
-
     # -- main loop --------------------------------------------------------------------
 
     def _signals(self) -> None:
@@ -754,8 +327,12 @@ class Agent:
             node=self.node,
             policy_sha256=self.policy.sha256,
         )
-        self.recover()
+        # The broker connects while the launchers are probed: deliveries wait
+        # in the link's inbox until the loop runs, after every probe (nothing
+        # is admitted on a capability not yet proven) and the recovery.
         self.link.start()
+        self._build_launchers()
+        self.recover()
         self.publish_node_status()
         while not self._stop.is_set():
             self._tick()

@@ -61,6 +61,10 @@ class AgentConfig(Strict, frozen=True, kw_only=True):
     launchers: _Path = "/usr/share/femd/launchers"
     state_dir: _Path = "/var/lib/femd"
     max_concurrent_tasks: Annotated[int, Meta(ge=1, le=64)] = 2
+    # Deliveries the broker may hand the agent before it acks them (the AMQP
+    # prefetch): each is acked once its decision is durable, so this bounds
+    # intake in flight, not tasks run (admitted tasks wait queued on disk).
+    intake_window: Annotated[int, Meta(ge=1, le=256)] = 32
     clock_skew_s: Annotated[int, Meta(ge=0, le=86400)] = 300
     max_envelope_bytes: Annotated[int, Meta(ge=1024, le=MAX_ENVELOPE_BYTES)] = (
         MAX_ENVELOPE_BYTES

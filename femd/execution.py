@@ -48,6 +48,7 @@ from femd.model import utc_now as _now
 from femd.policy import LoadedPolicy
 from femd.stageout import pack_outputs
 from femd.state import State
+from femd.statedir import StateDir
 from femd.tree import remove_tree
 
 __all__ = ["Runner"]
@@ -84,10 +85,11 @@ class Runner:
         self.policy = policy
         self.profiles = profiles
         self.launchers = launchers
-        self.work = state_dir / "work" / task.id
+        dirs = StateDir(state_dir)
+        self.work = dirs.work_of(task.id)
         # Outlives the work dir: chunks are read from it until confirmed.
-        self.outgoing = state_dir / "outgoing"
-        self.git_cache = state_dir / "git"
+        self.outgoing = dirs.outgoing
+        self.git_cache = dirs.git
         self.chunk_bytes = chunk_bytes
         self.log_max_bytes = log_max_bytes
         self.wake = wake

@@ -1,13 +1,9 @@
-"""Durable node state: tasks, their transitions and the outbox.
+"""Durable node state: tasks, their transitions and their status events.
 
-Owns ``state_dir/state.sqlite`` and is the only module that speaks SQL. Every
-write is one short ``BEGIN IMMEDIATE`` transaction in WAL mode with
-``synchronous=FULL``, so what a method returned is on disk: the agent acks a
-delivery only after ``record()`` returned (DESIGN "Broker topology"). Status
-events are written to the outbox in the same transaction as the task change they
-describe; the packed outputs' chunks go through the same outbox, so that
-nothing is lost while the broker is away. The broker module publishes them in
-``seq`` order and calls ``mark_published``.
+Owns the ``tasks`` and ``transitions`` tables of ``state_dir/state.sqlite``
+(the connection and schema are ``statedb``'s, the outbox ``outbox``'s).
+Every change is one short transaction that also queues the status event
+telling it, so what a method returned is on disk with its event.
 
 One writer (the agent's main thread) and any number of readers (``femd tasks``
 in another process) may use the file at once. Does not decide, publish, audit
@@ -18,19 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sqlite3
-import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Final, Literal
 
 import msgspec
 
-from femd import statemark
-from femd.errors import StageOutError, StateError, cut, printable
+from femd.errors import StateError, cut, printable
 from femd.events import (
     EVENTS_EXCHANGE,
     RESULTS_EXCHANGE,
@@ -38,7 +28,8 @@ from femd.events import (
     TERMINAL_STATES,
     TaskState,
 )
-from femd.stageout import CHUNK_BYTES, chunk_count
+from femd.outbox import Outbox, OutboxEvent
+from femd.statedb import parse_time, time_text
 
 __all__ = [
     "EVENTS_EXCHANGE",
@@ -52,59 +43,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 2
-_BUSY_MS: Final = 5000
-
-
-_SCHEMA: Final = """
-CREATE TABLE tasks (
-    task_id TEXT PRIMARY KEY,
-    project TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    state TEXT NOT NULL,
-    decision TEXT CHECK (decision IN ('allow', 'deny')),
-    reasons TEXT NOT NULL DEFAULT '[]',
-    manifest_sha256 TEXT NOT NULL,
-    payload BLOB,
-    signer_keyids TEXT NOT NULL DEFAULT '[]',
-    launcher TEXT,
-    received_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    exit_code INTEGER,
-    output_sha256 TEXT,
-    output_bytes INTEGER,
-    output_chunks INTEGER,
-    error TEXT,
-    usage TEXT
-);
-CREATE INDEX tasks_received ON tasks (received_at);
-CREATE TABLE transitions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    task_id TEXT NOT NULL REFERENCES tasks (task_id),
-    state TEXT NOT NULL,
-    at TEXT NOT NULL,
-    detail TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX transitions_task ON transitions (task_id, id);
-CREATE TABLE outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    exchange TEXT NOT NULL,
-    routing_key TEXT NOT NULL,
-    headers TEXT,
-    body BLOB NOT NULL,
-    created_at TEXT NOT NULL,
-    published INTEGER NOT NULL DEFAULT 0 CHECK (published IN (0, 1))
-);
-CREATE INDEX outbox_pending ON outbox (published, seq);
-"""
-
 _COLUMNS: Final = (
     "task_id, project, kind, state, decision, reasons, manifest_sha256, payload, "
     "signer_keyids, launcher, received_at, updated_at, exit_code, output_sha256, "
     "output_bytes, output_chunks, error, usage"
 )
-# Schema 1 -> 2: what each task used (JSON; `usage` of the terminal event).
-_MIGRATE_1_2: Final = "ALTER TABLE tasks ADD COLUMN usage TEXT"
 _INSERT_TRANSITION: Final = (
     "INSERT INTO transitions (task_id, state, at, detail) VALUES (?, ?, ?, ?)"
 )
@@ -133,21 +76,6 @@ class TaskRow(msgspec.Struct, frozen=True):
     usage: dict[str, float] | None = None
 
 
-class OutboxEvent(msgspec.Struct, frozen=True):
-    """A message waiting to be published; ``seq`` is monotonic per node.
-
-    A status event (exchange ``femd.events``, JSON body, no headers) or an
-    output chunk (``femd.results``, archive bytes, headers ``index``,
-    ``total``, ``sha256``).
-    """
-
-    seq: int
-    routing_key: str
-    body: bytes
-    exchange: str = EVENTS_EXCHANGE
-    headers: dict[str, object] | None = None
-
-
 class _ReasonJson(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rule: str
     message: str
@@ -155,45 +83,6 @@ class _ReasonJson(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 _decode_reasons = msgspec.json.Decoder(tuple[_ReasonJson, ...]).decode
 _decode_keyids = msgspec.json.Decoder(tuple[str, ...]).decode
-_decode_headers = msgspec.json.Decoder(dict[str, object]).decode
-# Private keys of a result chunk's outbox headers: where its bytes are
-# (`_file` is spelled out in mark_published's SQL).
-_FILE: Final = "_file"
-_LENGTH: Final = "_length"
-
-
-def _read_chunk(head: dict[str, object]) -> tuple[dict[str, object], bytes] | None:
-    """Read a queued chunk's bytes; return (public headers, bytes) or None if gone."""
-    path, offset, length = head[_FILE], head.get("offset"), head.get(_LENGTH)
-    if not (
-        isinstance(path, str) and isinstance(offset, int) and isinstance(length, int)
-    ):
-        raise StateError("state: malformed result chunk row")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        logger.error("state: cannot read queued outputs %s: %s", path, e.strerror)
-        return None
-    try:
-        data = os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-    if len(data) != length:
-        logger.error("state: queued outputs %s are shorter than queued", path)
-        return None
-    public = {k: v for k, v in head.items() if not k.startswith("_")}
-    return public, data
-
-
-def _time_text(at: datetime) -> str:
-    """Return *at* as fixed-width RFC 3339 UTC text (sorts as it compares)."""
-    if at.tzinfo is None or at.utcoffset() is None:
-        raise ValueError("state: times must be timezone-aware")
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text).astimezone(UTC)
 
 
 def _reasons_json(reasons: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
@@ -209,182 +98,16 @@ def _check_state(state: str) -> None:
         raise ValueError(f"state: unknown task state {state!r}")
 
 
-class State:
+class State(Outbox):
     """The node's sqlite state; safe for one writer thread plus readers.
 
     Args:
-        path: the database file, normally ``state_dir / "state.sqlite"``.
+        path: the database file, normally ``StateDir.db``.
 
     Raises:
         StateError: the file cannot be opened or created, is not a femd state
             database, or has an unsupported schema version.
     """
-
-    def __init__(self, path: Path) -> None:
-        """Open (creating if needed) the database and bring its schema up."""
-        self._path = path
-        self._lock = threading.Lock()
-        try:
-            if path.stat().st_size == 0:
-                statemark.check(path, "empty")
-        except FileNotFoundError:
-            statemark.check(path, "missing")
-        except OSError as e:
-            raise StateError(f"state: cannot open {cut(path)}: {e.strerror}") from e
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # The state holds manifests: create it private; sqlite gives its
-            # -wal and -shm files the same mode.
-            fd = os.open(
-                path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-            )
-            os.close(fd)
-        except OSError as e:
-            raise StateError(f"state: cannot open {cut(path)}: {e.strerror}") from e
-        try:
-            self._db = sqlite3.connect(
-                path,
-                timeout=_BUSY_MS / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-        except sqlite3.Error as e:
-            raise StateError(f"state: cannot open {cut(path)}: {cut(e)}") from e
-        try:
-            self._setup()
-        except sqlite3.Error as e:
-            self._db.close()
-            raise StateError(f"state: cannot open {cut(path)}: {cut(e)}") from e
-        except StateError:
-            self._db.close()
-            raise
-
-    def _setup(self) -> None:
-        db = self._db
-        db.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
-        # Takes effect only on a database without tables yet: prune() can
-        # then give freed pages back (an older database keeps its size).
-        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StateError(
-                f"state: cannot use WAL journal on {cut(self._path)} (got {mode})"
-            )
-        # DESIGN "Broker topology": an ack follows a commit, so commits must be
-        # durable, not just atomic.
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute("PRAGMA foreign_keys = ON")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA_VERSION:
-            if not statemark.marker_path(self._path).exists():
-                self._mark("a database created before markers")
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            # Another process may have created the schema while we waited.
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                # SECURITY: an empty database where one existed is a lost one,
-                # never a new one (replay protection).
-                statemark.check(self._path, "empty")
-                # Not executescript(): it would COMMIT the open transaction first.
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                logger.info(
-                    "state: created schema %d in %s", SCHEMA_VERSION, self._path
-                )
-            elif version == 1:
-                db.execute(_MIGRATE_1_2)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                logger.info("state: schema 1 -> %d in %s", SCHEMA_VERSION, self._path)
-            elif version != SCHEMA_VERSION:
-                raise StateError(
-                    f"state: unsupported schema version in {cut(self._path)}"
-                    f" (got {version}, expected {SCHEMA_VERSION})"
-                )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        statemark.write(self._path)
-
-    def _mark(self, what: str) -> None:
-        """Write the marker of an existing database; a reader may not be able to."""
-        try:
-            statemark.write(self._path)
-        except StateError as e:
-            logger.warning("state: %s has no marker yet: %s", what, e)
-
-    def close(self) -> None:
-        """Close the database; later calls raise ``StateError``.
-
-        Raises:
-            StateError: sqlite failed while closing.
-        """
-        with self._lock, self._guard("close"):
-            self._db.close()
-
-    @contextmanager
-    def _guard(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as e:
-            raise StateError(f"state: {what} failed: {cut(e)}") from e
-
-    @contextmanager
-    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One short write transaction under the lock; rolled back on any error."""
-        with self._lock, self._guard(what):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    @contextmanager
-    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._guard(what):
-            yield self._db
-
-    def _emit(
-        self,
-        db: sqlite3.Connection,
-        *,
-        task_id: str,
-        state: str,
-        node: str,
-        at: str,
-        fields: Mapping[str, object],
-    ) -> int:
-        """Insert one outbox event whose body carries its own ``seq``."""
-        routing_key = f"{node}.{task_id}.{state}"
-        cur = db.execute(
-            "INSERT INTO outbox (exchange, routing_key, body, created_at)"
-            " VALUES (?, ?, x'', ?)",
-            (EVENTS_EXCHANGE, routing_key, at),
-        )
-        seq = cur.lastrowid
-        if seq is None:
-            raise RuntimeError("state: sqlite returned no outbox seq")
-        body: dict[str, object] = {
-            "node": node,
-            "task_id": task_id,
-            "state": state,
-            "at": at,
-            "seq": seq,
-        }
-        for key, value in fields.items():
-            if key in body:
-                raise ValueError(f"state: event field {key!r} is reserved")
-            body[key] = value
-        db.execute(
-            "UPDATE outbox SET body = ? WHERE seq = ?", (msgspec.json.encode(body), seq)
-        )
-        return seq
 
     def record(
         self,
@@ -414,7 +137,7 @@ class State:
         Raises:
             StateError: the database could not be written.
         """
-        when = _time_text(at)
+        when = time_text(at)
         state = TaskState.REJECTED if decision == "deny" else TaskState.QUEUED
         with self._write("record") as db:
             cur = db.execute(
@@ -503,7 +226,7 @@ class State:
             StateError: unknown task, a terminal task, or the write failed.
         """
         _check_state(state)
-        when = _time_text(at)
+        when = time_text(at)
         fields: dict[str, object] = {}
         sets = ["state = ?", "updated_at = ?"]
         args: list[object] = [state, when]
@@ -581,7 +304,7 @@ class State:
             StateError: the write failed.
         """
         _check_state(state)
-        when = _time_text(at)
+        when = time_text(at)
         fields: dict[str, object] = (
             {"reasons": _reasons_json(reasons)} if reasons else {}
         )
@@ -644,147 +367,7 @@ class State:
                 "WHERE task_id = ? ORDER BY id",
                 (task_id,),
             ).fetchall()
-        return [(state, _parse_time(at), detail) for state, at, detail in rows]
-
-    def pending_events(self, limit: int = 100) -> list[OutboxEvent]:
-        """Return unpublished messages in ``seq`` order, at most *limit*.
-
-        A result chunk's bytes are read here from its archive file; a chunk
-        whose archive is gone is dropped with an error line (the orchestrator
-        then never completes those outputs and says so).
-
-        Raises:
-            StateError: the read failed or a row is malformed.
-        """
-        with self._read("pending events") as db:
-            rows = db.execute(
-                "SELECT seq, routing_key, body, exchange, headers FROM outbox "
-                "WHERE published = 0 ORDER BY seq LIMIT ?",
-                (limit,),
-            ).fetchall()
-        out: list[OutboxEvent] = []
-        lost: list[int] = []
-        for seq, key, body, exchange, headers in rows:
-            try:
-                head = None if headers is None else _decode_headers(headers)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                raise StateError(f"state: malformed outbox row: {cut(e)}") from e
-            data = bytes(body)
-            if head is not None and _FILE in head:
-                chunk = _read_chunk(head)
-                if chunk is None:
-                    lost.append(seq)
-                    continue
-                head, data = chunk
-            out.append(OutboxEvent(seq, key, data, exchange, head))
-        if lost:
-            logger.error(
-                "state: %d result chunks lost (their archive is gone)", len(lost)
-            )
-            self.mark_published(lost)
-        return out
-
-    def enqueue_results(
-        self,
-        *,
-        task_id: str,
-        node: str,
-        archive: Path,
-        sha256: str,
-        chunk_bytes: int = CHUNK_BYTES,
-        at: datetime | None = None,
-    ) -> int:
-        """Queue the packed outputs as chunks for ``femd.results``, in one transaction.
-
-        Each chunk is routed ``<node>.<task_id>`` with headers ``index``,
-        ``total``, ``offset``, ``size`` (of the whole archive) and ``sha256``
-        (of the whole archive). The rows hold no bytes: the archive stays a
-        file (owned by femd, removed once its last chunk is confirmed) and
-        ``pending_events`` reads each chunk from it, so a large output never
-        sits in sqlite nor in memory. Queue them before the terminal status
-        event that announces ``outputs``.
-
-        Returns:
-            The number of chunks (``chunk_count`` of the archive size).
-
-        Raises:
-            StageOutError: the archive cannot be read.
-            StateError: the write failed.
-        """
-        when = _time_text(at or datetime.now(UTC))
-        routing_key = f"{node}.{task_id}"
-        try:
-            size = archive.stat().st_size
-            total = chunk_count(size, chunk_bytes)
-        except OSError as e:
-            raise StageOutError(f"outputs: cannot read {cut(archive)}: {cut(e)}") from e
-        rows = []
-        for index in range(total):
-            offset = index * chunk_bytes
-            headers = {
-                "index": index,
-                "total": total,
-                "offset": offset,
-                "size": size,
-                "sha256": sha256,
-                _FILE: str(archive),
-                _LENGTH: min(chunk_bytes, size - offset),
-            }
-            rows.append((RESULTS_EXCHANGE, routing_key, json.dumps(headers), when))
-        with self._write("enqueue results") as db:
-            db.executemany(
-                "INSERT INTO outbox (exchange, routing_key, headers, body,"
-                " created_at) VALUES (?, ?, ?, x'', ?)",
-                rows,
-            )
-        logger.info("state: queued %d result chunks of task %s", total, task_id)
-        return total
-
-    def mark_published(self, seqs: Iterable[int]) -> None:
-        """Mark messages as confirmed by the broker.
-
-        Status events stay (small, published); output chunks are deleted, and
-        an archive whose last chunk is confirmed is removed, so the outputs do
-        not live on at the node.
-
-        Raises:
-            StateError: the write failed.
-        """
-        batch = [(seq,) for seq in seqs]
-        if not batch:
-            return
-        with self._write("mark published") as db:
-            db.executemany("UPDATE outbox SET published = 1 WHERE seq = ?", batch)
-            files = {
-                str(f)
-                for (f,) in db.execute(
-                    "SELECT DISTINCT json_extract(headers, '$._file')"
-                    " FROM outbox WHERE published = 1 AND exchange = ?",
-                    (RESULTS_EXCHANGE,),
-                )
-                if f is not None
-            }
-            db.execute(
-                "DELETE FROM outbox WHERE published = 1 AND exchange = ?",
-                (RESULTS_EXCHANGE,),
-            )
-            done = [
-                f
-                for f in files
-                if db.execute(
-                    "SELECT 1 FROM outbox WHERE exchange = ? AND"
-                    " json_extract(headers, '$._file') = ? LIMIT 1",
-                    (RESULTS_EXCHANGE, f),
-                ).fetchone()
-                is None
-            ]
-        for f in done:
-            try:
-                os.unlink(f)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                logger.warning("state: cannot remove sent archive %s: %s", f, e)
+        return [(state, parse_time(at), detail) for state, at, detail in rows]
 
     def prune(self, before: datetime) -> tuple[int, int]:
         """Forget what neither replay protection nor the audit needs any more.
@@ -801,7 +384,7 @@ class State:
         Raises:
             StateError: the write failed.
         """
-        when = _time_text(before)
+        when = time_text(before)
         marks = ", ".join("?" for _ in TERMINAL_STATES)
         with self._write("prune") as db:
             events = db.execute(
@@ -819,20 +402,6 @@ class State:
                 self._db.executescript("PRAGMA incremental_vacuum;")
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return events, payloads
-
-    def queued_archives(self) -> set[str]:
-        """Paths of the archives that still have result chunks to publish.
-
-        Raises:
-            StateError: the read failed.
-        """
-        with self._read("queued archives") as db:
-            rows = db.execute(
-                "SELECT DISTINCT json_extract(headers, '$._file') FROM outbox"
-                " WHERE exchange = ? AND published = 0",
-                (RESULTS_EXCHANGE,),
-            ).fetchall()
-        return {str(f) for (f,) in rows if f is not None}
 
     def counts(self) -> dict[str, int]:
         """Return the number of tasks in each state (for sd_notify ``STATUS=``).
@@ -864,8 +433,8 @@ def _task_row(row: tuple[object, ...]) -> TaskRow:
                 "payload": row[7],
                 "signer_keyids": keyids,
                 "launcher": row[9],
-                "received_at": _parse_time(str(row[10])),
-                "updated_at": _parse_time(str(row[11])),
+                "received_at": parse_time(str(row[10])),
+                "updated_at": parse_time(str(row[11])),
                 "exit_code": row[12],
                 "output_sha256": row[13],
                 "output_bytes": row[14],

@@ -14,6 +14,9 @@ femd (root in tests) connects to that socket with podman-py.
   ``localhost/femd-test/busybox@sha256:<hex>``.
 - :meth:`PodmanService.podman` runs the podman CLI as that user: test set-up and
   the baseline measurements only. femd itself never shells out to podman.
+- :func:`unenforced_launcher` builds the launcher the tests and the bench use on
+  a host where podman cannot enforce memory/cpu limits (rootless cgroup v1):
+  everything else of the real path runs and is checked.
 
 The service is started with ``--time=0`` (never exits by itself); containers run
 under their own ``conmon`` and outlive a service restart, which is what the
@@ -39,12 +42,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from femd.launchers import LauncherProfile
+from femd.launchers.podman import PodmanLauncher, TrialPodmanLauncher
+
 __all__ = [
     "BUSYBOX_REPO",
     "PodmanService",
     "PodmanServiceError",
     "ensure_podman_user",
     "podman_available",
+    "unenforced_launcher",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,6 +79,20 @@ def podman_available() -> str | None:
     if not _BUSYBOX.is_file():
         return f"{_BUSYBOX} is missing (apt-get install busybox-static)"
     return None
+
+
+def unenforced_launcher(
+    profile: LauncherProfile, *, state_dir: Path, podman_socket: str
+) -> PodmanLauncher:
+    """A podman launcher that runs tasks without the memory/cpu limits this host lacks.
+
+    It is ``femd doctor``'s trial launcher (each such launch logs a warning);
+    every other limit is checked as the agent's launcher checks it. The agent
+    never builds one: tests and benchmarks only.
+    """
+    return TrialPodmanLauncher(
+        profile, state_dir=state_dir, podman_socket=podman_socket
+    )
 
 
 def ensure_podman_user(user: str = DEFAULT_USER) -> pwd.struct_passwd:

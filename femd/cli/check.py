@@ -82,6 +82,7 @@ def _check_host(args: argparse.Namespace) -> tuple[Host | None, str | None]:
     from femd.admission import Host, decode_host
     from femd.config import load_config
     from femd.launchers import build_all, load_profiles
+    from femd.statedir import StateDir
 
     if args.capabilities:
         return decode_host(read_input(args.capabilities, "capabilities")), None
@@ -97,7 +98,7 @@ def _check_host(args: argparse.Namespace) -> tuple[Host | None, str | None]:
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return Host(profiles, caps, config.state_path / "work"), config.node
+    return Host(profiles, caps, StateDir(config.state_path).work), config.node
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from femd.admission import host_report
     from femd.config import PodmanConfig, load_config
     from femd.launchers import build_all, load_profiles
+    from femd.statedir import StateDir
 
     config = None
     if args.launchers:
@@ -43,13 +44,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         profiles_dir = Path(config.launchers)
         socket = args.podman_socket or config.podman.socket
     profiles = load_profiles(profiles_dir)
-    if not args.verbose:  # the trial's own "unsafe mode" warning: doctor says it
+    if not args.verbose:  # the trial launcher's own warning: doctor says it
         logging.getLogger("femd.launchers.podman").setLevel(logging.ERROR)
     # Trial work dirs: as root in a private scratch dir (prepare_work opens
     # its parents for the sandbox users), as femd in its own state dir.
     scratch = Path(tempfile.mkdtemp(prefix="femd-doctor-"))
     if os.geteuid() != 0 and config is not None:
-        work_root = config.state_path / "doctor"
+        work_root = StateDir(config.state_path).doctor
     else:
         work_root = scratch / "doctor"
     checks: list[doctor.Check] = []

@@ -68,6 +68,7 @@ def _cmd_orchestrator_tasks(args: argparse.Namespace) -> int:
 def _cmd_tasks(args: argparse.Namespace) -> int:
     from femd.config import load_config
     from femd.state import State
+    from femd.statedir import StateDir
 
     if args.orchestrator:
         return _cmd_orchestrator_tasks(args)
@@ -78,7 +79,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         state_dir = load_config(
             Path(args.config) if args.config else None, os.environ
         ).state_path
-    db = state_dir / "state.sqlite"
+    db = StateDir(state_dir).db
     if not db.exists():
         raise InputError(f"tasks: no state at {db}")
     state = State(db)

@@ -14,7 +14,7 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 
@@ -27,6 +27,7 @@ __all__ = [
     "FemImportError",
     "FemNode",
     "FemOptions",
+    "Pass",
     "Problem",
     "Refusal",
     "manifest_json",
@@ -115,6 +116,33 @@ class FemImportError(InputError):
         more = len(self.problems) - 1
         tail = f" (and {more} more)" if more else ""
         super().__init__(f"import-fem: {self.problems[0]}{tail}")
+
+
+_T = TypeVar("_T")
+
+
+class Pass:
+    """One conversion pass: problems (deduplicated, in order) and notes."""
+
+    def __init__(self) -> None:
+        """Start with no problems and no notes."""
+        self.problems: dict[str, Problem] = {}
+        self.notes: list[str] = []
+
+    def run(self, default: _T, fn: Callable[..., _T], *args: Any) -> _T:  # noqa: ANN401
+        """``fn(*args)``; a refusal or input error is kept and *default* returned."""
+        try:
+            return fn(*args)
+        except Refusal as e:
+            self.problems.setdefault(str(e.problem), e.problem)
+        except InputError as e:
+            self.problems.setdefault(str(e), Problem(str(e)))
+        return default
+
+    def add(self, message: str, fix: str | None = None) -> None:
+        """Keep one problem (once)."""
+        p = Problem(message, fix)
+        self.problems.setdefault(str(p), p)
 
 
 # ---------------------------------------------------------------------------

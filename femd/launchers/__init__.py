@@ -59,6 +59,7 @@ __all__ = [
     "new_profile",
     "probe",
     "profile_type",
+    "refuse_unenforceable",
     "registration",
     "start",
     "unenforceable",
@@ -296,6 +297,21 @@ def unenforceable(spec: LaunchSpec, caps: Capabilities) -> list[Reason]:
     return reasons
 
 
+def refuse_unenforceable(spec: LaunchSpec, caps: Capabilities) -> None:
+    """Raise if *caps* cannot enforce *spec* (``unenforceable()``'s reasons).
+
+    What ``start()`` and a back-end's own ``launch()`` both check.
+
+    Raises:
+        UnenforceableError: every reason, on one line.
+    """
+    reasons = unenforceable(spec, caps)
+    if reasons:
+        raise UnenforceableError(
+            f"task {spec.task_id}: " + "; ".join(r.message for r in reasons)
+        )
+
+
 def start(launcher: Launcher, spec: LaunchSpec) -> Handle:
     """Check *spec* against *launcher*'s capabilities, then launch it.
 
@@ -307,11 +323,7 @@ def start(launcher: Launcher, spec: LaunchSpec) -> Handle:
         LaunchError: the back-end failed, for whatever reason.
     """
     # SECURITY: fail closed even if the caller skipped its own check.
-    reasons = unenforceable(spec, launcher.probe())
-    if reasons:
-        raise UnenforceableError(
-            f"task {spec.task_id}: " + "; ".join(r.message for r in reasons)
-        )
+    refuse_unenforceable(spec, launcher.probe())
     try:
         return launcher.launch(spec)
     except FemdError:

@@ -190,14 +190,15 @@ def probe_join(uid: int | None) -> str | None:
 
 def _probe_pid(proc: subprocess.Popen[bytes]) -> str | None:
     own = os.readlink("/proc/self/ns/net")
-    for _ in range(100):
+    # unshare takes a few ms: poll often (start-up waits for this probe).
+    for _ in range(1000):
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             return f"cannot create a network namespace: {cut(err.strip())}"
         with contextlib.suppress(OSError):
             if os.readlink(f"/proc/{proc.pid}/ns/net") != own:
                 break
-        threading.Event().wait(0.05)
+        threading.Event().wait(0.005)
     else:
         return "cannot create a network namespace: timed out"
     try:

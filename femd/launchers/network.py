@@ -28,7 +28,6 @@ and what it cannot do (UDP, ...): docs/network.md.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import selectors
@@ -37,17 +36,25 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Final, Literal, NamedTuple
+from typing import Final, Literal
 
 from femd import audit
 from femd.errors import LaunchError, cut
 from femd.launchers import LaunchSpec, Traffic
 from femd.launchers.netns import Helper
 from femd.launchers.profile import NetworkSettings
+from femd.launchers.routes import (
+    Address,
+    Route,
+    hosts_file,
+    peer_address,
+    peer_networks,
+    plan_routes,
+    resolve,
+)
 
-__all__ = ["TaskNetwork", "hosts_file", "plan_routes"]
+__all__ = ["TaskNetwork"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,107 +64,6 @@ _CHUNK: Final = 65536
 _FLUSH_S: Final = 5.0  # after the task ended: what it sent still goes out
 _RESOLV: Final = "# femd: no resolver in the sandbox; names are in /etc/hosts\n"
 _NSSWITCH: Final = "hosts: files\n"
-
-_Address = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class _Route(NamedTuple):
-    """One allowed egress destination."""
-
-    allowed: str  # "host:port" as the manifest lists it
-    host: str
-    port: int
-    inside: str  # the address the task connects to, in its namespace
-    targets: tuple[tuple[str, int], ...] = ()  # resolved, outside
-
-
-def _is_ipv4(host: str) -> bool:
-    try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def plan_routes(egress: Iterable[str]) -> list[_Route]:
-    """Give each egress destination its in-sandbox address (pure).
-
-    A name gets ``127.0.1.N`` (one per name, in first-seen order, skipping
-    addresses that IPv4 literals of the list use); a literal keeps its own,
-    and ``localhost`` stays ``127.0.0.1``. A destination listed twice (in any
-    letter case) is one route.
-    """
-    pairs: dict[tuple[str, int], str] = {}
-    for allowed in egress:
-        host, _, number = allowed.rpartition(":")
-        pairs.setdefault((host.lower(), int(number)), allowed)
-    taken = {h for h, _ in pairs if _is_ipv4(h)}
-    names: dict[str, str] = {"localhost": "127.0.0.1"}
-    free = (f"127.0.1.{n}" for n in range(1, 255))
-    routes = []
-    for (host, port), allowed in pairs.items():
-        if _is_ipv4(host):
-            inside = host
-        elif host in names:
-            inside = names[host]
-        else:
-            inside = names[host] = next(a for a in free if a not in taken)
-        routes.append(_Route(allowed, host, port, inside))
-    return routes
-
-
-def hosts_file(routes: Iterable[_Route]) -> str:
-    """The sandbox's ``/etc/hosts``: localhost and the allowed names only."""
-    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost"]
-    seen = {"localhost"}
-    for r in routes:
-        if not _is_ipv4(r.host) and r.host not in seen:
-            seen.add(r.host)
-            lines.append(f"{r.inside}\t{r.host}")
-    return "\n".join(lines) + "\n"
-
-
-def _resolve(
-    host: str, port: int, fixed: NetworkSettings
-) -> tuple[tuple[str, int], ...]:
-    if host in fixed.hosts:
-        return tuple((a, port) for a in fixed.hosts[host])
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as e:
-        raise LaunchError(f"network: cannot resolve {cut(host)}: {cut(e)}") from e
-    found: list[tuple[str, int]] = []
-    for info in infos:
-        target = (str(info[4][0]), port)
-        if target not in found:
-            found.append(target)
-    return tuple(found)
-
-
-def _peer_networks(peers: Iterable[str]) -> list[_Address]:
-    """The policy's ingress peers as networks; names resolved now."""
-    nets: list[_Address] = []
-    for peer in peers:
-        try:
-            nets.append(ipaddress.ip_network(peer, strict=False))
-            continue
-        except ValueError:
-            pass
-        try:
-            infos = socket.getaddrinfo(peer, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as e:
-            # Fails closed: nobody connects as a peer that does not resolve.
-            logger.warning("network: ingress peer %s does not resolve: %s", peer, e)
-            continue
-        nets += [ipaddress.ip_network(str(i[4][0])) for i in infos]
-    return nets
-
-
-def _peer_address(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    ip = ipaddress.ip_address(addr.partition("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def _write(path: Path, text: str) -> None:
@@ -176,9 +82,9 @@ class TaskNetwork:
         self._routes = plan_routes(spec.egress or ())
         self._files = Path(spec.output_dir + ".net")
         self._helper: Helper | None = None
-        self._inner: dict[socket.socket, _Route] = {}
+        self._inner: dict[socket.socket, Route] = {}
         self._outer: dict[socket.socket, int] = {}  # host listener -> task port
-        self._peers: list[_Address] = []
+        self._peers: list[Address] = []
         self._live: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str], list[int]] = {}
@@ -201,10 +107,10 @@ class TaskNetwork:
         """
         try:
             self._routes = [
-                r._replace(targets=_resolve(r.host, r.port, self._settings))
+                r._replace(targets=resolve(r.host, r.port, self._settings))
                 for r in self._routes
             ]
-            self._peers = _peer_networks(self._spec.ingress_peers)
+            self._peers = peer_networks(self._spec.ingress_peers)
             for port in self._spec.listen:
                 for s in self._bind_host(port):
                     self._outer[s] = port
@@ -338,8 +244,8 @@ class TaskNetwork:
             )
         else:
             port = self._outer[listener]
-            where = f"{_peer_address(peer[0])}:{peer[1]}"
-            if not any(_peer_address(peer[0]) in n for n in self._peers):
+            where = f"{peer_address(peer[0])}:{peer[1]}"
+            if not any(peer_address(peer[0]) in n for n in self._peers):
                 self._refuse(conn, "ingress", str(port), where, "peer not allowed")
                 return True
             if busy:
@@ -357,7 +263,7 @@ class TaskNetwork:
     # -- one connection ----------------------------------------------------------
 
     def _egress(
-        self, inner: socket.socket, route: _Route, done: threading.Event
+        self, inner: socket.socket, route: Route, done: threading.Event
     ) -> None:
         outer = None
         error = ""

@@ -9,6 +9,11 @@ reached it, trusting nothing the task reports.
 
 ``PROBE`` is a Python script a task runs (python3 bound from the host): it
 tries every way out it is given and prints one JSON object of results.
+
+The set-up both launchers' network tests share: the module's ``net`` bench
+fixture, the site's pinned server address (``PINNED``), and the checks of an
+egress probe's outcome (``check_egress``) and of a listening task served to
+allowed peers only (``serve_ingress``).
 """
 
 from __future__ import annotations
@@ -20,13 +25,19 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
+from femd.launchers import Handle, Outcome, Traffic
+from femd.launchers.profile import NetworkSettings
 from testbed.pki import make_ca
 
 SERVER_NAME = "fl-server.test"
 GREETING = b"hello over tls\n"
+# The site pins the server's address, as it may for a federation server.
+PINNED = NetworkSettings(hosts={SERVER_NAME: ("127.0.0.1",)})
 
 PROBE = r"""
 import json, socket, ssl, sys
@@ -198,6 +209,55 @@ def bench() -> Iterator[Bench]:
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[Bench]:
+    """The host side of the module's network tests."""
+    with bench() as b:
+        yield b
+
+
+def check_egress(outcome: Outcome, b: Bench) -> Traffic:
+    """A PROBE task with egress to the TLS server only: what it reached, counted."""
+    assert outcome.state == "succeeded", outcome
+    assert_only_the_listed_destination(probe_results(outcome.log_tail), b)
+    (traffic,) = outcome.traffic
+    assert traffic.direction == "egress"
+    assert traffic.destination == f"{SERVER_NAME}:{b.tls_port}"
+    assert traffic.connections == 1
+    assert traffic.bytes_in > len(GREETING)  # the TLS handshake too
+    assert traffic.bytes_out > 0
+    return traffic
+
+
+def serve_ingress(
+    handle: Handle, port: int, meanwhile: Callable[[], None] = lambda: None
+) -> Outcome:
+    """Talk to a LISTENER task on *port* (peers 127.0.0.2 only) until it ends.
+
+    An allowed peer is answered, another one is reset before the task sees
+    it; *meanwhile* runs while the task listens. Then the task ends, its port
+    is closed and the counts are what crossed.
+    """
+    try:
+        assert wait_answer("127.0.0.2", port, b"ping") == b"pong ping 127.0.0.1"
+        assert refused("127.0.0.3", port)
+        meanwhile()
+        assert connect_from("127.0.0.2", port, b"bye") == b"pong bye 127.0.0.1"
+        outcome = handle.wait(60)
+    finally:
+        handle.cancel(0)
+    assert outcome is not None
+    assert outcome.state == "succeeded", outcome
+    assert "sneak" not in outcome.log_tail
+    assert_port_closed(port)  # once the task ended
+    (traffic,) = outcome.traffic
+    assert (traffic.direction, traffic.destination) == ("ingress", str(port))
+    assert traffic.connections == 2
+    assert traffic.refused >= 1  # 127.0.0.3 (and tries before the task listened)
+    assert traffic.bytes_in == len(b"ping") + len(b"bye")
+    return outcome
 
 
 def assert_only_the_listed_destination(results: dict[str, str], b: Bench) -> None:

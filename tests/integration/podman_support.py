@@ -9,7 +9,7 @@
   "other" (mode 0750, group ``femd-podman``, like the agent's work dir), a stand-in
   for the agent's state dir holding a secret, and two real launchers:
   ``launcher`` runs tasks although this host cannot enforce memory/cpu limits
-  (``unsafe_unenforced_limits``, test-only), ``strict`` is what the agent builds.
+  (``testbed.podman.unenforced_launcher``), ``strict`` is what the agent builds.
 
 No fakes: every run is a real rootless container. When podman is unusable the
 fixtures skip, unless ``CI=true`` or ``FEMD_TEST_REQUIRE`` names ``podman`` (or
@@ -50,11 +50,11 @@ from testbed.podman import (  # noqa: E402
     PodmanService,
     PodmanServiceError,
     podman_available,
+    unenforced_launcher,
 )
 from tests.backends import unavailable  # noqa: E402
 
 PODMAN_USER = "femd-podman"
-NODE = "fdn-test"
 RUN = secrets.token_hex(3)  # task ids of this session start with pt-<RUN>-
 
 
@@ -114,21 +114,24 @@ class PodmanBox:
         self.secret.write_text("agent secret\n")
         self.secret.chmod(0o644)  # readable by anyone: only the sandbox hides it
         self.profile = profile()
-        self.launcher = self.make_launcher(unsafe=("memory", "cpu"))
+        self.launcher = self.make_launcher(unenforced=True)
         self.strict = self.make_launcher()
         self._box = secrets.token_hex(2)
         self._count = 0
 
     def make_launcher(
-        self, *, unsafe: tuple[str, ...] = (), settings: LauncherProfile | None = None
+        self, *, unenforced: bool = False, settings: LauncherProfile | None = None
     ) -> PodmanLauncher:
-        """A new launcher instance (as a restarted agent would build it)."""
-        return PodmanLauncher(
+        """A new launcher instance (as a restarted agent would build it).
+
+        *unenforced*: it runs tasks without the memory/cpu limits this host
+        cannot enforce (test-only; see ``testbed.podman``).
+        """
+        build = unenforced_launcher if unenforced else PodmanLauncher
+        return build(
             settings or self.profile,
             state_dir=self.state_dir,
             podman_socket=self.service.url,
-            node=NODE,
-            unsafe_unenforced_limits=unsafe,
         )
 
     def task_id(self) -> str:

@@ -8,6 +8,8 @@ is refilled at once, not at the next turn of a periodic tick.
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import socket
 import statistics
 import sys
@@ -16,6 +18,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import pika
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,6 +28,7 @@ if str(REPO) not in sys.path:
 from femd.agent import Agent  # noqa: E402
 from femd.config import load_config  # noqa: E402
 from tests.integration.agent_support import (  # noqa: E402
+    NODE,
     NodeEnv,
     check_runs,
     node_env_fixture,  # noqa: F401 (the `node_env` fixture)
@@ -105,4 +109,36 @@ def test_a_freed_slot_is_refilled_at_once(node_env: NodeEnv) -> None:
         gaps.append((start - _at(terminal)) * 1000)
     assert min(gaps) >= 0, gaps  # one slot: never two tasks at once
     assert statistics.median(gaps) < 35, f"slot idle gaps (ms): {gaps}"
+    assert agent.terminate() == 0
+
+
+def test_intake_window_is_the_prefetch_not_the_task_slots(node_env: NodeEnv) -> None:
+    """The broker hands a stopped agent `intake_window` deliveries, not one per slot."""
+    env = node_env
+    env.write_config(max_concurrent_tasks=1, intake_window=5)
+    events = env.collect()
+    agent = env.start_agent()
+    queue = f"femd.node.{NODE}"
+    conn = pika.BlockingConnection(env.vhost.parameters(env.vhost.orchestrator))
+    try:
+        ask = conn.channel()
+
+        def waiting() -> int:
+            return int(ask.queue_declare(queue, passive=True).method.message_count)
+
+        ids = [f"win-{i:02d}" for i in range(12)]
+        os.kill(agent.proc.pid, signal.SIGSTOP)
+        try:
+            env.publish(*(env.task(t) for t in ids))
+            # The broker pushes the window into the stopped agent's socket and
+            # keeps the rest ready in the queue.
+            wait_for("the window to be handed out", lambda: waiting() == 7, 20)
+            time.sleep(0.5)
+            assert waiting() == 7
+        finally:
+            os.kill(agent.proc.pid, signal.SIGCONT)
+    finally:
+        conn.close()
+    events.await_terminal(ids, 120)
+    assert set(check_runs(events, env.counter, ids).values()) == {"succeeded"}
     assert agent.terminate() == 0

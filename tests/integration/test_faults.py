@@ -64,7 +64,8 @@ def test_broker_restart_with_tasks_queued_and_running(node_env: NodeEnv) -> None
 
 def test_sigkill_mid_task_and_mid_intake_then_restart(node_env: NodeEnv) -> None:
     env = node_env
-    env.write_config(max_concurrent_tasks=1)  # prefetch 1: a slow, steady intake
+    # A window of 1: a slow, steady intake the kill can land in.
+    env.write_config(max_concurrent_tasks=1, intake_window=1)
     events = env.collect()
     agent = env.start_agent()
     queued = [f"after-{i}" for i in range(3)]

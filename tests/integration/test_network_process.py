@@ -26,18 +26,19 @@ from femd import audit  # noqa: E402
 from femd.errors import LaunchError, UnenforceableError  # noqa: E402
 from femd.launchers import Mount, start  # noqa: E402
 from femd.launchers.profile import NetworkSettings  # noqa: E402
+from tests.integration import network_support  # noqa: E402
 from tests.integration.network_support import (  # noqa: E402
     LISTENER,
+    PINNED,
     PROBE,
     SERVER_NAME,
     Bench,
     assert_only_the_listed_destination,
-    assert_port_closed,
-    bench,
+    check_egress,
     connect_from,
     free_port,
     probe_results,
-    refused,
+    serve_ingress,
     wait_answer,
 )
 from tests.integration.sandbox_support import Sandbox, profile  # noqa: E402
@@ -45,19 +46,12 @@ from tests.integration.sandbox_support import Sandbox, profile  # noqa: E402
 pytestmark = pytest.mark.bwrap
 
 PYTHON = "/usr/bin/python3"
-
-
-@pytest.fixture(scope="module")
-def net() -> Iterator[Bench]:
-    with bench() as b:
-        yield b
+net = network_support.net
 
 
 @pytest.fixture(scope="module")
 def box() -> Iterator[Sandbox]:
-    # The site pins the server's address, as it may for a federation server.
-    pinned = NetworkSettings(hosts={SERVER_NAME: ("127.0.0.1",)})
-    with Sandbox.open(profile(pinned)) as sandbox:
+    with Sandbox.open(profile(PINNED)) as sandbox:
         yield sandbox
 
 
@@ -84,14 +78,7 @@ def test_egress_reaches_the_listed_destination_only(box: Sandbox, net: Bench):
         )
     finally:
         audit.configure("auto")
-    assert outcome.state == "succeeded", outcome
-    assert_only_the_listed_destination(probe_results(outcome.log_tail), net)
-    (traffic,) = outcome.traffic
-    assert traffic.direction == "egress"
-    assert traffic.destination == f"{SERVER_NAME}:{net.tls_port}"
-    assert traffic.connections == 1
-    assert traffic.bytes_in > len(b"hello over tls\n")  # the TLS handshake too
-    assert traffic.bytes_out > 0
+    traffic = check_egress(outcome, net)
     records = [json.loads(line) for line in events.getvalue().splitlines()]
     kind = audit.Event.NETWORK_CONNECTION
     (record,) = [r for r in records if r["MESSAGE_ID"] == kind]
@@ -149,24 +136,7 @@ def test_ingress_reaches_the_task_from_allowed_peers_only(box: Sandbox):
         ingress_peers=("127.0.0.2/32",),
         timeout_s=60,
     )
-    handle = start(box.launcher, spec)
-    try:
-        assert wait_answer("127.0.0.2", port, b"ping") == b"pong ping 127.0.0.1"
-        # Another peer is reset before the task ever sees it.
-        assert refused("127.0.0.3", port)
-        assert connect_from("127.0.0.2", port, b"bye") == b"pong bye 127.0.0.1"
-        outcome = handle.wait(30)
-    finally:
-        handle.cancel(0)
-    assert outcome is not None
-    assert outcome.state == "succeeded", outcome
-    assert "sneak" not in outcome.log_tail
-    assert_port_closed(port)  # once the task ended
-    (traffic,) = outcome.traffic
-    assert (traffic.direction, traffic.destination) == ("ingress", str(port))
-    assert traffic.connections == 2
-    assert traffic.refused >= 1  # 127.0.0.3 (and tries before the task listened)
-    assert traffic.bytes_in == len(b"ping") + len(b"bye")
+    serve_ingress(start(box.launcher, spec), port)
 
 
 def test_two_tasks_cannot_take_each_others_ports(box: Sandbox):

@@ -34,6 +34,7 @@ def test_shipped_femd_yaml_loads():
     assert config.broker.url == "amqps://broker.example.org:5671/"
     assert config.policy == "/etc/femd/policy.yaml"
     assert config.max_concurrent_tasks == 2
+    assert config.intake_window == 32  # the prefetch, apart from the task slots
     assert config.clock_skew_s == 300
 
 
@@ -101,6 +102,10 @@ def test_default_path_is_etc(tmp_path):
             r":8: max_concurrent_tasks: must be at least 1 \(got 0\)",
         ),
         (
+            MINIMAL + "intake_window: 257\n",
+            r":8: intake_window: must be at most 256 \(got 257\)",
+        ),
+        (
             MINIMAL + "clock_skew_s: -1\n",
             r":8: clock_skew_s: must be at least 0 \(got -1\)",
         ),
@@ -125,6 +130,7 @@ def test_default_path_is_etc(tmp_path):
         "no-policy",
         "plain-amqp",
         "zero-tasks",
+        "window-above-256",
         "negative-skew",
         "envelope-limit-above-1mib",
         "audit-syslog",

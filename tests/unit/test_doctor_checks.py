@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from femd import doctor
+from femd.doctor import trial
 
 
 def _cert(tmp_path, cn, days):
@@ -68,15 +69,15 @@ def test_certificate_info_of_a_non_certificate(tmp_path):
 
 
 def test_hints_name_the_cause():
-    assert "apt-get install catatonit" in doctor._hint(
+    assert "apt-get install catatonit" in trial._hint(
         "container-init binary not found on the host: stat "
         "/usr/libexec/podman/catatonit: no such file or directory"
     )
-    assert "/etc/subuid" in doctor._hint(
+    assert "/etc/subuid" in trial._hint(
         "cannot find UID/GID for user femd-podman: no subuid ranges found"
     )
-    assert "seccomp" in doctor._hint("runc: seccomp: operation not permitted")
-    assert "keyctl" in doctor._hint(
+    assert "seccomp" in trial._hint("runc: seccomp: operation not permitted")
+    assert "keyctl" in trial._hint(
         "runc create failed: unable to start container process: error during "
         "container init: unable to join session keyring"
     )

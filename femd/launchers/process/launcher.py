@@ -40,6 +40,7 @@ import platform
 import pwd
 import shutil
 import subprocess
+import threading
 from typing import ClassVar, Final
 
 from femd.errors import LaunchError, LauncherUnavailableError, UnenforceableError, cut
@@ -106,20 +107,35 @@ class BubblewrapLauncher:
         problems += [f"{t} is not installed" for t, path in found.items() if not path]
         cgroups = self._cgroups = detect()
         limits = list(cgroups.problems)
+        # The namespace probe needs nothing from the smoke sandbox: both run at
+        # once (the agent's start-up waits for them); it counts only if the
+        # sandbox works.
+        joined: list[str | None] = []
+        join = None
+        if self._profile.network.enabled and not problems and user is not None:
+            uid = user.uid if user.switch else None
+            join = threading.Thread(
+                target=lambda: joined.append(probe_join(uid)), daemon=True
+            )
+            join.start()
         if not problems and settings is not None and user is not None:
             smoke, cgroup_problem = self._smoke(settings, user, cgroups)
             problems += smoke
             limits += cgroup_problem
+        if join is not None:
+            join.join()
         seccomp = seccomp_filter() is not None
         enforced = cgroups.kind != "none" and not limits
         how = cgroups.enforced if enforced else "none"
         net = None
         if not self._profile.network.enabled:
             net = f"profile {self._profile.name!r} gives tasks no network"
-        elif not problems and user is not None:
-            net = probe_join(user.uid if user.switch else None)
         elif problems:
             net = "the sandbox itself does not work"
+        elif joined:
+            net = joined[0]
+        else:
+            net = "the network probe did not finish"
         caps = Capabilities(
             launcher=self.name,
             available=not problems,

@@ -1,6 +1,6 @@
 """Egress routes and the sandbox's /etc/hosts (pure planning, no sockets)."""
 
-from femd.launchers.network import hosts_file, plan_routes
+from femd.launchers.routes import hosts_file, plan_routes
 
 
 def test_each_name_gets_its_own_loopback_address():

@@ -19,7 +19,9 @@ from femd.manifest import decode_manifest
 from tests.fakes import REGISTRATION, FakeSettings, RegisteredFake
 
 FEMD = Path(__file__).resolve().parents[3] / "femd"
-PROFILE = "apiVersion: femd/v1\nkind: LauncherProfile\nname: p\nfake: {outputs: {a: b}}\n"
+PROFILE = (
+    "apiVersion: femd/v1\nkind: LauncherProfile\nname: p\nfake: {outputs: {a: b}}\n"
+)
 
 
 def _manifest(launcher: str) -> bytes:

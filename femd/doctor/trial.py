@@ -1,0 +1,249 @@
+"""The doctor's launcher check: the probe, then a trivial real task.
+
+Owns the trivial task (its spec, the doctor's one-file podman image, the
+launcher it runs with) and what a failure means (hints naming the fix).
+Does not build the launchers (``femd.launchers`` does) nor print anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import secrets
+import shutil
+import tarfile
+import time
+from pathlib import Path
+from typing import Final, Literal
+
+from femd.doctor.report import Check
+from femd.errors import FemdError, cut
+from femd.launchers import Capabilities, Launcher, LaunchSpec, Limits
+from femd.launchers.profile import LauncherProfile
+
+__all__ = ["check_launcher", "enforces_all", "trial_launcher"]
+
+TRIAL_TIMEOUT_S: Final = 60
+DOCTOR_IMAGE_REPO: Final = "localhost/femd-doctor/catatonit"
+CATATONIT: Final = Path("/usr/bin/catatonit")
+# What a failed trivial task's error means, and what fixes it (first match).
+_HINTS: Final = (
+    (
+        ("container-init", "catatonit"),
+        "Podman's container init is missing: apt-get install catatonit",
+    ),
+    (
+        ("subuid", "subgid", "newuidmap", "newgidmap", "uid_map", "gid_map"),
+        "the podman user's subordinate ids are broken: check its lines in "
+        "/etc/subuid and /etc/subgid (run /usr/share/femd/setup-podman-user.sh)",
+    ),
+    (
+        ("session key", "keyctl"),
+        "the kernel keyring is refused here (a container or seccomp filter "
+        "blocks keyctl): allow keyctl, or set `keyring = false` under "
+        "[containers] in femd-podman's containers.conf",
+    ),
+    (
+        ("seccomp", "operation not permitted"),
+        "a seccomp or security filter refused a system call the sandbox needs: "
+        "check the profile's seccomp setting and the unit's SystemCallFilter",
+    ),
+    (
+        ("no such file or directory", "not installed"),
+        "a program the launcher needs is missing: run scripts/install.sh, or "
+        "reinstall the femd package",
+    ),
+)
+
+
+def _hint(text: str) -> str | None:
+    low = text.lower()
+    for needles, fix in _HINTS:
+        if any(n in low for n in needles):
+            return fix
+    return None
+
+
+def _capability_lines(c: Capabilities) -> tuple[str, ...]:
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "NO"
+
+    lines = [
+        f"enforces: memory {yes(c.memory_limit)}, cpus {yes(c.cpu_limit)}"
+        f" (min {c.min_cpus:g}), pids {yes(c.pids_limit)},"
+        f" egress {yes(c.egress)}, ingress {yes(c.ingress)}"
+    ]
+    lines += [f"{limit} limit: {how}" for limit, how in c.enforcement]
+    lines += [f"problem: {p}" for p in c.problems]
+    lines += [f"note: {n}" for n in c.notes]
+    return tuple(lines)
+
+
+def enforces_all(c: Capabilities) -> bool:
+    """True when tasks can run: available, and memory, cpu and pids enforced."""
+    return c.available and c.memory_limit and c.cpu_limit and c.pids_limit
+
+
+def _doctor_image(launcher_socket: str) -> str:
+    """Import the doctor's one-file image (catatonit) once; return repo@digest.
+
+    Raises:
+        FemdError: catatonit is missing or podman refused the import.
+    """
+    from podman import PodmanClient
+
+    from femd.errors import LaunchError
+
+    try:
+        data = CATATONIT.read_bytes()
+    except OSError as e:
+        raise LaunchError(
+            f"{CATATONIT}: {e.strerror} (Podman's container init is missing)"
+        ) from e
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("catatonit")
+        info.size, info.mode, info.mtime = len(data), 0o755, 0
+        tar.addfile(info, io.BytesIO(data))
+    tag = f"{DOCTOR_IMAGE_REPO}:{hashlib.sha256(buf.getvalue()).hexdigest()[:32]}"
+    url = launcher_socket if "://" in launcher_socket else f"unix://{launcher_socket}"
+    try:
+        with PodmanClient(base_url=url, timeout=120) as client:
+            if not client.images.exists(tag):
+                reply = client.api.post(
+                    "/images/import",
+                    params={"reference": tag},
+                    data=buf.getvalue(),
+                    headers={"content-type": "application/x-tar"},
+                )
+                if reply.status_code >= 300:
+                    raise LaunchError(f"import: {cut(reply.text.strip(), 160)}")
+            digest = str(client.images.get(tag).attrs.get("Digest") or "")
+    except FemdError:
+        raise
+    except Exception as e:
+        raise LaunchError(f"podman: cannot import the doctor image: {cut(e)}") from e
+    return f"{DOCTOR_IMAGE_REPO}@{digest}"
+
+
+def _trial_spec(
+    launcher: str, profile: LauncherProfile, out: Path, image: str | None
+) -> LaunchSpec:
+    argv = ("/catatonit", "-V") if launcher == "podman" else ("/bin/sh", "-c", "id")
+    kind: Literal["podman", "process", "slurm"] = "process"
+    if launcher in ("podman", "slurm"):
+        kind = "podman" if launcher == "podman" else "slurm"
+    return LaunchSpec(
+        task_id=f"doctor-{secrets.token_hex(6)}",
+        launcher=kind,
+        profile=profile,
+        argv=argv,
+        image=image,
+        output_dir=str(out),
+        limits=Limits(cpus=1, memory_mb=256, timeout_s=TRIAL_TIMEOUT_S, pids=256),
+    )
+
+
+def _trial(
+    name: str,
+    launcher: Launcher,
+    profile: LauncherProfile,
+    work_root: Path,
+    podman_socket: str | None,
+) -> tuple[bool, str]:
+    """Run one trivial task with *launcher*; (succeeded, what happened)."""
+    from femd.launchers import registration
+
+    work = work_root / f"doctor-{secrets.token_hex(4)}"
+    began = time.monotonic()
+    try:
+        (work / "out").mkdir(parents=True)
+        registration(name).prepare_work(work)
+        image = _doctor_image(podman_socket or "") if name == "podman" else None
+        spec = _trial_spec(name, profile, work / "out", image)
+        # Not start(): for podman on a host without cgroup delegation the
+        # trial runs without memory/cpu limits (see trial_launcher()).
+        handle = launcher.launch(spec)
+        outcome = handle.wait(TRIAL_TIMEOUT_S + 30)
+        if outcome is None:
+            handle.cancel(1)
+            return False, f"the trivial task did not end in {TRIAL_TIMEOUT_S} s"
+        log = b"".join(handle.logs()).decode(errors="replace").strip()
+    except FemdError as e:
+        return False, f"the trivial task could not start: {e}"
+    except Exception as e:  # noqa: BLE001 (a back-end's foreign error, reported)
+        return False, f"the trivial task could not start: {type(e).__name__}: {cut(e)}"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    took = time.monotonic() - began
+    if outcome.state != "succeeded":
+        why = outcome.reason or (log.splitlines() or [""])[-1]
+        return False, (
+            f"the trivial task {outcome.state} (exit code {outcome.exit_code}): "
+            f"{cut(why, 200)}"
+        )
+    return True, f"a trivial task ran in {took:.1f} s"
+
+
+def check_launcher(
+    profile_name: str,
+    name: str,
+    caps: Capabilities,
+    launcher: Launcher,
+    profile: LauncherProfile,
+    *,
+    work_root: Path,
+    podman_socket: str | None,
+) -> Check:
+    """Probe result plus a trivial real task through *launcher*.
+
+    A launcher that runs the task but cannot enforce every limit is a
+    warning: femd refuses its tasks (``launcher.unenforceable``), it does not
+    run them weaker.
+    """
+    title = f"{name} (profile {profile_name})"
+    details = _capability_lines(caps)
+    if not caps.available:
+        problems = "; ".join(caps.problems) or "unknown reason"
+        return Check(
+            name=title,
+            status="fail",
+            summary=f"UNAVAILABLE: {cut(problems, 200)}",
+            fix=_hint(problems),
+            details=details,
+        )
+    ok, what = _trial(name, launcher, profile, work_root, podman_socket)
+    if not ok:
+        return Check(
+            name=title, status="fail", summary=what, fix=_hint(what), details=details
+        )
+    if not enforces_all(caps):
+        return Check(
+            name=title,
+            status="warn",
+            summary=f"{what}, but not every limit can be enforced here: "
+            "its tasks are refused (launcher.unenforceable)",
+            details=details,
+        )
+    return Check(name=title, status="ok", summary=what, details=details)
+
+
+def trial_launcher(
+    name: str, profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
+) -> Launcher:
+    """The launcher the doctor's trivial task runs with.
+
+    For podman on a host that cannot enforce memory/cpu limits (rootless
+    cgroup v1), the trivial task (``catatonit -V``) runs without them: it
+    proves the runtime works; the probe still says the limits are missing and
+    every real task is refused.
+    """
+    from femd.launchers import environment, registration
+
+    if name != "podman":
+        return registration(name).factory(profile, environment(name, state_dir))
+    from femd.launchers.podman import TrialPodmanLauncher
+
+    return TrialPodmanLauncher(
+        profile, state_dir=state_dir, podman_socket=podman_socket
+    )
