@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import msgspec
 from msgspec import Meta
@@ -194,6 +194,9 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
+_SCAN: Final = json.JSONDecoder(object_pairs_hook=_pairs)
+
+
 def refuse_duplicate_keys(data: bytes) -> None:
     """Parse *data* as JSON only to refuse any object with a repeated key.
 
@@ -206,8 +209,9 @@ def refuse_duplicate_keys(data: bytes) -> None:
     """
     try:
         # SECURITY: the stdlib parser is used for this scan only; values come from
-        # msgspec's typed decode of the same bytes.
-        json.loads(data, object_pairs_hook=_pairs)
+        # msgspec's typed decode of the same bytes. The bytes are read as
+        # json.loads reads bytes; the decoder is built once (a hot path).
+        _SCAN.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
     except RecursionError as e:
         raise ValueError("JSON nests too deeply") from e
 

@@ -14,7 +14,7 @@ import shutil
 import tarfile
 import time
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 from femd.doctor.report import Check
 from femd.errors import FemdError, cut
@@ -130,12 +130,9 @@ def _trial_spec(
     launcher: str, profile: LauncherProfile, out: Path, image: str | None
 ) -> LaunchSpec:
     argv = ("/catatonit", "-V") if launcher == "podman" else ("/bin/sh", "-c", "id")
-    kind: Literal["podman", "process", "slurm"] = "process"
-    if launcher in ("podman", "slurm"):
-        kind = "podman" if launcher == "podman" else "slurm"
     return LaunchSpec(
         task_id=f"doctor-{secrets.token_hex(6)}",
-        launcher=kind,
+        launcher=launcher,
         profile=profile,
         argv=argv,
         image=image,
