@@ -94,7 +94,7 @@ def _check_host(args: argparse.Namespace) -> tuple[Host | None, str | None]:
     scratch = Path(tempfile.mkdtemp(prefix="femd-check-"))
     try:
         _, caps = build_all(
-            profiles, state_dir=scratch, podman_socket=config.podman.socket
+            profiles, state_dir=scratch, configs=config.launcher_configs()
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
