@@ -23,6 +23,7 @@ from femd.manifest import Task, encode_manifest
 from femd.model import Name
 
 __all__ = [
+    "ENV_NAME",
     "Converted",
     "FemImportError",
     "FemNode",
@@ -152,7 +153,8 @@ _DURATION: Final = re.compile(r"([0-9]{1,9})([smhd]?)")
 _UNIT_S: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _MEMORY: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 _UNIT_B: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# An environment variable name (`--env`, `var_envs`).
+ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 def norm(path: str) -> str:
@@ -210,7 +212,7 @@ def parse_env(text: str) -> tuple[str, str]:
         InputError: no ``=`` or not a variable name.
     """
     name, sep, value = text.partition("=")
-    if not sep or not _ENV_NAME.fullmatch(name):
+    if not sep or not ENV_NAME.fullmatch(name):
         raise InputError(f"--env: expected NAME=VALUE (got {cut(text)!r})")
     return name, value
 

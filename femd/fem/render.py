@@ -14,11 +14,10 @@ from typing import Any, Final
 from femd.errors import cut
 from femd.fem.command import expand, render_arg, split_base, substitute
 from femd.fem.documents import FemTemplate, Scalar
-from femd.fem.options import FemNode, FemOptions, Pass, Refusal
+from femd.fem.options import ENV_NAME, FemNode, FemOptions, Pass, Refusal
 
 __all__ = ["NONE", "Renderer"]
 
-_ENV_KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _HOST: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
 _ADDRESS_KEY: Final = re.compile(r"(.*)_(?:IP|HOST|ADDRESS)")
 _BIND_ANY: Final = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 (a FEM value)
@@ -104,7 +103,7 @@ class Renderer:
         env: dict[str, str] = {}
         for key, raw in p.run(_NO_PAIRS, _env_pairs, self.t):
             where = f"var_envs `{cut(key, 40)}`"
-            if not _ENV_KEY.fullmatch(key):
+            if not ENV_NAME.fullmatch(key):
                 p.add(f"{where}: not an environment variable name")
                 continue
             if key in env:

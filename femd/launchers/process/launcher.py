@@ -41,17 +41,15 @@ import pwd
 import shutil
 import subprocess
 import threading
-from pathlib import Path
 from typing import ClassVar, Final
 
 from femd.errors import LaunchError, LauncherUnavailableError, UnenforceableError, cut
-from femd.launchers import Capabilities, LaunchSpec, unenforceable
+from femd.launchers import Capabilities, LauncherEnv, LaunchSpec, unenforceable
 from femd.launchers.cgroup import (
     CgroupHost,
     CgroupLimits,
     TaskCgroup,
     detect,
-    scope_of,
 )
 from femd.launchers.netns import probe_join
 from femd.launchers.network import TaskNetwork
@@ -74,13 +72,13 @@ class BubblewrapLauncher:
 
     name: ClassVar[str] = "process"
 
-    def __init__(self, profile: LauncherProfile, *, state_dir: Path) -> None:
-        """Keep the profile; logs go under ``state_dir/launchers/process``."""
+    def __init__(self, profile: LauncherProfile, env: LauncherEnv) -> None:
+        """Keep the profile; logs go under ``env.state_dir``."""
         self._profile = profile
-        self._log_dir = state_dir / "launchers" / "process"
+        self._log_dir = env.state_dir
         self._caps: Capabilities | None = None
         self._cgroups: CgroupHost | None = None
-        self._scope = scope_of(state_dir)
+        self._scope = env.scope
 
     # -- probe ---------------------------------------------------------------
 
