@@ -13,10 +13,12 @@ import os
 import sys
 from pathlib import Path
 
+from femd.cli.console import Subcommands
+
 __all__ = ["add_commands"]
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Subcommands) -> None:
     """Add ``doctor`` to the ``femd`` parser."""
     s = sub.add_parser("doctor", help="what this host can enforce, per launcher")
     s.add_argument("--config", help="femd.yaml (for launchers, state_dir, podman)")
