@@ -51,6 +51,20 @@ def test_probe_reports_how_limits_are_enforced(box: Sandbox):
     assert not any("RLIMIT" in note or "address-space" in note for note in caps.notes)
 
 
+def test_rlimits_hold_in_the_sandbox(box: Sandbox):
+    # Set by the entry step before the user switch: the task cannot raise them.
+    outcome, _ = box.run("cat /proc/self/limits", cpus=2, timeout_s=20)
+    assert outcome.state == "succeeded", outcome
+    rows = {
+        line[:26].strip(): line[26:].split()[:2]
+        for line in outcome.log_tail.splitlines()[1:]
+    }
+    assert rows["Max cpu time"] == ["45", "50"]  # timeout x cores + 5, hard +5
+    assert rows["Max file size"] == [str(1024 << 20)] * 2  # fsize_mb, in bytes
+    assert rows["Max open files"] == ["1024", "1024"]
+    assert rows["Max core file size"] == ["0", "0"]
+
+
 def test_environment_is_cleared_except_the_spec(box: Sandbox, monkeypatch):
     monkeypatch.setenv("FEMD_HOST_SECRET", "must-not-leak")
     outcome, _ = box.run("env | sort", env=(("ROUNDS", "3"), ("LANG", "C.UTF-8")))

@@ -63,7 +63,4 @@ def test_rule_ids_are_written_only_in_their_enums():
                 and node.value in known
             ):
                 found.append(f"{path.relative_to(FEMD)}:{node.lineno}: {node.value}")
-    # Left for the launchers' own split (issue 13): their Outcome.rule literal.
-    left = {"launchers/process/handle.py", "launchers/slurm/handle.py"}
-    assert [f for f in found if f.split(":")[0] not in left] == []
-    assert {f.split(":")[0] for f in found} <= left
+    assert found == []

@@ -12,10 +12,10 @@ How each limit is enforced (``Capabilities.enforcement`` says the same):
   task holds (anonymous, page cache, tmpfs, memfd, shm; swap off) and the OOM
   killer acts inside it; pids are per task; cpus are a CFS quota (0.5 works).
   A host with neither refuses every task (``launcher.unenforceable``). The
-  entry step (``/bin/sh``, femd's identity) writes its own pid into the
-  cgroup, then execs ``prlimit`` (file size, open files, no core dumps, a CPU
-  time backstop), ``setpriv`` (when femd is root: to the task user) and bwrap:
-  no task code ever runs outside the cgroup.
+  entry step (``/bin/sh``, femd's identity) sets the rlimits (``ulimit``:
+  file size, open files, no core dumps, a CPU time backstop), writes its own
+  pid into the cgroup, then execs ``setpriv`` (when femd is root: to the task
+  user) and bwrap: no task code ever runs outside the cgroup.
 - outputs: the output directory is a tmpfs of the task's output cap, charged
   to its memory cgroup; ``capture`` streams it out when the command ends.
 - network: always its own empty network namespace; what the policy allows
@@ -64,7 +64,7 @@ __all__ = ["BubblewrapLauncher"]
 
 logger = logging.getLogger(__name__)
 
-_TOOLS: Final = ("bwrap", "prlimit", "sh")
+_TOOLS: Final = ("bwrap", "sh")
 
 
 class BubblewrapLauncher:
@@ -207,7 +207,7 @@ class BubblewrapLauncher:
             needs = "command -v stat >/dev/null && command -v tar >/dev/null"
             args = bwrap_argv(settings, None, memfd, ["/bin/sh", "-c", needs])
             # Entered like a task: a host or unit that refuses the cgroup
-            # write, prlimit64 or setpriv fails here, not at a task's launch.
+            # write, setrlimit or setpriv fails here, not at a task's launch.
             prefix = entry_prefix(settings, None, user, cgroup)
             result = subprocess.run(  # noqa: S603 (fixed tools, no shell)
                 prefix + args,
