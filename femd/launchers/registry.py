@@ -80,9 +80,12 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     ``LaunchSpec`` (reserved mount targets...), run at admission (agent and
     ``femd check``) and again by the launcher. ``prepare_work``: makes a
     task's work dir (``<work>/out`` inside) reachable by its sandbox's user.
+    ``image``: its tasks run an image (a manifest must name one) instead of a
+    host command (a manifest must give ``command``).
     """
 
     factory: LauncherFactory
+    image: bool = False
     settings: type[msgspec.Struct] | None = None
     spec_reasons: Callable[[LaunchSpec], list[Reason]] = _no_reasons
     prepare_work: Callable[[Path], None] = open_work
@@ -114,7 +117,10 @@ def _slurm(profile: LauncherProfile, env: LauncherEnv) -> Launcher:
 LAUNCHERS: Final[Mapping[str, Registration]] = MappingProxyType(
     {
         "podman": Registration(
-            factory=_podman, spec_reasons=podman_reasons, prepare_work=podman_work
+            factory=_podman,
+            image=True,
+            spec_reasons=podman_reasons,
+            prepare_work=podman_work,
         ),
         "process": Registration(factory=_process, spec_reasons=process_reasons),
         "slurm": Registration(
@@ -137,10 +143,11 @@ def environment(
     name: str, state_dir: Path, configs: Mapping[str, msgspec.Struct] | None = None
 ) -> LauncherEnv:
     """The environment of launcher *name* for an agent whose state is *state_dir*."""
-    from femd.launchers.cgroup import scope_of  # cgroup imports this module
+    from femd.launchers.cgroup import scope_of  # cgroup imports this package
+    from femd.statedir import StateDir
 
     return LauncherEnv(
-        state_dir=state_dir / "launchers" / name,
+        state_dir=StateDir(state_dir).launcher(name),
         scope=scope_of(state_dir),
         config=(configs or {}).get(name),
     )
