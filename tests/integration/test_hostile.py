@@ -372,6 +372,31 @@ def test_reload_revoking_a_signer_rejects_its_queued_tasks(node_env: NodeEnv) ->
     assert agent.terminate() == 0
 
 
+def test_reload_removing_a_profile_rejects_its_queued_tasks(node_env: NodeEnv) -> None:
+    """A reload decides a queued task as a fresh admission would (launch checks)."""
+    env = node_env
+    env.write_config(max_concurrent_tasks=1)
+    events = env.collect()
+    agent = env.start_agent()
+    env.publish(env.task("running", "sleep 4"), env.task("waiting"))
+    events.await_state("running", "running")
+    events.await_state("waiting", "received")
+    profiles = env.root / "launchers"
+    profile = yaml.safe_load((profiles / "default.yaml").read_text())
+    (profiles / "default.yaml").unlink()
+    (profiles / "other.yaml").write_text(yaml.safe_dump({**profile, "name": "other"}))
+    agent.proc.send_signal(signal.SIGHUP)
+    ends = events.await_terminal(["running", "waiting"], 60)
+    assert ends["waiting"]["state"] == "rejected", ends["waiting"]
+    assert [r["rule"] for r in ends["waiting"]["reasons"]] == [
+        "launcher.unenforceable"
+    ], ends["waiting"]
+    assert "'default' does not exist" in ends["waiting"]["reasons"][0]["message"]
+    assert ends["running"]["state"] == "succeeded", ends["running"]
+    check_runs(events, env.counter, ["running", "waiting"], never_started=["waiting"])
+    assert agent.terminate() == 0
+
+
 # -- 10: a launcher probe that fails at start ---------------------------------------
 
 
