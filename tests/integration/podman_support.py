@@ -216,18 +216,22 @@ class PodmanBox:
             )
             return [str(c.name) for c in found]
 
+    def status(self, task_id: str) -> str:
+        """The status of *task_id*'s container now ("" if there is none)."""
+        with PodmanClient(base_url=self.service.url) as client:
+            found = client.containers.list(
+                all=True, filters=[f"label={LABEL_TASK}={task_id}"]
+            )
+            # A list entry's "State" is the status string itself.
+            return str(found[0].attrs.get("State", "")) if found else ""
+
     def wait_status(self, task_id: str, status: str, timeout_s: float = 20) -> None:
         """Poll podman until *task_id*'s container has *status*."""
         end = time.monotonic() + timeout_s
-        with PodmanClient(base_url=self.service.url) as client:
-            while time.monotonic() < end:
-                found = client.containers.list(
-                    all=True, filters=[f"label={LABEL_TASK}={task_id}"]
-                )
-                # A list entry's "State" is the status string itself.
-                if found and found[0].attrs.get("State") == status:
-                    return
-                time.sleep(0.05)
+        while time.monotonic() < end:
+            if self.status(task_id) == status:
+                return
+            time.sleep(0.05)
         raise AssertionError(f"container of {task_id} never reached {status}")
 
 

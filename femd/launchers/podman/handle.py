@@ -21,10 +21,11 @@ from typing import Any, Final, Literal
 import msgspec
 
 from femd.errors import LaunchError
-from femd.launchers import Outcome
+from femd.launchers import Outcome, Usage
 from femd.launchers.network import TaskNetwork
 from femd.launchers.podman.client import on_container, parse_time
 from femd.launchers.podman.container import STOP_GRACE_S
+from femd.launchers.podman.outputs import OutputStream
 from femd.model import TaskId
 
 __all__ = ["PodmanHandle"]
@@ -49,11 +50,13 @@ class PodmanHandle:
         timeout_s: float,
         log_max_bytes: int,
         markers: Path,
+        stream: OutputStream | None,
         net: TaskNetwork | None = None,
     ) -> None:
         """Follow container *container_id* (use ``launch()``/``adopt()``)."""
         self.task_id = task_id
         self._net = net
+        self._stream = stream
         self.container_id = container_id
         self._url = url
         self._timeout_s = timeout_s
@@ -196,6 +199,8 @@ class PodmanHandle:
                 log_tail="",
                 reason="the container disappeared",
             )
+            if self._stream is not None:
+                self._stream.close()
             self._log = b""
             self._drop_markers()
             return self._outcome
@@ -206,6 +211,9 @@ class PodmanHandle:
         code = state.get("ExitCode")
         result: _State
         exit_code = int(code) if isinstance(code, int) and started else None
+        # The step has sent its stream (or never will): read it to its end.
+        capture = self._stream.finish() if self._stream is not None else None
+        rule = ""
         if self._marker("cancelled").exists():
             result, reason = "cancelled", "cancelled on request"
         elif self._marker("timed_out").exists() or (
@@ -219,10 +227,21 @@ class PodmanHandle:
             result, reason = "failed", "the container was created but never started"
         elif state.get("OOMKilled"):
             result, reason = "failed", "killed: out of memory"
-        elif exit_code == 0:
-            result, reason = "succeeded", ""
-        else:
+        elif capture is not None and capture.full:
+            assert self._stream is not None  # noqa: S101 (capture comes from it)
+            rule = "outputs.exceeded"
+            result, reason = "failed", capture.full_reason(self._stream.max_bytes)
+        elif capture is not None and capture.step_failure(exit_code):
+            result, reason = "failed", capture.step_failure(exit_code)
+        elif exit_code != 0:
             result, reason = "failed", f"exit code {exit_code}"
+        elif capture is None:
+            result, reason = "failed", "outputs not collected: no output stream"
+        elif capture.incomplete_reason():
+            result, reason = "failed", capture.incomplete_reason()
+        else:
+            result, reason = "succeeded", ""
+        wall_s = (finished - started).total_seconds() if started else None
         self._outcome = Outcome(
             state=result,
             exit_code=exit_code,
@@ -232,6 +251,11 @@ class PodmanHandle:
             finished_at=max(finished, started or finished),
             log_tail=tail.decode("utf-8", errors="replace"),
             reason=reason,
+            rule=rule,
+            usage=Usage(
+                output_bytes=capture.bytes if capture is not None else None,
+                wall_s=None if wall_s is None else round(max(wall_s, 0.0), 3),
+            ),
         )
         self._log = head
         try:
