@@ -144,7 +144,10 @@ class PodmanLauncher:
             problems.append(f"egress and ingress: {net}")
         notes = [
             "pids: RLIMIT_NPROC of the task uid in its user namespace"
-            + (" and the cgroup pids controller" if self._cgroup_pids else "")
+            + (" and the cgroup pids controller" if self._cgroup_pids else ""),
+            "outputs: a tmpfs of the output cap in the container"
+            + (", charged to its memory" if memory else "")
+            + "; femd's step (static busybox) streams it out",
         ]
         return Capabilities(
             launcher=self.name,
