@@ -224,10 +224,10 @@ def test_adopt_after_agent_and_service_restart(podman_box: PodmanBox) -> None:
 
 
 def test_outputs_of_a_task_that_ended_while_no_agent_ran(podman_box: PodmanBox) -> None:
-    handle, spec = podman_box.launch("echo partial > /out/p; exit 7")
-    crash(handle)
+    handle, spec = podman_box.launch("echo partial > /out/p; sleep 2; exit 7")
+    crash(handle)  # (before the task ends)
     # The task ended; its output step waits for an agent to read the outputs.
-    time.sleep(2)
+    time.sleep(4)
     assert podman_box.status(spec.task_id) == "running"
     adopted = podman_box.make_launcher().adopt(spec.task_id)
     assert adopted is not None
