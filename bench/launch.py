@@ -43,12 +43,14 @@ for p in (str(REPO), str(BENCH)):
 
 from latency import Row, bare_bwrap_once, percentile, print_rows, settle  # noqa: E402
 
+from femd.config import PodmanConfig  # noqa: E402
 from femd.errors import FemdError  # noqa: E402
 from femd.launchers import (  # noqa: E402
     LAUNCHERS,
     Launcher,
     LaunchSpec,
     Limits,
+    environment,
     load_profiles,
     start,
     unenforceable,
@@ -121,8 +123,8 @@ def process_rows(n: int) -> list[Row]:
     root.chmod(0o711)  # femd-task must reach its output dir
     try:
         bench = Bench("process", root)
-        launcher = LAUNCHERS["process"](
-            bench.profile, state_dir=root / "state", podman_socket=None
+        launcher = LAUNCHERS["process"].factory(
+            bench.profile, environment("process", root / "state")
         )
         settle()
         caps = launcher.probe()
@@ -175,8 +177,11 @@ def podman_rows(n: int) -> list[Row]:
         service.start()
         image = service.build_busybox_image()
         bench = Bench("podman", root)
-        strict = LAUNCHERS["podman"](
-            bench.profile, state_dir=root / "state", podman_socket=service.url
+        strict = LAUNCHERS["podman"].factory(
+            bench.profile,
+            environment(
+                "podman", root / "state", {"podman": PodmanConfig(socket=service.url)}
+            ),
         )
         argv = ("/bin/true",)
         refused = unenforceable(bench.spec(argv, image), strict.probe())

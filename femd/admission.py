@@ -24,9 +24,14 @@ import msgspec
 from femd.decision import Decision, Reason, Rule, Verdict, admit
 from femd.envelope import MAX_ENVELOPE_BYTES
 from femd.errors import ConfigError, cut
-from femd.execution import build_spec
-from femd.launchers import Capabilities, LauncherProfile, unenforceable
-from femd.launchers.targets import target_reasons
+from femd.launchers import (
+    Capabilities,
+    LauncherProfile,
+    profile_type,
+    registration,
+    unenforceable,
+)
+from femd.launchspec import build_spec
 from femd.manifest import Task
 from femd.policy import LoadedPolicy
 
@@ -78,6 +83,11 @@ class HostReport(msgspec.Struct, frozen=True, kw_only=True):
     capabilities: list[ProbedLauncher]
 
 
+class _RawReport(msgspec.Struct, frozen=True, kw_only=True):
+    profiles: dict[str, msgspec.Raw]
+    capabilities: list[ProbedLauncher]
+
+
 def host_report(
     profiles: Mapping[str, LauncherProfile],
     caps: Mapping[tuple[str, str], Capabilities],
@@ -98,10 +108,17 @@ def decode_host(data: bytes, work_root: Path = DEFAULT_WORK_ROOT) -> Host:
     Raises:
         ConfigError: not such a document.
     """
+    # The profiles hold every registered launcher's section: each is decoded
+    # with the registry's profile type, not the bare one HostReport names.
     try:
-        report = msgspec.json.decode(data, type=HostReport)
+        raw = msgspec.json.decode(data, type=_RawReport)
+        kind = profile_type()
+        profiles = {
+            n: msgspec.json.decode(p, type=kind) for n, p in raw.profiles.items()
+        }
     except msgspec.DecodeError as e:
         raise ConfigError(f"capabilities: {cut(e, 200)}") from e
+    report = HostReport(profiles=profiles, capabilities=raw.capabilities)
     caps = {
         (e.profile, e.capabilities.launcher): e.capabilities
         for e in report.capabilities
@@ -127,7 +144,7 @@ def launch_reasons(task: Task, policy: LoadedPolicy, host: Host) -> list[Reason]
         return _unenforceable(
             f"launcher profile {task.profile!r} does not exist on this node"
         )
-    if getattr(profile, task.launcher) is None:
+    if profile.section(task.launcher) is None:
         return _unenforceable(
             f"profile {profile.name!r} has no {task.launcher} section"
         )
@@ -146,10 +163,8 @@ def launch_reasons(task: Task, policy: LoadedPolicy, host: Host) -> list[Reason]
         inputs={i.mount: work / "inputs" / i.dataset for i in task.inputs},
         runtime_dir=work / "runtime" if task.runtime is not None else None,
     )
-    targets = [m.target for m in spec.mounts]
-    return unenforceable(spec, cap) + target_reasons(
-        task.launcher, profile, targets, spec.output_target
-    )
+    # The launcher's own checks of the spec (reserved targets...), as at launch.
+    return unenforceable(spec, cap) + registration(task.launcher).spec_reasons(spec)
 
 
 def admit_here(

@@ -165,7 +165,7 @@ class Agent(Reception):
         launchers = build(
             self.profiles,
             state_dir=self.state_dir,
-            podman_socket=self.config.podman.socket,
+            configs=self.config.launcher_configs(),
         )
         caps = {key: self._probe(key, launcher) for key, launcher in launchers.items()}
         self.launchers, self.caps = launchers, caps

@@ -87,6 +87,13 @@ class AgentConfig(Strict, frozen=True, kw_only=True):
         """The policy file or directory."""
         return Path(self.policy)
 
+    def launcher_configs(self) -> dict[str, msgspec.Struct]:
+        """Each launcher's section of this file, by launcher name.
+
+        What a launcher's factory gets as ``LauncherEnv.config``.
+        """
+        return {"podman": self.podman}
+
     @property
     def state_path(self) -> Path:
         """The state directory."""

@@ -1,18 +1,18 @@
 """Admission decisions: the node's policy applied to a verified task.
 
-Owns ``Rule``, ``Reason``, ``Decision`` and ``evaluate()``. Pure: no I/O, the
-reference time is passed in. Does not verify signatures (``envelope`` does) nor
-load policies (``policy`` does); it receives their results.
+Owns ``evaluate()`` and ``admit()`` (the whole trust kernel: envelope,
+signatures, manifest, rules) and ``Verdict``. Pure: no I/O, the reference
+time is passed in. Does not verify signatures (``envelope`` does) nor load
+policies (``policy`` does); it receives their results. The rule ids,
+``Reason`` and ``Decision`` are ``rules``'s, the globs ``patterns``'s; both
+are re-exported here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
-from functools import lru_cache
 from typing import Final
 
 import msgspec
@@ -25,7 +25,9 @@ from femd.envelope import (
 )
 from femd.errors import cut
 from femd.manifest import Manifest, NetworkNone, Task, decode_manifest
+from femd.patterns import glob_match, split_image
 from femd.policy import LoadedPolicy, Project
+from femd.rules import Decision, EventRule, Reason, Rule
 
 __all__ = [
     "Decision",
@@ -38,78 +40,6 @@ __all__ = [
     "glob_match",
     "split_image",
 ]
-
-
-class Rule(StrEnum):
-    """Every rule a task can violate; the value is what auditors and stewards see."""
-
-    SIGNATURE_THRESHOLD = "signature.threshold"
-    SIGNER_REVOKED = "signer.revoked"
-    SIGNER_EXPIRED = "signer.expired"
-    MANIFEST_EXPIRED = "manifest.expired"
-    MANIFEST_NOT_YET_VALID = "manifest.not_yet_valid"
-    NODE_AUDIENCE = "node.audience"
-    PROJECT_UNKNOWN = "project.unknown"
-    LAUNCHER_NOT_ALLOWED = "launcher.not_allowed"
-    LAUNCHER_UNENFORCEABLE = "launcher.unenforceable"
-    MOUNT_RESERVED = "mount.reserved"
-    IMAGE_NOT_ALLOWED = "image.not_allowed"
-    IMAGE_NOT_PINNED = "image.not_pinned"
-    GIT_NOT_ALLOWED = "git.not_allowed"
-    DATASET_NOT_ALLOWED = "dataset.not_allowed"
-    RUNTIME_NOT_ALLOWED = "runtime.not_allowed"
-    RESOURCES_EXCEEDED = "resources.exceeded"
-    NETWORK_NOT_ALLOWED = "network.not_allowed"
-    OUTPUTS_EXCEEDED = "outputs.exceeded"
-
-
-class EventRule(StrEnum):
-    """Every other rule id a status event's ``reasons`` carry (not a policy rule).
-
-    ``input.*``: a message rejected before any policy rule could apply;
-    ``task.<state>``: how a task ended when no limit says more (``ended()``);
-    ``task.replayed`` / ``agent.restarted``: what recovery found.
-    """
-
-    INPUT_AMQP = "input.amqp"
-    INPUT_ENVELOPE = "input.envelope"
-    INPUT_MANIFEST = "input.manifest"
-    TASK_REPLAYED = "task.replayed"
-    AGENT_RESTARTED = "agent.restarted"
-    TASK_FAILED = "task.failed"
-    TASK_TIMED_OUT = "task.timed_out"
-    TASK_CANCELLED = "task.cancelled"
-
-    @classmethod
-    def ended(cls, state: str) -> EventRule:
-        """The rule of a task that ended in *state* (failed, timed_out, cancelled).
-
-        Raises:
-            ValueError: *state* is not such a state (a bug).
-        """
-        return cls(f"task.{state}")
-
-
-class Reason(msgspec.Struct, frozen=True):
-    """One violated rule, with a one-line message in plain words."""
-
-    rule: Rule
-    message: str
-
-
-class Decision(msgspec.Struct, frozen=True):
-    """The outcome of admission: allowed exactly when no rule was violated."""
-
-    reasons: tuple[Reason, ...] = ()
-
-    @property
-    def allowed(self) -> bool:
-        """True when no rule was violated."""
-        return not self.reasons
-
-
-# ---------------------------------------------------------------------------
-# evaluation
 
 
 class Verdict(msgspec.Struct, frozen=True):
@@ -404,53 +334,8 @@ def _no_trusted(check: SignatureCheck) -> str:
     return f"no valid signature by a trusted key{detail}"
 
 
-def split_image(ref: str) -> tuple[str, str | None]:
-    """Split an image reference into (repository without tag, digest or None)."""
-    name, _, digest = ref.partition("@")
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > slash:
-        name = name[:colon]
-    pinned = _DIGEST.fullmatch(digest) is not None
-    return name, digest if pinned else None
-
-
 def _iso(t: datetime) -> str:
     try:
         return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00 is past year 9999 in UTC
         return t.isoformat()
-
-
-_DIGEST: Final = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-@lru_cache(maxsize=4096)
-def _glob(pattern: str) -> re.Pattern[str]:
-    parts = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            parts.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            parts.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            parts.append("[^/]")
-            i += 1
-        else:
-            parts.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(parts) + r"\Z", re.DOTALL)
-
-
-def glob_match(pattern: str, text: str) -> bool:
-    """Match *text* against a policy glob, on the whole string.
-
-    Like shell pathname globs: ``*`` and ``?`` never match ``/`` (so
-    ``https://*.example.org/*`` cannot match ``https://evil.io/x.example.org/y``);
-    ``**`` matches anything, ``/`` included. Every other character is literal.
-    """
-    # SECURITY: anchored at both ends; `*` stays inside one path segment.
-    return _glob(pattern).match(text) is not None

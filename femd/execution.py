@@ -1,17 +1,16 @@
 """One admitted task's life: stage in, launch, wait, stage out, report.
 
-Owns turning a ``Task`` + profile + policy into a ``LaunchSpec`` (site
-settings merged, host paths resolved) and running it to a terminal state in a
-worker thread. Every step is a state transition (outbox event) and an audit
-record. Deciding whether a task may run is not its business (``decision``);
-talking to the broker is not either (``broker`` drains the outbox).
+Owns running an admitted task to a terminal state in a worker thread (its
+``LaunchSpec`` comes from ``launchspec``; its launcher is whatever the
+registry names, execution never branches on one). Every step is a state
+transition (outbox event) and an audit record. Deciding whether a task may
+run is not its business (``decision``); talking to the broker is not either
+(``broker`` drains the outbox).
 """
 
 from __future__ import annotations
 
-import grp
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,144 +37,26 @@ from femd.launchers import (
     Launcher,
     LauncherProfile,
     LaunchSpec,
-    Limits,
-    Mount,
     Outcome,
+    registration,
     start,
 )
+from femd.launchspec import build_spec, effective_limits, output_cap, runtime_target
 from femd.livelog import LogFollower
-from femd.manifest import NetworkEgress, Task
+from femd.manifest import Task
 from femd.model import utc_now as _now
-from femd.policy import (
-    DEFAULT_CPUS,
-    DEFAULT_MEMORY_MB,
-    DEFAULT_PIDS,
-    DEFAULT_TIMEOUT_S,
-    LoadedPolicy,
-)
+from femd.policy import LoadedPolicy
 from femd.stageout import pack_outputs
 from femd.state import State
 from femd.statedir import StateDir
 from femd.tree import remove_tree
 
-__all__ = [
-    "CODE_TARGET",
-    "Runner",
-    "build_spec",
-    "open_work_dirs",
-]
+__all__ = ["Runner"]
 
 logger = logging.getLogger(__name__)
 
-CODE_TARGET: Final = "/src"
 GIT_MAX_BYTES: Final = 512 * 1024 * 1024
 LOG_TAIL_BYTES: Final = 4096
-
-
-def effective_limits(task: Task, policy: LoadedPolicy) -> Limits:
-    """The limits the task runs with: what it asked, else the project's maxima."""
-    project = policy.policy.projects[task.project]
-    most = policy.limits(project)
-    r = task.resources
-    return Limits(
-        cpus=r.cpus or most.cpus or DEFAULT_CPUS,
-        memory_mb=r.memory_mb or most.memory_mb or DEFAULT_MEMORY_MB,
-        timeout_s=r.timeout_s or most.timeout_s or DEFAULT_TIMEOUT_S,
-        pids=r.pids or most.pids or DEFAULT_PIDS,
-    )
-
-
-def output_cap(task: Task, policy: LoadedPolicy) -> int:
-    """Bytes of outputs this task may send."""
-    most = policy.max_output_bytes(policy.policy.projects[task.project])
-    asked = task.outputs.max_bytes
-    return most if asked is None else min(asked, most)
-
-
-def runtime_target(task: Task, policy: LoadedPolicy) -> str:
-    """Where the task's runtime is mounted: the path the policy names for it."""
-    if task.runtime is None:
-        raise RuntimeError("runtime_target() of a task without a runtime")
-    return policy.policy.runtimes[task.runtime].path
-
-
-def build_spec(
-    task: Task,
-    policy: LoadedPolicy,
-    profile: LauncherProfile,
-    *,
-    work_dir: Path,
-    code_dir: Path | None = None,
-    inputs: Mapping[str, Path] | None = None,
-    runtime_dir: Path | None = None,
-    log_max_bytes: int = 1 << 20,
-) -> LaunchSpec:
-    """Build the launch spec: site settings from the profile, paths from the policy.
-
-    *inputs* maps in-sandbox mount targets to resolved host paths (stage-in
-    did that); None leaves them out (admission-time capability checks).
-    """
-    mounts = [Mount(source=str(src), target=dst) for dst, src in (inputs or {}).items()]
-    if task.runtime is not None and runtime_dir is not None:
-        # A runtime is the node's own, read-only, at the path its policy names.
-        mounts.append(
-            Mount(source=str(runtime_dir), target=runtime_target(task, policy))
-        )
-    workdir = None
-    if task.source is not None and code_dir is not None:
-        mounts.append(Mount(source=str(code_dir), target=CODE_TARGET))
-        workdir = CODE_TARGET
-        if task.source.path not in (".", ""):
-            workdir = f"{CODE_TARGET}/{task.source.path.strip('/')}"
-    egress = task.network.allow if isinstance(task.network, NetworkEgress) else None
-    net = policy.policy.projects[task.project].network
-    peers = () if net == "none" or net.ingress is None else net.ingress.peers
-    return LaunchSpec(
-        task_id=task.id,
-        launcher=task.launcher,
-        profile=profile,
-        argv=task.command,
-        env=tuple(sorted(task.env.items())),
-        image=task.image,
-        mounts=tuple(mounts),
-        workdir=workdir,
-        output_dir=str(work_dir / "out"),
-        output_target=task.outputs.path,
-        limits=effective_limits(task, policy),
-        egress=egress,
-        listen=task.network.listen,
-        ingress_peers=peers if task.network.listen else (),
-        log_max_bytes=log_max_bytes,
-        output_max_bytes=output_cap(task, policy),
-    )
-
-
-def open_work_dirs(work: Path, launcher: str) -> None:
-    """Let the sandbox's user reach a task's dirs, and nobody else list them.
-
-    Under the unit, femd and its process tasks share the `femd` user and
-    femd-podman reaches work dirs through group `femd`: 0750 is enough and
-    "other" stays shut (podman's writable `out` needs a closed parent). When
-    femd runs as root (tests, some installs) process tasks run as another
-    user, who must traverse, not list, the path: 0711.
-    """
-    work_root = work.parent
-    if os.geteuid() != 0:
-        for d in (work_root, work):
-            d.chmod(0o750)
-        return
-    if launcher == "podman":
-        try:
-            gid = grp.getgrnam("femd-podman").gr_gid
-        except KeyError:
-            gid = -1
-        for d in (work_root.parent, work_root):
-            d.chmod(0o711)
-        os.chown(work, -1, gid)
-        work.chmod(0o710)
-        return
-    for d in (work_root.parent, work_root, work):
-        d.chmod(0o711)
 
 
 class Runner:
@@ -266,7 +147,8 @@ class Runner:
         t = self.task
         remove_tree(self.work)
         (self.work / "out").mkdir(parents=True)
-        open_work_dirs(self.work, self.task.launcher)
+        # The launcher opens the path to its sandbox's user (and nobody else).
+        registration(t.launcher).prepare_work(self.work)
         code = None
         if t.source is not None:
             tree = stage_git(

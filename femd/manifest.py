@@ -29,6 +29,7 @@ from femd.model import (
     UtcTime,
     explain,
     refuse_duplicate_keys,
+    unknown_launcher,
 )
 from femd.plain import one_line
 
@@ -144,6 +145,8 @@ class Task(_Message, frozen=True, tag="Task", kw_only=True):
         """Check what one field alone cannot say (DESIGN "task manifest")."""
         if self.expires_at <= self.issued_at:
             raise ValueError("`expires_at` must be later than `issued_at`")
+        if (unknown := unknown_launcher([self.launcher])) is not None:
+            raise ValueError(f"launcher: {unknown[1]}")
         if self.launcher == "podman" and self.image is None:
             raise ValueError("`image` is required when `launcher` is `podman`")
         if self.launcher != "podman" and not self.command:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final
 
 import msgspec
 from msgspec import Meta
@@ -36,6 +37,7 @@ __all__ = [
     "UtcTime",
     "explain",
     "refuse_duplicate_keys",
+    "unknown_launcher",
     "utc_now",
 ]
 
@@ -49,9 +51,34 @@ def _full(body: str) -> str:
 # A path segment that is exactly ".." anywhere after the current position.
 _NO_DOTDOT = r"(?!(?:.*/)?\.\.(?:/|$))"
 
-# Every launcher femd has: the keys of ``femd.launchers.LAUNCHERS`` (a test
-# keeps them equal). Manifests, policies and launch specs all use this one type.
-LauncherName = Literal["podman", "process", "slurm"]
+# The one launcher-name type of manifests, policies and launch specs. Which
+# names exist is the registry's to say (``femd.launchers.registry.LAUNCHERS``):
+# ``unknown_launchers()`` checks them when a manifest or policy is decoded, so
+# a new launcher is one registry line, not an edit here.
+LauncherName = Annotated[
+    str,
+    Meta(
+        pattern=_full(r"[a-z][a-z0-9_-]{0,31}"),
+        description="A launcher this femd has (`femd doctor` lists them).",
+        extra={"registry": "launchers"},
+    ),
+]
+
+
+def unknown_launcher(names: Iterable[str]) -> tuple[int, str] | None:
+    """The first of *names* that is no launcher of this femd: (index, why).
+
+    Reads the registry at call time (it sits above the parsers, which use it
+    only to validate names).
+    """
+    from femd.launchers.registry import LAUNCHERS
+
+    for i, name in enumerate(names):
+        if name not in LAUNCHERS:
+            known = ", ".join(sorted(LAUNCHERS))
+            return i, f"{json.dumps(name)} is not allowed here; use one of: {known}"
+    return None
+
 
 Name = Annotated[
     str,
@@ -167,6 +194,9 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
+_SCAN: Final = json.JSONDecoder(object_pairs_hook=_pairs)
+
+
 def refuse_duplicate_keys(data: bytes) -> None:
     """Parse *data* as JSON only to refuse any object with a repeated key.
 
@@ -179,8 +209,9 @@ def refuse_duplicate_keys(data: bytes) -> None:
     """
     try:
         # SECURITY: the stdlib parser is used for this scan only; values come from
-        # msgspec's typed decode of the same bytes.
-        json.loads(data, object_pairs_hook=_pairs)
+        # msgspec's typed decode of the same bytes. The bytes are read as
+        # json.loads reads bytes; the decoder is built once (a hot path).
+        _SCAN.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
     except RecursionError as e:
         raise ValueError("JSON nests too deeply") from e
 

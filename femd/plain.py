@@ -22,7 +22,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from femd.errors import cut
-from femd.model import explain
+from femd.model import explain, unknown_launcher
 from femd.yamlfile import field_of, split_error
 
 __all__ = ["Found", "first", "one_line", "problems", "reword"]
@@ -182,6 +182,30 @@ def _struct_problems(data: dict[Any, Any], tp: type[msgspec.Struct]) -> list[Fou
     return out
 
 
+def _unregistered(data: object, tp: Any) -> list[Found]:  # noqa: ANN401
+    """Launcher names (``model.LauncherName``) the registry does not have.
+
+    Well-typed, yet refused by the Struct holding them: found here too, so
+    the problem is named at the item, with every other problem.
+    """
+    if isinstance(data, str):
+        metas = typing.get_args(tp)[1:] if typing.get_origin(tp) else ()
+        marked = any(
+            isinstance(m, msgspec.Meta) and (m.extra or {}).get("registry")
+            for m in metas
+        )
+        unknown = unknown_launcher([data]) if marked else None
+        return [] if unknown is None else [([], unknown[1])]
+    if isinstance(data, list) and typing.get_origin(tp) in (tuple, list):
+        item_t = typing.get_args(tp)[0]
+        return [
+            ([i, *p], m)
+            for i, v in enumerate(data)
+            for p, m in _unregistered(v, item_t)
+        ]
+    return []
+
+
 def problems(data: object, tp: Any) -> list[Found]:  # noqa: ANN401 (a typing form)
     """Every problem of *data* as a value of type *tp*, in plain words.
 
@@ -194,7 +218,7 @@ def problems(data: object, tp: Any) -> list[Found]:  # noqa: ANN401 (a typing fo
     except msgspec.ValidationError as e:
         first_message, first_path = _first(e)
     else:
-        return []
+        return _unregistered(data, tp)
     found: list[Found] = []
     opts = _options(tp)
     structs = [o for o in opts if _is_struct(o)]

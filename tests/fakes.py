@@ -2,9 +2,14 @@
 
 ``FakeLauncher`` implements ``femd.launchers.Launcher`` and its handles
 ``femd.launchers.Handle``: it runs nothing, writes the outputs it is given
-into the task's output directory and ends the task as told. ``FakeLauncher.factory``
-has the ``LauncherFactory`` signature, so a test can put it in the registry
-(``femd.launchers.LAUNCHERS``) and run a task through the real agent.
+into the task's output directory and ends the task as told.
+
+``REGISTRATION`` makes it a launcher kind of its own, ``fake``, the way a new
+launcher joins femd: its factory, its profile section (``FakeSettings``) and
+its spec checks, in one registry entry. A test adds that one line to
+``femd.launchers.registry.LAUNCHERS`` and nothing else: manifests and
+policies then accept ``fake``, profiles a ``fake:`` section, and the real
+agent runs tasks with it.
 """
 
 from __future__ import annotations
@@ -15,9 +20,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from femd.launchers import Capabilities, LauncherProfile, LaunchSpec, Outcome
+import msgspec
 
-__all__ = ["ENFORCES_ALL", "FakeHandle", "FakeLauncher"]
+from femd.decision import Reason, Rule
+from femd.launchers import (
+    Capabilities,
+    LauncherEnv,
+    LauncherProfile,
+    LaunchSpec,
+    Outcome,
+    Registration,
+)
+
+__all__ = [
+    "ENFORCES_ALL",
+    "REGISTRATION",
+    "FakeHandle",
+    "FakeLauncher",
+    "FakeSettings",
+    "RegisteredFake",
+]
 
 ENFORCES_ALL = {
     "available": True,
@@ -101,16 +123,6 @@ class FakeLauncher:
         self.launched: list[LaunchSpec] = []
         self.handles: dict[str, FakeHandle] = {}
 
-    @classmethod
-    def factory(
-        cls, profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
-    ) -> FakeLauncher:
-        """The registry's signature: build one, and remember it for the test."""
-        del profile, state_dir, podman_socket
-        launcher = cls(outputs={"result.txt": b"42\n"})
-        cls.built.append(launcher)
-        return launcher
-
     def probe(self) -> Capabilities:
         return self.capabilities
 
@@ -128,3 +140,52 @@ class FakeLauncher:
 
     def adopt(self, task_id: str) -> FakeHandle | None:
         return self.handles.get(task_id)
+
+
+class FakeSettings(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
+):
+    """The ``fake:`` section of a launcher profile (declared by the fake alone)."""
+
+    outputs: dict[str, str] = msgspec.field(default_factory=dict)
+    """Files (relative path -> text) every task of this profile outputs."""
+    reserved: tuple[str, ...] = ("/fake",)
+    """Mount targets the fake keeps for itself (its spec check refuses them)."""
+
+
+class RegisteredFake(FakeLauncher):
+    """The fake as the ``fake`` launcher, built from its own profile section."""
+
+    name: ClassVar[str] = "fake"
+    built: ClassVar[list[FakeLauncher]] = []
+
+    @classmethod
+    def factory(cls, profile: LauncherProfile, env: LauncherEnv) -> RegisteredFake:
+        """The registry's signature: build one, and remember it for the test."""
+        settings = profile.section(cls.name)
+        assert isinstance(settings, FakeSettings), settings
+        env.state_dir.mkdir(parents=True, exist_ok=True)
+        outputs = {k: v.encode() for k, v in settings.outputs.items()}
+        launcher = cls(outputs=outputs)
+        launcher.env = env
+        cls.built.append(launcher)
+        return launcher
+
+    env: LauncherEnv | None = None
+
+
+def _fake_reasons(spec: LaunchSpec) -> list[Reason]:
+    settings = spec.profile.section(RegisteredFake.name)
+    reserved = settings.reserved if isinstance(settings, FakeSettings) else ()
+    targets = [m.target for m in spec.mounts] + [spec.output_target]
+    return [
+        Reason(Rule.MOUNT_RESERVED, f"mount target {t!r} is reserved by the fake")
+        for t in targets
+        if t in reserved
+    ]
+
+
+# The one registry line a test adds: ``"fake": REGISTRATION``.
+REGISTRATION = Registration(
+    factory=RegisteredFake.factory, settings=FakeSettings, spec_reasons=_fake_reasons
+)

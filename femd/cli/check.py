@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from femd.cli.console import read_input
+from femd.cli.console import Subcommands, read_input
 from femd.errors import InputError, cut
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["add_commands"]
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Subcommands) -> None:
     """Add ``check`` to the ``femd`` parser."""
     s = sub.add_parser("check", help="dry run: verify and decide, nothing runs")
     s.add_argument("envelope", help="envelope file (- for stdin)")
@@ -94,7 +94,7 @@ def _check_host(args: argparse.Namespace) -> tuple[Host | None, str | None]:
     scratch = Path(tempfile.mkdtemp(prefix="femd-check-"))
     try:
         _, caps = build_all(
-            profiles, state_dir=scratch, podman_socket=config.podman.socket
+            profiles, state_dir=scratch, configs=config.launcher_configs()
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

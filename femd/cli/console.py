@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeAlias
 
 from femd.errors import InputError
 
-__all__ = ["Parser", "read_input", "write_output"]
+__all__ = ["Parser", "Subcommands", "read_input", "write_output"]
+
+# What `add_subparsers()` returns: each command group adds its commands to it.
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 class Parser(argparse.ArgumentParser):

@@ -13,10 +13,12 @@ import os
 import sys
 from pathlib import Path
 
+from femd.cli.console import Subcommands
+
 __all__ = ["add_commands"]
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Subcommands) -> None:
     """Add ``doctor`` to the ``femd`` parser."""
     s = sub.add_parser("doctor", help="what this host can enforce, per launcher")
     s.add_argument("--config", help="femd.yaml (for launchers, state_dir, podman)")
@@ -32,7 +34,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     from femd import doctor
     from femd.admission import host_report
-    from femd.config import load_config
+    from femd.config import PodmanConfig, load_config
     from femd.launchers import build_all, load_profiles
     from femd.statedir import StateDir
 
@@ -46,7 +48,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     profiles = load_profiles(profiles_dir)
     if not args.verbose:  # the trial launcher's own warning: doctor says it
         logging.getLogger("femd.launchers.podman").setLevel(logging.ERROR)
-    # Trial work dirs: as root in a private scratch dir (open_work_dirs opens
+    # Trial work dirs: as root in a private scratch dir (prepare_work opens
     # its parents for the sandbox users), as femd in its own state dir.
     scratch = Path(tempfile.mkdtemp(prefix="femd-doctor-"))
     if os.geteuid() != 0 and config is not None:
@@ -57,7 +59,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     usable: list[str] = []
     try:
         work_root.mkdir(parents=True, exist_ok=True)
-        _, caps = build_all(profiles, state_dir=scratch, podman_socket=socket)
+        configs = {"podman": PodmanConfig(socket=socket)} if socket else {}
+        _, caps = build_all(profiles, state_dir=scratch, configs=configs)
         for (pname, lname), cap in caps.items():
             trial = doctor.trial_launcher(
                 lname, profiles[pname], state_dir=scratch, podman_socket=socket

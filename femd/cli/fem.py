@@ -10,12 +10,12 @@ import argparse
 import sys
 from datetime import UTC, datetime
 
-from femd.cli.console import read_input, write_output
+from femd.cli.console import Subcommands, read_input, write_output
 
 __all__ = ["add_commands"]
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Subcommands) -> None:
     """Add ``import-fem`` to the ``femd`` parser."""
     s = sub.add_parser(
         "import-fem", help="orchestrator: FEM task template -> femd manifests"

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from femd.cli.console import read_input
+from femd.cli.console import Subcommands, read_input
 from femd.events import TERMINAL_STATES
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["add_commands", "add_orchestrator_args", "open_client"]
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Subcommands) -> None:
     """Add ``submit``, ``watch``, ``cancel`` and ``nodes`` to the ``femd`` parser."""
     s = sub.add_parser("submit", help="orchestrator: publish an envelope to nodes")
     s.add_argument("envelope", help="envelope file (- for stdin)")

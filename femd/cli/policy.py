@@ -10,12 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-from femd.cli.console import Parser
+from femd.cli.console import Parser, Subcommands
 
 __all__ = ["add_commands"]
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Subcommands) -> None:
     """Add ``policy lint`` and ``policy schema`` to the ``femd`` parser."""
     s = sub.add_parser("policy", help="policy tools")
     psub = s.add_subparsers(dest="policy_command", required=True, parser_class=Parser)

@@ -11,10 +11,12 @@ import logging
 import os
 from pathlib import Path
 
+from femd.cli.console import Subcommands
+
 __all__ = ["add_commands"]
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Subcommands) -> None:
     """Add ``run`` to the ``femd`` parser."""
     s = sub.add_parser("run", help="the agent, in the foreground (systemd runs this)")
     s.add_argument(

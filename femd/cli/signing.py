@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from femd.cli.console import read_input, write_output
+from femd.cli.console import Subcommands, read_input, write_output
 from femd.errors import InputError, ManifestError
 
 __all__ = ["add_commands"]
@@ -20,7 +20,7 @@ __all__ = ["add_commands"]
 logger = logging.getLogger("femd")
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Subcommands) -> None:
     """Add ``keygen`` and ``sign`` to the ``femd`` parser."""
     s = sub.add_parser("keygen", help="write NAME.key and NAME.pub, print the keyid")
     s.add_argument("name")

@@ -12,13 +12,14 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from femd.cli.console import Subcommands
 from femd.cli.orchestrator import open_client
 from femd.errors import InputError
 
 __all__ = ["add_commands"]
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Subcommands) -> None:
     """Add ``tasks`` to the ``femd`` parser."""
     s = sub.add_parser("tasks", help="the node's local task history")
     s.add_argument("--config", help="femd.yaml, or with --orchestrator its config")

@@ -14,7 +14,7 @@ import shutil
 import tarfile
 import time
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 from femd.doctor.report import Check
 from femd.errors import FemdError, cut
@@ -130,12 +130,9 @@ def _trial_spec(
     launcher: str, profile: LauncherProfile, out: Path, image: str | None
 ) -> LaunchSpec:
     argv = ("/catatonit", "-V") if launcher == "podman" else ("/bin/sh", "-c", "id")
-    kind: Literal["podman", "process", "slurm"] = "process"
-    if launcher in ("podman", "slurm"):
-        kind = "podman" if launcher == "podman" else "slurm"
     return LaunchSpec(
         task_id=f"doctor-{secrets.token_hex(6)}",
-        launcher=kind,
+        launcher=launcher,
         profile=profile,
         argv=argv,
         image=image,
@@ -152,13 +149,13 @@ def _trial(
     podman_socket: str | None,
 ) -> tuple[bool, str]:
     """Run one trivial task with *launcher*; (succeeded, what happened)."""
-    from femd.execution import open_work_dirs
+    from femd.launchers import registration
 
     work = work_root / f"doctor-{secrets.token_hex(4)}"
     began = time.monotonic()
     try:
         (work / "out").mkdir(parents=True)
-        open_work_dirs(work, name)
+        registration(name).prepare_work(work)
         image = _doctor_image(podman_socket or "") if name == "podman" else None
         spec = _trial_spec(name, profile, work / "out", image)
         # Not start(): for podman on a host without cgroup delegation the
@@ -238,10 +235,10 @@ def trial_launcher(
     proves the runtime works; the probe still says the limits are missing and
     every real task is refused.
     """
-    from femd.launchers import LAUNCHERS
+    from femd.launchers import environment, registration
 
     if name != "podman":
-        return LAUNCHERS[name](profile, state_dir=state_dir, podman_socket=None)
+        return registration(name).factory(profile, environment(name, state_dir))
     from femd.launchers.podman import TrialPodmanLauncher
 
     return TrialPodmanLauncher(

@@ -3,7 +3,9 @@
 ``documents`` decodes FEM's task templates, tool plans and parametric args as
 FEM serves them; ``options`` holds what the operator adds (pins, mappings) and
 the problems a conversion reports; ``command`` renders FEM command lines as
-argv lists; ``convert`` does the conversion. Runs where the signing happens,
+argv lists; ``parts`` maps a template's parts (tool plan, params, volumes,
+outputs, resources, ports), ``render`` one node's argv, environment and
+network; ``convert`` puts them together. Runs where the signing happens,
 never on a data node.
 """
 

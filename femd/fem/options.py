@@ -14,7 +14,7 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 
@@ -23,10 +23,12 @@ from femd.manifest import Task, encode_manifest
 from femd.model import Name
 
 __all__ = [
+    "ENV_NAME",
     "Converted",
     "FemImportError",
     "FemNode",
     "FemOptions",
+    "Pass",
     "Problem",
     "Refusal",
     "manifest_json",
@@ -117,6 +119,33 @@ class FemImportError(InputError):
         super().__init__(f"import-fem: {self.problems[0]}{tail}")
 
 
+_T = TypeVar("_T")
+
+
+class Pass:
+    """One conversion pass: problems (deduplicated, in order) and notes."""
+
+    def __init__(self) -> None:
+        """Start with no problems and no notes."""
+        self.problems: dict[str, Problem] = {}
+        self.notes: list[str] = []
+
+    def run(self, default: _T, fn: Callable[..., _T], *args: Any) -> _T:  # noqa: ANN401
+        """``fn(*args)``; a refusal or input error is kept and *default* returned."""
+        try:
+            return fn(*args)
+        except Refusal as e:
+            self.problems.setdefault(str(e.problem), e.problem)
+        except InputError as e:
+            self.problems.setdefault(str(e), Problem(str(e)))
+        return default
+
+    def add(self, message: str, fix: str | None = None) -> None:
+        """Keep one problem (once)."""
+        p = Problem(message, fix)
+        self.problems.setdefault(str(p), p)
+
+
 # ---------------------------------------------------------------------------
 # option parsers (argparse hands these strings over)
 
@@ -124,7 +153,8 @@ _DURATION: Final = re.compile(r"([0-9]{1,9})([smhd]?)")
 _UNIT_S: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _MEMORY: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 _UNIT_B: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# An environment variable name (`--env`, `var_envs`).
+ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 def norm(path: str) -> str:
@@ -182,7 +212,7 @@ def parse_env(text: str) -> tuple[str, str]:
         InputError: no ``=`` or not a variable name.
     """
     name, sep, value = text.partition("=")
-    if not sep or not _ENV_NAME.fullmatch(name):
+    if not sep or not ENV_NAME.fullmatch(name):
         raise InputError(f"--env: expected NAME=VALUE (got {cut(text)!r})")
     return name, value
 

@@ -2,9 +2,9 @@
 
 Owns the ``Launcher`` and ``Handle`` Protocols, the ``LaunchSpec`` a back-end
 receives (site settings already merged, host paths resolved), ``Capabilities``
-(what a host can enforce), ``Outcome``, the closed ``LAUNCHERS`` registry,
-``unenforceable()`` (pure) and ``start()``, the one place where a back-end's
-foreign errors become ``LaunchError``.
+(what a host can enforce), ``Outcome``, ``unenforceable()`` (pure) and
+``start()``, the one place where a back-end's foreign errors become
+``LaunchError``. Re-exports the closed registry (``registry.LAUNCHERS``).
 
 Holds no back-end code: ``process`` (bubblewrap), ``podman`` and ``slurm`` do. Does not
 build a ``LaunchSpec`` from a task (the agent does, from Task + profile +
@@ -13,12 +13,10 @@ policy). DESIGN "Launchers": a limit the host cannot enforce refuses the task.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from datetime import datetime
 from math import isclose
-from pathlib import Path
-from types import MappingProxyType
-from typing import Annotated, ClassVar, Final, Literal, Protocol
+from typing import Annotated, ClassVar, Literal, Protocol
 
 from msgspec import Meta
 
@@ -28,9 +26,10 @@ from femd.launchers.profile import (
     LauncherProfile,
     PodmanSettings,
     ProcessSettings,
-    SlurmSettings,
     load_profile,
     load_profiles,
+    new_profile,
+    profile_type,
 )
 from femd.model import AbsPath, LauncherName, Strict, TaskId
 
@@ -41,6 +40,7 @@ __all__ = [
     "Handle",
     "LaunchSpec",
     "Launcher",
+    "LauncherEnv",
     "LauncherFactory",
     "LauncherProfile",
     "Limits",
@@ -48,15 +48,19 @@ __all__ = [
     "Outcome",
     "PodmanSettings",
     "ProcessSettings",
-    "SlurmSettings",
+    "Registration",
     "Traffic",
     "Usage",
     "build",
     "build_all",
+    "environment",
     "load_profile",
     "load_profiles",
+    "new_profile",
     "probe",
+    "profile_type",
     "refuse_unenforceable",
+    "registration",
     "start",
     "unenforceable",
 ]
@@ -243,105 +247,6 @@ class Launcher(Protocol):
         ...
 
 
-class LauncherFactory(Protocol):
-    """Builds a launcher for one profile (the registry's value type).
-
-    A launcher serves the profile it was built and probed with: the agent
-    builds one per (launcher, profile) and a spec naming another profile is
-    refused.
-    """
-
-    def __call__(
-        self, profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
-    ) -> Launcher:
-        """Build the launcher; raises nothing (``probe()`` reports problems)."""
-        ...
-
-
-def _podman(
-    profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
-) -> Launcher:
-    # podman-py is imported only once a podman socket exists (and never where
-    # the process launcher alone is used).
-    from femd.launchers.deferred import DeferredPodmanLauncher
-
-    return DeferredPodmanLauncher(
-        profile, state_dir=state_dir, podman_socket=podman_socket
-    )
-
-
-def _process(
-    profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
-) -> Launcher:
-    from femd.launchers.process import BubblewrapLauncher
-
-    del podman_socket
-    return BubblewrapLauncher(profile, state_dir=state_dir)
-
-
-def _slurm(
-    profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
-) -> Launcher:
-    from femd.launchers.slurm import SlurmLauncher
-
-    del podman_socket
-    return SlurmLauncher(profile, state_dir=state_dir)
-
-
-# STYLE rule 6: a closed set, no entry points. A new launcher is its own module
-# (or package), a factory and a line here, its name in ``model.LauncherName``
-# (a test keeps the two equal) and its settings section in ``LauncherProfile``.
-LAUNCHERS: Final[Mapping[str, LauncherFactory]] = MappingProxyType(
-    {"podman": _podman, "process": _process, "slurm": _slurm}
-)
-
-
-def build(
-    profiles: Mapping[str, LauncherProfile],
-    *,
-    state_dir: Path,
-    podman_socket: str | None,
-) -> dict[tuple[str, str], Launcher]:
-    """One launcher per (profile, back-end) the profiles define; none probed."""
-    launchers: dict[tuple[str, str], Launcher] = {}
-    for pname, profile in sorted(profiles.items()):
-        for name, factory in LAUNCHERS.items():
-            if getattr(profile, name) is not None:
-                launchers[(pname, name)] = factory(
-                    profile, state_dir=state_dir, podman_socket=podman_socket
-                )
-    return launchers
-
-
-def probe(launcher: Launcher) -> Capabilities:
-    """``launcher.probe()``; one that raises is recorded as unavailable, why."""
-    try:
-        return launcher.probe()
-    except Exception as e:  # noqa: BLE001 (a broken back-end must not stop us)
-        return Capabilities(
-            launcher=launcher.name,
-            available=False,
-            problems=(
-                f"probe failed: {type(e).__name__}: {cut(e, 200, keep_end=True)}",
-            ),
-        )
-
-
-def build_all(
-    profiles: Mapping[str, LauncherProfile],
-    *,
-    state_dir: Path,
-    podman_socket: str | None,
-) -> tuple[dict[tuple[str, str], Launcher], dict[tuple[str, str], Capabilities]]:
-    """Build and probe one launcher per (profile, back-end) the profiles define.
-
-    A back-end whose probe raises is recorded as unavailable with the reason: a
-    broken back-end never stops the agent or ``femd doctor``.
-    """
-    launchers = build(profiles, state_dir=state_dir, podman_socket=podman_socket)
-    return launchers, {key: probe(launcher) for key, launcher in launchers.items()}
-
-
 def _refuse(what: str, who: str | None = None) -> Reason:
     message = what if who is None else f"{what} cannot be enforced by {who}"
     return Reason(Rule.LAUNCHER_UNENFORCEABLE, message)
@@ -428,3 +333,17 @@ def start(launcher: Launcher, spec: LaunchSpec) -> Handle:
             f"{launcher.name}: cannot start task {spec.task_id}: "
             f"{type(e).__name__}: {cut(e)}"
         ) from e
+
+
+# The registry needs the types above; it is part of this package's interface.
+from femd.launchers.registry import (  # noqa: E402
+    LAUNCHERS,
+    LauncherEnv,
+    LauncherFactory,
+    Registration,
+    build,
+    build_all,
+    environment,
+    probe,
+    registration,
+)

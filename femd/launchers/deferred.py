@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 from typing import ClassVar
 
 from femd.errors import LauncherUnavailableError
-from femd.launchers import Capabilities, Handle, Launcher, LaunchSpec
+from femd.launchers import Capabilities, Handle, Launcher, LauncherEnv, LaunchSpec
 from femd.launchers.profile import LauncherProfile
 from femd.model import TaskId
 
@@ -45,13 +44,14 @@ class DeferredPodmanLauncher:
 
     name: ClassVar[str] = "podman"
 
-    def __init__(
-        self, profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
-    ) -> None:
-        """Keep the construction input; import nothing yet."""
+    def __init__(self, profile: LauncherProfile, env: LauncherEnv) -> None:
+        """Keep the construction input; import nothing yet.
+
+        ``env.config``: the ``podman`` section of femd.yaml (its ``socket``).
+        """
         self._profile = profile
-        self._state_dir = state_dir
-        self._url = podman_socket or ""
+        self._state_dir = env.state_dir
+        self._url = getattr(env.config, "socket", None) or ""
         self._real: Launcher | None = None
 
     def _launcher(self) -> Launcher | str:

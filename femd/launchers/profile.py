@@ -1,11 +1,13 @@
 """Launcher profiles: the sysadmin-owned, declarative settings of each back-end.
 
-Owns the ``LauncherProfile`` document (``launchers/<name>.yaml``), its
-settings sections (``ProcessSettings`` for bubblewrap, ``PodmanSettings`` for
-rootless Podman, ``SlurmSettings`` for Slurm batch jobs) and ``load_profile()``
-/ ``load_profiles()``, which validate a profile as strictly as the policy:
-duplicate YAML keys, unknown fields and wrong types are refused with
-``file:line: field: message``.
+Owns the ``LauncherProfile`` document (``launchers/<name>.yaml``), the
+settings sections of the built-in back-ends (``ProcessSettings`` for
+bubblewrap, also the sandbox of slurm jobs; ``PodmanSettings`` for rootless
+Podman), ``profile_type()`` (the document with the sections every other
+registered launcher declares: ``Registration.settings``, e.g. ``slurm``) and
+``load_profile()`` / ``load_profiles()``, which validate a profile as strictly
+as the policy: duplicate YAML keys, unknown fields and wrong types are refused
+with ``file:line: field: message``.
 
 Does not run anything (the back-ends in ``process``, ``podman`` and ``slurm``
 do) and does not decide whether a task may use a profile (the policy does). DESIGN
@@ -15,9 +17,11 @@ only name a profile.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, Optional
 
 import msgspec
 from msgspec import Meta
@@ -33,9 +37,10 @@ __all__ = [
     "NetworkSettings",
     "PodmanSettings",
     "ProcessSettings",
-    "SlurmSettings",
     "load_profile",
     "load_profiles",
+    "new_profile",
+    "profile_type",
 ]
 
 DEFAULT_RO_BINDS: Final[tuple[str, ...]] = (
@@ -108,46 +113,6 @@ class PodmanSettings(Strict, frozen=True, kw_only=True):
     """Additional `--security-opt` values (e.g. an AppArmor profile)."""
 
 
-SlurmName = Annotated[
-    str,
-    Meta(
-        pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63})$(?!\n)",
-        description="A Slurm partition, account or QOS name.",
-    ),
-]
-
-
-class SlurmSettings(Strict, frozen=True, kw_only=True):
-    """How the `slurm` launcher hands a task to the site's Slurm as a batch job.
-
-    The job runs the task on a compute node in the same bubblewrap sandbox as
-    the `process` launcher (`sandbox`); Slurm's cgroups enforce memory and
-    cpus, its time limit backs femd's own timeout.
-    """
-
-    stage_dir: AbsPath
-    """A directory on the cluster's shared filesystem, at the same path on this
-    host and on every compute node: each task gets a subdirectory holding its
-    job script, inputs, code and output directory while it runs."""
-    shared: tuple[AbsPath, ...] = ()
-    """Host paths the compute nodes see at the same place (e.g. `/gpfs/data`):
-    inputs under them are bound in place; other inputs are copied to
-    `stage_dir`."""
-    partition: SlurmName | None = None
-    """`--partition` of every job; the cluster's default when absent."""
-    account: SlurmName | None = None
-    """`--account` of every job; the user's default when absent."""
-    qos: SlurmName | None = None
-    """`--qos` of every job."""
-    slurm_conf: AbsPath | None = None
-    """`SLURM_CONF` for the client commands; the system's when absent."""
-    poll_s: Annotated[float, Meta(ge=0.1, le=60)] = 1.0
-    """How often a running job's state is asked of Slurm."""
-    sandbox: ProcessSettings = msgspec.field(default_factory=ProcessSettings)
-    """The bubblewrap sandbox on the compute node (`run_as`: the job's user
-    when femd runs as root)."""
-
-
 _Address = Annotated[
     str, Meta(min_length=2, max_length=64, pattern=r"^[0-9a-fA-F.:]+$(?!\n)")
 ]
@@ -186,8 +151,64 @@ class LauncherProfile(Strict, frozen=True, kw_only=True):
     description: str = ""
     process: ProcessSettings | None = None
     podman: PodmanSettings | None = None
-    slurm: SlurmSettings | None = None
     network: NetworkSettings = msgspec.field(default_factory=NetworkSettings)
+
+    def section(self, launcher: str) -> msgspec.Struct | None:
+        """The settings section of *launcher* in this profile, or None."""
+        value = getattr(self, launcher, None)
+        return value if isinstance(value, msgspec.Struct) else None
+
+
+def _sections() -> dict[str, type[msgspec.Struct]]:
+    """The profile sections the registered launchers declare (by name)."""
+    from femd.launchers.registry import LAUNCHERS  # it imports this module
+
+    return {n: r.settings for n, r in LAUNCHERS.items() if r.settings is not None}
+
+
+@functools.cache
+def _extended(sections: tuple[tuple[str, type[msgspec.Struct]], ...]) -> type:
+    fields = [(name, Optional[kind], None) for name, kind in sections]  # noqa: UP045
+    return msgspec.defstruct(
+        "LauncherProfile",
+        fields,
+        bases=(LauncherProfile,),
+        kw_only=True,
+        frozen=True,
+        forbid_unknown_fields=True,
+        module=__name__,
+    )
+
+
+def profile_type(
+    sections: Mapping[str, type[msgspec.Struct]] | None = None,
+) -> type[LauncherProfile]:
+    """``LauncherProfile`` with a section per registered launcher that has one.
+
+    A launcher declares its section in its registration (``LAUNCHERS``), so
+    this module need not change for a new launcher. *sections* defaults to
+    the registry's.
+    """
+    found = _sections() if sections is None else dict(sections)
+    builtin = LauncherProfile.__struct_fields__
+    extra = tuple(sorted((n, k) for n, k in found.items() if n not in builtin))
+    if not extra:
+        return LauncherProfile
+    kind: type[LauncherProfile] = _extended(extra)
+    return kind
+
+
+def new_profile(**fields: Any) -> LauncherProfile:  # noqa: ANN401
+    """A profile from Python values (every registered section accepted).
+
+    Raises:
+        msgspec.ValidationError: a field is unknown or of the wrong type.
+    """
+    data = {"apiVersion": "femd/v1", "kind": "LauncherProfile"} | fields
+    profile: LauncherProfile = msgspec.convert(
+        data, profile_type(), from_attributes=True
+    )
+    return profile
 
 
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
@@ -216,9 +237,10 @@ def load_profile(path: Path) -> LauncherProfile:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: a launcher profile must be a mapping")
     try:
-        profile = msgspec.convert(data, LauncherProfile, strict=True)
+        kind = profile_type()
+        profile = msgspec.convert(data, kind, strict=True)
     except msgspec.ValidationError as e:
-        parts, message = first(data, LauncherProfile, e)
+        parts, message = first(data, kind, e)
         field = field_of(parts) or "$"
         raise ConfigError(f"{_where(path, node, parts)}: {field}: {message}") from e
     if profile.name != path.stem:

@@ -1,8 +1,9 @@
 """Where a task may mount things inside each sandbox: the reserved paths.
 
 Owns the paths each back-end keeps for itself (``PODMAN_RESERVED``,
-``PROCESS_RESERVED``) and ``target_reasons()``, the pure check that a launch
-spec's mount and output targets stay clear of them. Admission runs it before
+``PROCESS_RESERVED``) and the pure checks that a launch spec's mount and
+output targets stay clear of them (``podman_reasons``, ``sandbox_reasons``),
+registered as each launcher's ``spec_reasons``. Admission runs them before
 anything is staged; the back-ends refuse the same specs again at launch.
 """
 
@@ -10,17 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import PurePosixPath
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from femd.decision import Reason, Rule
 from femd.errors import cut
-from femd.launchers.profile import LauncherProfile
+
+if TYPE_CHECKING:
+    from femd.launchers import LaunchSpec
 
 __all__ = [
     "PODMAN_RESERVED",
     "PROCESS_RESERVED",
     "SANDBOX_TMP",
-    "target_reasons",
+    "podman_reasons",
+    "process_reasons",
+    "sandbox_reasons",
     "within",
 ]
 
@@ -75,20 +80,23 @@ def _process(targets: list[str], ro_binds: Iterable[str]) -> list[Reason]:
     return reasons
 
 
-def target_reasons(
-    launcher: str, profile: LauncherProfile, mounts: Iterable[str], output: str
-) -> list[Reason]:
-    """Every mount or output target of a task that *launcher* keeps for itself.
+def podman_reasons(spec: LaunchSpec) -> list[Reason]:
+    """Every mount or output target of *spec* that Podman's container keeps.
 
-    Pure. *mounts* are the in-sandbox targets of the task's inputs, code and
-    runtime; *output* is its output directory's target.
+    Pure. The ``podman`` launcher's ``spec_reasons`` (``LAUNCHERS``).
     """
-    mounts = list(mounts)
-    if launcher == "podman":
-        return _podman(mounts, output)
-    if launcher == "process" and profile.process is not None:
-        return _process([*mounts, output], profile.process.ro_binds)
-    if launcher == "slurm" and profile.slurm is not None:
-        # The job runs the task in the process launcher's sandbox.
-        return _process([*mounts, output], profile.slurm.sandbox.ro_binds)
-    return []
+    return _podman([m.target for m in spec.mounts], spec.output_target)
+
+
+def sandbox_reasons(spec: LaunchSpec, ro_binds: Iterable[str]) -> list[Reason]:
+    """Every target of *spec* that overlaps bubblewrap's own or another one.
+
+    Pure. *ro_binds*: the sandbox settings' read-only host binds.
+    """
+    return _process([*(m.target for m in spec.mounts), spec.output_target], ro_binds)
+
+
+def process_reasons(spec: LaunchSpec) -> list[Reason]:
+    """``sandbox_reasons`` with the profile's ``process`` settings (``LAUNCHERS``)."""
+    settings = spec.profile.process
+    return [] if settings is None else sandbox_reasons(spec, settings.ro_binds)

@@ -23,6 +23,7 @@ from femd.model import (
     Peer,
     Port,
     Strict,
+    unknown_launcher,
 )
 
 __all__ = [
@@ -150,6 +151,11 @@ class Project(Strict, frozen=True, kw_only=True):
     max_resources: MaxResources | None = None
     network: Literal["none"] | NetworkPolicy = "none"
     outputs: OutputsPolicy | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a launcher name this femd does not have."""
+        if (unknown := unknown_launcher(self.launchers)) is not None:
+            raise ValueError(f"launchers[{unknown[0]}]: {unknown[1]}")
 
 
 # A model checkpoint fits; the steward lowers it per project or node-wide.

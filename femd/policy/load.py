@@ -82,11 +82,10 @@ class _Doc(msgspec.Struct):
     node: Any
 
 
-def _fail(
-    doc: _Doc | None, where: str, parts: list[str | int], message: str
-) -> PolicyError:
-    line = line_of(doc.node, parts)[0] if doc is not None else None
-    return PolicyError(where, message, line=line, field=field_of(parts) or None)
+def _fail(doc: _Doc, parts: list[str | int], message: str) -> PolicyError:
+    """The error at *parts* of *doc*, as ``file:line: field: message``."""
+    line = line_of(doc.node, parts)[0]
+    return PolicyError(str(doc.path), message, line=line, field=field_of(parts) or None)
 
 
 def _read_docs(path: Path) -> list[_Doc]:
@@ -129,7 +128,6 @@ def _merge(docs: list[_Doc]) -> dict[str, Any]:
                     if k in merged[key]:
                         raise _fail(
                             doc,
-                            str(doc.path),
                             [key, k],
                             f"already defined in {origin[(key, k)].name}",
                         )
@@ -138,12 +136,23 @@ def _merge(docs: list[_Doc]) -> dict[str, Any]:
             elif isinstance(value, list) and isinstance(merged[key], list):
                 merged[key] = merged[key] + value
             elif value != merged[key]:
-                raise _fail(doc, str(doc.path), [key], "differs from an earlier file")
+                raise _fail(doc, [key], "differs from an earlier file")
     return merged
 
 
 def _locate(docs: list[_Doc], parts: list[str | int]) -> _Doc:
     return max(docs, key=lambda d: line_of(d.node, parts)[1])
+
+
+def _fail_at(docs: list[_Doc], parts: list[str | int], message: str) -> PolicyError:
+    """The error at *parts*, in the document that defines them."""
+    return _fail(_locate(docs, parts), parts, message)
+
+
+def _read(path: Path) -> tuple[list[_Doc], Any]:
+    """The documents of *path* and their data, merged when there are several."""
+    docs = _read_docs(path)
+    return docs, _merge(docs) if len(docs) > 1 else docs[0].data
 
 
 def _load_keys(
@@ -167,12 +176,11 @@ def _load_keys(
                 pem = (signer.public_key or "").encode()
             key = load_public_key(pem, "key")
         except InputError as e:
-            raise _fail(doc, str(doc.path), parts, str(e)) from e
+            raise _fail(doc, parts, str(e)) from e
         kid = keyid(key)
         if kid in keys:
             raise _fail(
                 doc,
-                str(doc.path),
                 parts,
                 f"same key as signer {keys[kid].name!r} (a key counts once)",
             )
@@ -187,20 +195,17 @@ def load_policy(path: Path) -> LoadedPolicy:
     Raises:
         PolicyError: the first problem, as ``file:line: field: message``.
     """
-    docs = _read_docs(path)
-    data = _merge(docs) if len(docs) > 1 else docs[0].data
+    docs, data = _read(path)
     try:
         # Without builtin_types msgspec takes YAML dates and quoted strings alike.
         policy = msgspec.convert(data, Policy, strict=True)
     except msgspec.ValidationError as e:
         parts, message = first(data, Policy, e)
-        doc = _locate(docs, parts)
-        raise _fail(doc, str(doc.path), parts, message) from e
+        raise _fail_at(docs, parts, message) from e
     problems = lint(policy)
     if problems:
         p = problems[0]
-        doc = _locate(docs, list(p.path))
-        raise _fail(doc, str(doc.path), list(p.path), p.message)
+        raise _fail_at(docs, list(p.path), p.message)
     base = path if path.is_dir() else path.parent
     keys, blobs = _load_keys(policy, docs, base)
     digest = hashlib.sha256()
@@ -217,19 +222,14 @@ def lint_file(path: Path) -> list[str]:
     A policy that cannot be typed at all yields its one decoding error.
     """
     try:
-        docs = _read_docs(path)
-        data = _merge(docs) if len(docs) > 1 else docs[0].data
+        docs, data = _read(path)
         try:
             policy = msgspec.convert(data, Policy, strict=True)
         except msgspec.ValidationError as e:
             # Every type problem in one pass, not just msgspec's first.
             found = problems(data, Policy) or [first(data, Policy, e)]
-            located = [(_locate(docs, p), p, m) for p, m in found]
-            return [str(_fail(d, str(d.path), p, m)) for d, p, m in located]
-        out = []
-        for p in lint(policy):
-            doc = _locate(docs, list(p.path))
-            out.append(str(_fail(doc, str(doc.path), list(p.path), p.message)))
+            return [str(_fail_at(docs, p, m)) for p, m in found]
+        out = [str(_fail_at(docs, list(p.path), p.message)) for p in lint(policy)]
         if out:
             return out
         load_policy(path)
@@ -246,8 +246,7 @@ def lint_warnings(path: Path) -> list[str]:
     that does not load yields none here (``lint_file`` reports it).
     """
     try:
-        docs = _read_docs(path)
-        data = _merge(docs) if len(docs) > 1 else docs[0].data
+        docs, data = _read(path)
         policy = msgspec.convert(data, Policy, strict=True)
     except (PolicyError, msgspec.ValidationError):
         return []
@@ -256,10 +255,9 @@ def lint_warnings(path: Path) -> list[str]:
         if Path(dataset.path).exists():
             continue
         parts: list[str | int] = ["datasets", name, "path"]
-        doc = _locate(docs, parts)
         message = (
             f"{dataset.path} does not exist on this host; tasks using dataset "
             f"{name!r} will fail at stage-in (create it or fix the path)"
         )
-        out.append(str(_fail(doc, str(doc.path), parts, message)))
+        out.append(str(_fail_at(docs, parts, message)))
     return out

@@ -37,6 +37,7 @@ from femd.launchers import (
     Mount,
     Outcome,
     ProcessSettings,
+    environment,
     start,
 )
 from femd.launchers.process import BubblewrapLauncher
@@ -126,7 +127,9 @@ class Sandbox:
         self.secret.write_text("agent secret\n")
         self.secret.chmod(0o644)  # readable by anyone: only the sandbox hides it
         self.profile = launcher_profile
-        self.launcher = BubblewrapLauncher(launcher_profile, state_dir=self.state_dir)
+        self.launcher = BubblewrapLauncher(
+            launcher_profile, environment("process", self.state_dir)
+        )
         self._count = 0
 
     @classmethod

@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from femd.config import PodmanConfig  # noqa: E402
 from femd.errors import LaunchError, UnenforceableError  # noqa: E402
-from femd.launchers import LAUNCHERS, Mount, start  # noqa: E402
+from femd.launchers import LAUNCHERS, Mount, environment, start  # noqa: E402
 from tests.integration import podman_support  # noqa: E402
 from tests.integration.podman_support import PODMAN_USER, PodmanBox  # noqa: E402
 
@@ -223,11 +224,12 @@ def test_fork_bomb_is_contained(podman_box: PodmanBox) -> None:
 
 
 def test_memory_beyond_the_limit(podman_box: PodmanBox) -> None:
-    launcher = LAUNCHERS["podman"](
-        podman_box.profile,
-        state_dir=podman_box.state_dir,
-        podman_socket=podman_box.service.url,
+    env = environment(
+        "podman",
+        podman_box.state_dir,
+        {"podman": PodmanConfig(socket=podman_box.service.url)},
     )
+    launcher = LAUNCHERS["podman"].factory(podman_box.profile, env)
     caps = launcher.probe()
     # 256 MB of /dev/zero held in memory by one process.
     spec = podman_box.spec(

@@ -6,7 +6,7 @@ into one manifest per node,
 signed by ``femd sign``, admitted by ``femd check`` against a policy written
 for it, then run through the real process launcher (bubblewrap) from a local
 ``file://`` git repository made with pygit2. No broker: the launch spec is
-built by ``femd.execution.build_spec`` as the agent builds it.
+built by ``femd.launchspec.build_spec`` as the agent builds it.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ if str(REPO) not in sys.path:
 from femd import cli  # noqa: E402
 from femd.cli.orchestrator import _fem_line  # noqa: E402
 from femd.decision import admit  # noqa: E402
-from femd.execution import build_spec  # noqa: E402
 from femd.launchers import start  # noqa: E402
+from femd.launchspec import build_spec  # noqa: E402
 from femd.manifest import Task  # noqa: E402
 from femd.policy import load_policy  # noqa: E402
 from femd.stagein import resolve_dataset, source_subdir, stage_git  # noqa: E402

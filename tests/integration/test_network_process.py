@@ -208,7 +208,7 @@ UNPRIVILEGED = """\
 import json, sys
 from pathlib import Path
 from femd.launchers import (
-    LaunchSpec, Limits, LauncherProfile, Mount, ProcessSettings, start,
+    LaunchSpec, Limits, LauncherProfile, Mount, ProcessSettings, environment, start,
 )
 from femd.errors import UnenforceableError
 from femd.launchers.process import BubblewrapLauncher
@@ -219,7 +219,7 @@ prof = LauncherProfile(
     process=ProcessSettings(run_as="nobody-is-used"),
     network=NetworkSettings(hosts={"fl-server.test": ("127.0.0.1",)}),
 )
-launcher = BubblewrapLauncher(prof, state_dir=root / "state")
+launcher = BubblewrapLauncher(prof, environment("process", root / "state"))
 spec = LaunchSpec(task_id="unpriv-net", launcher="process", profile=prof,
                   argv=("/usr/bin/python3", "-c", probe, sys.argv[4]),
                   mounts=(Mount(source=trust, target="/trust"),),

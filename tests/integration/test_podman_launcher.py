@@ -24,13 +24,14 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from femd.config import PodmanConfig  # noqa: E402
 from femd.errors import (  # noqa: E402
     ImageDigestMismatchError,
     LaunchError,
     StageInError,
     UnenforceableError,
 )
-from femd.launchers import LAUNCHERS, Mount, start  # noqa: E402
+from femd.launchers import LAUNCHERS, Mount, environment, start  # noqa: E402
 from femd.launchers.podman import TASK_USER, verify_image_digest  # noqa: E402
 from tests.integration import podman_support  # noqa: E402
 from tests.integration.podman_support import (  # noqa: E402
@@ -377,11 +378,12 @@ def test_agent_path_refuses_what_this_host_cannot_enforce(
     podman_box: PodmanBox,
 ) -> None:
     """Through LAUNCHERS + start(), as the agent does: no unsafe switch exists there."""
-    launcher = LAUNCHERS["podman"](
-        podman_box.profile,
-        state_dir=podman_box.state_dir,
-        podman_socket=podman_box.service.url,
+    env = environment(
+        "podman",
+        podman_box.state_dir,
+        {"podman": PodmanConfig(socket=podman_box.service.url)},
     )
+    launcher = LAUNCHERS["podman"].factory(podman_box.profile, env)
     caps = launcher.probe()
     spec = podman_box.spec("cat /sys/fs/cgroup/memory.max > /out/max", memory_mb=64)
     if caps.memory_limit and caps.cpu_limit:  # a host with delegated cgroup v2

@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from femd.errors import LaunchError, UnenforceableError  # noqa: E402
-from femd.launchers import LAUNCHERS, Mount, start  # noqa: E402
+from femd.launchers import LAUNCHERS, Mount, environment, start  # noqa: E402
 from femd.launchers.cgroup import scope_of  # noqa: E402
 from tests.integration.sandbox_support import (  # noqa: E402
     Sandbox,
@@ -49,6 +49,20 @@ def test_probe_reports_how_limits_are_enforced(box: Sandbox):
     how = dict(caps.enforcement)
     assert how["memory"] == how["pids"] == how["cpus"] == "cgroup v1"
     assert not any("RLIMIT" in note or "address-space" in note for note in caps.notes)
+
+
+def test_rlimits_hold_in_the_sandbox(box: Sandbox):
+    # Set by the entry step before the user switch: the task cannot raise them.
+    outcome, _ = box.run("cat /proc/self/limits", cpus=2, timeout_s=20)
+    assert outcome.state == "succeeded", outcome
+    rows = {
+        line[:26].strip(): line[26:].split()[:2]
+        for line in outcome.log_tail.splitlines()[1:]
+    }
+    assert rows["Max cpu time"] == ["45", "50"]  # timeout x cores + 5, hard +5
+    assert rows["Max file size"] == [str(1024 << 20)] * 2  # fsize_mb, in bytes
+    assert rows["Max open files"] == ["1024", "1024"]
+    assert rows["Max core file size"] == ["0", "0"]
 
 
 def test_environment_is_cleared_except_the_spec(box: Sandbox, monkeypatch):
@@ -321,7 +335,7 @@ def test_cpu_below_the_smallest_quota_is_unenforceable(box: Sandbox):
 def test_profile_without_process_section_is_refused(box: Sandbox):
     bare = profile()
     bare = type(bare)(api_version="femd/v1", kind="LauncherProfile", name="bare")
-    launcher = LAUNCHERS["process"](bare, state_dir=box.state_dir, podman_socket=None)
+    launcher = LAUNCHERS["process"].factory(bare, environment("process", box.state_dir))
     with pytest.raises(UnenforceableError, match="no process section"):
         start(launcher, box.spec("true"))
 
@@ -344,12 +358,13 @@ UNPRIVILEGED_AGENT = """\
 import json, sys
 from pathlib import Path
 from femd.launchers import LaunchSpec, Limits, LauncherProfile, ProcessSettings, start
+from femd.launchers import environment
 from femd.errors import UnenforceableError
 from femd.launchers.process import BubblewrapLauncher
 root = Path(sys.argv[1])
 prof = LauncherProfile(api_version="femd/v1", kind="LauncherProfile", name="default",
                        process=ProcessSettings(run_as="nobody-is-used"))
-launcher = BubblewrapLauncher(prof, state_dir=root / "state")
+launcher = BubblewrapLauncher(prof, environment("process", root / "state"))
 spec = LaunchSpec(task_id="unpriv", launcher="process", profile=prof,
                   argv=("/bin/sh", "-c", "id -u > /out/uid"),
                   output_dir=str(root / "out"),

@@ -20,19 +20,17 @@ from femd.decision import Rule
 from femd.errors import ConfigError
 from femd.launchers import (
     Capabilities,
-    LauncherProfile,
     PodmanSettings,
     ProcessSettings,
-    SlurmSettings,
+    new_profile,
 )
+from femd.launchers.slurm.settings import SlurmSettings
 from femd.policy import load_policy
 from tests.conftest import NODE, NOW
 from tests.fakes import ENFORCES_ALL
 
 world = table.world  # the decision table's fixture
-PROFILE = LauncherProfile(
-    api_version="femd/v1",
-    kind="LauncherProfile",
+PROFILE = new_profile(
     name="default",
     podman=PodmanSettings(),
     process=ProcessSettings(),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from femd.execution import build_spec, runtime_target
 from femd.launchers import Mount, load_profiles
+from femd.launchspec import build_spec, runtime_target
 from femd.manifest import Task, decode_manifest
 from femd.policy import LoadedPolicy, load_policy
 from tests.conftest import keypair, make_policy, task_dict

@@ -4,7 +4,8 @@ Owns ``PodmanHandle``. A ``wait()`` that returns an ``Outcome`` removes the
 container (after copying up to ``log_max_bytes`` of its log, which ``logs()``
 serves from then on). Timeouts are wall-clock, from the container's
 ``StartedAt``, and survive an agent restart; a cancel or a timeout leaves a
-marker in ``<state_dir>/podman/`` so the terminal state survives one too.
+marker in the launcher's own state directory (``<state_dir>/launchers/podman/``)
+so the terminal state survives one too.
 """
 
 from __future__ import annotations

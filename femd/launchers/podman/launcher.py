@@ -74,7 +74,7 @@ class PodmanLauncher:
     ) -> None:
         """Prepare (not connect); ``probe()`` reports what is missing."""
         self._profile = profile
-        self._markers = state_dir / "podman"
+        self._markers = state_dir
         sock = podman_socket or ""
         self._url = sock if "://" in sock or not sock else f"unix://{sock}"
         self._cgroup_pids = False

@@ -27,6 +27,7 @@ from femd.errors import LaunchError, cut
 from femd.launchers import LaunchSpec, Outcome
 from femd.launchers.capture import OutputCapture, wrap_argv
 from femd.launchers.cgroup import TaskCgroup
+from femd.launchers.ending import judge
 from femd.launchers.network import TaskNetwork
 from femd.launchers.process.entry import TaskUser, entry_prefix
 from femd.launchers.process.sandbox import HOST_PATH, bwrap_argv
@@ -347,45 +348,33 @@ class ProcessHandle:
         code = returncode if exited and returncode >= 0 else None
         tail = self._tail.decode(errors="replace")
         limits, capture = self._spec.limits, self._capture
-        state, reason, rule = "failed", "", ""
-        if timed_out:
-            state, reason = "timed_out", f"timeout of {limits.timeout_s} s reached"
-        elif self._cancel_at is not None:
-            state, reason = "cancelled", "cancelled"
-        elif self._cgroup.oom_killed():
-            reason = (
-                f"memory limit of {limits.memory_mb} MB reached: killed by the "
-                "kernel's OOM killer in the task's cgroup"
-            )
-        elif capture.full:
-            rule = "outputs.exceeded"
-            reason = capture.full_reason(self._spec.output_max_bytes)
-        elif code is None:
-            reason = f"sandbox setup failed (bwrap exit {returncode})"
-        elif capture.step_failure(code):
-            reason = capture.step_failure(code)
-        elif code != 0:
-            reason = f"exit code {code}"
-            if 128 < code < 128 + signal.NSIG:
-                reason += f" (killed by {signal.Signals(code - 128).name})"
-        elif capture.incomplete_reason():
-            reason = capture.incomplete_reason()
-        else:
-            state = "succeeded"
+        oom = (
+            f"memory limit of {limits.memory_mb} MB reached: killed by the "
+            "kernel's OOM killer in the task's cgroup"
+        )
+        end = judge(
+            capture,
+            code,
+            max_bytes=self._spec.output_max_bytes,
+            timed_out=f"timeout of {limits.timeout_s} s reached" if timed_out else None,
+            cancelled=self._cancel_at is not None,
+            out_of_memory=oom if self._cgroup.oom_killed() else None,
+            never_ran=f"sandbox setup failed (bwrap exit {returncode})",
+        )
         usage = msgspec.structs.replace(
             self._cgroup.usage(),
             output_bytes=capture.bytes,
             wall_s=round(time.monotonic() - self._mono_start, 3),
         )
-        logger.info("process: task %s %s %s", self.task_id, state, reason)
+        logger.info("process: task %s %s %s", self.task_id, end.state, end.reason)
         return Outcome(
-            state=state,  # type: ignore[arg-type]
+            state=end.state,
             exit_code=code,
             started_at=self._started_at,
             finished_at=_now(),
             log_tail=tail,
-            reason=reason,
-            rule=rule,
+            reason=end.reason,
+            rule=end.rule,
             usage=usage,
         )
 

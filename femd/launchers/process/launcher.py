@@ -12,10 +12,10 @@ How each limit is enforced (``Capabilities.enforcement`` says the same):
   task holds (anonymous, page cache, tmpfs, memfd, shm; swap off) and the OOM
   killer acts inside it; pids are per task; cpus are a CFS quota (0.5 works).
   A host with neither refuses every task (``launcher.unenforceable``). The
-  entry step (``/bin/sh``, femd's identity) writes its own pid into the
-  cgroup, then execs ``prlimit`` (file size, open files, no core dumps, a CPU
-  time backstop), ``setpriv`` (when femd is root: to the task user) and bwrap:
-  no task code ever runs outside the cgroup.
+  entry step (``/bin/sh``, femd's identity) sets the rlimits (``ulimit``:
+  file size, open files, no core dumps, a CPU time backstop), writes its own
+  pid into the cgroup, then execs ``setpriv`` (when femd is root: to the task
+  user) and bwrap: no task code ever runs outside the cgroup.
 - outputs: the output directory is a tmpfs of the task's output cap, charged
   to its memory cgroup; ``capture`` streams it out when the command ends.
 - network: always its own empty network namespace; what the policy allows
@@ -41,17 +41,15 @@ import pwd
 import shutil
 import subprocess
 import threading
-from pathlib import Path
 from typing import ClassVar, Final
 
 from femd.errors import LaunchError, LauncherUnavailableError, UnenforceableError, cut
-from femd.launchers import Capabilities, LaunchSpec, unenforceable
+from femd.launchers import Capabilities, LauncherEnv, LaunchSpec, unenforceable
 from femd.launchers.cgroup import (
     CgroupHost,
     CgroupLimits,
     TaskCgroup,
     detect,
-    scope_of,
 )
 from femd.launchers.netns import probe_join
 from femd.launchers.network import TaskNetwork
@@ -66,7 +64,7 @@ __all__ = ["BubblewrapLauncher"]
 
 logger = logging.getLogger(__name__)
 
-_TOOLS: Final = ("bwrap", "prlimit", "sh")
+_TOOLS: Final = ("bwrap", "sh")
 
 
 class BubblewrapLauncher:
@@ -74,13 +72,13 @@ class BubblewrapLauncher:
 
     name: ClassVar[str] = "process"
 
-    def __init__(self, profile: LauncherProfile, *, state_dir: Path) -> None:
-        """Keep the profile; logs go under ``state_dir/launchers/process``."""
+    def __init__(self, profile: LauncherProfile, env: LauncherEnv) -> None:
+        """Keep the profile; logs go under ``env.state_dir``."""
         self._profile = profile
-        self._log_dir = state_dir / "launchers" / "process"
+        self._log_dir = env.state_dir
         self._caps: Capabilities | None = None
         self._cgroups: CgroupHost | None = None
-        self._scope = scope_of(state_dir)
+        self._scope = env.scope
 
     # -- probe ---------------------------------------------------------------
 
@@ -209,7 +207,7 @@ class BubblewrapLauncher:
             needs = "command -v stat >/dev/null && command -v tar >/dev/null"
             args = bwrap_argv(settings, None, memfd, ["/bin/sh", "-c", needs])
             # Entered like a task: a host or unit that refuses the cgroup
-            # write, prlimit64 or setpriv fails here, not at a task's launch.
+            # write, setrlimit or setpriv fails here, not at a task's launch.
             prefix = entry_prefix(settings, None, user, cgroup)
             result = subprocess.run(  # noqa: S603 (fixed tools, no shell)
                 prefix + args,

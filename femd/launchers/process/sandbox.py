@@ -18,7 +18,7 @@ import msgspec
 from femd.errors import LaunchError, cut
 from femd.launchers import LaunchSpec
 from femd.launchers.capture import tmpfs_bytes
-from femd.launchers.profile import ProcessSettings
+from femd.launchers.profile import LauncherProfile, ProcessSettings
 from femd.launchers.targets import PROCESS_RESERVED as _RESERVED
 from femd.launchers.targets import within as _within
 
@@ -110,8 +110,14 @@ def check_spec(spec: LaunchSpec, settings: ProcessSettings) -> None:
             environment holds a NUL byte, a mount target overlaps a reserved
             path or another target, a mount is writable or its source missing.
     """
+    # The profile was validated when loaded (with every registered section);
+    # the rest of the spec is checked again here, strictly.
+    bare = LauncherProfile(
+        api_version="femd/v1", kind="LauncherProfile", name=spec.profile.name
+    )
+    data = msgspec.to_builtins(msgspec.structs.replace(spec, profile=bare))
     try:
-        msgspec.convert(msgspec.to_builtins(spec), LaunchSpec, strict=True)
+        msgspec.convert(data, LaunchSpec, strict=True)
     except msgspec.ValidationError as e:
         raise LaunchError(f"process: invalid launch spec: {cut(e, 160)}") from e
     paths = [spec.output_dir, *(m.source for m in spec.mounts)]

@@ -14,13 +14,9 @@ directory go through the profile's ``stage_dir`` on the shared filesystem.
 - ``stage``: the per-task stage directory, the job script, copying outputs back.
 - ``handle``: one job: poll, timeout, cancel, accounting, outcome.
 - ``launcher``: ``SlurmLauncher`` (probe, launch, adopt).
+- ``settings``: its profile section and spec checks (what the registry needs
+  without importing the rest: this package's ``__init__`` imports nothing).
 
 Does not decide what may run (the policy does) nor pack outputs (``stageout``
 does, from the copy this launcher brings back).
 """
-
-from __future__ import annotations
-
-from femd.launchers.slurm.launcher import SlurmLauncher
-
-__all__ = ["SlurmLauncher"]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from femd.errors import LaunchError, cut
-from femd.launchers.profile import SlurmSettings
+from femd.launchers.slurm.settings import SlurmSettings
 
 __all__ = ["TOOLS", "SlurmClient", "parse_key_values"]
 

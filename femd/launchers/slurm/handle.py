@@ -18,10 +18,11 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 from femd.errors import LaunchError
 from femd.launchers import Accounting, Outcome, Usage
+from femd.launchers.ending import judge
 from femd.launchers.slurm.client import SlurmClient
 from femd.launchers.slurm.stage import JobFile, Stage
 from femd.model import TaskId
@@ -281,47 +282,38 @@ class SlurmHandle:
             Path(self._record.output_dir), self._record.output_max_bytes
         )
         code = acct.exit_code if self._stage.ran() else None
-        result: Literal["succeeded", "failed", "timed_out", "cancelled"] = "failed"
-        reason, rule = "", ""
-        minutes = math.ceil(self._record.timeout_s / 60)
+        timed_out = None
         if self._timed_out or acct.state == "TIMEOUT":
-            result = "timed_out"
-            reason = f"timeout of {self._record.timeout_s} s reached"
+            timed_out = f"timeout of {self._record.timeout_s} s reached"
             if not self._timed_out:
-                reason += f" (Slurm's time limit of {minutes} min)"
-        elif self._cancel_at is not None:
-            result, reason = "cancelled", "cancelled"
-        elif acct.state == "OUT_OF_MEMORY":
-            reason = "out of memory: killed in the job's cgroup (Slurm's --mem)"
-        elif capture.full:
-            rule = "outputs.exceeded"
-            reason = capture.full_reason(self._record.output_max_bytes)
-        elif code is None:
-            reason = f"job {self.job_id} ended {acct.state} before the task ran"
-        elif capture.step_failure(code):
-            reason = capture.step_failure(code)
-        elif code != 0:
-            reason = f"exit code {code}"
-        elif acct.state != "COMPLETED":
-            reason = f"job {self.job_id} ended {acct.state}"
-        elif capture.incomplete_reason():
-            reason = capture.incomplete_reason()
-        else:
-            result = "succeeded"
+                minutes = math.ceil(self._record.timeout_s / 60)
+                timed_out += f" (Slurm's time limit of {minutes} min)"
+        oom = "out of memory: killed in the job's cgroup (Slurm's --mem)"
+        ended = f"job {self.job_id} ended {acct.state}"
+        end = judge(
+            capture,
+            code,
+            max_bytes=self._record.output_max_bytes,
+            timed_out=timed_out,
+            cancelled=self._cancel_at is not None,
+            out_of_memory=oom if acct.state == "OUT_OF_MEMORY" else None,
+            never_ran=f"{ended} before the task ran",
+            unclean=ended if acct.state != "COMPLETED" else None,
+        )
         self._stage.remove()
         logger.info(
             "slurm: task %s (job %s on %s) %s %s",
-            self.task_id, self.job_id, acct.node, result, reason,
+            self.task_id, self.job_id, acct.node, end.state, end.reason,
         )  # fmt: skip
         rss = acct.max_rss_kb
         return Outcome(
-            state=result,
+            state=end.state,
             exit_code=code,
             started_at=self._started_at or _now(),
             finished_at=_now(),
             log_tail=self._tail,
-            reason=reason,
-            rule=rule,
+            reason=end.reason,
+            rule=end.rule,
             usage=Usage(
                 cpu_s=acct.cpu_s,
                 memory_peak_bytes=None if rss is None else rss * 1024,

@@ -20,11 +20,12 @@ from typing import ClassVar, Final
 import msgspec
 
 from femd.errors import LaunchError, LauncherUnavailableError, UnenforceableError, cut
-from femd.launchers import Capabilities, LaunchSpec, unenforceable
-from femd.launchers.profile import LauncherProfile, SlurmSettings
+from femd.launchers import Capabilities, LauncherEnv, LaunchSpec, unenforceable
+from femd.launchers.profile import LauncherProfile
 from femd.launchers.slurm.client import SlurmClient
 from femd.launchers.slurm.cluster import assess, parse_config
 from femd.launchers.slurm.handle import SlurmHandle
+from femd.launchers.slurm.settings import SlurmSettings
 from femd.launchers.slurm.stage import JobFile, Stage, TaskUser
 from femd.model import TaskId
 
@@ -45,21 +46,22 @@ class SlurmLauncher:
 
     name: ClassVar[str] = "slurm"
 
-    def __init__(self, profile: LauncherProfile, *, state_dir: Path) -> None:
-        """Keep the profile; copied logs go under ``state_dir/launchers/slurm``."""
+    def __init__(self, profile: LauncherProfile, env: LauncherEnv) -> None:
+        """Keep the profile; copied logs go under ``env.state_dir``."""
         self._profile = profile
-        self._log_dir = state_dir / "launchers" / "slurm"
+        self._log_dir = env.state_dir
         self._caps: Capabilities | None = None
         self._accounting = False
         self._lock = threading.Lock()
 
     @property
     def _settings(self) -> SlurmSettings:
-        if self._profile.slurm is None:
+        settings = self._profile.section(self.name)
+        if not isinstance(settings, SlurmSettings):
             raise LauncherUnavailableError(
                 f"slurm: profile {self._profile.name!r} has no slurm section"
             )
-        return self._profile.slurm
+        return settings
 
     def _user(self) -> TaskUser:
         if os.geteuid() != 0:
@@ -239,7 +241,7 @@ class SlurmLauncher:
         Raises:
             LaunchError: Slurm cannot be asked, or two jobs claim the task.
         """
-        if self._profile.slurm is None:
+        if self._profile.section(self.name) is None:
             return None
         self.probe()  # learns whether sacct is there
         settings, user = self._settings, self._user()

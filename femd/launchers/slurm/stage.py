@@ -39,7 +39,7 @@ from femd.errors import LaunchError, cut
 from femd.launchers import LaunchSpec, Mount
 from femd.launchers.capture import OutputCapture, wrap_argv
 from femd.launchers.process import bwrap_argv, check_spec, seccomp_filter
-from femd.launchers.profile import SlurmSettings
+from femd.launchers.slurm.settings import SlurmSettings
 
 __all__ = ["JobFile", "Stage", "TaskUser"]
 

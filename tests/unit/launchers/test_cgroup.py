@@ -105,16 +105,17 @@ def test_v2_without_cgroup_kill_freezes_and_kills_each_member(tmp_path: Path):
 
 def test_v1_as_root_one_cgroup_per_hierarchy(tmp_path: Path):
     root = tmp_path / "cgroup"
-    for name in ("memory", "pids", "cpu,cpuacct", "freezer"):
+    for name in ("memory", "pids", "cpu,cpuacct", "freezer", "blkio"):
         (root / name / "femd").mkdir(parents=True)
         (root / name / "cgroup.procs").write_text("")
     (root / "cpu").symlink_to("cpu,cpuacct")
     (root / "cpuacct").symlink_to("cpu,cpuacct")
-    own = "5:memory:/femd\n4:pids:/femd\n3:cpu,cpuacct:/femd\n2:freezer:/femd\n"
+    own = "6:blkio:/femd\n5:memory:/femd\n4:pids:/femd\n3:cpu,cpuacct:/femd\n"
+    own += "2:freezer:/femd\n"
     host = detect(root, own, euid=0)
     assert host.kind == "v1"
     dirs = dict(host.dirs)
-    assert "blkio" not in dirs  # optional, not mounted here
+    assert "blkio" not in dirs  # mounted, but no limit or figure needs it
     assert dirs["cpu"] == dirs["cpuacct"] == str(root / "cpu,cpuacct" / "femd")
     cg = TaskCgroup.of_task(host, "t-4")
     cg.create(LIMITS)

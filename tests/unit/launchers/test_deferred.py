@@ -33,11 +33,14 @@ _PROBE = """
 import json, sys
 from pathlib import Path
 from femd.errors import LaunchError, LauncherUnavailableError
-from femd.launchers import LAUNCHERS, LauncherProfile
+from femd.config import PodmanConfig
+from femd.launchers import LAUNCHERS, LauncherProfile, environment
 profile = LauncherProfile(api_version="femd/v1", kind="LauncherProfile",
                           name="default")
-launcher = LAUNCHERS["podman"](profile, state_dir=Path({state!r}),
-                               podman_socket={url!r})
+url = {url!r}
+configs = {{"podman": PodmanConfig(socket=url)}} if url else {{}}
+env = environment("podman", Path({state!r}), configs)
+launcher = LAUNCHERS["podman"].factory(profile, env)
 caps = launcher.probe()
 try:
     adopted = repr(launcher.adopt("t-1"))

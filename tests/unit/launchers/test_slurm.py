@@ -22,13 +22,15 @@ from femd.launchers import (
     LaunchSpec,
     Limits,
     Mount,
-    SlurmSettings,
+    environment,
     load_profile,
+    new_profile,
 )
-from femd.launchers.slurm import SlurmLauncher
 from femd.launchers.slurm.client import parse_key_values
 from femd.launchers.slurm.cluster import assess, parse_config
 from femd.launchers.slurm.handle import to_accounting
+from femd.launchers.slurm.launcher import SlurmLauncher
+from femd.launchers.slurm.settings import SlurmSettings
 from femd.launchers.slurm.stage import Stage
 
 CONFIG = """\
@@ -47,11 +49,8 @@ ConstrainRAMSpace       = yes
 
 def profile(tmp_path: Path, **slurm: object) -> LauncherProfile:
     settings = {"stage_dir": str(tmp_path / "stage"), "sandbox": {"run_as": "nobody"}}
-    return LauncherProfile(
-        api_version="femd/v1",
-        kind="LauncherProfile",
-        name="default",
-        slurm=msgspec.convert(settings | slurm, SlurmSettings),
+    return new_profile(
+        name="default", slurm=msgspec.convert(settings | slurm, SlurmSettings)
     )
 
 
@@ -203,18 +202,18 @@ def test_profile_slurm_section_is_strict(tmp_path: Path, section: str, match: st
 
 
 def test_factory_builds_a_slurm_launcher(tmp_path: Path):
-    factory = LAUNCHERS["slurm"]
-    launcher = factory(profile(tmp_path), state_dir=tmp_path, podman_socket=None)
+    factory = LAUNCHERS["slurm"].factory
+    launcher = factory(profile(tmp_path), environment("slurm", tmp_path))
     assert isinstance(launcher, SlurmLauncher)
     assert launcher.name == "slurm"
 
 
 def test_probe_without_section_or_stage_fails_closed(tmp_path: Path):
     bare = LauncherProfile(api_version="femd/v1", kind="LauncherProfile", name="x")
-    caps = SlurmLauncher(bare, state_dir=tmp_path).probe()
+    caps = SlurmLauncher(bare, environment("slurm", tmp_path)).probe()
     assert caps.available is False
     assert "has no slurm section" in caps.problems[0]
-    caps = SlurmLauncher(profile(tmp_path), state_dir=tmp_path).probe()
+    caps = SlurmLauncher(profile(tmp_path), environment("slurm", tmp_path)).probe()
     assert caps.available is False
     assert any("stage_dir" in p for p in caps.problems)
     assert not caps.memory_limit

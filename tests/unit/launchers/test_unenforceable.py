@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, get_args
+from typing import ClassVar
 
 import pytest
 
@@ -15,11 +15,12 @@ from femd.launchers import (
     LauncherProfile,
     LaunchSpec,
     Limits,
+    environment,
     start,
     unenforceable,
 )
 from femd.launchers.process import BubblewrapLauncher, seccomp_filter
-from femd.model import LauncherName
+from femd.model import unknown_launcher
 from tests import fakes
 
 PROFILE = LauncherProfile(api_version="femd/v1", kind="LauncherProfile", name="default")
@@ -203,20 +204,24 @@ def test_start_passes_femd_errors_through(error):
 
 def test_registry_is_closed_and_read_only():
     assert set(LAUNCHERS) == {"podman", "process", "slurm"}
-    # One launcher-name type (manifests, policies, specs) is the registry's keys.
-    assert get_args(LauncherName) == tuple(LAUNCHERS)
+    # One launcher-name type (manifests, policies, specs): the registry's keys.
+    assert unknown_launcher(LAUNCHERS) is None
+    assert unknown_launcher(["process", "docker"]) == (
+        1,
+        '"docker" is not allowed here; use one of: podman, process, slurm',
+    )
     with pytest.raises(TypeError):
         LAUNCHERS["evil"] = LAUNCHERS["process"]  # type: ignore[index]
 
 
 def test_process_factory_builds_a_bubblewrap_launcher(tmp_path: Path):
-    launcher = LAUNCHERS["process"](PROFILE, state_dir=tmp_path, podman_socket=None)
+    launcher = LAUNCHERS["process"].factory(PROFILE, environment("process", tmp_path))
     assert isinstance(launcher, BubblewrapLauncher)
     assert launcher.name == "process"
 
 
 def test_process_probe_refuses_a_profile_without_process_section(tmp_path: Path):
-    caps_ = BubblewrapLauncher(PROFILE, state_dir=tmp_path).probe()
+    caps_ = BubblewrapLauncher(PROFILE, environment("process", tmp_path)).probe()
     assert caps_.available is False
     assert "profile 'default' has no process section" in caps_.problems
 

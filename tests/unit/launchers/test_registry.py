@@ -1,0 +1,68 @@
+"""The launcher registry is the one place a launcher is named (issue 13).
+
+A launcher's name, profile section, spec checks and work-dir hook come from
+its registration alone; the agent's own modules never branch on a launcher's
+name.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from femd.errors import ConfigError, ManifestError
+from femd.launchers import LAUNCHERS, build, load_profile, registry
+from femd.manifest import decode_manifest
+from tests.fakes import REGISTRATION, FakeSettings, RegisteredFake
+
+FEMD = Path(__file__).resolve().parents[3] / "femd"
+PROFILE = (
+    "apiVersion: femd/v1\nkind: LauncherProfile\nname: p\nfake: {outputs: {a: b}}\n"
+)
+
+
+def _manifest(launcher: str) -> bytes:
+    return (
+        '{"apiVersion": "femd/v1", "kind": "Task", "id": "t-1", "project": "x",'
+        ' "issued_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-02T00:00:00Z",'
+        f' "nodes": ["n"], "launcher": "{launcher}", "command": ["true"]}}'
+    ).encode()
+
+
+def test_a_registration_alone_adds_the_name_and_the_profile_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    path = tmp_path / "p.yaml"
+    path.write_text(PROFILE)
+    with pytest.raises(ConfigError, match="unknown field `fake`"):
+        load_profile(path)
+    with pytest.raises(ManifestError, match='"fake" is not allowed here'):
+        decode_manifest(_manifest("fake"))
+    lines = {**LAUNCHERS, "fake": REGISTRATION}
+    monkeypatch.setattr(registry, "LAUNCHERS", MappingProxyType(lines))
+    profile = load_profile(path)
+    assert profile.section("fake") == FakeSettings(outputs={"a": "b"})
+    assert decode_manifest(_manifest("fake")).launcher == "fake"
+    built = build({"p": profile}, state_dir=tmp_path / "state")
+    assert list(built) == [("p", "fake")]
+    fake = built[("p", "fake")]
+    assert isinstance(fake, RegisteredFake)
+    assert fake.env is not None
+    assert fake.env.state_dir == tmp_path / "state" / "launchers" / "fake"
+    assert fake.env.config is None
+
+
+def test_the_agent_never_branches_on_a_launcher_name():
+    names = set(LAUNCHERS)
+    found = []
+    for module in ("execution.py", "launchspec.py", "admission.py", "agent.py"):
+        path = FEMD / module
+        if not path.exists():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{module}:{node.lineno}: {node.value!r}")
+    assert found == []
