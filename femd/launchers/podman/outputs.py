@@ -42,6 +42,8 @@ from femd.launchers.capture import STEP_FAILED, OutputCapture, tmpfs_bytes
 __all__ = [
     "HELPER",
     "OutputStream",
+    "absent_capture",
+    "fifo_path",
     "helper_problem",
     "output_mounts",
     "step_argv",
@@ -200,6 +202,16 @@ class OutputStream:
         self._close_keeper()
         self.capture.join(5)
         self.path.unlink(missing_ok=True)
+
+
+def absent_capture() -> OutputCapture:
+    """The capture of a stream that is gone (a container adopted without it)."""
+    read, write = os.pipe()
+    os.close(write)
+    capture = OutputCapture(read, Path("/nonexistent"), 0)  # reads an end at once
+    capture.join(5)
+    capture.error = "no output stream"
+    return capture
 
 
 def fifo_path(output_dir: Path) -> Path:
