@@ -2,13 +2,14 @@
 
 Owns ``Host`` (the launcher profiles and probed capabilities admission needs)
 and ``admit_here()``, which ``femd check`` and the agent both call, so the
-dry run and the node cannot disagree. The trust kernel (signatures, policy
-rules) is ``decision.admit()``; this adds the launch-spec checks that used to
-run only in the agent or only at launch: the profile exists and has the
-launcher's section, the launcher is configured here, every limit is
-enforceable (``launcher.unenforceable``) and no mount target is one the
-sandbox keeps (``mount.reserved``). No I/O: the capabilities are probed by
-the caller.
+dry run and the node cannot disagree; ``decide_here()`` is its decision on a
+verified manifest, which a policy reload applies again to queued tasks
+(``readmission``). The trust kernel (signatures, policy rules) is
+``decision.admit()``; this adds the launch-spec checks that used to run only
+in the agent or only at launch: the profile exists and has the launcher's
+section, the launcher is configured here, every limit is enforceable
+(``launcher.unenforceable``) and no mount target is one the sandbox keeps
+(``mount.reserved``). No I/O: the capabilities are probed by the caller.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Final
 
 import msgspec
 
-from femd.decision import Decision, Reason, Rule, Verdict, admit
-from femd.envelope import MAX_ENVELOPE_BYTES
+from femd.decision import Decision, Reason, Rule, Verdict, admit, evaluate
+from femd.envelope import MAX_ENVELOPE_BYTES, SignatureCheck
 from femd.errors import ConfigError, cut
 from femd.launchers import (
     Capabilities,
@@ -32,7 +33,7 @@ from femd.launchers import (
     unenforceable,
 )
 from femd.launchspec import build_spec
-from femd.manifest import Task
+from femd.manifest import Manifest, Task
 from femd.policy import LoadedPolicy
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "HostReport",
     "ProbedLauncher",
     "admit_here",
+    "decide_here",
     "decode_host",
     "host_report",
     "launch_reasons",
@@ -167,6 +169,37 @@ def launch_reasons(task: Task, policy: LoadedPolicy, host: Host) -> list[Reason]
     return unenforceable(spec, cap) + registration(task.launcher).spec_reasons(spec)
 
 
+def decide_here(
+    manifest: Manifest,
+    check: SignatureCheck,
+    policy: LoadedPolicy,
+    *,
+    node: str,
+    now: datetime,
+    skew_s: float = 300,
+    host: Host | None,
+) -> Decision:
+    """Decide on a verified manifest as admission does.
+
+    Every policy rule, then (given *host*) the launch checks, once the
+    policy allows it.
+
+    ``admit_here()`` calls it after verifying the envelope; a reload decides
+    queued tasks again with it (``readmission``), so both decide alike.
+    """
+    decision = evaluate(manifest, check, policy, node=node, now=now, skew_s=skew_s)
+    return _launch_checked(decision, manifest, policy, host)
+
+
+def _launch_checked(
+    decision: Decision, manifest: Manifest, policy: LoadedPolicy, host: Host | None
+) -> Decision:
+    """*decision* with the launch checks' reasons, once the policy allows."""
+    if host is None or not isinstance(manifest, Task) or not decision.allowed:
+        return decision
+    return Decision(decision.reasons + tuple(launch_reasons(manifest, policy, host)))
+
+
 def admit_here(
     data: bytes,
     policy: LoadedPolicy,
@@ -190,9 +223,7 @@ def admit_here(
     verdict = admit(
         data, policy, node=node, now=now, skew_s=skew_s, max_bytes=max_bytes
     )
-    m = verdict.manifest
-    if host is None or not isinstance(m, Task) or not verdict.decision.allowed:
+    if verdict.manifest is None:
         return verdict
-    extra = launch_reasons(m, policy, host)
-    decision = Decision(verdict.decision.reasons + tuple(extra))
+    decision = _launch_checked(verdict.decision, verdict.manifest, policy, host)
     return msgspec.structs.replace(verdict, decision=decision)

@@ -33,14 +33,24 @@ from femd.config import OrchestratorConfig
 from femd.envelope import encode_envelope, sign
 from femd.errors import InputError
 from femd.events import TERMINAL_STATES
-from femd.inbox import Inbox, LogBatch, OutputStatus, StoredEvent, TaskSummary
+from femd.inbox import (
+    EventGap,
+    Inbox,
+    LogBatch,
+    OutputStatus,
+    StoredEvent,
+    TaskSummary,
+)
 from femd.manifest import Cancel, encode_manifest
 from femd.orchestrator import Receiver, submit
 
 __all__ = ["Client", "NodeView", "Watch", "WatchItem"]
 
-WatchItem = StoredEvent | LogBatch | OutputStatus
+WatchItem = StoredEvent | LogBatch | OutputStatus | EventGap
 _CANCEL_VALID: Final = timedelta(hours=1)
+# How long a hole in a node's event numbering may stay open before a watch
+# calls it lost: a delivery the broker handed back comes again within it.
+GAP_GRACE_S: Final = 15.0
 
 
 class NodeView(msgspec.Struct, frozen=True):
@@ -173,9 +183,10 @@ class Client:
         *,
         nodes: Iterable[str] = (),
         logs: bool = False,
+        gap_grace_s: float = GAP_GRACE_S,
     ) -> Watch:
         """Follow one task (or, without *task_id*, everything new)."""
-        return Watch(self, task_id, nodes=nodes, logs=logs)
+        return Watch(self, task_id, nodes=nodes, logs=logs, gap_grace_s=gap_grace_s)
 
     def outputs(self, node: str, task_id: str) -> OutputStatus | None:
         """Where *task_id*'s outputs from *node* stand (``path`` once verified)."""
@@ -208,7 +219,13 @@ class Client:
 
 
 class Watch:
-    """Follows the inbox (fed by this client's receiver) for one task or all."""
+    """Follows the inbox (fed by this client's receiver) for one task or all.
+
+    Besides events, log batches and outputs it yields an ``EventGap`` for
+    each hole in a (watched) node's event numbering that stayed open
+    *gap_grace_s*: status events lost between the node and the inbox, whose
+    tasks may never be seen to end. ``lost`` keeps them.
+    """
 
     def __init__(
         self,
@@ -217,6 +234,7 @@ class Watch:
         *,
         nodes: Iterable[str] = (),
         logs: bool = False,
+        gap_grace_s: float = GAP_GRACE_S,
     ) -> None:
         """Start at the task's first event (or, for all tasks, at what is new)."""
         self.client = client
@@ -234,6 +252,8 @@ class Watch:
         self.terminal: dict[str, StoredEvent] = {}
         self.reported: set[tuple[str, str]] = set()
         self.errors: list[str] = []
+        self.gap_grace_s = gap_grace_s
+        self.lost: list[EventGap] = []
 
     @property
     def done(self) -> bool:
@@ -271,6 +291,20 @@ class Watch:
                         f"{node}/{ev.task_id}: outputs refused: {status.error}"
                     )
                 yield status
+        yield from self._gaps()
+
+    def _gaps(self) -> Iterator[EventGap]:
+        now = datetime.now(UTC)
+        for gap in self.client.inbox.gaps():
+            if self.nodes and gap.node not in self.nodes:
+                continue
+            if (now - gap.opened_at).total_seconds() < self.gap_grace_s:
+                continue
+            if any(g.node == gap.node and g.first <= gap.first and gap.last <= g.last
+                   for g in self.lost):  # fmt: skip
+                continue  # reported (a late event may have split it since)
+            self.lost.append(gap)
+            yield gap
 
     def follow(self, timeout_s: float | None = None) -> Iterator[WatchItem]:
         """Yield what arrives until ``done`` (one task) or *timeout_s* passes.

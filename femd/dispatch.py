@@ -20,10 +20,12 @@ from queue import Empty, SimpleQueue
 from typing import Final
 
 from femd import audit
+from femd.admission import Host
 from femd.broker import NodeLink
 from femd.config import AgentConfig
 from femd.decision import EventRule
 from femd.errors import FemdError, cut
+from femd.events import TaskState
 from femd.execution import Runner
 from femd.launchers import Capabilities, Launcher, LauncherProfile
 from femd.livelog import LogFollower
@@ -74,7 +76,7 @@ class Dispatch:
                 logger.error("task %s: cannot decide again, not run: %s", tid, e)
                 self.queue.remove(tid)
                 continue
-            if row is None or row.state != "queued" or row.payload is None:
+            if row is None or row.state != TaskState.QUEUED or row.payload is None:
                 continue
             m = decode_manifest(row.payload)
             decision = decide_again(
@@ -84,6 +86,7 @@ class Dispatch:
                 node=self.node,
                 now=_now(),
                 skew_s=self.config.clock_skew_s,
+                host=Host(self.profiles, self.caps, self.dirs.work),
             )
             if decision.allowed:
                 continue
@@ -96,7 +99,7 @@ class Dispatch:
             try:
                 self.state.transition(
                     tid,
-                    "rejected",
+                    TaskState.REJECTED,
                     node=self.node,
                     at=_now(),
                     reasons=reasons,
@@ -111,7 +114,7 @@ class Dispatch:
                 task_id=tid,
                 project=row.project,
                 node=self.node,
-                state="rejected",
+                state=TaskState.REJECTED,
                 decision="deny",
                 rules=[r for r, _ in reasons],
                 signer_keyids=list(row.signer_keyids),
@@ -133,7 +136,7 @@ class Dispatch:
                 self.queue.remove(c.target)
             self.state.transition(
                 c.target,
-                "cancelled",
+                TaskState.CANCELLED,
                 node=self.node,
                 at=_now(),
                 error=f"cancelled by {c.id}",
@@ -147,10 +150,10 @@ class Dispatch:
             task_id=c.target,
             project=c.project,
             node=self.node,
-            state="cancelled",
+            state=TaskState.CANCELLED,
         )
         self.state.transition(
-            c.id, "succeeded", node=self.node, at=_now(), error=detail
+            c.id, TaskState.SUCCEEDED, node=self.node, at=_now(), error=detail
         )
         self.link.wake()
 
@@ -205,7 +208,7 @@ class Dispatch:
         while self.queue and len(self.runners) < self.config.max_concurrent_tasks:
             tid = self.queue.popleft()
             row = self.state.get(tid)
-            if row is None or row.state != "queued" or row.payload is None:
+            if row is None or row.state != TaskState.QUEUED or row.payload is None:
                 continue
             task = decode_manifest(row.payload)
             if not isinstance(task, Task):
@@ -231,7 +234,10 @@ class Dispatch:
         """Reconcile tasks a previous run left in non-terminal states."""
         self._prune_outgoing()
         for row in self.state.unfinished():
-            if row.state in ("received", "queued") and row.payload is not None:
+            if (
+                row.state in (TaskState.RECEIVED, TaskState.QUEUED)
+                and row.payload is not None
+            ):
                 if row.kind == "Cancel":
                     # Committed (and acked), then the agent died before applying
                     # it: apply it now, or its target would run after all.
@@ -245,13 +251,16 @@ class Dispatch:
             handle = None
             # A launch may have begun while the task was still "staging": the
             # launcher is asked too, so what it left is found (process: killed).
-            if isinstance(task, Task) and row.state in ("staging", "running"):
+            if isinstance(task, Task) and row.state in (
+                TaskState.STAGING,
+                TaskState.RUNNING,
+            ):
                 launcher = self.launchers.get((task.profile, task.launcher))
                 try:
                     handle = launcher.adopt(task.id) if launcher else None
                 except FemdError as e:
                     logger.warning("task %s: cannot re-attach: %s", row.task_id, e)
-                if handle is not None and row.state == "staging":
+                if handle is not None and row.state == TaskState.STAGING:
                     # Never reported running: end it rather than adopt it.
                     handle.cancel(0)
                     handle.wait(30)
@@ -266,7 +275,7 @@ class Dispatch:
             # travel in the status event.
             self.state.transition(
                 row.task_id,
-                "failed",
+                TaskState.FAILED,
                 node=self.node,
                 at=_now(),
                 error="agent restarted",
@@ -279,6 +288,6 @@ class Dispatch:
                 task_id=row.task_id,
                 project=row.project,
                 node=self.node,
-                state="failed",
+                state=TaskState.FAILED,
             )
         self._decide_queued_again()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -31,7 +31,7 @@ from femd.errors import (
     UnenforceableError,
     cut,
 )
-from femd.events import TaskState
+from femd.events import RunReport, TaskState
 from femd.launchers import (
     Handle,
     Launcher,
@@ -106,8 +106,29 @@ class Runner:
 
     # -- steps ----------------------------------------------------------------
 
-    def _transition(self, new: str, **kw: object) -> None:
-        self.state.transition(self.task.id, new, node=self.node, at=_now(), **kw)  # type: ignore[arg-type]
+    def _transition(
+        self,
+        new: TaskState,
+        *,
+        exit_code: int | None = None,
+        reasons: Sequence[tuple[str, str]] = (),
+        outputs: tuple[str, int, int] | None = None,
+        error: str | None = None,
+        report: RunReport | None = None,
+        usage: Mapping[str, float] | None = None,
+    ) -> None:
+        self.state.transition(
+            self.task.id,
+            new,
+            node=self.node,
+            at=_now(),
+            exit_code=exit_code,
+            reasons=reasons,
+            outputs=outputs,
+            error=error,
+            report=report,
+            usage=usage,
+        )
         self.wake()
 
     def _audit(
@@ -238,19 +259,16 @@ class Runner:
         return {f"USAGE_{k.upper()}": f"{v:g}" for k, v in usage.items()}
 
     @staticmethod
-    def _extra(outcome: Outcome) -> dict[str, object]:
+    def _report(outcome: Outcome) -> RunReport:
         at = outcome.started_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        extra: dict[str, object] = {
-            "log_tail": outcome.log_tail[-LOG_TAIL_BYTES:],
-            "started_at": at,
-        }
-        if outcome.accounting is not None:
+        return RunReport(
+            log_tail=outcome.log_tail[-LOG_TAIL_BYTES:],
+            started_at=at,
             # What the batch system measured (elapsed, CPU, MaxRSS, node...).
-            extra["accounting"] = msgspec.to_builtins(outcome.accounting)
-        if outcome.traffic:
+            accounting=outcome.accounting,
             # What femd forwarded for the task, per destination (docs/network.md).
-            extra["network"] = msgspec.to_builtins(outcome.traffic)
-        return extra
+            network=outcome.traffic,
+        )
 
     def _stage_out(self, outcome: Outcome) -> None:
         t = self.task
@@ -273,7 +291,7 @@ class Runner:
             TaskState.SUCCEEDED,
             exit_code=outcome.exit_code,
             outputs=(packed.sha256, packed.bytes, chunks),
-            extra=self._extra(outcome),
+            report=self._report(outcome),
             usage=usage or None,
         )
         self._audit(
@@ -385,11 +403,11 @@ class Runner:
             )
             rule = outcome.rule or EventRule.ended(outcome.state)
             self._transition(
-                outcome.state,
+                TaskState(outcome.state),
                 exit_code=outcome.exit_code,
                 error=outcome.reason or None,
                 reasons=[(rule, why)] if why else [],
-                extra=self._extra(outcome),
+                report=self._report(outcome),
                 usage=usage or None,
             )
             return

@@ -7,6 +7,7 @@ duplicate-key-refusing JSON reader. Holds no document types of its own
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Iterable
@@ -36,6 +37,7 @@ __all__ = [
     "TaskId",
     "UtcTime",
     "explain",
+    "json_schema",
     "refuse_duplicate_keys",
     "unknown_launcher",
     "utc_now",
@@ -256,3 +258,24 @@ def explain(message: str) -> str:
 def utc_now() -> datetime:
     """The current time, timezone-aware in UTC (what every record stores)."""
     return datetime.now(UTC)
+
+
+def _dedent(node: Any) -> Any:  # noqa: ANN401 (JSON)
+    # Python 3.13 dedents docstrings itself, 3.11 does not: a shipped schema must
+    # not depend on the interpreter that printed it.
+    if isinstance(node, dict):
+        return {
+            k: inspect.cleandoc(v)
+            if k == "description" and isinstance(v, str)
+            else _dedent(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_dedent(v) for v in node]
+    return node
+
+
+def json_schema(t: Any) -> dict[str, Any]:  # noqa: ANN401 (any msgspec type)
+    """Return the JSON Schema of type *t*, descriptions dedented."""
+    schema: dict[str, Any] = _dedent(msgspec.json.schema(t))
+    return schema

@@ -1,8 +1,9 @@
 """The node's status message: what ``femd nodes`` shows the orchestrator.
 
-Owns the body of the ``femd.nodes`` message (routing key ``<node>.status``)
-that the agent publishes at start, after a policy reload, every
-``node_status_interval_s`` and once more when it stops: femd version, policy
+Builds the ``femd.nodes`` message (routing key ``<node>.status``, body
+``events.NodeStatus``) that the agent publishes at start, after a policy
+reload, every ``node_status_interval_s`` and once more when it stops: femd
+version, policy
 sha256, each launcher and what it can enforce, running and queued counts, free
 disk in the state dir, the client certificate's expiry. It is best effort (a
 newer one supersedes a lost one), never a task record. Publishing is the
@@ -22,43 +23,13 @@ import msgspec
 from cryptography import x509
 
 from femd import __version__
-from femd.events import NODES_EXCHANGE
+from femd.events import NODES_EXCHANGE, LauncherStatus, NodeStatus
 from femd.launchers import Capabilities
 from femd.messages import SideMessage
 
-__all__ = ["LauncherStatus", "NodeStatus", "cert_not_after", "status_message"]
+__all__ = ["cert_not_after", "status_message"]
 
 logger = logging.getLogger(__name__)
-
-
-class LauncherStatus(msgspec.Struct, frozen=True, kw_only=True):
-    """One (profile, back-end) and what it can enforce on this host."""
-
-    profile: str
-    launcher: str
-    available: bool
-    memory_limit: bool
-    cpu_limit: bool
-    pids_limit: bool
-    egress: bool
-    egress_filtered: bool
-    problems: tuple[str, ...]
-
-
-class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
-    """The wire body of a node status message (JSON)."""
-
-    node: str
-    state: Literal["up", "stopping"]
-    at: str
-    version: str
-    policy_sha256: str
-    launchers: tuple[LauncherStatus, ...]
-    running: int
-    queued: int
-    disk_free_bytes: int | None
-    cert_not_after: str | None
-    interval_s: float
 
 
 def cert_not_after(path: str) -> str | None:

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -22,7 +22,7 @@ from typing import Final
 import msgspec
 
 from femd.errors import StageOutError, StateError, cut
-from femd.events import EVENTS_EXCHANGE, RESULTS_EXCHANGE
+from femd.events import EVENTS_EXCHANGE, RESULTS_EXCHANGE, StatusEvent
 from femd.stageout import CHUNK_BYTES, chunk_count
 from femd.statedb import Database, time_text
 
@@ -79,37 +79,27 @@ def _read_chunk(head: dict[str, object]) -> tuple[dict[str, object], bytes] | No
 class Outbox(Database):
     """The state database's outbox (see the module); ``State`` adds the tasks."""
 
-    def _emit(
-        self,
-        db: sqlite3.Connection,
-        *,
-        task_id: str,
-        state: str,
-        node: str,
-        at: str,
-        fields: Mapping[str, object],
-    ) -> int:
-        """Insert one outbox event whose body carries its own ``seq``."""
-        routing_key = f"{node}.{task_id}.{state}"
+    def _emit(self, db: sqlite3.Connection, event: StatusEvent) -> int:
+        """Queue *event* with its ``seq`` and ``event_seq`` filled in; return seq.
+
+        ``seq`` is the outbox row's (shared with result chunks); ``event_seq``
+        the next of the status events' own counter, in the same transaction,
+        so the events on ``femd.events`` are numbered without a gap.
+        """
+        routing_key = f"{event.node}.{event.task_id}.{event.state}"
         cur = db.execute(
             "INSERT INTO outbox (exchange, routing_key, body, created_at)"
             " VALUES (?, ?, x'', ?)",
-            (EVENTS_EXCHANGE, routing_key, at),
+            (EVENTS_EXCHANGE, routing_key, event.at),
         )
         seq = cur.lastrowid
         if seq is None:
             raise RuntimeError("state: sqlite returned no outbox seq")
-        body: dict[str, object] = {
-            "node": node,
-            "task_id": task_id,
-            "state": state,
-            "at": at,
-            "seq": seq,
-        }
-        for key, value in fields.items():
-            if key in body:
-                raise ValueError(f"state: event field {key!r} is reserved")
-            body[key] = value
+        (event_seq,) = db.execute(
+            "UPDATE counters SET value = value + 1 WHERE name = 'event_seq'"
+            " RETURNING value"
+        ).fetchone()
+        body = msgspec.structs.replace(event, seq=seq, event_seq=event_seq)
         db.execute(
             "UPDATE outbox SET body = ? WHERE seq = ?", (msgspec.json.encode(body), seq)
         )

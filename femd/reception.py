@@ -19,6 +19,7 @@ from femd.admission import Host, admit_here
 from femd.decision import Decision, EventRule, Verdict
 from femd.dispatch import Dispatch
 from femd.errors import EnvelopeError, FemdError, ManifestError, cut
+from femd.events import TaskState
 from femd.flood import Tally
 from femd.manifest import Cancel, Task
 from femd.messages import Delivery
@@ -55,14 +56,14 @@ class Reception(Dispatch):
             f"envelope rejected: {cut(why, 200)}",
             priority=5,
             node=self.node,
-            state="rejected",
+            state=TaskState.REJECTED,
             decision="deny",
             rules=[r for r, _ in reasons],
             policy_sha256=self.policy.sha256,
         )
         self.state.event_only(
             task_id="unverified",
-            state="rejected",
+            state=TaskState.REJECTED,
             node=self.node,
             at=_now(),
             reasons=reasons,
@@ -85,7 +86,7 @@ class Reception(Dispatch):
                 text,
                 priority=5,
                 node=self.node,
-                state="rejected",
+                state=TaskState.REJECTED,
                 decision="deny",
                 rules=list(kind),
                 policy_sha256=self.policy.sha256,
@@ -94,7 +95,7 @@ class Reception(Dispatch):
             try:
                 self.state.event_only(
                     task_id="unverified",
-                    state="rejected",
+                    state=TaskState.REJECTED,
                     node=self.node,
                     at=_now(),
                     reasons=[(rule, text) for rule in kind],
@@ -171,7 +172,7 @@ class Reception(Dispatch):
         audit.emit(
             audit.Event.TASK_RECEIVED,
             f"task {m.id} received",
-            state="received",
+            state=TaskState.RECEIVED,
             **common,
         )
         if not allowed:
@@ -179,7 +180,7 @@ class Reception(Dispatch):
                 audit.Event.TASK_REJECTED,
                 f"task {m.id} denied: " + "; ".join(f"{r}: {t}" for r, t in reasons),
                 priority=5,
-                state="rejected",
+                state=TaskState.REJECTED,
                 decision="deny",
                 rules=[r for r, _ in reasons],
                 **common,
@@ -195,7 +196,7 @@ class Reception(Dispatch):
         audit.emit(
             audit.Event.TASK_ADMITTED,
             f"task {m.id} admitted, signed by {', '.join(verdict.signers)}",
-            state="queued",
+            state=TaskState.QUEUED,
             decision="allow",
             **common,
             **task_fields,  # type: ignore[arg-type]
@@ -216,7 +217,7 @@ class Reception(Dispatch):
             msg = f"task id {task_id} was already received on this node; not run again"
             self.state.event_only(
                 task_id=task_id,
-                state="rejected",
+                state=TaskState.REJECTED,
                 node=self.node,
                 at=_now(),
                 reasons=[(REPLAY_RULE, msg)],
@@ -227,7 +228,7 @@ class Reception(Dispatch):
                 priority=5,
                 task_id=task_id,
                 node=self.node,
-                state="rejected",
+                state=TaskState.REJECTED,
                 decision="deny",
                 rules=[REPLAY_RULE],
                 manifest_sha256=sha,

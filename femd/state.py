@@ -26,8 +26,13 @@ from femd.events import (
     RESULTS_EXCHANGE,
     STATES,
     TERMINAL_STATES,
+    Outputs,
+    Reason,
+    RunReport,
+    StatusEvent,
     TaskState,
 )
+from femd.launchers import Usage
 from femd.outbox import Outbox, OutboxEvent
 from femd.statedb import parse_time, time_text
 
@@ -85,12 +90,22 @@ _decode_reasons = msgspec.json.Decoder(tuple[_ReasonJson, ...]).decode
 _decode_keyids = msgspec.json.Decoder(tuple[str, ...]).decode
 
 
-def _reasons_json(reasons: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+def _wire_reasons(reasons: Sequence[tuple[str, str]]) -> tuple[Reason, ...]:
     # Messages may quote file names or tool output that are not UTF-8.
-    return [
-        {"rule": printable(rule), "message": printable(message)}
+    return tuple(
+        Reason(rule=printable(rule), message=printable(message))
         for rule, message in reasons
-    ]
+    )
+
+
+def _reasons_text(reasons: Sequence[tuple[str, str]]) -> str:
+    """The ``reasons`` column: the event's reasons as JSON."""
+    return msgspec.json.encode(_wire_reasons(reasons)).decode()
+
+
+def _event(node: str, task_id: str, state: TaskState, at: str) -> StatusEvent:
+    """A status event without its sequence numbers (``_emit`` sets them)."""
+    return StatusEvent(node=node, task_id=task_id, state=state, at=at, seq=0)
 
 
 def _check_state(state: str) -> None:
@@ -151,7 +166,7 @@ class State(Outbox):
                     kind,
                     state,
                     decision,
-                    json.dumps(_reasons_json(reasons)),
+                    _reasons_text(reasons),
                     manifest_sha256,
                     payload,
                     json.dumps(list(signer_keyids)),
@@ -171,22 +186,13 @@ class State(Outbox):
                     (task_id, state, when, detail),
                 ],
             )
-            self._emit(
-                db,
-                task_id=task_id,
-                state=TaskState.RECEIVED,
-                node=node,
-                at=when,
-                fields={},
-            )
+            received = _event(node, task_id, TaskState.RECEIVED, when)
+            self._emit(db, received)
             if decision == "deny":
+                rejected = _event(node, task_id, TaskState.REJECTED, when)
                 self._emit(
                     db,
-                    task_id=task_id,
-                    state="rejected",
-                    node=node,
-                    at=when,
-                    fields={"reasons": _reasons_json(reasons)},
+                    msgspec.structs.replace(rejected, reasons=_wire_reasons(reasons)),
                 )
         return True
 
@@ -201,7 +207,7 @@ class State(Outbox):
         reasons: Sequence[tuple[str, str]] = (),
         outputs: tuple[str, int, int] | None = None,
         error: str | None = None,
-        extra: Mapping[str, object] | None = None,
+        report: RunReport | None = None,
         usage: Mapping[str, float] | None = None,
     ) -> int:
         """Move a task to *state*, with its history row and status event.
@@ -215,7 +221,8 @@ class State(Outbox):
             reasons: stored and sent as ``reasons`` when given.
             outputs: ``(sha256, bytes, chunks)`` of the packed outputs.
             error: our side's one-line failure text (stored, not sent).
-            extra: more event fields (e.g. ``log_tail``); may not override any.
+            report: what the run left to tell (``log_tail``, ``started_at``,
+                ``accounting``, ``network``), sent with the event.
             usage: what the task used (cpu_s, memory_peak_bytes, pids_peak,
                 output_bytes, wall_s), stored and sent as ``usage``.
 
@@ -227,37 +234,47 @@ class State(Outbox):
         """
         _check_state(state)
         when = time_text(at)
-        fields: dict[str, object] = {}
+        event = _event(node, task_id, TaskState(state), when)
+        if report is not None:
+            event = msgspec.structs.replace(
+                event,
+                log_tail=report.log_tail,
+                started_at=report.started_at,
+                accounting=report.accounting,
+                network=report.network,
+            )
         sets = ["state = ?", "updated_at = ?"]
         args: list[object] = [state, when]
         detail: list[str] = []
         if exit_code is not None:
-            fields["exit_code"] = exit_code
+            event = msgspec.structs.replace(event, exit_code=exit_code)
             sets.append("exit_code = ?")
             args.append(exit_code)
             detail.append(f"exit_code={exit_code}")
         if reasons:
-            fields["reasons"] = _reasons_json(reasons)
+            event = msgspec.structs.replace(event, reasons=_wire_reasons(reasons))
             sets.append("reasons = ?")
-            args.append(json.dumps(fields["reasons"]))
+            args.append(_reasons_text(reasons))
             detail.append("rules=" + ",".join(rule for rule, _ in reasons))
         if outputs is not None:
             sha256, size, chunks = outputs
-            fields["outputs"] = {"sha256": sha256, "bytes": size, "chunks": chunks}
+            sent = Outputs(sha256=sha256, bytes=size, chunks=chunks)
+            event = msgspec.structs.replace(event, outputs=sent)
             sets += ["output_sha256 = ?", "output_bytes = ?", "output_chunks = ?"]
             args += [sha256, size, chunks]
             detail.append(f"output_sha256={sha256}")
         if usage:
-            fields["usage"] = dict(usage)
+            used = msgspec.convert(dict(usage), Usage, strict=False)
+            event = msgspec.structs.replace(event, usage=used)
+            text = json.dumps(dict(usage), sort_keys=True)
             sets.append("usage = ?")
-            args.append(json.dumps(fields["usage"], sort_keys=True))
-            detail.append("usage=" + json.dumps(fields["usage"], sort_keys=True))
+            args.append(text)
+            detail.append("usage=" + text)
         if error is not None:
             error = printable(error)
             sets.append("error = ?")
             args.append(error)
             detail.append(f"error={error}")
-        fields.update(extra or {})
         with self._write("transition") as db:
             row = db.execute(
                 "SELECT state FROM tasks WHERE task_id = ?", (task_id,)
@@ -277,9 +294,7 @@ class State(Outbox):
                 _INSERT_TRANSITION,
                 (task_id, state, when, "; ".join(detail)),
             )
-            seq = self._emit(
-                db, task_id=task_id, state=state, node=node, at=when, fields=fields
-            )
+            seq = self._emit(db, event)
         logger.info("state: task %s -> %s (seq %d)", task_id, state, seq)
         return seq
 
@@ -304,14 +319,10 @@ class State(Outbox):
             StateError: the write failed.
         """
         _check_state(state)
-        when = time_text(at)
-        fields: dict[str, object] = (
-            {"reasons": _reasons_json(reasons)} if reasons else {}
-        )
+        event = _event(node, task_id, TaskState(state), time_text(at))
+        event = msgspec.structs.replace(event, reasons=_wire_reasons(reasons))
         with self._write("event") as db:
-            return self._emit(
-                db, task_id=task_id, state=state, node=node, at=when, fields=fields
-            )
+            return self._emit(db, event)
 
     def get(self, task_id: str) -> TaskRow | None:
         """Return the task recorded under *task_id*, or None.

@@ -28,7 +28,7 @@ __all__ = ["SCHEMA_VERSION", "Database", "parse_time", "time_text"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 _BUSY_MS: Final = 5000
 
 
@@ -72,10 +72,21 @@ CREATE TABLE outbox (
     published INTEGER NOT NULL DEFAULT 0 CHECK (published IN (0, 1))
 );
 CREATE INDEX outbox_pending ON outbox (published, seq);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO counters (name, value) VALUES ('event_seq', 0);
 """
 
-# Schema 1 -> 2: what each task used (JSON; `usage` of the terminal event).
-_MIGRATE_1_2: Final = "ALTER TABLE tasks ADD COLUMN usage TEXT"
+# The statements that bring schema n to n + 1.
+_MIGRATE: Final = {
+    # What each task used (JSON; `usage` of the terminal event).
+    1: ("ALTER TABLE tasks ADD COLUMN usage TEXT",),
+    # Schema 2 -> 3: status events count on their own (`event_seq`); the
+    # count starts at the first event after the upgrade.
+    2: (
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO counters (name, value) VALUES ('event_seq', 0)",
+    ),
+}
 
 
 def time_text(at: datetime) -> str:
@@ -176,10 +187,14 @@ class Database:
                 logger.info(
                     "state: created schema %d in %s", SCHEMA_VERSION, self._path
                 )
-            elif version == 1:
-                db.execute(_MIGRATE_1_2)
+            elif version in _MIGRATE:
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATE[step]:
+                        db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                logger.info("state: schema 1 -> %d in %s", SCHEMA_VERSION, self._path)
+                logger.info(
+                    "state: schema %d -> %d in %s", version, SCHEMA_VERSION, self._path
+                )
             elif version != SCHEMA_VERSION:
                 raise StateError(
                     f"state: unsupported schema version in {cut(self._path)}"

@@ -161,7 +161,7 @@ _FEM_STATUS: dict[str, str] = {
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
-    from femd.inbox import LogBatch, OutputStatus
+    from femd.inbox import EventGap, LogBatch, OutputStatus
 
     with open_client(args) as client:
         watch = client.watch(args.task, nodes=args.node or (), logs=args.logs)
@@ -177,6 +177,11 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                         json.dumps({**note, "log_dropped_bytes": item.dropped}),
                         flush=True,
                     )
+            elif isinstance(item, EventGap):
+                print(
+                    f"femd: warning: {item} (lost between the node and this inbox)",
+                    file=sys.stderr,
+                )
             elif isinstance(item, OutputStatus):
                 if item.status == "complete":
                     print(

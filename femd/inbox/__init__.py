@@ -2,7 +2,8 @@
 
 Owns one directory (``results_dir`` of the orchestrator config, ``--inbox``):
 
-- ``inbox.sqlite`` (WAL): status events (one per node and ``seq``), the
+- ``inbox.sqlite`` (WAL): status events (one per node and ``seq``) and the
+  holes in each node's ``event_seq`` numbering, the
   announced outputs and which of their chunks are in, node status, live log
   batches, and the tasks this orchestrator submitted;
 - ``parts/<node>/<task>.part``: outputs being received, each chunk written at
@@ -20,9 +21,11 @@ last chunk of an output verifies and unpacks it. Reading is for everyone:
 to the broker (``femd.client`` does) nor decide anything.
 
 Modules: ``database`` (schema, opening, transactions), ``reader`` (the
-records and their queries), ``staging`` (``Inbox``: stage and commit).
+records and their queries), ``staging`` (``Inbox``: stage and commit),
+``gaps`` (lost status events).
 """
 
+from femd.inbox.gaps import EventGap
 from femd.inbox.reader import (
     LogBatch,
     NodeSeen,
@@ -34,6 +37,7 @@ from femd.inbox.staging import DEFAULT_MAX_OUTPUT_BYTES, Inbox
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT_BYTES",
+    "EventGap",
     "Inbox",
     "LogBatch",
     "NodeSeen",

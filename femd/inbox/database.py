@@ -1,9 +1,10 @@
 """The inbox database, ``inbox.sqlite``: its schema, opening it, its transactions.
 
 Owns the tables (events, outputs and their chunks, nodes, live logs,
-submitted tasks), the WAL and busy-wait settings shared by every receiver
-and reader, and the one place sqlite errors become ``StateError``. Does not
-know what the rows mean (``femd.inbox.reader`` and ``femd.inbox.staging``).
+submitted tasks; those of lost events come from ``gaps``), the WAL and
+busy-wait settings shared by every receiver and reader, and the one place
+sqlite errors become ``StateError``. Does not know what the rows mean
+(``femd.inbox.reader`` and ``femd.inbox.staging``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any, Final
 
 from femd.assembly import release_dead_claims
 from femd.errors import StateError, cut
+from femd.inbox import gaps
 
 __all__ = ["SCHEMA_VERSION", "InboxDatabase"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 _BUSY_MS: Final = 30000
 
 _SCHEMA: Final = """
@@ -32,6 +34,7 @@ CREATE TABLE events (
     state TEXT NOT NULL,
     body TEXT NOT NULL,
     received_at TEXT NOT NULL,
+    event_seq INTEGER,
     UNIQUE (node, seq)
 );
 CREATE INDEX events_task ON events (task_id, id);
@@ -118,6 +121,14 @@ class InboxDatabase:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                for statement in gaps.SCHEMA:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version == 1:
+                # Events numbered by their node (`event_seq`), and the holes.
+                db.execute("ALTER TABLE events ADD COLUMN event_seq INTEGER")
+                for statement in gaps.SCHEMA:
+                    db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise StateError(

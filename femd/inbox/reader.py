@@ -1,20 +1,24 @@
 """Reading an inbox: events, outputs, nodes, live logs and tasks, as records.
 
 Owns the record types (``StoredEvent``, ``OutputStatus``, ``NodeSeen``,
-``LogBatch``, ``TaskSummary``) and the queries behind them, for everyone who
-reads: ``femd watch``, ``femd tasks --orchestrator``, ``femd nodes``. Does
-not write (``femd.inbox.staging`` does).
+``LogBatch``, ``TaskSummary``; ``EventGap`` is ``gaps``') and the queries
+behind them, for everyone who reads: ``femd watch``, ``femd tasks
+--orchestrator``, ``femd nodes``. Does not write (``femd.inbox.staging``
+does).
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
+from femd.errors import StateError, cut
 from femd.inbox.database import InboxDatabase
+from femd.inbox.gaps import EventGap, open_gaps
 
 __all__ = [
     "InboxReader",
@@ -113,6 +117,18 @@ class InboxReader(InboxDatabase):
         """Status events after inbox id *after*, of one task or all, in order."""
         rows = self._since("id, node, task_id, state, body FROM events", task_id, after)
         return [StoredEvent(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def gaps(self) -> list[EventGap]:
+        """Status events missing between ones received, per node (``gaps``).
+
+        Raises:
+            StateError: the read failed.
+        """
+        with self._lock:
+            try:
+                return open_gaps(self._db)
+            except sqlite3.Error as e:
+                raise StateError(f"inbox: read failed: {cut(e)}") from e
 
     def output(self, node: str, task_id: str) -> OutputStatus | None:
         """Where the outputs of *task_id* from *node* stand, or None if unknown."""

@@ -21,6 +21,7 @@ import msgspec
 from femd.assembly import OutputAssembly, now_text
 from femd.errors import cut
 from femd.events import TERMINAL_STATES
+from femd.inbox import gaps
 from femd.inbox.reader import InboxReader
 
 __all__ = ["DEFAULT_MAX_OUTPUT_BYTES", "Inbox"]
@@ -49,6 +50,7 @@ class _Decoded(msgspec.Struct, frozen=True):
     task_id: str
     state: str
     seq: int
+    event_seq: int | None = None
 
 
 _decode_event = msgspec.json.Decoder(_Decoded).decode
@@ -70,7 +72,7 @@ class Inbox(InboxReader):
     ) -> None:
         """Open (creating if needed) the inbox at *root*."""
         self.max_output_bytes = max_output_bytes
-        self._events: list[tuple[str, int, str, str, str]] = []
+        self._events: list[tuple[str, int, str, str, str, int | None]] = []
         self._nodes: dict[str, str] = {}
         self._logs: list[tuple[str, str, int, int, bytes]] = []
         super().__init__(root)
@@ -95,7 +97,7 @@ class Inbox(InboxReader):
             logger.warning("inbox: dropping an event routed %s", cut(routing_key))
             return
         text = json.dumps(parsed, sort_keys=True)
-        self._events.append((ev.node, ev.seq, ev.task_id, ev.state, text))
+        self._events.append((ev.node, ev.seq, ev.task_id, ev.state, text, ev.event_seq))
 
     def stage_node(self, routing_key: str, body: bytes) -> None:
         """Keep a node status for ``commit()`` (the newest per node wins)."""
@@ -145,13 +147,15 @@ class Inbox(InboxReader):
         announced: list[tuple[str, str, dict[str, Any]]] = []
         fresh: list[str] = []
         with self.transaction("commit") as db:
-            for node, seq, task, state, text in self._events:
+            for node, seq, task, state, text, event_seq in self._events:
                 if db.execute(
                     "INSERT OR IGNORE INTO events (node, seq, task_id, state, body,"
-                    " received_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (node, seq, task, state, text, now),
+                    " received_at, event_seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (node, seq, task, state, text, now, event_seq),
                 ).rowcount:
                     fresh.append(text)
+                    if event_seq is not None:
+                        gaps.note(db, node, event_seq, now)
                 outputs = json.loads(text).get("outputs")
                 if state in TERMINAL_STATES and isinstance(outputs, dict):
                     announced.append((node, task, outputs))

@@ -137,10 +137,11 @@ def environment(
     name: str, state_dir: Path, configs: Mapping[str, msgspec.Struct] | None = None
 ) -> LauncherEnv:
     """The environment of launcher *name* for an agent whose state is *state_dir*."""
-    from femd.launchers.cgroup import scope_of  # cgroup imports this module
+    from femd.launchers.cgroup import scope_of  # cgroup imports this package
+    from femd.statedir import StateDir
 
     return LauncherEnv(
-        state_dir=state_dir / "launchers" / name,
+        state_dir=StateDir(state_dir).launcher(name),
         scope=scope_of(state_dir),
         config=(configs or {}).get(name),
     )

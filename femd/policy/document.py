@@ -7,7 +7,6 @@ docstrings that ship in ``policies/schema.json``. Does not read files
 
 from __future__ import annotations
 
-import inspect
 from datetime import date
 from typing import Annotated, Any, Final, Literal
 
@@ -23,6 +22,7 @@ from femd.model import (
     Peer,
     Port,
     Strict,
+    json_schema,
     unknown_launcher,
 )
 
@@ -208,22 +208,6 @@ class Policy(Strict, frozen=True, kw_only=True):
     defaults: Defaults = msgspec.field(default_factory=Defaults)
 
 
-def _dedent(node: Any) -> Any:  # noqa: ANN401 (JSON)
-    # Python 3.13 dedents docstrings itself, 3.11 does not: the shipped schema must
-    # not depend on the interpreter that printed it.
-    if isinstance(node, dict):
-        return {
-            k: inspect.cleandoc(v)
-            if k == "description" and isinstance(v, str)
-            else _dedent(v)
-            for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [_dedent(v) for v in node]
-    return node
-
-
 def policy_schema() -> dict[str, Any]:
     """Return the policy's JSON Schema, generated from the types above."""
-    schema: dict[str, Any] = _dedent(msgspec.json.schema(Policy))
-    return schema
+    return json_schema(Policy)

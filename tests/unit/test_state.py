@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from femd.errors import StageOutError, StateError
+from femd.events import RunReport
 from femd.stageout import Reassembler, pack_outputs
 from femd.state import (
     EVENTS_EXCHANGE,
@@ -77,6 +78,7 @@ def test_record_allow_queues_and_emits_received(state: State) -> None:
         "state": "received",
         "at": "2026-11-22T10:00:00.000000Z",
         "seq": events[0].seq,
+        "event_seq": 1,
     }
     assert [(s, d) for s, _, d in state.transitions("t1")] == [
         ("received", ""),
@@ -174,7 +176,7 @@ def test_transition_event_fields(state: State) -> None:
         at=datetime(2026, 11, 22, 12, 0, 3, 250, tzinfo=timezone(timedelta(hours=2))),
         exit_code=0,
         outputs=("ef" * 32, 1234, 1),
-        extra={"log_tail": "done\n"},
+        report=RunReport(log_tail="done\n"),
     )
     last = bodies(state)[-1]
     assert last == {
@@ -183,6 +185,7 @@ def test_transition_event_fields(state: State) -> None:
         "state": "succeeded",
         "at": "2026-11-22T10:00:03.000250Z",
         "seq": seq,
+        "event_seq": 5,
         "exit_code": 0,
         "outputs": {"sha256": "ef" * 32, "bytes": 1234, "chunks": 1},
         "log_tail": "done\n",
@@ -263,8 +266,6 @@ def test_unknown_task_and_bad_arguments(state: State) -> None:
         state.transition("t1", "exploded", node=NODE, at=T0)
     with pytest.raises(ValueError, match="timezone-aware"):
         state.transition("t1", "running", node=NODE, at=datetime(2026, 1, 1))  # noqa: DTZ001
-    with pytest.raises(ValueError, match="reserved"):
-        state.transition("t1", "running", node=NODE, at=T0, extra={"seq": 1})
     # None of the refused calls left a trace (the transaction rolled back).
     row = state.get("t1")
     assert row is not None
@@ -299,6 +300,7 @@ def test_event_only_does_not_touch_tasks(state: State) -> None:
         "state": "rejected",
         "at": "2026-11-22T10:00:00.000000Z",
         "seq": seq_unknown,
+        "event_seq": 3,
     }
     assert state.pending_events()[-1].routing_key == f"{NODE}.unknown.rejected"
 
@@ -347,7 +349,7 @@ def test_wal_mode_and_private_file(db_path: Path, state: State) -> None:
     raw = sqlite3.connect(db_path)
     try:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 3
     finally:
         raw.close()
     assert db_path.stat().st_mode & 0o077 == 0
@@ -362,6 +364,7 @@ def test_usage_is_stored_sent_and_a_schema_1_file_is_migrated(db_path: Path) -> 
     # What a schema-1 agent left: no usage column, user_version 1.
     raw = sqlite3.connect(db_path)
     raw.execute("ALTER TABLE tasks DROP COLUMN usage")
+    raw.execute("DROP TABLE counters")
     raw.execute("PRAGMA user_version = 1")
     raw.commit()
     raw.close()
@@ -373,6 +376,73 @@ def test_usage_is_stored_sent_and_a_schema_1_file_is_migrated(db_path: Path) -> 
         assert st.get("t1").usage == used
         event = next(e for e in st.pending_events() if e.seq == seq)
         assert json.loads(event.body)["usage"] == used
+    finally:
+        st.close()
+
+
+def test_a_schema_2_file_gets_its_event_count(db_path: Path) -> None:
+    st = State(db_path)
+    record(st, "t1")
+    st.close()
+    # What a schema-2 agent left: events numbered by the outbox alone.
+    raw = sqlite3.connect(db_path)
+    raw.execute("DROP TABLE counters")
+    raw.execute("PRAGMA user_version = 2")
+    raw.commit()
+    raw.close()
+    st = State(db_path)
+    try:
+        st.transition("t1", "staging", node=NODE, at=T0)
+        last = json.loads(st.pending_events()[-1].body)
+        assert last["state"] == "staging"
+        assert last["event_seq"] == 1  # counted from the upgrade on
+    finally:
+        st.close()
+
+
+def test_status_events_are_numbered_without_a_gap_between_chunks(
+    tmp_path: Path, db_path: Path
+) -> None:
+    """A consumer of femd.events alone can tell a lost event (issue 13)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.bin").write_bytes(bytes(range(256)) * 8)
+    packed = pack_outputs(out, tmp_path / "o.tar.gz", max_bytes=1 << 20)
+    st = State(db_path)
+    try:
+        for tid in ("t1", "t2"):
+            record(st, tid)
+            st.transition(tid, "uploading", node=NODE, at=T0)
+            n = st.enqueue_results(
+                task_id=tid,
+                node=NODE,
+                archive=packed.path,
+                sha256=packed.sha256,
+                chunk_bytes=100,
+            )
+            st.transition(
+                tid, "succeeded", node=NODE, at=T0,
+                outputs=(packed.sha256, packed.bytes, n),
+            )  # fmt: skip
+        st.event_only(task_id="unverified", state="rejected", node=NODE, at=T0)
+        pending = st.pending_events(limit=1000)
+        events = [e for e in pending if e.exchange == EVENTS_EXCHANGE]
+        seqs = [json.loads(e.body)["seq"] for e in events]
+        # `seq` keeps its meaning (the outbox's, shared with chunks: gaps) ...
+        assert seqs == [e.seq for e in events]
+        assert seqs[-1] - seqs[0] + 1 > len(seqs)
+        # ... and `event_seq` counts the events alone, 1, 2, 3, ...
+        numbers = [json.loads(e.body)["event_seq"] for e in events]
+        assert numbers == list(range(1, len(events) + 1))
+        st.mark_published(e.seq for e in pending)
+    finally:
+        st.close()
+    # The count survives a restart and never reuses a number.
+    st = State(db_path)
+    try:
+        st.event_only(task_id="unverified", state="rejected", node=NODE, at=T0)
+        (event,) = st.pending_events()
+        assert json.loads(event.body)["event_seq"] == len(events) + 1
     finally:
         st.close()
 
@@ -487,7 +557,7 @@ def test_unsupported_schema_version(db_path: Path) -> None:
     raw = sqlite3.connect(db_path)
     raw.execute("PRAGMA user_version = 9")
     raw.close()
-    with pytest.raises(StateError, match=r"got 9, expected 2"):
+    with pytest.raises(StateError, match=r"got 9, expected 3"):
         State(db_path)
 
 
