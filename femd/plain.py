@@ -12,7 +12,6 @@ Knows no document type; ``yamlfile`` maps the paths to lines.
 
 from __future__ import annotations
 
-import difflib
 import re
 import types
 import typing
@@ -149,6 +148,8 @@ def _first(e: msgspec.ValidationError) -> tuple[str, Path]:
 
 
 def _unknown_field(key: str, known: list[str]) -> str:
+    import difflib  # lazily: only a mistyped key needs it
+
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if close:
         return f"unknown field `{cut(key, 60)}`; did you mean `{close[0]}`?"

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tarfile
 import threading
 from pathlib import Path, PurePosixPath
-from typing import IO, Final
+from typing import IO, TYPE_CHECKING, Final
 
 from femd.errors import cut
+
+if TYPE_CHECKING:
+    import tarfile
 
 __all__ = ["STEP_FAILED", "OutputCapture", "tmpfs_bytes", "wrap_argv"]
 
@@ -101,6 +103,8 @@ class OutputCapture:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
+        import tarfile  # lazily: an idle agent does not hold the tar modules
+
         with os.fdopen(self._fd, "rb") as stream:
             try:
                 self._read(stream)
@@ -116,6 +120,8 @@ class OutputCapture:
         if not header:
             return  # nothing sent: the step did not get that far
         self.full = int(header.strip()) == 0
+        import tarfile
+
         members = 0
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:

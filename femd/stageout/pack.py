@@ -7,20 +7,21 @@ from metadata, and the archive's exact bytes. Does not chunk or send it
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
 import os
 import stat
-import tarfile
 import zlib
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, TYPE_CHECKING, Final
 
 import msgspec
 
 from femd.errors import OutputTooLargeError, StageOutError, UnsafeOutputPathError, cut
 from femd.stageout.flags import DIR_FLAGS, READ_FLAGS
+
+if TYPE_CHECKING:
+    import tarfile
 
 __all__ = ["ARCHIVE_SLACK_BYTES", "Packed", "pack_outputs"]
 
@@ -155,6 +156,8 @@ class _Sink:
 
 def _tarinfo(entry: _Entry) -> tarfile.TarInfo:
     """A header with everything but name, type, size and x bit normalized."""
+    import tarfile
+
     info = tarfile.TarInfo("/".join(entry.parts))
     info.mtime = 0
     info.uid = info.gid = 0
@@ -279,6 +282,9 @@ def _write_archive(
     root_fd: int, entries: list[_Entry], dest: Path, cap: int, level: int
 ) -> _Sink:
     """Write the archive; on any error remove what was written."""
+    import gzip  # lazily: an idle agent does not hold the tar modules
+    import tarfile
+
     try:
         out_fd = os.open(
             dest,

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tarfile
 import zlib
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from femd.errors import OutputTooLargeError, StageOutError, UnsafeOutputPathError, cut
 from femd.stageout.flags import COPY_BYTES, CREATE_FLAGS, DIR_FLAGS
+
+if TYPE_CHECKING:
+    import tarfile
 
 __all__ = ["unpack_outputs"]
 
@@ -68,6 +70,8 @@ def unpack_outputs(archive: Path, dest: Path, *, max_bytes: int) -> list[str]:
         OutputTooLargeError: the files exceed *max_bytes*.
         StageOutError: the archive is corrupt or *dest* cannot be written.
     """
+    import tarfile  # lazily: an idle agent does not hold the tar modules
+
     written: list[str] = []
     try:
         dest.mkdir(mode=0o755, exist_ok=True)
