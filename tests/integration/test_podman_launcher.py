@@ -33,6 +33,7 @@ from femd.errors import (  # noqa: E402
 )
 from femd.launchers import LAUNCHERS, Mount, environment, start  # noqa: E402
 from femd.launchers.podman import TASK_USER, verify_image_digest  # noqa: E402
+from femd.stageout import pack_outputs  # noqa: E402
 from tests.integration import podman_support  # noqa: E402
 from tests.integration.podman_support import (  # noqa: E402
     PODMAN_USER,
@@ -102,6 +103,9 @@ def test_task_writes_its_output_dir(podman_box: PodmanBox) -> None:
     assert outcome.usage is not None
     assert outcome.usage.output_bytes == len("hello\n") + len("x\n")
     assert not Path(f"{out}.stream").exists()  # the FIFO is gone
+    # What stage-out then sends: the files as the task wrote them.
+    packed = pack_outputs(out, podman_box.root / "outputs.tar.gz", max_bytes=1 << 20)
+    assert packed.files == 2
     assert outcome.log_tail.strip() == TASK_USER.split(":")[0]
     assert outcome.finished_at >= outcome.started_at
 
