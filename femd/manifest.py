@@ -29,6 +29,7 @@ from femd.model import (
     UtcTime,
     explain,
     refuse_duplicate_keys,
+    runs_image,
     unknown_launcher,
 )
 from femd.plain import one_line
@@ -147,9 +148,12 @@ class Task(_Message, frozen=True, tag="Task", kw_only=True):
             raise ValueError("`expires_at` must be later than `issued_at`")
         if (unknown := unknown_launcher([self.launcher])) is not None:
             raise ValueError(f"launcher: {unknown[1]}")
-        if self.launcher == "podman" and self.image is None:
-            raise ValueError("`image` is required when `launcher` is `podman`")
-        if self.launcher != "podman" and not self.command:
+        image = runs_image(self.launcher)  # the registry says (podman)
+        if image and self.image is None:
+            raise ValueError(
+                f"`image` is required when `launcher` is `{self.launcher}`"
+            )
+        if not image and not self.command:
             raise ValueError(
                 f"`command` is required when `launcher` is `{self.launcher}`"
             )

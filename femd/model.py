@@ -39,6 +39,7 @@ __all__ = [
     "explain",
     "json_schema",
     "refuse_duplicate_keys",
+    "runs_image",
     "unknown_launcher",
     "utc_now",
 ]
@@ -65,6 +66,14 @@ LauncherName = Annotated[
         extra={"registry": "launchers"},
     ),
 ]
+
+
+def runs_image(launcher: str) -> bool:
+    """Whether *launcher*'s tasks run an image rather than a host command."""
+    from femd.launchers.registry import LAUNCHERS
+
+    registration = LAUNCHERS.get(launcher)
+    return registration is not None and registration.image
 
 
 def unknown_launcher(names: Iterable[str]) -> tuple[int, str] | None:

@@ -186,20 +186,18 @@ class Reception(Dispatch):
                 **common,
             )
             return
-        task_fields: dict[str, object] = {}
-        if isinstance(m, Task):
-            task_fields = {
-                "image_digest": m.image.partition("@")[2] or None if m.image else None,
-                "git_commit": m.source.commit if m.source else None,
-                "datasets": [i.dataset for i in m.inputs],
-            }
+        task = m if isinstance(m, Task) else None
         audit.emit(
             audit.Event.TASK_ADMITTED,
             f"task {m.id} admitted, signed by {', '.join(verdict.signers)}",
             state=TaskState.QUEUED,
             decision="allow",
+            image_digest=task.image.partition("@")[2] or None
+            if task and task.image
+            else None,
+            git_commit=task.source.commit if task and task.source else None,
+            datasets=[i.dataset for i in task.inputs] if task else (),
             **common,
-            **task_fields,  # type: ignore[arg-type]
         )
         if isinstance(m, Cancel):
             self._apply_cancel(m)

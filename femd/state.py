@@ -1,7 +1,8 @@
 """Durable node state: tasks, their transitions and their status events.
 
 Owns the ``tasks`` and ``transitions`` tables of ``state_dir/state.sqlite``
-(the connection and schema are ``statedb``'s, the outbox ``outbox``'s).
+(the connection and schema are ``statedb``'s, the outbox ``outbox``'s,
+reading a row ``taskrow``'s).
 Every change is one short transaction that also queues the status event
 telling it, so what a method returned is on disk with its event.
 
@@ -35,6 +36,7 @@ from femd.events import (
 from femd.launchers import Usage
 from femd.outbox import Outbox, OutboxEvent
 from femd.statedb import parse_time, time_text
+from femd.taskrow import COLUMNS, TaskRow, task_row
 
 __all__ = [
     "EVENTS_EXCHANGE",
@@ -48,46 +50,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_COLUMNS: Final = (
-    "task_id, project, kind, state, decision, reasons, manifest_sha256, payload, "
-    "signer_keyids, launcher, received_at, updated_at, exit_code, output_sha256, "
-    "output_bytes, output_chunks, error, usage"
-)
 _INSERT_TRANSITION: Final = (
     "INSERT INTO transitions (task_id, state, at, detail) VALUES (?, ?, ?, ?)"
 )
-
-
-class TaskRow(msgspec.Struct, frozen=True):
-    """One task as the node recorded it, with its latest state."""
-
-    task_id: str
-    project: str
-    kind: str
-    state: str
-    decision: Literal["allow", "deny"] | None
-    reasons: tuple[tuple[str, str], ...]
-    manifest_sha256: str
-    payload: bytes | None
-    signer_keyids: tuple[str, ...]
-    launcher: str | None
-    received_at: datetime
-    updated_at: datetime
-    exit_code: int | None
-    output_sha256: str | None
-    output_bytes: int | None
-    output_chunks: int | None
-    error: str | None
-    usage: dict[str, float] | None = None
-
-
-class _ReasonJson(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    rule: str
-    message: str
-
-
-_decode_reasons = msgspec.json.Decoder(tuple[_ReasonJson, ...]).decode
-_decode_keyids = msgspec.json.Decoder(tuple[str, ...]).decode
 
 
 def _wire_reasons(reasons: Sequence[tuple[str, str]]) -> tuple[Reason, ...]:
@@ -156,7 +121,7 @@ class State(Outbox):
         state = TaskState.REJECTED if decision == "deny" else TaskState.QUEUED
         with self._write("record") as db:
             cur = db.execute(
-                f"INSERT INTO tasks ({_COLUMNS}) VALUES "  # noqa: S608 - constant
+                f"INSERT INTO tasks ({COLUMNS}) VALUES "  # noqa: S608 - constant
                 "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
                 "NULL, NULL, NULL, NULL, NULL, NULL) "
                 "ON CONFLICT (task_id) DO NOTHING",
@@ -332,10 +297,10 @@ class State(Outbox):
         """
         with self._read("get") as db:
             row = db.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?",  # noqa: S608
+                f"SELECT {COLUMNS} FROM tasks WHERE task_id = ?",  # noqa: S608
                 (task_id,),
             ).fetchone()
-        return None if row is None else _task_row(row)
+        return None if row is None else task_row(row)
 
     def unfinished(self) -> list[TaskRow]:
         """Return every task not in a terminal state, oldest first.
@@ -346,11 +311,11 @@ class State(Outbox):
         marks = ", ".join("?" for _ in TERMINAL_STATES)
         with self._read("unfinished") as db:
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE state NOT IN ({marks}) "  # noqa: S608
+                f"SELECT {COLUMNS} FROM tasks WHERE state NOT IN ({marks}) "  # noqa: S608
                 "ORDER BY received_at, rowid",
                 sorted(TERMINAL_STATES),
             ).fetchall()
-        return [_task_row(row) for row in rows]
+        return [task_row(row) for row in rows]
 
     def history(self, limit: int | None = None) -> list[TaskRow]:
         """Return recorded tasks, newest first, at most *limit* of them.
@@ -360,11 +325,11 @@ class State(Outbox):
         """
         with self._read("history") as db:
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM tasks "  # noqa: S608
+                f"SELECT {COLUMNS} FROM tasks "  # noqa: S608
                 "ORDER BY received_at DESC, rowid DESC LIMIT ?",
                 (-1 if limit is None else max(limit, 0),),
             ).fetchall()
-        return [_task_row(row) for row in rows]
+        return [task_row(row) for row in rows]
 
     def transitions(self, task_id: str) -> list[tuple[str, datetime, str]]:
         """Return ``(state, at, detail)`` for every transition of a task, in order.
@@ -425,36 +390,3 @@ class State(Outbox):
                 "SELECT state, COUNT(*) FROM tasks GROUP BY state"
             ).fetchall()
         return {state: count for state, count in rows}
-
-
-def _task_row(row: tuple[object, ...]) -> TaskRow:
-    """Convert one ``_COLUMNS`` row; a malformed row is a ``StateError``."""
-    try:
-        reasons = _decode_reasons(str(row[5]))
-        keyids = _decode_keyids(str(row[8]))
-        return msgspec.convert(
-            {
-                "task_id": row[0],
-                "project": row[1],
-                "kind": row[2],
-                "state": row[3],
-                "decision": row[4],
-                "reasons": [(r.rule, r.message) for r in reasons],
-                "manifest_sha256": row[6],
-                "payload": row[7],
-                "signer_keyids": keyids,
-                "launcher": row[9],
-                "received_at": parse_time(str(row[10])),
-                "updated_at": parse_time(str(row[11])),
-                "exit_code": row[12],
-                "output_sha256": row[13],
-                "output_bytes": row[14],
-                "output_chunks": row[15],
-                "error": row[16],
-                "usage": json.loads(str(row[17])) if row[17] is not None else None,
-            },
-            TaskRow,
-            strict=True,
-        )
-    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, TypeError) as e:
-        raise StateError(f"state: malformed task row {cut(row[0])}: {cut(e)}") from e

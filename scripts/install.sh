@@ -2,9 +2,10 @@
 # Idempotent set-up of everything femd's demo and tests need, on a fresh
 # Debian 12 where you are root and only python3 and git exist:
 #   - Debian packages (RabbitMQ, rootless Podman with runc, uidmap and
-#     catatonit, bubblewrap, systemd-nspawn, debootstrap, busybox for test
-#     images, lintian for the package test, TLS roots for pip, Slurm with
-#     munge, slurmdbd and MariaDB for the slurm launcher's test cluster),
+#     catatonit, bubblewrap, systemd-nspawn, debootstrap, busybox-static for
+#     test images and podman's output step, lintian for the package test,
+#     TLS roots for pip, Slurm with munge, slurmdbd and MariaDB for the slurm
+#     launcher's test cluster),
 #   - the unprivileged users tasks run as (femd-task for bubblewrap,
 #     femd-podman for rootless Podman with its subuid/subgid ranges),
 #   - a virtualenv in .venv with femd installed (editable) and its test tools,

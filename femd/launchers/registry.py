@@ -80,9 +80,12 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     ``LaunchSpec`` (reserved mount targets...), run at admission (agent and
     ``femd check``) and again by the launcher. ``prepare_work``: makes a
     task's work dir (``<work>/out`` inside) reachable by its sandbox's user.
+    ``image``: its tasks run an image (a manifest must name one) instead of a
+    host command (a manifest must give ``command``).
     """
 
     factory: LauncherFactory
+    image: bool = False
     settings: type[msgspec.Struct] | None = None
     spec_reasons: Callable[[LaunchSpec], list[Reason]] = _no_reasons
     prepare_work: Callable[[Path], None] = open_work
@@ -114,7 +117,10 @@ def _slurm(profile: LauncherProfile, env: LauncherEnv) -> Launcher:
 LAUNCHERS: Final[Mapping[str, Registration]] = MappingProxyType(
     {
         "podman": Registration(
-            factory=_podman, spec_reasons=podman_reasons, prepare_work=podman_work
+            factory=_podman,
+            image=True,
+            spec_reasons=podman_reasons,
+            prepare_work=podman_work,
         ),
         "process": Registration(factory=_process, spec_reasons=process_reasons),
         "slurm": Registration(

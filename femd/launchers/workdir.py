@@ -36,7 +36,8 @@ def podman_work(work: Path) -> None:
 
     Under the unit femd-podman is in group ``femd``: 0750 is enough. When femd
     runs as root, the work dir goes to group ``femd-podman`` (0710; podman's
-    writable ``out`` needs a closed parent) and its parents are 0711.
+    output FIFO, writable by any uid, needs a closed parent) and its parents
+    are 0711.
     """
     if os.geteuid() != 0:
         open_work(work)

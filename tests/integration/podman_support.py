@@ -173,6 +173,7 @@ class PodmanBox:
         listen: tuple[int, ...] = (),
         ingress_peers: tuple[str, ...] = (),
         log_max_bytes: int = 1 << 20,
+        output_max_bytes: int = 1 << 20,
         workdir: str | None = None,
         task_id: str | None = None,
         image: str | None = None,
@@ -195,6 +196,7 @@ class PodmanBox:
             listen=listen,
             ingress_peers=ingress_peers,
             log_max_bytes=log_max_bytes,
+            output_max_bytes=output_max_bytes,
         )
 
     def launch(self, script: str, **kw: Any) -> tuple[PodmanHandle, LaunchSpec]:
@@ -216,18 +218,36 @@ class PodmanBox:
             )
             return [str(c.name) for c in found]
 
-    def wait_status(self, task_id: str, status: str, timeout_s: float = 20) -> None:
-        """Poll podman until *task_id*'s container has *status*."""
+    def wait_log(self, task_id: str, text: str, timeout_s: float = 30) -> None:
+        """Poll *task_id*'s container log until it holds *text*."""
         end = time.monotonic() + timeout_s
         with PodmanClient(base_url=self.service.url) as client:
             while time.monotonic() < end:
                 found = client.containers.list(
                     all=True, filters=[f"label={LABEL_TASK}={task_id}"]
                 )
-                # A list entry's "State" is the status string itself.
-                if found and found[0].attrs.get("State") == status:
+                logs = b"".join(found[0].logs(stream=False)) if found else b""
+                if text.encode() in logs:
                     return
-                time.sleep(0.05)
+                time.sleep(0.1)
+        raise AssertionError(f"{task_id} never logged {text!r}")
+
+    def status(self, task_id: str) -> str:
+        """The status of *task_id*'s container now ("" if there is none)."""
+        with PodmanClient(base_url=self.service.url) as client:
+            found = client.containers.list(
+                all=True, filters=[f"label={LABEL_TASK}={task_id}"]
+            )
+            # A list entry's "State" is the status string itself.
+            return str(found[0].attrs.get("State", "")) if found else ""
+
+    def wait_status(self, task_id: str, status: str, timeout_s: float = 20) -> None:
+        """Poll podman until *task_id*'s container has *status*."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.status(task_id) == status:
+                return
+            time.sleep(0.05)
         raise AssertionError(f"container of {task_id} never reached {status}")
 
 

@@ -33,8 +33,14 @@ from femd.errors import (  # noqa: E402
 )
 from femd.launchers import LAUNCHERS, Mount, environment, start  # noqa: E402
 from femd.launchers.podman import TASK_USER, verify_image_digest  # noqa: E402
+from femd.stageout import pack_outputs  # noqa: E402
 from tests.integration import podman_support  # noqa: E402
-from tests.integration.podman_support import PODMAN_USER, PodmanBox, profile  # noqa: E402
+from tests.integration.podman_support import (  # noqa: E402
+    PODMAN_USER,
+    PodmanBox,
+    PodmanHandle,
+    profile,
+)
 
 # The fixtures (tests/conftest.py may plug podman_support in as a plugin instead).
 podman_service = podman_support.podman_service
@@ -91,9 +97,15 @@ def test_task_writes_its_output_dir(podman_box: PodmanBox) -> None:
     assert outcome.exit_code == 0
     assert (out / "result.txt").read_text() == "hello\n"
     assert (out / "sub" / "y").read_text() == "x\n"
-    owner = (out / "result.txt").stat().st_uid
-    # The task ran as a subordinate id: neither root nor the podman user.
-    assert owner not in (0, os.getuid(), _uid(PODMAN_USER))
+    # femd wrote them from the step's stream: the agent's own, private files.
+    written = (out / "result.txt").stat()
+    assert (written.st_uid, written.st_mode & 0o777) == (os.getuid(), 0o600)
+    assert outcome.usage is not None
+    assert outcome.usage.output_bytes == len("hello\n") + len("x\n")
+    assert not Path(f"{out}.stream").exists()  # the FIFO is gone
+    # What stage-out then sends: the files as the task wrote them.
+    packed = pack_outputs(out, podman_box.root / "outputs.tar.gz", max_bytes=1 << 20)
+    assert packed.files == 2
     assert outcome.log_tail.strip() == TASK_USER.split(":")[0]
     assert outcome.finished_at >= outcome.started_at
 
@@ -191,9 +203,17 @@ def test_wait_returns_none_while_running_then_the_outcome(
     assert b"".join(handle.logs()) == b""  # nothing was printed; cached copy
 
 
+def crash(handle: PodmanHandle) -> None:
+    """What an agent's death does to a handle: its ends of the output FIFO close."""
+    stream = handle._stream
+    assert stream is not None
+    stream._close_keeper()
+    assert stream.capture.join(10)  # no writer yet: its reader ends and closes
+
+
 def test_adopt_after_agent_and_service_restart(podman_box: PodmanBox) -> None:
     handle, spec = podman_box.launch("sleep 3; echo survived > /out/f; echo bye")
-    del handle  # the agent "crashes"
+    crash(handle)  # the agent "crashes"
     podman_box.service.restart()  # and so does the podman service
     fresh = podman_box.make_launcher(unenforced=True)
     assert fresh.adopt("pt-no-such-task") is None
@@ -208,20 +228,23 @@ def test_adopt_after_agent_and_service_restart(podman_box: PodmanBox) -> None:
     assert podman_box.containers(spec.task_id) == []
 
 
-def test_adopt_an_exited_container(podman_box: PodmanBox) -> None:
-    handle, spec = podman_box.launch("exit 7")
-    del handle
-    podman_box.wait_status(spec.task_id, "exited")
+def test_outputs_of_a_task_that_ended_while_no_agent_ran(podman_box: PodmanBox) -> None:
+    handle, spec = podman_box.launch("echo partial > /out/p; sleep 2; exit 7")
+    crash(handle)  # (before the task ends)
+    # The task ended; its output step waits for an agent to read the outputs.
+    time.sleep(4)
+    assert podman_box.status(spec.task_id) == "running"
     adopted = podman_box.make_launcher().adopt(spec.task_id)
     assert adopted is not None
     outcome = adopted.wait(10)
     assert outcome is not None
     assert (outcome.state, outcome.exit_code) == ("failed", 7)
+    assert (Path(spec.output_dir) / "p").read_text() == "partial\n"
 
 
 def test_timeout_survives_an_agent_restart(podman_box: PodmanBox) -> None:
     handle, spec = podman_box.launch("sleep 60", timeout_s=2)
-    del handle
+    crash(handle)
     adopted = podman_box.make_launcher().adopt(spec.task_id)
     assert adopted is not None
     outcome = adopted.wait(30)
@@ -443,7 +466,7 @@ def test_conmon_enforces_the_timeout_without_an_agent(
     monkeypatch.setattr(container, "STOP_GRACE_S", 1)
     monkeypatch.setattr(container, "CONMON_SLACK_S", 0)
     handle, spec = podman_box.launch("sleep 60", timeout_s=2)
-    del handle  # no agent waits: nobody but conmon enforces the timeout
+    crash(handle)  # no agent waits: nobody but conmon enforces the timeout
     podman_box.wait_status(spec.task_id, "exited", timeout_s=30)
     adopted = podman_box.make_launcher().adopt(spec.task_id)
     assert adopted is not None

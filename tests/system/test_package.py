@@ -419,7 +419,14 @@ def test_package_metadata(deb: Path) -> None:
     depends = info.split("Depends:", 1)[1]
     # What the launchers cannot run without is a dependency, not a
     # recommendation (apt may be told to skip those).
-    for name in ("bubblewrap", "podman", "runc", "uidmap", "catatonit"):
+    for name in (
+        "bubblewrap",
+        "podman",
+        "runc",
+        "uidmap",
+        "catatonit",
+        "busybox-static",
+    ):
         assert re.search(rf"(^|[ ,]){name}([ ,(]|$)", depends), name
     assert re.search(r"python3 \(<< 3\.\d+\)", info), "wheels are for one Python"
 

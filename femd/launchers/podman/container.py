@@ -1,31 +1,32 @@
 """The container a task runs in: the libpod SpecGenerator podman-py sends.
 
 Owns what the sandbox is (DESIGN "Launchers"; see the package docstring):
-mounts, user namespace, limits, labels, security options, and the host-side
-preparation of the output directory. Does not talk to podman.
+mounts, user namespace, limits, labels and security options (the output
+tmpfs and its step: ``outputs``). Does not talk to podman.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 from typing import Any, Final
 
 from femd.errors import LaunchError, cut
 from femd.launchers import Capabilities, LaunchSpec
+from femd.launchers.podman.outputs import output_mounts, step_argv
 from femd.launchers.profile import PodmanSettings
 from femd.launchers.targets import PODMAN_RESERVED as _RESERVED
 
 __all__ = [
     "CONMON_SLACK_S",
     "LABEL_LOG_MAX",
+    "LABEL_OUTPUT_DIR",
+    "LABEL_OUTPUT_MAX",
     "LABEL_TASK",
     "LABEL_TIMEOUT",
     "STOP_GRACE_S",
     "TASK_USER",
     "container_spec",
-    "prepare_output",
 ]
 
 TASK_USER: Final = "65534:65534"
@@ -33,34 +34,13 @@ TASK_USER: Final = "65534:65534"
 LABEL_TASK: Final = "femd.task"
 LABEL_TIMEOUT: Final = "femd.timeout_s"
 LABEL_LOG_MAX: Final = "femd.log_max_bytes"
+LABEL_OUTPUT_DIR: Final = "femd.output_dir"
+LABEL_OUTPUT_MAX: Final = "femd.output_max_bytes"
 STOP_GRACE_S: Final = 10
 CONMON_SLACK_S: Final = 5
 _AUTO_USERNS_SIZE: Final = 65536
 # Paths a task mount may not cover: the sandbox's own plumbing.
 _TMP: Final = "/tmp"  # noqa: S108 (the container's own tmpfs, not the host's)
-
-
-def prepare_output(path: Path) -> None:
-    """Make the (agent-created) output dir writable by the task's anonymous uid.
-
-    Raises:
-        LaunchError: not a directory, a symlink, or reachable by any host user.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise LaunchError(f"output dir {cut(path)}: {e.strerror}") from e
-    try:
-        # SECURITY: 0777 is safe only behind a parent closed to "other".
-        closed = [p for p in path.parents if not os.stat(p).st_mode & stat.S_IXOTH]
-        if not closed:
-            raise LaunchError(
-                f"output dir {cut(path)}: every parent is searchable by any user; "
-                "close one (e.g. mode 0750, group of the podman user)"
-            )
-        os.fchmod(fd, 0o777)
-    finally:
-        os.close(fd)
 
 
 def _security_options(settings: PodmanSettings) -> dict[str, Any]:
@@ -96,6 +76,7 @@ def container_spec(
     caps: Capabilities,
     image_id: str,
     *,
+    stream: Path,
     cgroup_pids: bool,
 ) -> dict[str, Any]:
     """The libpod SpecGenerator for *spec* (what ``podman create`` would send).
@@ -117,12 +98,9 @@ def container_spec(
                 f"size={settings.tmp_size_mb}m",
             ],
         },
-        {
-            "destination": spec.output_target,
-            "type": "bind",
-            "source": spec.output_dir,
-            "options": ["rbind", "rw", "nosuid", "nodev", "noexec"],
-        },
+        # SECURITY: the output dir holds at most the cap at any moment (a
+        # tmpfs of that size, not file sizes); the step streams it out.
+        *output_mounts(spec, stream),
     ]
     if spec.output_target in ("/", _TMP) or any(
         spec.output_target == r or spec.output_target.startswith(r + "/")
@@ -170,6 +148,8 @@ def container_spec(
         LABEL_TASK: spec.task_id,
         LABEL_TIMEOUT: str(spec.limits.timeout_s),
         LABEL_LOG_MAX: str(spec.log_max_bytes),
+        LABEL_OUTPUT_DIR: spec.output_dir,
+        LABEL_OUTPUT_MAX: str(spec.output_max_bytes),
         "femd.profile": spec.profile.name,
     }
     body: dict[str, Any] = {
@@ -177,7 +157,7 @@ def container_spec(
         "image": image_id,
         "raw_image_name": spec.image,
         "entrypoint": [],
-        "command": list(spec.argv),
+        "command": step_argv(spec),
         "env": dict(spec.env),
         "env_host": False,
         "httpproxy": False,

@@ -17,15 +17,17 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import msgspec
 
 from femd.errors import LaunchError
-from femd.launchers import Outcome
+from femd.launchers import Outcome, Usage
+from femd.launchers.ending import judge
 from femd.launchers.network import TaskNetwork
 from femd.launchers.podman.client import on_container, parse_time
 from femd.launchers.podman.container import STOP_GRACE_S
+from femd.launchers.podman.outputs import OutputStream, absent_capture
 from femd.model import TaskId
 
 __all__ = ["PodmanHandle"]
@@ -35,7 +37,6 @@ logger = logging.getLogger(__name__)
 _TAIL_BYTES: Final = 4096
 _DONE: Final = frozenset({"exited", "stopped", "dead"})
 _NEVER_STARTED: Final = frozenset({"created", "configured", "initialized"})
-_State = Literal["succeeded", "failed", "timed_out", "cancelled"]
 
 
 class PodmanHandle:
@@ -50,11 +51,13 @@ class PodmanHandle:
         timeout_s: float,
         log_max_bytes: int,
         markers: Path,
+        stream: OutputStream | None,
         net: TaskNetwork | None = None,
     ) -> None:
         """Follow container *container_id* (use ``launch()``/``adopt()``)."""
         self.task_id = task_id
         self._net = net
+        self._stream = stream
         self.container_id = container_id
         self._url = url
         self._timeout_s = timeout_s
@@ -197,6 +200,8 @@ class PodmanHandle:
                 log_tail="",
                 reason="the container disappeared",
             )
+            if self._stream is not None:
+                self._stream.close()
             self._log = b""
             self._drop_markers()
             return self._outcome
@@ -205,34 +210,42 @@ class PodmanHandle:
         started = parse_time(state.get("StartedAt"))
         finished = parse_time(state.get("FinishedAt")) or now
         code = state.get("ExitCode")
-        result: _State
         exit_code = int(code) if isinstance(code, int) and started else None
-        if self._marker("cancelled").exists():
-            result, reason = "cancelled", "cancelled on request"
-        elif self._marker("timed_out").exists() or (
+        # The step has sent its stream (or never will): read it to its end.
+        stream = self._stream
+        capture = stream.finish() if stream is not None else absent_capture()
+        conmon_timeout = (
             started is not None
             and exit_code != 0
             and (finished - started).total_seconds() >= self._timeout_s
-        ):
-            # (the second case: conmon's own timeout, while no agent waited)
-            result, reason = "timed_out", f"timed out after {self._timeout_s:g}s"
-        elif started is None:
-            result, reason = "failed", "the container was created but never started"
-        elif state.get("OOMKilled"):
-            result, reason = "failed", "killed: out of memory"
-        elif exit_code == 0:
-            result, reason = "succeeded", ""
-        else:
-            result, reason = "failed", f"exit code {exit_code}"
+        )
+        ending = judge(
+            capture,
+            exit_code,
+            max_bytes=stream.max_bytes if stream is not None else 0,
+            # (conmon's own timeout too, while no agent waited)
+            timed_out=f"timed out after {self._timeout_s:g}s"
+            if self._marker("timed_out").exists() or conmon_timeout
+            else None,
+            cancelled=self._marker("cancelled").exists(),
+            out_of_memory="killed: out of memory" if state.get("OOMKilled") else None,
+            never_ran="the container was created but never started",
+        )
+        wall_s = (finished - started).total_seconds() if started else None
         self._outcome = Outcome(
-            state=result,
+            state=ending.state,
             exit_code=exit_code,
             started_at=started or finished,
             # podman stamps start and finish from different clocks' readings;
             # a task shorter than their skew must not end before it began.
             finished_at=max(finished, started or finished),
             log_tail=tail.decode("utf-8", errors="replace"),
-            reason=reason,
+            reason=ending.reason,
+            rule=ending.rule,
+            usage=Usage(
+                output_bytes=capture.bytes,
+                wall_s=None if wall_s is None else round(max(wall_s, 0.0), 3),
+            ),
         )
         self._log = head
         try:

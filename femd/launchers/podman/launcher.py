@@ -26,13 +26,15 @@ from femd.launchers.network import TaskNetwork
 from femd.launchers.podman.client import FOREIGN, call, connect, socket_problem
 from femd.launchers.podman.container import (
     LABEL_LOG_MAX,
+    LABEL_OUTPUT_DIR,
+    LABEL_OUTPUT_MAX,
     LABEL_TASK,
     LABEL_TIMEOUT,
     container_spec,
-    prepare_output,
 )
 from femd.launchers.podman.handle import PodmanHandle
 from femd.launchers.podman.image import ensure_image
+from femd.launchers.podman.outputs import OutputStream, helper_problem
 from femd.launchers.profile import LauncherProfile, PodmanSettings
 from femd.model import TaskId
 
@@ -48,11 +50,12 @@ def _enforcement(
 ) -> tuple[tuple[str, str], ...]:
     """How podman enforces each limit here (femd doctor), never a per-process cap."""
     by = f"cgroup {version} (podman)"
+    charged = " (charged to its memory)" if memory else ""
     return (
         ("memory", by if memory else "none"),
         ("pids", by if pids else "RLIMIT_NPROC of the container's own uids"),
         ("cpus", by if cpu else "none"),
-        ("outputs", "checked at stage-out (no quota during the run)"),
+        ("outputs", f"tmpfs of the cap in the container{charged}, streamed out"),
         ("time", "wall-clock timeout, kills the container"),
     )
 
@@ -123,6 +126,9 @@ class PodmanLauncher:
             )
         if not rootless:
             problems.append("the podman service runs as root; femd needs it rootless")
+        helper = helper_problem()
+        if helper is not None:
+            problems.append(helper)
         available = not problems
         delegated = version == "v2"
         memory = delegated and "memory" in controllers
@@ -138,7 +144,10 @@ class PodmanLauncher:
             problems.append(f"egress and ingress: {net}")
         notes = [
             "pids: RLIMIT_NPROC of the task uid in its user namespace"
-            + (" and the cgroup pids controller" if self._cgroup_pids else "")
+            + (" and the cgroup pids controller" if self._cgroup_pids else ""),
+            "outputs: a tmpfs of the output cap in the container"
+            + (", charged to its memory" if memory else "")
+            + "; femd's step (static busybox) streams it out",
         ]
         return Capabilities(
             launcher=self.name,
@@ -214,10 +223,15 @@ class PodmanLauncher:
             image_id = self.ensure_image(spec.image, settings)
         except StageInError as e:
             raise LaunchError(str(e)) from e
+        stream = OutputStream.create(Path(spec.output_dir), spec.output_max_bytes)
         body = container_spec(
-            spec, settings, caps, image_id, cgroup_pids=self._cgroup_pids
+            spec,
+            settings,
+            caps,
+            image_id,
+            stream=stream.path,
+            cgroup_pids=self._cgroup_pids,
         )
-        prepare_output(Path(spec.output_dir))
         net = TaskNetwork(spec, spec.profile.network) if spec.network else None
         for source, target in net.prepare() if net else ():
             # femd's /etc/hosts, resolv.conf, nsswitch.conf (docs/network.md)
@@ -228,6 +242,7 @@ class PodmanLauncher:
         try:
             cid = self._create_and_start(spec, body, net)
         except LaunchError:
+            stream.close()
             if net is not None:
                 net.close()
             raise
@@ -239,6 +254,7 @@ class PodmanLauncher:
             timeout_s=spec.limits.timeout_s,
             log_max_bytes=spec.log_max_bytes,
             markers=self._markers,
+            stream=stream,
             net=net,
         )
 
@@ -313,10 +329,18 @@ class PodmanLauncher:
         try:
             timeout_s = float(config_labels[LABEL_TIMEOUT])
             log_max = int(config_labels.get(LABEL_LOG_MAX, 1 << 20))
+            out_dir = Path(config_labels[LABEL_OUTPUT_DIR])
+            out_max = int(config_labels[LABEL_OUTPUT_MAX])
         except (KeyError, ValueError) as e:
             raise LaunchError(
                 f"podman: container of {task_id} lacks femd labels"
             ) from e
+        try:
+            # The step still waits to send its outputs, or is sending them.
+            stream: OutputStream | None = OutputStream(out_dir, out_max)
+        except LaunchError as e:
+            logger.warning("task %s: outputs cannot be collected: %s", task_id, e)
+            stream = None
         logger.info("task %s: adopted container %s", task_id, cid[:12])
         return PodmanHandle(
             self._url,
@@ -325,6 +349,7 @@ class PodmanLauncher:
             timeout_s=timeout_s,
             log_max_bytes=log_max,
             markers=self._markers,
+            stream=stream,
         )
 
 

@@ -11,6 +11,7 @@ import ast
 from pathlib import Path
 from types import MappingProxyType
 
+import msgspec
 import pytest
 
 from femd.errors import ConfigError, ManifestError
@@ -53,6 +54,18 @@ def test_a_registration_alone_adds_the_name_and_the_profile_section(
     assert fake.env is not None
     assert fake.env.state_dir == tmp_path / "state" / "launchers" / "fake"
     assert fake.env.config is None
+
+
+def test_whether_a_task_needs_an_image_is_the_registration_s_word(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    imaged = msgspec.structs.replace(REGISTRATION, image=True)
+    lines = {**LAUNCHERS, "fake": imaged}
+    monkeypatch.setattr(registry, "LAUNCHERS", MappingProxyType(lines))
+    with pytest.raises(
+        ManifestError, match="`image` is required when `launcher` is `fake`"
+    ):
+        decode_manifest(_manifest("fake"))
 
 
 def test_the_agent_never_branches_on_a_launcher_name():
