@@ -410,7 +410,8 @@ def bare_transfer(bed: Any, path: Path, chunk: int) -> float:
     ch.confirm_delivery()
     with path.open("rb") as f:
         while block := f.read(chunk):
-            ch.basic_publish(RESULTS_EXCHANGE, f"{ECHO_NODE}.bare.0", block)
+            # The node may publish only `<node>.<task id>` (broker permissions).
+            ch.basic_publish(RESULTS_EXCHANGE, f"{ECHO_NODE}.bare-0", block)
     conn.close()
     if not done.wait(900):
         raise TimeoutError("the bare transfer did not arrive")
@@ -439,7 +440,12 @@ def transfer_rows(size: int = TRANSFER_MB << 20) -> list[Any]:
         why = f"the orchestrator side's streaming is not in this tree ({e.name})"
         return [_row(TRANSFER, "s", why)]
     cap = size + (64 << 20)
-    policy = POLICY.replace("timeout_s: 60", "timeout_s: 900")
+    # The process launcher's output dir is a tmpfs charged to the task's
+    # memory: the task needs the cap in memory, plus its own.
+    memory_mb = (cap >> 20) + 256
+    policy = POLICY.replace("timeout_s: 60", "timeout_s: 900").replace(
+        "memory_mb: 256", f"memory_mb: {memory_mb}"
+    )
     policy += f"    outputs: {{max_bytes: {cap}}}\n"
     with testbed(with_agent=False) as bed:
         assert bed.vhost is not None
@@ -454,7 +460,7 @@ def transfer_rows(size: int = TRANSFER_MB << 20) -> list[Any]:
         task_id, body = bed.envelope(
             command=["/bin/sh", "-c", f"head -c {size} /dev/urandom >/out/big"],
             outputs={"max_bytes": cap},
-            resources={"cpus": 1, "memory_mb": 256, "timeout_s": 900, "pids": 1024},
+            resources={"cpus": 1, "memory_mb": memory_mb, "timeout_s": 900},
         )
         t0 = time.perf_counter()
         with client.Client(cfg) as c:
