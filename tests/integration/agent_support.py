@@ -51,6 +51,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from femd.agent import Agent  # noqa: E402
+from femd.config import load_config  # noqa: E402
 from femd.envelope import encode_envelope, sign  # noqa: E402
 from femd.errors import FemdError  # noqa: E402
 from femd.keys import load_private_key, write_keypair  # noqa: E402
@@ -703,3 +705,28 @@ def node_env_fixture(
         if request.session.testsfailed > failed_before:
             sys.stderr.write(env.diagnostics() + "\n")
         env.close()
+
+
+@contextlib.contextmanager
+def agent_in_process(env: NodeEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
+    """Run *env*'s agent in this process (a thread) while the block runs.
+
+    As systemd would see it: a notify socket; READY before the block, a
+    clean stop (exit code 0) after it. In-process, a test's registry line or
+    patch applies to it.
+    """
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(env.root / f"notify-{secrets.token_hex(3)}.sock"))
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.getsockname())
+    agent = Agent(load_config(env.config))
+    exit_codes: list[int] = []
+    runner = threading.Thread(target=lambda: exit_codes.append(agent.run()))
+    runner.start()
+    try:
+        wait_for("READY", lambda: agent._ready, 30)
+        yield agent
+    finally:
+        agent.request_stop()
+        runner.join(30)
+        notify.close()
+    assert exit_codes == [0]

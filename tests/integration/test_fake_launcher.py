@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import sys
 import tarfile
-import threading
 from pathlib import Path
 from types import MappingProxyType
 
@@ -29,8 +27,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from femd import cli  # noqa: E402
-from femd.agent import Agent  # noqa: E402
-from femd.config import load_config  # noqa: E402
 from femd.errors import ConfigError, PolicyError  # noqa: E402
 from femd.launchers import load_profile, registry  # noqa: E402
 from femd.policy import load_policy  # noqa: E402
@@ -38,8 +34,8 @@ from tests.fakes import REGISTRATION, RegisteredFake  # noqa: E402
 from tests.integration.agent_support import (  # noqa: E402
     PROJECT,
     NodeEnv,
+    agent_in_process,
     node_env_fixture,  # noqa: F401 (the `node_env` fixture)
-    wait_for,
 )
 
 pytestmark = [pytest.mark.rabbitmq]
@@ -73,24 +69,10 @@ def test_a_fake_launcher_runs_a_task_through_the_agent(
     lines = {**registry.LAUNCHERS, "fake": REGISTRATION}
     monkeypatch.setattr(registry, "LAUNCHERS", MappingProxyType(lines))
     events = env.collect()
-    # The agent in this process, as systemd would see it: a notify socket.
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(env.root / "fake-notify.sock"))
-    monkeypatch.setenv("NOTIFY_SOCKET", str(env.root / "fake-notify.sock"))
-    agent = Agent(load_config(env.config))
-    exit_codes: list[int] = []
-    runner = threading.Thread(target=lambda: exit_codes.append(agent.run()))
-    runner.start()
-    try:
-        wait_for("READY", lambda: agent._ready, 30)
+    with agent_in_process(env, monkeypatch):
         reserved = env.task("fake-2", launcher="fake", outputs={"path": "/fake"})
         env.publish(env.task("fake-1", launcher="fake"), reserved)
         ends = events.await_terminal(["fake-1", "fake-2"], 60)
-    finally:
-        agent.request_stop()
-        runner.join(30)
-        notify.close()
-    assert exit_codes == [0]
     assert ends["fake-1"]["state"] == "succeeded", ends["fake-1"]
     assert events.states("fake-1")[-3:] == ["running", "uploading", "succeeded"]
     built = RegisteredFake.built

@@ -10,18 +10,39 @@ container's writable layer). Memory/cpu limits this host cannot enforce
 
 from __future__ import annotations
 
+import io
 import sys
+import tarfile
+import uuid
 from pathlib import Path
+from types import MappingProxyType
 
+import msgspec
 import pytest
+import yaml
 from podman import PodmanClient
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from femd.launchers import Mount  # noqa: E402
+from femd.launchers import (  # noqa: E402
+    Capabilities,
+    Launcher,
+    LauncherEnv,
+    LauncherProfile,
+    Mount,
+    registry,
+)
+from femd.launchers.podman import TrialPodmanLauncher  # noqa: E402
+from testbed.podman import PodmanService  # noqa: E402
 from tests.integration import podman_support  # noqa: E402
+from tests.integration.agent_support import (  # noqa: E402
+    PROJECT,
+    NodeEnv,
+    agent_in_process,
+    node_env_fixture,  # noqa: F401 (the `node_env` fixture)
+)
 from tests.integration.podman_support import PodmanBox  # noqa: E402
 
 podman_service = podman_support.podman_service
@@ -139,3 +160,76 @@ def test_an_image_with_no_shell_still_has_its_outputs_collected(
     assert list(out.iterdir()) == []
     assert outcome.usage is not None
     assert outcome.usage.output_bytes == 0
+
+
+# ---------------------------------------------------------------------------
+# through the real agent (its podman launcher waives memory/cpu, as above)
+
+
+class _ClaimsLimits(TrialPodmanLauncher):
+    """Test-only: tells the agent that memory/cpu hold, so that it admits the
+    tasks on this cgroup v1 host; podman then ignores those two limits."""
+
+    def probe(self) -> Capabilities:
+        caps = super().probe()
+        if not caps.available:
+            return caps
+        return msgspec.structs.replace(caps, memory_limit=True, cpu_limit=True)
+
+
+@pytest.mark.rabbitmq
+def test_agent_reports_a_full_podman_output_dir(
+    node_env: NodeEnv,
+    podman_service: PodmanService,
+    busybox_image: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = node_env
+    url = podman_service.url
+    profile = env.root / "launchers" / "default.yaml"
+    data = yaml.safe_load(profile.read_text())
+    data["podman"] = {}
+    profile.write_text(yaml.safe_dump(data))
+    policy = yaml.safe_load((env.root / "policy.yaml").read_text())
+    project = policy["projects"][PROJECT]
+    project["launchers"] = ["podman"]
+    project["images"] = [busybox_image.partition("@")[0]]
+    (env.root / "policy.yaml").write_text(yaml.safe_dump(policy))
+    env.write_config(podman={"socket": url})
+
+    def unenforced(prof: LauncherProfile, lenv: LauncherEnv) -> Launcher:
+        return _ClaimsLimits(prof, state_dir=lenv.state_dir, podman_socket=url)
+
+    line = msgspec.structs.replace(registry.LAUNCHERS["podman"], factory=unenforced)
+    lines = {**registry.LAUNCHERS, "podman": line}
+    monkeypatch.setattr(registry, "LAUNCHERS", MappingProxyType(lines))
+    events = env.collect()
+    run = uuid.uuid4().hex[:8]
+    full, ok = f"pfull-{run}", f"pok-{run}"
+
+    def task(task_id: str, script: str) -> bytes:
+        return env.sign(
+            env.manifest(
+                task_id,
+                ["/bin/sh", "-c", script],
+                launcher="podman",
+                image=busybox_image,
+                network={"mode": "none"},
+                outputs={"path": "/out", "max_bytes": 65536},
+            )
+        )
+
+    with agent_in_process(env, monkeypatch):
+        env.publish(
+            task(full, "dd if=/dev/zero of=/out/x bs=64k count=16; exit 0"),
+            task(ok, "echo result > /out/r"),
+        )
+        ends = events.await_terminal([full, ok], 120)
+    assert ends[full]["state"] == "failed", ends[full]
+    assert [r["rule"] for r in ends[full]["reasons"]] == ["outputs.exceeded"]
+    assert ends[ok]["state"] == "succeeded", ends[ok]
+    assert ends[ok]["usage"]["output_bytes"] == len("result\n")
+    with tarfile.open(fileobj=io.BytesIO(events.outputs(ok))) as tar:
+        member = tar.extractfile("r")
+        assert member is not None
+        assert member.read() == b"result\n"
