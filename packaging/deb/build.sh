@@ -85,7 +85,7 @@ done
 if [ -d "$repo/policies" ]; then
     tar -C "$repo/policies" -cf - . | tar -C "$root/usr/share/doc/femd/examples" -xf -
 fi
-for f in "$repo"/docs/*.md "$repo/README.md"; do
+for f in "$repo"/docs/*.md "$repo"/docs/*.schema.json "$repo/README.md"; do
     if [ -f "$f" ]; then install -m 0644 "$f" "$root/usr/share/doc/femd/"; fi
 done
 install -m 0644 "$here/copyright" "$root/usr/share/doc/femd/copyright"
