@@ -298,6 +298,15 @@ class Collector:
             ev = {s for (n, s) in self.events if n == node}
             return ev | self.chunk_seqs.get(node, set())
 
+    def event_seqs(self, node: str = NODE) -> list[int]:
+        """The ``event_seq`` of every distinct status event from *node*."""
+        with self._lock:
+            return [
+                int(e["event_seq"])
+                for (n, _), e in self.events.items()
+                if n == node and "event_seq" in e
+            ]
+
     def outputs(self, task_id: str) -> bytes:
         with self._lock:
             parts = self.chunks.get(task_id, {})
@@ -315,7 +324,8 @@ def check_runs(
 
     Every task has exactly one terminal event; its events start with
     ``received``, follow the state order without repeats and end terminal; no
-    seq is missing among everything the orchestrator got from the node; no task
+    seq is missing among everything the orchestrator got from the node, no
+    ``event_seq`` among its status events alone; no task
     started twice, every succeeded task started once, *never_started* never.
     """
     ends: dict[str, str] = {}
@@ -352,6 +362,9 @@ def check_runs(
     assert seqs, "no event received at all"
     missing = sorted(set(range(1, max(seqs) + 1)) - seqs)
     assert not missing, f"seqs never received: {missing[:20]}"
+    # DESIGN "Status event": femd.events alone is numbered without a gap.
+    numbers = collector.event_seqs()
+    assert sorted(numbers) == list(range(1, len(numbers) + 1)), sorted(numbers)[:40]
     assert not collector.conflicts, collector.conflicts[:3]
     return ends
 

@@ -34,6 +34,7 @@ from tests.integration.agent_support import (  # noqa: E402
     FLOW,
     NODE,
     AgentProc,
+    Collector,
     NodeEnv,
     check_runs,
     node_env_fixture,  # noqa: F401 (the `node_env` fixture)
@@ -348,14 +349,20 @@ def test_full_state_disk_recovers_by_itself(node_env: NodeEnv) -> None:
 # -- 2: a signer revoked while its task waits -----------------------------------
 
 
-def test_reload_revoking_a_signer_rejects_its_queued_tasks(node_env: NodeEnv) -> None:
-    env = node_env
+def _one_running_one_waiting(env: NodeEnv) -> tuple[Collector, AgentProc]:
+    """An agent with one slot: task ``running`` runs, ``waiting`` is queued."""
     env.write_config(max_concurrent_tasks=1)
     events = env.collect()
     agent = env.start_agent()
     env.publish(env.task("running", "sleep 4"), env.task("waiting"))
     events.await_state("running", "running")
     events.await_state("waiting", "received")
+    return events, agent
+
+
+def test_reload_revoking_a_signer_rejects_its_queued_tasks(node_env: NodeEnv) -> None:
+    env = node_env
+    events, agent = _one_running_one_waiting(env)
     policy_file = env.root / "policy.yaml"
     policy = yaml.safe_load(policy_file.read_text())
     policy["revoked_keyids"] = [keyid(env.key.public_key())]
@@ -369,6 +376,26 @@ def test_reload_revoking_a_signer_rejects_its_queued_tasks(node_env: NodeEnv) ->
     assert ends["running"]["state"] == "succeeded", ends["running"]
     check_runs(events, env.counter, ["running", "waiting"], never_started=["waiting"])
     assert env.tasks_json()["waiting"]["state"] == "rejected"
+    assert agent.terminate() == 0
+
+
+def test_reload_removing_a_profile_rejects_its_queued_tasks(node_env: NodeEnv) -> None:
+    """A reload decides a queued task as a fresh admission would (launch checks)."""
+    env = node_env
+    events, agent = _one_running_one_waiting(env)
+    profiles = env.root / "launchers"
+    profile = yaml.safe_load((profiles / "default.yaml").read_text())
+    (profiles / "default.yaml").unlink()
+    (profiles / "other.yaml").write_text(yaml.safe_dump({**profile, "name": "other"}))
+    agent.proc.send_signal(signal.SIGHUP)
+    ends = events.await_terminal(["running", "waiting"], 60)
+    assert ends["waiting"]["state"] == "rejected", ends["waiting"]
+    assert [r["rule"] for r in ends["waiting"]["reasons"]] == [
+        "launcher.unenforceable"
+    ], ends["waiting"]
+    assert "'default' does not exist" in ends["waiting"]["reasons"][0]["message"]
+    assert ends["running"]["state"] == "succeeded", ends["running"]
+    check_runs(events, env.counter, ["running", "waiting"], never_started=["waiting"])
     assert agent.terminate() == 0
 
 
