@@ -233,3 +233,19 @@ def test_agent_reports_a_full_podman_output_dir(
         member = tar.extractfile("r")
         assert member is not None
         assert member.read() == b"result\n"
+
+
+def test_a_task_that_kills_the_output_step_fails(podman_box: PodmanBox) -> None:
+    # The step is the parent of the task's init: the task may kill it (same
+    # uid), which ends the container; nothing waits for a stream that never
+    # comes, and the task fails.
+    script = """
+        echo data > /out/d
+        step=$(awk '/^PPid/ {print $2}' /proc/$PPID/status)
+        kill -KILL "$step"; sleep 30
+    """
+    outcome, out, _ = podman_box.run(script, timeout_s=60)
+    assert outcome.state == "failed", outcome
+    assert outcome.reason == "exit code 137 (killed by SIGKILL)", outcome
+    assert (outcome.finished_at - outcome.started_at).total_seconds() < 20
+    assert list(out.iterdir()) == []
