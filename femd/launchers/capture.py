@@ -7,7 +7,11 @@ its memory cgroup), so at no moment can it hold more, whatever file sizes or
 ``fallocate`` say. When the task command exits, the step kills every other
 process of the sandbox, reports the tmpfs's free blocks and streams a tar of it
 over its stdin, a pipe's write end; femd extracts regular files and directories into the
-host's output directory with a byte cap, before the namespace disappears.
+host's output directory with a byte cap, before the namespace disappears. An
+output directory that is readable and holds no entry (shell globs: no exec)
+sends the one line ``empty`` instead: no ``stat``, no ``tar``, nothing for
+femd to parse (most tasks' outputs on the way to a launch's cost). A stream
+with no line at all is a failed step, never an empty one.
 
 Trust: the step runs as the task user, beside the task, so what it sends is
 task output: a task could forge it (as it can write anything to its outputs).
@@ -29,7 +33,7 @@ from femd.errors import cut
 if TYPE_CHECKING:
     import tarfile
 
-__all__ = ["STEP_FAILED", "OutputCapture", "tmpfs_bytes", "wrap_argv"]
+__all__ = ["EMPTY", "STEP_FAILED", "OutputCapture", "tmpfs_bytes", "wrap_argv"]
 
 _PAGE: Final = 4096
 _MAX_MEMBERS: Final = 100_000
@@ -40,11 +44,19 @@ _MAX_MEMBERS: Final = 100_000
 # The step is the sandbox's PID 1 (bwrap --as-pid-1): the task cannot signal
 # it away, and its `wait` reaps orphans. `kill -KILL -1` reaches every other
 # process of the sandbox's PID namespace.
+# An empty directory: readable and searchable (else tar would fail: the step
+# fails) and no glob (dot files too) names an entry; `[`, `echo` and globs
+# are builtins, so an empty output costs no exec.
 STEP_FAILED: Final = 125  # the output step could not stream (a task's own code is kept)
+EMPTY: Final = b"empty"  # the stream's first line for an empty output directory
 _STEP: Final = (
     'trap : TERM; out=$1; shift; "$@" </dev/null; code=$?; '
-    "kill -KILL -1 2>/dev/null; "
-    '{ stat -f -c %a "$out" && tar -C "$out" -cf - .; } >&0 2>/dev/null '
+    "kill -KILL -1 2>/dev/null; e=; "
+    'if [ -r "$out" ] && [ -x "$out" ]; then e=1; '
+    'for f in "$out"/* "$out"/.[!.]* "$out"/..?*; do '
+    'if [ -e "$f" ] || [ -L "$f" ]; then e=; break; fi; done; fi; '
+    f'if [ -n "$e" ]; then echo {EMPTY.decode()}; '
+    'else stat -f -c %a "$out" && tar -C "$out" -cf - .; fi >&0 2>/dev/null '
     f"|| exit {STEP_FAILED}; exit $code"
 )
 
@@ -119,6 +131,13 @@ class OutputCapture:
         header = stream.readline(32)
         if not header:
             return  # nothing sent: the step did not get that far
+        if header.rstrip(b"\n") == EMPTY:
+            # Nothing to extract, and nothing may follow.
+            if stream.read(1):
+                self.error = "output stream: data after the empty mark"
+                return
+            self.complete = True
+            return
         self.full = int(header.strip()) == 0
         import tarfile
 

@@ -93,6 +93,26 @@ def test_output_is_visible_on_the_host_written_by_femd(box: Sandbox):
     assert out.stat().st_mode & 0o777 == 0o700
 
 
+def test_an_empty_output_dir_runs_no_stat_nor_tar(box: Sandbox):
+    # First on the task's (and the output step's) PATH: a stat and a tar
+    # that fail. An empty output directory is told with shell builtins alone.
+    shim = '#!/bin/sh\necho "$0 ran" >&2\nexit 1\n'
+    tools = box.input_dir({"stat": shim, "tar": shim})
+    for name in ("stat", "tar"):
+        (tools / name).chmod(0o755)
+    kw: dict[str, object] = {
+        "env": (("PATH", "/femd-shims:/usr/bin:/bin"),),
+        "mounts": (Mount(source=str(tools), target="/femd-shims"),),
+    }
+    outcome, out = box.run("true", **kw)
+    assert outcome.state == "succeeded", outcome
+    assert list(out.iterdir()) == []
+    # One output file: the step needs its tools, and the shims fail it.
+    outcome, _ = box.run(": > /out/f", **kw)
+    assert outcome.state == "failed", outcome
+    assert "output step failed" in (outcome.reason or ""), outcome
+
+
 @pytest.mark.parametrize(
     ("code", "state"), [(0, "succeeded"), (1, "failed"), (3, "failed"), (255, "failed")]
 )

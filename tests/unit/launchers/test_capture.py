@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from femd.launchers.capture import OutputCapture, tmpfs_bytes, wrap_argv
+from femd.launchers.capture import EMPTY, OutputCapture, tmpfs_bytes, wrap_argv
 
 
 def stream(*members: tuple[tarfile.TarInfo, bytes], free: str = "12") -> bytes:
@@ -107,6 +107,19 @@ def test_garbage_is_an_error_not_a_crash(tmp_path: Path):
 def test_nothing_sent_is_incomplete(tmp_path: Path):
     nothing = capture(tmp_path, b"")
     assert (nothing.complete, nothing.full, nothing.error) == (False, False, "")
+
+
+def test_an_empty_mark_is_complete_with_nothing_made(tmp_path: Path):
+    got = capture(tmp_path, EMPTY + b"\n")
+    assert (got.complete, got.full, got.error, got.bytes) == (True, False, "", 0)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_anything_after_the_empty_mark_is_an_error(tmp_path: Path):
+    got = capture(tmp_path, EMPTY + b"\n" + stream(entry("./a", b"x")))
+    assert not got.complete
+    assert "after the empty mark" in got.error
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_tmpfs_size_is_whole_pages_never_zero():
