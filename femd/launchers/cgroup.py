@@ -18,7 +18,9 @@ offered) in the root's ``cgroup.subtree_control``, and creates one sibling
 ``femd-task-<id>`` below femd's own cgroup there (memory, pids, cpu,
 cpuacct, freezer). Not blkio: femd sets no io limit and reads no io figure,
 and every hierarchy costs each launch a migration of the entry step (a
-cgroup.procs write, 0.5-50 ms on a busy v1 host).
+cgroup.procs write); the first migration after a quiet spell waits for an
+RCU grace period (5-50 ms on a busy host), the next ones cost 0.1 ms, so
+``warm_attach()`` takes that wait early, beside femd's own launch work.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import errno
 import hashlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +42,14 @@ from femd.errors import cut
 from femd.launchers import Usage
 from femd.model import TaskId
 
-__all__ = ["CgroupHost", "CgroupLimits", "TaskCgroup", "detect", "scope_of"]
+__all__ = [
+    "CgroupHost",
+    "CgroupLimits",
+    "TaskCgroup",
+    "detect",
+    "scope_of",
+    "warm_attach",
+]
 
 AGENT_LEAF: Final = "femd-agent"
 _PREFIX: Final = "femd-task-"
@@ -190,6 +200,53 @@ def _detect_v1(fs_root: Path, own: Mapping[str, str]) -> CgroupHost:
             )
         dirs.append((name, str(base)))
     return CgroupHost(kind="v1", dirs=tuple(dirs))
+
+
+def warm_attach(
+    host: CgroupHost,
+    fs_root: Path = Path("/sys/fs/cgroup"),
+    proc_self_cgroup: str | None = None,
+) -> None:
+    """Take the kernel's cgroup attach lock once, moving femd where it is.
+
+    The first cgroup migration after a quiet spell waits for an RCU grace
+    period (the global threadgroup lock leaves its fast mode: 5-50 ms on a
+    busy host); those that follow within a grace period do not (0.1 ms).
+    The write runs in a thread of its own as a launch begins, so that wait
+    overlaps femd's own launch work instead of delaying the entry step's
+    migration; the file is opened here, so the thread needs the GIL only to
+    start. femd writes its pid into the cgroup it is in now (re-read):
+    nothing moves. Best effort: errors are ignored (the entry step's own
+    migration is what holds the task).
+    """
+    if host.kind == "none":
+        return
+    try:
+        text = (
+            proc_self_cgroup
+            if proc_self_cgroup is not None
+            else Path("/proc/self/cgroup").read_text()
+        )
+        own = _own_paths(text)
+        # One hierarchy is enough: the lock is global.
+        where = fs_root / "pids" if host.kind == "v1" else fs_root
+        key = "pids" if host.kind == "v1" else ""
+        if key not in own:
+            return
+        procs = where / own[key].lstrip("/") / "cgroup.procs"
+        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return
+    pid = str(os.getpid()).encode()
+    threading.Thread(target=_write_and_close, args=(fd, pid), daemon=True).start()
+
+
+def _write_and_close(fd: int, data: bytes) -> None:
+    try:
+        with contextlib.suppress(OSError):
+            os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def scope_of(state_dir: Path) -> str:

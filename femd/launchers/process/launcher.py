@@ -50,6 +50,7 @@ from femd.launchers.cgroup import (
     CgroupLimits,
     TaskCgroup,
     detect,
+    warm_attach,
 )
 from femd.launchers.netns import probe_join
 from femd.launchers.network import TaskNetwork
@@ -319,6 +320,9 @@ class BubblewrapLauncher:
             raise LaunchError(
                 f"process: cannot create the cgroup of task {spec.task_id}: {cut(e)}"
             ) from e
+        # After the mkdirs (they wait for the lock it takes): its grace
+        # period overlaps the spawn instead of the entry step's migration.
+        warm_attach(self._cgroups)
         return cgroup
 
     @staticmethod

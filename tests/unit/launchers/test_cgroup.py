@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from femd.launchers import Usage
-from femd.launchers.cgroup import AGENT_LEAF, CgroupLimits, TaskCgroup, detect
+from femd.launchers.cgroup import (
+    AGENT_LEAF,
+    CgroupHost,
+    CgroupLimits,
+    TaskCgroup,
+    detect,
+    warm_attach,
+)
 
 SERVICE = "/system.slice/femd.service"
 LIMITS = CgroupLimits(memory_bytes=64 << 20, pids=32, cpus=0.5)
@@ -164,3 +172,31 @@ def test_v2_a_cgroup_shared_with_others_is_left_alone(tmp_path: Path):
     assert "holds other processes" in host.problems[0]
     assert not (service / AGENT_LEAF).exists()
     assert (service / "cgroup.subtree_control").read_text() == "\n"
+
+
+@pytest.mark.parametrize(
+    ("kind", "line", "procs"),
+    [
+        ("v1", "8:pids:/svc/femd\n4:memory:/m\n", "pids/svc/femd/cgroup.procs"),
+        ("v2", f"0::/svc/{AGENT_LEAF}\n", f"svc/{AGENT_LEAF}/cgroup.procs"),
+    ],
+)
+def test_warm_attach_moves_femd_into_the_cgroup_it_is_in(
+    tmp_path: Path, kind: str, line: str, procs: str
+):
+    (tmp_path / procs).parent.mkdir(parents=True)
+    (tmp_path / procs).write_text("")
+    host = CgroupHost(kind=kind, dirs=(("pids", str(tmp_path)),))  # type: ignore[arg-type]
+    warm_attach(host, tmp_path, proc_self_cgroup=line)
+    deadline = time.monotonic() + 10  # written by a thread of its own
+    while (tmp_path / procs).read_text() == "" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (tmp_path / procs).read_text() == str(os.getpid())
+
+
+def test_warm_attach_is_best_effort_and_idle_without_cgroups(tmp_path: Path):
+    # No such directory: nothing raised; no cgroups: nothing written.
+    v1 = CgroupHost(kind="v1", dirs=(("pids", str(tmp_path)),))
+    warm_attach(v1, tmp_path / "missing", proc_self_cgroup="8:pids:/x\n")
+    warm_attach(CgroupHost(kind="none"), tmp_path, proc_self_cgroup="0::/\n")
+    assert list(tmp_path.iterdir()) == []
