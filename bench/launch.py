@@ -191,9 +191,10 @@ def podman_rows(n: int) -> list[Row]:
 
         launcher: Launcher = strict
         if refused:
-            launcher = unenforced_launcher(
-                bench.profile, state_dir=root / "state", podman_socket=service.url
+            env = environment(
+                "podman", root / "state", {"podman": PodmanConfig(socket=service.url)}
             )
+            launcher = unenforced_launcher(bench.profile, env)
         for _ in range(2):  # warm up
             bench.run(launcher, bench.spec(argv, image), probe=not refused)
             bare_run()

@@ -42,7 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from femd.launchers import LauncherProfile
+from femd.launchers import LauncherEnv, LauncherProfile
 from femd.launchers.podman import PodmanLauncher, TrialPodmanLauncher
 
 __all__ = [
@@ -81,18 +81,14 @@ def podman_available() -> str | None:
     return None
 
 
-def unenforced_launcher(
-    profile: LauncherProfile, *, state_dir: Path, podman_socket: str
-) -> PodmanLauncher:
+def unenforced_launcher(profile: LauncherProfile, env: LauncherEnv) -> PodmanLauncher:
     """A podman launcher that runs tasks without the memory/cpu limits this host lacks.
 
     It is ``femd doctor``'s trial launcher (each such launch logs a warning);
     every other limit is checked as the agent's launcher checks it. The agent
     never builds one: tests and benchmarks only.
     """
-    return TrialPodmanLauncher(
-        profile, state_dir=state_dir, podman_socket=podman_socket
-    )
+    return TrialPodmanLauncher(profile, env)
 
 
 def ensure_podman_user(user: str = DEFAULT_USER) -> pwd.struct_passwd:

@@ -35,7 +35,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from femd import doctor
     from femd.admission import host_report
     from femd.config import PodmanConfig, load_config
-    from femd.launchers import build_all, load_profiles
+    from femd.launchers import build_all, environment, load_profiles
     from femd.statedir import StateDir
 
     config = None
@@ -62,9 +62,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         configs = {"podman": PodmanConfig(socket=socket)} if socket else {}
         _, caps = build_all(profiles, state_dir=scratch, configs=configs)
         for (pname, lname), cap in caps.items():
-            trial = doctor.trial_launcher(
-                lname, profiles[pname], state_dir=scratch, podman_socket=socket
-            )
+            env = environment(lname, scratch, configs)
+            trial = doctor.trial_launcher(lname, profiles[pname], env)
             check = doctor.check_launcher(
                 pname, lname, cap, trial, profiles[pname],
                 work_root=work_root, podman_socket=socket,

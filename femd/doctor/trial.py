@@ -18,7 +18,7 @@ from typing import Final
 
 from femd.doctor.report import Check
 from femd.errors import FemdError, cut
-from femd.launchers import Capabilities, Launcher, LaunchSpec, Limits
+from femd.launchers import Capabilities, Launcher, LauncherEnv, LaunchSpec, Limits
 from femd.launchers.profile import LauncherProfile
 
 __all__ = ["check_launcher", "enforces_all", "trial_launcher"]
@@ -225,22 +225,19 @@ def check_launcher(
     return Check(name=title, status="ok", summary=what, details=details)
 
 
-def trial_launcher(
-    name: str, profile: LauncherProfile, *, state_dir: Path, podman_socket: str | None
-) -> Launcher:
-    """The launcher the doctor's trivial task runs with.
+def trial_launcher(name: str, profile: LauncherProfile, env: LauncherEnv) -> Launcher:
+    """The launcher the doctor's trivial task runs with (built as the agent's).
 
-    For podman on a host that cannot enforce memory/cpu limits (rootless
-    cgroup v1), the trivial task (``catatonit -V``) runs without them: it
-    proves the runtime works; the probe still says the limits are missing and
-    every real task is refused.
+    *env*: the launcher's environment (``launchers.environment``). For podman
+    on a host that cannot enforce memory/cpu limits (rootless cgroup v1), the
+    trivial task (``catatonit -V``) runs without them: it proves the runtime
+    works; the probe still says the limits are missing and every real task is
+    refused.
     """
-    from femd.launchers import environment, registration
+    from femd.launchers import registration
 
     if name != "podman":
-        return registration(name).factory(profile, environment(name, state_dir))
+        return registration(name).factory(profile, env)
     from femd.launchers.podman import TrialPodmanLauncher
 
-    return TrialPodmanLauncher(
-        profile, state_dir=state_dir, podman_socket=podman_socket
-    )
+    return TrialPodmanLauncher(profile, env)

@@ -50,7 +50,7 @@ class DeferredPodmanLauncher:
         ``env.config``: the ``podman`` section of femd.yaml (its ``socket``).
         """
         self._profile = profile
-        self._state_dir = env.state_dir
+        self._env = env
         self._url = getattr(env.config, "socket", None) or ""
         self._real: Launcher | None = None
 
@@ -62,9 +62,7 @@ class DeferredPodmanLauncher:
                 return why
             from femd.launchers.podman import PodmanLauncher
 
-            self._real = PodmanLauncher(
-                self._profile, state_dir=self._state_dir, podman_socket=self._url
-            )
+            self._real = PodmanLauncher(self._profile, self._env)
         return self._real
 
     def probe(self) -> Capabilities:

@@ -60,6 +60,11 @@ def _podman(mounts: Iterable[str], output: str) -> list[Reason]:
         elif target in taken:
             text = f"mount target {cut(target)!r} is taken by another mount"
             reasons.append(Reason(Rule.MOUNT_RESERVED, text))
+        elif within(target, output) or within(output, target):
+            # SECURITY: the output step tars the whole output dir: an input
+            # below it would leave as an output (and one above would hide it).
+            text = f"mount target {cut(target)!r} overlaps the output {cut(output)!r}"
+            reasons.append(Reason(Rule.MOUNT_RESERVED, text))
         taken.add(target)
     return reasons
 

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # testbed/ is not installed; it lives at the root
     sys.path.insert(0, str(REPO))
 
+from femd.config import PodmanConfig  # noqa: E402
 from femd.launchers import (  # noqa: E402
     LauncherProfile,
     LaunchSpec,
@@ -44,6 +45,7 @@ from femd.launchers import (  # noqa: E402
     Mount,
     Outcome,
     PodmanSettings,
+    environment,
 )
 from femd.launchers.podman import LABEL_TASK, PodmanHandle, PodmanLauncher  # noqa: E402
 from testbed.podman import (  # noqa: E402
@@ -128,11 +130,10 @@ class PodmanBox:
         cannot enforce (test-only; see ``testbed.podman``).
         """
         build = unenforced_launcher if unenforced else PodmanLauncher
-        return build(
-            settings or self.profile,
-            state_dir=self.state_dir,
-            podman_socket=self.service.url,
+        env = environment(
+            "podman", self.state_dir, {"podman": PodmanConfig(socket=self.service.url)}
         )
+        return build(settings or self.profile, env)
 
     def task_id(self) -> str:
         self._count += 1

@@ -31,7 +31,13 @@ from femd.errors import (  # noqa: E402
     StageInError,
     UnenforceableError,
 )
-from femd.launchers import LAUNCHERS, Mount, environment, start  # noqa: E402
+from femd.launchers import (  # noqa: E402
+    LAUNCHERS,
+    LauncherEnv,
+    Mount,
+    environment,
+    start,
+)
 from femd.launchers.podman import TASK_USER, verify_image_digest  # noqa: E402
 from femd.stageout import pack_outputs  # noqa: E402
 from tests.integration import podman_support  # noqa: E402
@@ -79,13 +85,18 @@ def test_probe_without_socket_is_unavailable(
 ) -> None:
     from femd.launchers.podman import PodmanLauncher
 
-    missing = PodmanLauncher(
-        podman_box.profile, state_dir=tmp_path, podman_socket=str(tmp_path / "no.sock")
+    env = LauncherEnv(
+        state_dir=tmp_path,
+        scope="t",
+        config=PodmanConfig(socket=str(tmp_path / "no.sock")),
     )
+    missing = PodmanLauncher(podman_box.profile, env)
     caps = missing.probe()
     assert not caps.available
     assert "cannot connect" in caps.problems[0]
-    none = PodmanLauncher(podman_box.profile, state_dir=tmp_path, podman_socket=None)
+    none = PodmanLauncher(
+        podman_box.profile, LauncherEnv(state_dir=tmp_path, scope="t")
+    )
     assert none.probe().problems == ("no podman socket configured",)
 
 

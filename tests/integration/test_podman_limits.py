@@ -198,7 +198,7 @@ def test_agent_reports_a_full_podman_output_dir(
     env.write_config(podman={"socket": url})
 
     def unenforced(prof: LauncherProfile, lenv: LauncherEnv) -> Launcher:
-        return _ClaimsLimits(prof, state_dir=lenv.state_dir, podman_socket=url)
+        return _ClaimsLimits(prof, lenv)
 
     line = msgspec.structs.replace(registry.LAUNCHERS["podman"], factory=unenforced)
     lines = {**registry.LAUNCHERS, "podman": line}

@@ -14,8 +14,9 @@ from typing import Any, Final
 from femd.errors import LaunchError, cut
 from femd.launchers import Capabilities, LaunchSpec
 from femd.launchers.podman.outputs import output_mounts, step_argv
+from femd.launchers.podman.record import LaunchRecord
 from femd.launchers.profile import PodmanSettings
-from femd.launchers.targets import PODMAN_RESERVED as _RESERVED
+from femd.launchers.targets import podman_reasons
 
 __all__ = [
     "CONMON_SLACK_S",
@@ -27,6 +28,7 @@ __all__ = [
     "STOP_GRACE_S",
     "TASK_USER",
     "container_spec",
+    "labels_of",
 ]
 
 TASK_USER: Final = "65534:65534"
@@ -70,6 +72,16 @@ def _security_options(settings: PodmanSettings) -> dict[str, Any]:
     return out
 
 
+def labels_of(record: LaunchRecord) -> dict[str, str]:
+    """The femd labels of the container *record* describes (adopt() checks them)."""
+    return {
+        LABEL_TIMEOUT: f"{record.timeout_s:g}",
+        LABEL_LOG_MAX: str(record.log_max_bytes),
+        LABEL_OUTPUT_DIR: record.output_dir,
+        LABEL_OUTPUT_MAX: str(record.output_max_bytes),
+    }
+
+
 def container_spec(
     spec: LaunchSpec,
     settings: PodmanSettings,
@@ -102,25 +114,16 @@ def container_spec(
         # tmpfs of that size, not file sizes); the step streams it out.
         *output_mounts(spec, stream),
     ]
-    if spec.output_target in ("/", _TMP) or any(
-        spec.output_target == r or spec.output_target.startswith(r + "/")
-        for r in _RESERVED
-    ):
-        raise LaunchError(
-            f"podman: output target {cut(spec.output_target)} is reserved"
-        )
-    taken = {"/", _TMP, spec.output_target}
+    reasons = podman_reasons(spec)
+    if reasons:
+        raise LaunchError(f"podman: task {spec.task_id}: {reasons[0].message}")
     for m in spec.mounts:
-        reserved = any(m.target == r or m.target.startswith(r + "/") for r in _RESERVED)
-        if not m.read_only or m.target in taken or reserved:
+        if not m.read_only:
             raise LaunchError(
-                f"podman: task {spec.task_id}: mount "
-                f"{cut(m.target)} must be read-only, unique, and "
-                "outside /proc /sys /dev /run /etc"
+                f"podman: task {spec.task_id}: mount {cut(m.target)} must be read-only"
             )
         if not os.path.isabs(m.source) or not os.path.exists(m.source):
             raise LaunchError(f"podman: mount source {cut(m.source)} is missing")
-        taken.add(m.target)
         mounts.append(
             {
                 "destination": m.target,
@@ -146,10 +149,7 @@ def container_spec(
         limits["pids"] = {"limit": spec.limits.pids}
     labels = {
         LABEL_TASK: spec.task_id,
-        LABEL_TIMEOUT: str(spec.limits.timeout_s),
-        LABEL_LOG_MAX: str(spec.log_max_bytes),
-        LABEL_OUTPUT_DIR: spec.output_dir,
-        LABEL_OUTPUT_MAX: str(spec.output_max_bytes),
+        **labels_of(LaunchRecord.of(spec)),
         "femd.profile": spec.profile.name,
     }
     body: dict[str, Any] = {

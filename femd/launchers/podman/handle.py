@@ -28,6 +28,7 @@ from femd.launchers.network import TaskNetwork
 from femd.launchers.podman.client import on_container, parse_time
 from femd.launchers.podman.container import STOP_GRACE_S
 from femd.launchers.podman.outputs import OutputStream, absent_capture
+from femd.launchers.podman.record import LaunchRecord
 from femd.model import TaskId
 
 __all__ = ["PodmanHandle"]
@@ -258,6 +259,7 @@ class PodmanHandle:
     def _drop_markers(self) -> None:
         for kind in ("cancelled", "timed_out"):
             self._marker(kind).unlink(missing_ok=True)
+        LaunchRecord.drop(self._markers, self.task_id)
 
     def remove(self) -> None:
         """Remove the container (killing it if still running) and its markers.

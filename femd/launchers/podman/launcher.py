@@ -20,21 +20,20 @@ from typing import Any, ClassVar, Final
 import msgspec
 
 from femd.errors import LaunchError, StageInError, cut
-from femd.launchers import Capabilities, LaunchSpec, refuse_unenforceable
+from femd.launchers import (
+    Capabilities,
+    LauncherEnv,
+    LaunchSpec,
+    refuse_unenforceable,
+)
 from femd.launchers.netns import probe_join
 from femd.launchers.network import TaskNetwork
 from femd.launchers.podman.client import FOREIGN, call, connect, socket_problem
-from femd.launchers.podman.container import (
-    LABEL_LOG_MAX,
-    LABEL_OUTPUT_DIR,
-    LABEL_OUTPUT_MAX,
-    LABEL_TASK,
-    LABEL_TIMEOUT,
-    container_spec,
-)
+from femd.launchers.podman.container import LABEL_TASK, container_spec
 from femd.launchers.podman.handle import PodmanHandle
 from femd.launchers.podman.image import ensure_image
 from femd.launchers.podman.outputs import OutputStream, helper_problem
+from femd.launchers.podman.record import LaunchRecord
 from femd.launchers.profile import LauncherProfile, PodmanSettings
 from femd.model import TaskId
 
@@ -65,17 +64,15 @@ class PodmanLauncher:
 
     name: ClassVar[str] = "podman"
 
-    def __init__(
-        self,
-        profile: LauncherProfile,
-        *,
-        state_dir: Path,
-        podman_socket: str | None,
-    ) -> None:
-        """Prepare (not connect); ``probe()`` reports what is missing."""
+    def __init__(self, profile: LauncherProfile, env: LauncherEnv) -> None:
+        """Prepare (not connect); ``probe()`` reports what is missing.
+
+        ``env.state_dir``: where the launcher keeps its records and markers;
+        ``env.config``: the ``podman`` section of femd.yaml (its ``socket``).
+        """
         self._profile = profile
-        self._markers = state_dir
-        sock = podman_socket or ""
+        self._markers = env.state_dir
+        sock = str(getattr(env.config, "socket", None) or "")
         self._url = sock if "://" in sock or not sock else f"unix://{sock}"
         self._cgroup_pids = False
         self._cached: tuple[float, Capabilities] | None = None
@@ -223,6 +220,10 @@ class PodmanLauncher:
             image_id = self.ensure_image(spec.image, settings)
         except StageInError as e:
             raise LaunchError(str(e)) from e
+        # SECURITY: femd's own record of what it launched, before the
+        # container exists: after a restart adopt() trusts it, not labels.
+        record = LaunchRecord.of(spec)
+        record.save(self._markers, spec.task_id)
         stream = OutputStream.create(Path(spec.output_dir), spec.output_max_bytes)
         body = container_spec(
             spec,
@@ -240,11 +241,12 @@ class PodmanLauncher:
                  "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}
             )  # fmt: skip
         try:
-            cid = self._create_and_start(spec, body, net)
+            cid = self._create_and_start(spec, body, net, record)
         except LaunchError:
             stream.close()
             if net is not None:
                 net.close()
+            LaunchRecord.drop(self._markers, spec.task_id)
             raise
         logger.info("task %s: container %s started", spec.task_id, cid[:12])
         return PodmanHandle(
@@ -259,9 +261,13 @@ class PodmanLauncher:
         )
 
     def _create_and_start(
-        self, spec: LaunchSpec, body: dict[str, Any], net: TaskNetwork | None
+        self,
+        spec: LaunchSpec,
+        body: dict[str, Any],
+        net: TaskNetwork | None,
+        record: LaunchRecord,
     ) -> str:
-        """Create the container; forward its network (if any); start it.
+        """Create the container, record its id; forward its network (if any); start it.
 
         Raises:
             LaunchError: podman or the network helper failed (nothing runs).
@@ -288,6 +294,9 @@ class PodmanLauncher:
                 )
             cid = str(reply.json()["Id"])
             try:
+                msgspec.structs.replace(record, container_id=cid).save(
+                    self._markers, spec.task_id
+                )
                 if net is not None:
                     # Namespaces exist, the command waits: attach, then start.
                     container = call("init", lambda: client.containers.get(cid))
@@ -308,8 +317,13 @@ class PodmanLauncher:
     def adopt(self, task_id: TaskId) -> PodmanHandle | None:
         """Find the container of *task_id* (running or exited) by its label.
 
+        Only a container femd recorded launching is adopted, and its output
+        dir, output cap, timeout and log cap are femd's record's: the labels
+        (which the podman account could have written) must agree with it.
+
         Raises:
-            LaunchError: podman could not be asked.
+            LaunchError: podman could not be asked, or the container is
+                refused (no launch record, or it disagrees with it).
         """
         # podman-py: a list of "key=value" strings (a dict takes one value per key).
         labels = [f"label={LABEL_TASK}={task_id}"]
@@ -319,25 +333,29 @@ class PodmanLauncher:
                 lambda: client.containers.list(all=True, filters=labels),
             )
             if not found:
+                LaunchRecord.drop(self._markers, task_id)
                 return None
+            if len(found) > 1:
+                raise LaunchError(
+                    f"podman: {len(found)} containers claim task {task_id}: refused"
+                )
             attrs = dict(found[0].attrs)
             cid = str(attrs.get("Id") or found[0].id)
             full = call(
                 f"inspect {task_id}", lambda: dict(client.containers.get(cid).attrs)
             )
-        config_labels = (full.get("Config") or {}).get("Labels") or {}
-        try:
-            timeout_s = float(config_labels[LABEL_TIMEOUT])
-            log_max = int(config_labels.get(LABEL_LOG_MAX, 1 << 20))
-            out_dir = Path(config_labels[LABEL_OUTPUT_DIR])
-            out_max = int(config_labels[LABEL_OUTPUT_MAX])
-        except (KeyError, ValueError) as e:
+        record = LaunchRecord.load(self._markers, task_id)
+        if record is None:
             raise LaunchError(
-                f"podman: container of {task_id} lacks femd labels"
-            ) from e
+                f"podman: container {cid[:12]} claims task {task_id}, which femd "
+                "has no launch record of: refused"
+            )
+        record.check(task_id, cid, (full.get("Config") or {}).get("Labels") or {})
         try:
             # The step still waits to send its outputs, or is sending them.
-            stream: OutputStream | None = OutputStream(out_dir, out_max)
+            stream: OutputStream | None = OutputStream(
+                Path(record.output_dir), record.output_max_bytes
+            )
         except LaunchError as e:
             logger.warning("task %s: outputs cannot be collected: %s", task_id, e)
             stream = None
@@ -346,8 +364,8 @@ class PodmanLauncher:
             self._url,
             cid,
             task_id,
-            timeout_s=timeout_s,
-            log_max_bytes=log_max,
+            timeout_s=record.timeout_s,
+            log_max_bytes=record.log_max_bytes,
             markers=self._markers,
             stream=stream,
         )

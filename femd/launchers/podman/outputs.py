@@ -133,14 +133,18 @@ class OutputStream:
         self.path = fifo_path(output_dir)
         self.max_bytes = max_bytes
         self._keeper: int | None = None
+        _own_dir(output_dir)
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.path, flags)
         except OSError as e:
             raise LaunchError(f"output stream {cut(self.path)}: {e.strerror}") from e
         try:
             if not stat.S_ISFIFO(os.fstat(fd).st_mode):
                 raise LaunchError(f"output stream {cut(self.path)}: not a FIFO")
-            self._keeper = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            self._keeper = os.open(
+                self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
         except (OSError, LaunchError):
@@ -202,6 +206,30 @@ class OutputStream:
         self._close_keeper()
         self.capture.join(5)
         self.path.unlink(missing_ok=True)
+
+
+def _own_dir(output_dir: Path) -> None:
+    """Refuse an output dir that is not femd's own: a symlink anywhere, or not ours.
+
+    Raises:
+        LaunchError: *output_dir* is not absolute, has a symlink on its
+            path, is not a directory, or is not owned by femd's user.
+    """
+    try:
+        real = os.path.realpath(output_dir, strict=True)
+        st = os.lstat(output_dir)
+    except OSError as e:
+        raise LaunchError(f"output dir {cut(output_dir)}: {e.strerror}") from e
+    if (
+        not output_dir.is_absolute()
+        or real != str(output_dir)
+        or not stat.S_ISDIR(st.st_mode)
+        or st.st_uid != os.geteuid()
+    ):
+        raise LaunchError(
+            f"output dir {cut(output_dir)}: not a directory of femd's own "
+            "(symlinked, or another owner)"
+        )
 
 
 def absent_capture() -> OutputCapture:
