@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from femd.launchers.podman.record import LaunchRecord  # noqa: E402
 from femd.statedir import StateDir  # noqa: E402
 from tests.integration import podman_support  # noqa: E402
 from tests.integration.podman_support import PodmanBox  # noqa: E402
+from tests.integration.test_podman_launcher import crash  # noqa: E402
 
 podman_service = podman_support.podman_service
 busybox_image = podman_support.busybox_image
@@ -117,3 +119,22 @@ def test_a_launch_leaves_a_record_that_adoption_uses_and_removal_drops(
     assert outcome is not None
     assert outcome.state == "succeeded", outcome.reason
     assert LaunchRecord.load(markers, spec.task_id) is None
+
+
+def test_a_task_that_ended_while_no_agent_ran_is_not_timed_out_later(
+    podman_box: PodmanBox,
+) -> None:
+    handle, spec = podman_box.launch(
+        "sleep 1; echo partial > /out/p; exit 7", timeout_s=2
+    )
+    crash(handle)
+    # It ends after 1 s; its step waits for a reader past the task's timeout.
+    time.sleep(4)
+    assert podman_box.status(spec.task_id) == "running"
+    adopted = podman_box.make_launcher().adopt(spec.task_id)
+    assert adopted is not None
+    outcome = adopted.wait(60)
+    assert outcome is not None
+    assert (outcome.state, outcome.exit_code) == ("failed", 7), outcome.reason
+    assert "timed out" not in (outcome.reason or "")
+    assert (Path(spec.output_dir) / "p").read_text() == "partial\n"

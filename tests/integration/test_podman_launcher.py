@@ -473,9 +473,10 @@ def test_conmon_enforces_the_timeout_without_an_agent(
 ) -> None:
     from femd.launchers.podman import container
 
-    # Shorten the grace and slack (10 s + 5 s) so that the test is quick.
+    # Shorten the grace, slack and collection window so that the test is quick.
     monkeypatch.setattr(container, "STOP_GRACE_S", 1)
     monkeypatch.setattr(container, "CONMON_SLACK_S", 0)
+    monkeypatch.setattr(container, "COLLECT_WINDOW_S", 0)
     handle, spec = podman_box.launch("sleep 60", timeout_s=2)
     crash(handle)  # no agent waits: nobody but conmon enforces the timeout
     podman_box.wait_status(spec.task_id, "exited", timeout_s=30)

@@ -7,6 +7,7 @@ tmpfs and its step: ``outputs``). Does not talk to podman.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Final
@@ -19,6 +20,7 @@ from femd.launchers.profile import PodmanSettings
 from femd.launchers.targets import podman_reasons
 
 __all__ = [
+    "COLLECT_WINDOW_S",
     "CONMON_SLACK_S",
     "LABEL_LOG_MAX",
     "LABEL_OUTPUT_DIR",
@@ -27,6 +29,7 @@ __all__ = [
     "LABEL_TIMEOUT",
     "STOP_GRACE_S",
     "TASK_USER",
+    "conmon_timeout_s",
     "container_spec",
     "labels_of",
 ]
@@ -40,6 +43,9 @@ LABEL_OUTPUT_DIR: Final = "femd.output_dir"
 LABEL_OUTPUT_MAX: Final = "femd.output_max_bytes"
 STOP_GRACE_S: Final = 10
 CONMON_SLACK_S: Final = 5
+COLLECT_WINDOW_S: Final = 900
+"""How long after its timeout a container whose command ended waits for an
+agent to collect its outputs (the step blocks on the FIFO until one reads)."""
 _AUTO_USERNS_SIZE: Final = 65536
 # Paths a task mount may not cover: the sandbox's own plumbing.
 _TMP: Final = "/tmp"  # noqa: S108 (the container's own tmpfs, not the host's)
@@ -70,6 +76,16 @@ def _security_options(settings: PodmanSettings) -> dict[str, Any]:
             # SECURITY: unconfined seccomp/apparmor, unmask, label=disable: never.
             raise LaunchError(f"podman: security option {cut(opt)!r} is not accepted")
     return out
+
+
+def conmon_timeout_s(timeout_s: float) -> int:
+    """When conmon kills a container whatever runs in it (no agent needed).
+
+    The task's timeout, the stop's grace, some slack, and the window in which
+    a task that ended while no agent ran still has its outputs collected
+    (docs/design.md "Podman").
+    """
+    return math.ceil(timeout_s) + STOP_GRACE_S + CONMON_SLACK_S + COLLECT_WINDOW_S
 
 
 def labels_of(record: LaunchRecord) -> dict[str, str]:
@@ -183,7 +199,7 @@ def container_spec(
         "umask": "0022",
         "stop_timeout": STOP_GRACE_S,
         # SECURITY: conmon kills the task even if no agent is there to wait().
-        "timeout": spec.limits.timeout_s + STOP_GRACE_S + CONMON_SLACK_S,
+        "timeout": conmon_timeout_s(spec.limits.timeout_s),
         "resource_limits": limits,
         "r_limits": [
             {"type": "nproc", "soft": spec.limits.pids, "hard": spec.limits.pids},

@@ -26,7 +26,11 @@ from femd.launchers import Outcome, Usage
 from femd.launchers.ending import judge
 from femd.launchers.network import TaskNetwork
 from femd.launchers.podman.client import on_container, parse_time
-from femd.launchers.podman.container import STOP_GRACE_S
+from femd.launchers.podman.container import (
+    CONMON_SLACK_S,
+    STOP_GRACE_S,
+    conmon_timeout_s,
+)
 from femd.launchers.podman.outputs import OutputStream, absent_capture
 from femd.launchers.podman.record import LaunchRecord
 from femd.model import TaskId
@@ -38,6 +42,9 @@ logger = logging.getLogger(__name__)
 _TAIL_BYTES: Final = 4096
 _DONE: Final = frozenset({"exited", "stopped", "dead"})
 _NEVER_STARTED: Final = frozenset({"created", "configured", "initialized"})
+_STEP_PROCESSES: Final = 2  # podman's init and femd's output step
+_COLLECT_S: Final = 300.0  # for a step that waited to stream, once read
+_UNKNOWN_MAX: Final = 3  # process lists refused before the deadline holds
 
 
 class PodmanHandle:
@@ -67,6 +74,8 @@ class PodmanHandle:
         self._outcome: Outcome | None = None
         self._log: bytes | None = None
         self._expired = False
+        self._collect_by: float | None = None
+        self._unknown = 0
 
     def _marker(self, kind: str) -> Path:
         return self._markers / f"{self.task_id}.{kind}"
@@ -111,8 +120,8 @@ class PodmanHandle:
                 deadline is not None
                 and datetime.now(UTC) >= deadline
                 and not self._expired
+                and self._overdue()
             ):
-                self._expire()
                 continue
             if end is not None and time.monotonic() >= end:
                 return None
@@ -120,13 +129,57 @@ class PodmanHandle:
             time.sleep(max(0.0, min(pause, left)))
             pause = min(pause * 1.5, 0.25)
 
-    def _expire(self) -> None:
-        logger.info(
-            "task %s: timeout of %gs reached, stopping", self.task_id, self._timeout_s
-        )
+    def _overdue(self) -> bool:
+        """Past the deadline: stop the container unless its command has ended.
+
+        A command that ended while no agent read the stream left only podman's
+        init and femd's step (blocked on the FIFO): that is not a timeout; the
+        step gets ``_COLLECT_S`` to stream to the reader adopt() opened, then
+        is stopped (its outputs not collected). True when the container must
+        be inspected again (stopped, or podman's process list was refused).
+        """
+        if self._collect_by is None and self._stream is not None:
+            ended = self._ended()
+            if ended is None and self._unknown < _UNKNOWN_MAX:
+                self._unknown += 1
+                time.sleep(0.2)
+                return True  # (gone meanwhile?) inspect it again
+            if ended:
+                logger.info("task %s: ended while no agent ran", self.task_id)
+                self._collect_by = time.monotonic() + _COLLECT_S
+        if self._collect_by is not None and time.monotonic() < self._collect_by:
+            return False
         self._expired = True
-        self._mark("timed_out")
+        if self._collect_by is None:
+            logger.info(
+                "task %s: timeout of %gs reached, stopping",
+                self.task_id,
+                self._timeout_s,
+            )
+            self._mark("timed_out")
         self._stop(STOP_GRACE_S)
+        return True
+
+    def _ended(self) -> bool | None:
+        """True when only podman's init and femd's step run in the container.
+
+        The step kills every other process once the task's command ended, and
+        the command's own init runs until then: podman's process list (as
+        trusted as its inspect) tells the end without trusting the task.
+        None when podman would not list them (the container ended meanwhile).
+        """
+        try:
+            top = on_container(
+                self._url,
+                self.container_id,
+                f"top {self.task_id}",
+                lambda c: c.top(ps_args="pid"),
+                None,
+            )
+        except LaunchError:
+            return None
+        procs = (top or {}).get("Processes") if isinstance(top, dict) else None
+        return isinstance(procs, list) and 0 < len(procs) <= _STEP_PROCESSES
 
     def _stop(self, grace_s: float) -> None:
         on_container(
@@ -215,16 +268,18 @@ class PodmanHandle:
         # The step has sent its stream (or never will): read it to its end.
         stream = self._stream
         capture = stream.finish() if stream is not None else absent_capture()
+        # conmon's own kill (no agent waited): a command that ended and was
+        # collected late is stopped before that.
         conmon_timeout = (
             started is not None
             and exit_code != 0
-            and (finished - started).total_seconds() >= self._timeout_s
+            and (finished - started).total_seconds()
+            >= conmon_timeout_s(self._timeout_s) - CONMON_SLACK_S
         )
         ending = judge(
             capture,
             exit_code,
             max_bytes=stream.max_bytes if stream is not None else 0,
-            # (conmon's own timeout too, while no agent waited)
             timed_out=f"timed out after {self._timeout_s:g}s"
             if self._marker("timed_out").exists() or conmon_timeout
             else None,
