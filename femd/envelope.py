@@ -88,10 +88,15 @@ def b64decode(text: str, what: str) -> bytes:
     """
     raw = text.encode("ascii", "replace")
     if len(raw) % 4 == 0:
-        # The usual form (standard alphabet, padded) in one strict C call; what
-        # it refuses gets the checks below, which say why.
+        # The usual form (standard alphabet, padded) in one strict C call, kept
+        # only if it is the canonical encoding of what it gave: strict_mode
+        # takes "AAAA====" (padding after a full quantum), which must stay
+        # refused (envelope malleability). Anything else gets the checks
+        # below, which decide as before and say why.
         with contextlib.suppress(binascii.Error):
-            return binascii.a2b_base64(raw, strict_mode=True)
+            out = binascii.a2b_base64(raw, strict_mode=True)
+            if binascii.b2a_base64(out, newline=False) == raw:
+                return out
     if _STD.fullmatch(raw):
         alt = None
     elif _URL.fullmatch(raw):

@@ -7,8 +7,8 @@ terminal and known state sets, and the broker topology's exchange and queue
 names (DESIGN "Broker topology"), so the agent, the orchestrator side and the
 CLI spell them once. ``docs/status-event.schema.json`` and
 ``docs/node-status.schema.json`` are generated from these types
-(``wire_schemas()``). The rule ids a ``Reason`` carries are ``decision.Rule``
-(policy) and ``decision.EventRule`` (everything else). Builds no message
+(``wire_schemas()``). The rule ids a ``Reason`` carries are ``rules.Rule``
+(policy) and ``rules.EventRule`` (everything else). Builds no message
 (``state`` and ``nodestatus`` do) and sends nothing.
 """
 

@@ -56,7 +56,7 @@ _NO_DOTDOT = r"(?!(?:.*/)?\.\.(?:/|$))"
 
 # The one launcher-name type of manifests, policies and launch specs. Which
 # names exist is the registry's to say (``femd.launchers.registry.LAUNCHERS``):
-# ``unknown_launchers()`` checks them when a manifest or policy is decoded, so
+# ``unknown_launcher()`` checks them when a manifest or policy is decoded, so
 # a new launcher is one registry line, not an edit here.
 LauncherName = Annotated[
     str,

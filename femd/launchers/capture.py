@@ -16,8 +16,10 @@ with no line at all is a failed step, never an empty one.
 Trust: the step runs as the task user, beside the task, so what it sends is
 task output: a task could forge it (as it can write anything to its outputs).
 The host side treats it as hostile: names are checked, only regular files and
-directories are made, file bytes and member counts are capped. Does not check
-output policy (``stageout`` does, from the extracted files).
+directories are made, file bytes, member counts, header sizes and the stream's
+own length are capped (``tarstream``): no header makes femd hold more
+memory. Does not check output policy (``stageout`` does, from the extracted
+files).
 """
 
 from __future__ import annotations
@@ -139,12 +141,17 @@ class OutputCapture:
             self.complete = True
             return
         self.full = int(header.strip()) == 0
-        import tarfile
+        from femd.launchers import tarstream
 
+        # SECURITY: the stream is task output. Memory stays bounded whatever
+        # its headers declare, and it may carry no more than the file bytes
+        # allowed plus a fixed allowance for headers (see tarstream).
+        budget = tarstream.Budget(stream, self._max + tarstream.SLACK)
         members = 0
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
+        with tarstream.open_stream(budget) as tar:
+            while (member := tar.next()) is not None:
                 members += 1
+                budget.grant(tarstream.PER_MEMBER)
                 if members > _MAX_MEMBERS:
                     self.error = f"more than {_MAX_MEMBERS} output files"
                     return

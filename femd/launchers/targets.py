@@ -9,6 +9,7 @@ anything is staged; the back-ends refuse the same specs again at launch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Final
@@ -37,6 +38,7 @@ PODMAN_RESERVED: Final = ("/proc", "/sys", "/dev", "/run", "/etc")
 PROCESS_RESERVED: Final = ("/", "/proc", "/dev", SANDBOX_TMP)
 
 
+@functools.lru_cache(maxsize=1024)  # pure; each launch asks the same pairs again
 def within(path: str, root: str) -> bool:
     """True when *path* is *root* or below it ("/" holds only itself here)."""
     p, r = PurePosixPath(path), PurePosixPath(root)

@@ -2,7 +2,10 @@
 
 import base64
 import hashlib
+import itertools
 import json
+import re
+import string
 from pathlib import Path
 
 import pytest
@@ -355,10 +358,24 @@ def test_base64_both_alphabets_padding_optional(text, raw):
 
 @pytest.mark.parametrize(
     "text",
-    ["+_8=", "YQ===", "Y", "YQ==YQ==", "Y Q==", "YQ==\n", "ü", "YQ=A", "%%%%"],
+    [
+        "+_8=",
+        "YQ===",
+        "AAAA====",
+        "QUJD========",
+        "Y",
+        "YQ==YQ==",
+        "Y Q==",
+        "YQ==\n",
+        "ü",
+        "YQ=A",
+        "%%%%",
+    ],
     ids=[
         "mixed-alphabets",
         "too-much-padding",
+        "padding-after-a-full-quantum",
+        "two-quanta-of-padding",
         "bad-length",
         "padding-inside",
         "space",
@@ -371,6 +388,49 @@ def test_base64_both_alphabets_padding_optional(text, raw):
 def test_base64_garbage_is_refused(text):
     with pytest.raises(EnvelopeError, match="payload: not base64"):
         b64decode(text, "payload")
+
+
+def _b64decode_before_the_fast_path(text: str) -> bytes | None:
+    """``b64decode`` as it was before its one-call fast path (None: refused)."""
+    raw = text.encode("ascii", "replace")
+    if re.fullmatch(rb"[A-Za-z0-9+/]*={0,2}", raw):
+        alt = None
+    elif re.fullmatch(rb"[A-Za-z0-9_-]*={0,2}", raw):
+        alt = b"-_"
+    else:
+        return None
+    stripped = raw.rstrip(b"=")
+    if len(stripped) % 4 == 1 or len(raw) - len(stripped) > (-len(stripped)) % 4:
+        return None
+    return base64.b64decode(stripped + b"=" * (-len(stripped) % 4), altchars=alt)
+
+
+def _decoded_or_none(text: str) -> bytes | None:
+    try:
+        return b64decode(text, "payload")
+    except EnvelopeError:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("alphabet", "longest"),
+    [
+        # Every class of symbol: zero bits, non-zero trailing bits, one of
+        # each alphabet's own symbols, padding (all 8-char strings of all 65
+        # symbols would be 3e14).
+        ("AB/-=", 8),
+        ("Qw+_=", 8),
+        (string.ascii_letters + string.digits + "+/-_=", 2),
+    ],
+    ids=["zero-bits", "trailing-bits", "all-symbols"],
+)
+def test_base64_accepts_exactly_what_it_accepted_before(alphabet, longest):
+    # The fast path must never widen what the strict checks accept (a second
+    # encoding of the same payload is envelope malleability).
+    for n in range(longest + 1):
+        for chars in itertools.product(alphabet, repeat=n):
+            text = "".join(chars)
+            assert _decoded_or_none(text) == _b64decode_before_the_fast_path(text), text
 
 
 def test_urlsafe_unpadded_envelope_verifies(keypair):

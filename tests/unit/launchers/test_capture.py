@@ -10,6 +10,7 @@ import io
 import os
 import tarfile
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,116 @@ def test_wrapped_command_keeps_argv_intact():
     argv = wrap_argv(["python", "-c", "print('a b')"], "/out")
     assert argv[:2] == ["/bin/sh", "-c"]
     assert argv[3:] == ["femd-output", "/out", "python", "-c", "print('a b')"]
+
+
+# -- headers that would make femd hold what they declare ----------------------
+
+
+def _header(name: str, kind: bytes, size: int, fmt: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = size
+    return info.tobuf(format=fmt)
+
+
+def _peak_bytes(tmp_path: Path, data: bytes, max_bytes: int = 4096) -> tuple:
+    """Capture *data*; return the capture and the peak of Python's allocations."""
+    tracemalloc.start()
+    try:
+        got = capture(tmp_path, data, max_bytes)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return got, peak
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "fmt", "why"),
+    [
+        ("././@PaxHeader", tarfile.XHDTYPE, tarfile.USTAR_FORMAT, "a pax header of"),
+        ("././@LongLink", tarfile.GNUTYPE_LONGNAME, tarfile.GNU_FORMAT, "long-name"),
+    ],
+    ids=["pax", "gnu-longname"],
+)
+def test_a_header_declaring_gigabytes_is_refused_unread(
+    tmp_path: Path, name: str, kind: bytes, fmt: int, why: str
+):
+    # The task writes the stream: a header declaring 1 GiB, then 48 MiB of it.
+    # tarfile would read all of it into memory before parsing the header.
+    bomb = b"9\n" + _header(name, kind, 1 << 30, fmt) + b"a" * (48 << 20)
+    got, peak = _peak_bytes(tmp_path, bomb)
+    assert peak < 8 << 20, f"the agent held {peak} bytes"
+    assert not got.complete
+    assert why in got.error
+    assert "1073741824 bytes" in got.error
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_chain_of_extended_headers_is_refused(tmp_path: Path):
+    # tarfile follows such a chain by recursion (a RecursionError at ~1000).
+    one = _header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 1, tarfile.GNU_FORMAT)
+    chain = (one + b"x".ljust(512, b"\0")) * 2000
+    after = stream(entry("./a", b"x")).partition(b"\n")[2]
+    got = capture(tmp_path, b"9\n" + chain + after)
+    assert not got.complete
+    assert "more than 4 extended headers before one member" in got.error
+
+
+def test_a_stream_longer_than_its_files_and_headers_is_refused(tmp_path: Path):
+    # Each header is under the cap, but together they are far more than the
+    # file bytes (none) plus the allowance for headers.
+    members = []
+    for i in range(40):
+        info, data = entry(f"./f{i}")
+        info.pax_headers = {"comment": "x" * 60_000}
+        members.append((info, data))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, _ in members:
+            tar.addfile(info)
+    got = capture(tmp_path, b"9\n" + buf.getvalue(), max_bytes=4096)
+    assert not got.complete
+    assert "the stream is longer than" in got.error
+
+
+@pytest.mark.parametrize(
+    ("pax_headers", "member_headers", "why"),
+    [
+        ({"comment": "global"}, {}, "a global pax header"),
+        (
+            {},
+            {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "s"},
+            "a sparse file",
+        ),
+    ],
+    ids=["global-pax", "pax-sparse"],
+)
+def test_headers_the_output_step_never_writes_are_refused(
+    tmp_path: Path, pax_headers: dict, member_headers: dict, why: str
+):
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers=pax_headers
+    ) as tar:
+        info, data = entry("./a", b"\n".join([b"1", b"0", b"1"]) + b"\n")
+        info.pax_headers = member_headers
+        tar.addfile(info, io.BytesIO(data))
+    got = capture(tmp_path, b"9\n" + buf.getvalue())
+    assert not got.complete
+    assert why in got.error
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=str)
+def test_many_long_names_fit_the_header_allowance(tmp_path: Path, fmt: int):
+    # 300 files whose paths are near PATH_MAX: 1.7 MiB of headers, more than
+    # the fixed allowance, within the allowance per member.
+    deep = "/".join(["d" * 200] * 17)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for i in range(300):
+            info, data = entry(f"./{deep}/{i:03d}".ljust(3500, "f"), b"x")
+            tar.addfile(info, io.BytesIO(data))
+    assert len(buf.getvalue()) > 1 << 20
+    got = capture(tmp_path, b"9\n" + buf.getvalue())
+    assert (got.complete, got.error, got.bytes) == (True, "", 300)
