@@ -118,6 +118,7 @@ class Agent(Reception):
             self.node,
             self.state,
             prefetch=config.intake_window,
+            max_body=config.max_envelope_bytes,
             on_state=self._on_broker_state,
             on_delivery=self._wake,
         )

@@ -28,6 +28,7 @@ from femd import amqpframe
 from femd.amqpconn import connection_parameters, describe
 from femd.config import BrokerConfig
 from femd.confirms import Confirms
+from femd.envelope import MAX_ENVELOPE_BYTES
 from femd.errors import BrokerError, StateError, cut
 from femd.events import (
     EVENTS_EXCHANGE,
@@ -85,11 +86,14 @@ class NodeLink(threading.Thread):
         outbox: Outbox,
         *,
         prefetch: int,
+        max_body: int = MAX_ENVELOPE_BYTES,
         on_state: Callable[[bool, str], None] | None = None,
         on_delivery: Callable[[], None] | None = None,
     ) -> None:
         """Prepare the link; nothing connects until ``start()``.
 
+        A delivery whose body is over *max_body* bytes comes with an empty
+        body and its size in ``too_large`` (never held: ``amqpframe``).
         *on_state* hears every connect and disconnect; *on_delivery* is called
         (in the link's thread) after each delivery is put in ``inbox``.
 
@@ -103,6 +107,7 @@ class NodeLink(threading.Thread):
         self._node = node
         self._outbox = outbox
         self._prefetch = prefetch
+        self._max_body = max_body
         self._on_state = on_state or (lambda up, why: None)
         self._on_delivery = on_delivery or _nothing
         self.inbox: queue.Queue[Delivery] = queue.Queue()
@@ -242,6 +247,9 @@ class NodeLink(threading.Thread):
         self._conn = conn
         self._generation += 1
         consume = conn.channel()
+        # SECURITY: with a prefetch window of N, the agent holds at most N
+        # bodies of max_body bytes; a longer one costs a frame, not its size.
+        consume._impl._content_assembler = amqpframe.BoundedAssembler(self._max_body)
         publish = conn.channel()
         # A confirm ends the loop's wait, as wake() does: the next turn marks
         # it published and fills the window again.
@@ -262,6 +270,7 @@ class NodeLink(threading.Thread):
                     bool(method.redelivered),
                     body,
                     getattr(props, "problem", None),
+                    getattr(props, "too_large", None),
                 )
             )
             self._on_delivery()

@@ -37,6 +37,7 @@ __all__ = [
     "encode_envelope",
     "pae",
     "sign",
+    "too_large",
 ]
 
 PAYLOAD_TYPE: Final = "application/vnd.femd.task+json"
@@ -119,6 +120,11 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
 
 
+def too_large(size: int, max_bytes: int) -> EnvelopeError:
+    """The error for an envelope of *size* bytes, over *max_bytes*."""
+    return EnvelopeError(f"envelope: too large (got {size} bytes, limit {max_bytes})")
+
+
 def decode_envelope(
     data: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES
 ) -> tuple[Envelope, bytes]:
@@ -129,9 +135,7 @@ def decode_envelope(
             wrong payloadType, or bad base64.
     """
     if len(data) > max_bytes:
-        raise EnvelopeError(
-            f"envelope: too large (got {len(data)} bytes, limit {max_bytes})"
-        )
+        raise too_large(len(data), max_bytes)
     try:
         refuse_duplicate_keys(data)
         env = _decoder.decode(data)

@@ -14,6 +14,8 @@ class Delivery(msgspec.Struct, frozen=True):
 
     ``problem`` says why its AMQP properties could not be decoded (femd rejects
     such a message on its own, see ``femd.amqpframe``); else None.
+    ``too_large`` is the size of a body over the link's limit, dropped as it
+    arrived (``body`` is then empty); else None.
     """
 
     generation: int
@@ -21,6 +23,7 @@ class Delivery(msgspec.Struct, frozen=True):
     redelivered: bool
     body: bytes
     problem: str | None = None
+    too_large: int | None = None
 
 
 class SideMessage(msgspec.Struct, frozen=True):

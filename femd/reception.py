@@ -18,6 +18,7 @@ from femd import audit
 from femd.admission import Host, admit_here
 from femd.decision import Decision, EventRule, Verdict
 from femd.dispatch import Dispatch
+from femd.envelope import too_large
 from femd.errors import EnvelopeError, FemdError, ManifestError, cut
 from femd.events import TaskState
 from femd.flood import Tally
@@ -111,6 +112,12 @@ class Reception(Dispatch):
             self._reject_unverified(
                 d, d.problem, [(EventRule.INPUT_AMQP, d.problem)], dead_letter=True
             )
+            return
+        if d.too_large is not None:
+            # Dropped by the link as it arrived: the same refusal as an
+            # envelope over the limit (the body was never held).
+            why = str(too_large(d.too_large, self.config.max_envelope_bytes))
+            self._reject_unverified(d, why, [(EventRule.INPUT_ENVELOPE, why)])
             return
         host = Host(self.profiles, self.caps, self.dirs.work)
         try:

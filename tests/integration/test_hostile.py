@@ -276,6 +276,46 @@ def test_undecodable_headers_cost_only_their_message(node_env: NodeEnv) -> None:
     assert agent.terminate() == 0
 
 
+# -- a message far over max_envelope_bytes ------------------------------------
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def test_an_oversized_message_is_refused_without_being_held(node_env: NodeEnv) -> None:
+    # The broker accepts up to 128 MiB per message by default (RabbitMQ 3.x);
+    # the agent must not hold it: with a window of 32, 32 of them would be 4 GiB.
+    env = node_env
+    events = env.collect()
+    agent = env.start_agent()
+    env.publish(env.task("before"))
+    assert events.await_terminal(["before"], 60)["before"]["state"] == "succeeded"
+    peak = _peak_rss(agent.proc.pid)
+    size = 64 * 1024 * 1024
+    env.publish(b"{" + b" " * (size - 2) + b"}", env.task("after"))
+    end = events.await_terminal(["after"], 120)["after"]
+    assert end["state"] == "succeeded", end
+    grown = _peak_rss(agent.proc.pid) - peak
+    assert grown < 24 * 1024 * 1024, f"the agent's peak RSS grew by {grown} bytes"
+    refused = [
+        r
+        for r in _records(agent)
+        if r.get("FEMD_RULES") == "input.envelope"
+        and f"too large (got {size} bytes, limit 1048576)" in r["MESSAGE"]
+    ]
+    assert len(refused) == 1, _records(agent)[-5:]
+    assert _dead_letters(env) == []  # refused and acked, as an oversized envelope
+    connects = [line for line in agent.log_lines() if "broker: connected" in line]
+    assert len(connects) == 1, agent.log_lines()
+    _no_traceback(agent)
+    assert agent.terminate() == 0
+
+
 # -- 3: a full state disk -----------------------------------------------------
 
 

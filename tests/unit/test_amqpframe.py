@@ -5,11 +5,12 @@ from __future__ import annotations
 import struct
 import sys
 
+import pika.exceptions
 import pika.frame
 import pika.spec
 import pytest
 
-from femd.amqpframe import GuardedProperties, install
+from femd.amqpframe import BoundedAssembler, GuardedProperties, install
 
 
 def _encoded(**fields: object) -> bytes:
@@ -77,3 +78,49 @@ def test_install_reaches_the_frame_decoder() -> None:
     assert consumed == len(raw)
     assert isinstance(frame, pika.frame.Header)
     assert frame.properties.problem is not None
+
+
+# -- bodies over the link's limit ---------------------------------------------
+
+
+def _message(body_size: int) -> tuple[pika.frame.Method, pika.frame.Header]:
+    method = pika.frame.Method(1, pika.spec.Basic.Deliver(delivery_tag=7))
+    return method, pika.frame.Header(1, body_size, GuardedProperties())
+
+
+def test_a_body_within_the_limit_is_assembled_whole() -> None:
+    assembler = BoundedAssembler(10)
+    method, header = _message(10)
+    assert assembler.process(method) is None
+    assert assembler.process(header) is None
+    assert assembler.process(pika.frame.Body(1, b"01234")) is None
+    _, got_header, body = assembler.process(pika.frame.Body(1, b"56789"))
+    assert body == b"0123456789"
+    assert got_header.properties.too_large is None
+
+
+def test_a_body_over_the_limit_is_dropped_as_it_arrives() -> None:
+    assembler = BoundedAssembler(10)
+    method, header = _message(3 * 4096)
+    assembler.process(method)
+    assembler.process(header)
+    for _ in range(2):
+        assert assembler.process(pika.frame.Body(1, b"x" * 4096)) is None
+        assert assembler._body_fragments == []  # nothing of it is held
+    got_method, got_header, body = assembler.process(pika.frame.Body(1, b"x" * 4096))
+    assert (got_method, body) == (method, b"")
+    assert got_header.properties.too_large == 3 * 4096
+    # The next message is assembled as usual.
+    method, header = _message(2)
+    assembler.process(method)
+    assembler.process(header)
+    assert assembler.process(pika.frame.Body(1, b"ok"))[2] == b"ok"
+
+
+def test_a_body_longer_than_its_header_said_is_still_an_error() -> None:
+    assembler = BoundedAssembler(10)
+    method, header = _message(20)
+    assembler.process(method)
+    assembler.process(header)
+    with pytest.raises(pika.exceptions.BodyTooLongError):
+        assembler.process(pika.frame.Body(1, b"x" * 21))
