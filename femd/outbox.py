@@ -240,7 +240,18 @@ class Outbox(Database):
         batch = [(seq,) for seq in seqs]
         if not batch:
             return
-        with self._write("mark published") as db:
+        # Marking status events needs no fsync of its own: lost in a power
+        # cut, they are published again and receivers dedupe on (node, seq)
+        # (DESIGN "Status event"). A batch with result chunks is durable: the
+        # archive it completes is removed after the commit.
+        with self._read("mark published") as db:
+            marks = ",".join("?" * len(batch))
+            chunks = db.execute(
+                f"SELECT 1 FROM outbox WHERE exchange = ? AND seq IN ({marks})"  # noqa: S608
+                " LIMIT 1",
+                (RESULTS_EXCHANGE, *(seq for (seq,) in batch)),
+            ).fetchone()
+        with self._write("mark published", durable=chunks is not None) as db:
             db.executemany("UPDATE outbox SET published = 1 WHERE seq = ?", batch)
             files = {
                 str(f)
