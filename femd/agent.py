@@ -42,7 +42,7 @@ from femd.launchers import (
     load_profiles,
     probe,
 )
-from femd.messages import Delivery
+from femd.messages import Delivery, LinkFactory
 from femd.model import utc_now as _now
 from femd.nodestatus import cert_not_after, status_message
 from femd.policy import LoadedPolicy, load_policy
@@ -88,8 +88,16 @@ class Agent(Reception):
     their own modules); this class loads, loops, reloads and stops.
     """
 
-    def __init__(self, config: AgentConfig, *, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        config_path: Path | None = None,
+        link: LinkFactory = NodeLink,
+    ) -> None:
         """Load policy and profiles, open state; probe and connect nothing yet.
+
+        *link* makes the broker link (tests pass an in-memory one).
 
         Raises:
             PolicyError: the policy is invalid.
@@ -113,7 +121,7 @@ class Agent(Reception):
         self.launchers: dict[tuple[str, str], Launcher] = {}
         self.caps: dict[tuple[str, str], Capabilities] = {}
         self.reprobe = Reprobe()
-        self.link = NodeLink(
+        self.link = link(
             config.broker,
             self.node,
             self.state,

@@ -21,7 +21,6 @@ from typing import Final
 
 from femd import audit
 from femd.admission import Host
-from femd.broker import NodeLink
 from femd.config import AgentConfig
 from femd.decision import EventRule
 from femd.errors import FemdError, cut
@@ -30,6 +29,7 @@ from femd.execution import Runner
 from femd.launchers import Capabilities, Launcher, LauncherProfile
 from femd.livelog import LogFollower
 from femd.manifest import Cancel, Task, decode_manifest
+from femd.messages import Link
 from femd.model import utc_now as _now
 from femd.policy import LoadedPolicy
 from femd.readmission import decide_again
@@ -51,7 +51,7 @@ class Dispatch:
     state: State
     state_dir: Path
     dirs: StateDir
-    link: NodeLink
+    link: Link
     policy: LoadedPolicy
     profiles: dict[str, LauncherProfile]
     launchers: dict[tuple[str, str], Launcher]

@@ -1,12 +1,28 @@
-"""What the node's broker link carries: deliveries, best-effort messages, the outbox."""
+"""What the node's broker link carries: deliveries, best-effort messages, the outbox.
+
+``Link`` is the link as the agent uses it (``femd.broker.NodeLink``; tests
+pass ``tests/fakes.FakeLink``).
+"""
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
 
-__all__ = ["Delivery", "Outbox", "OutboxMessage", "SideMessage"]
+from femd.config import BrokerConfig
+
+__all__ = [
+    "Delivery",
+    "Link",
+    "LinkFactory",
+    "Outbox",
+    "OutboxMessage",
+    "SideMessage",
+]
 
 
 class Delivery(msgspec.Struct, frozen=True):
@@ -55,4 +71,70 @@ class Outbox(Protocol):
 
     def mark_published(self, seqs: list[int]) -> None:
         """Forget messages the broker confirmed."""
+        ...
+
+
+class Link(Protocol):
+    """The node's broker link as the agent uses it (``femd.broker.NodeLink``).
+
+    Deliveries arrive in ``inbox``; each is settled once with ``ack`` (after
+    its decision is committed) or ``reject`` (dead-lettered). ``wake`` says
+    the outbox has something new; ``publish_soon`` queues a best-effort
+    message.
+    """
+
+    inbox: queue.Queue[Delivery]
+    connected: threading.Event
+    ever_connected: threading.Event
+    last_error: str
+
+    @property
+    def generation(self) -> int:
+        """The current connection's number; deliveries of older ones are void."""
+        ...
+
+    def start(self) -> None:
+        """Connect and serve (in the background)."""
+        ...
+
+    def ack(self, delivery: Delivery) -> None:
+        """Ack a committed *delivery*."""
+        ...
+
+    def reject(self, delivery: Delivery) -> None:
+        """Reject *delivery* without requeueing (dead-letter)."""
+        ...
+
+    def publish_soon(self, message: SideMessage) -> None:
+        """Queue a best-effort message; never blocks."""
+        ...
+
+    def wake(self) -> None:
+        """Say the outbox (or the settlements) have something new."""
+        ...
+
+    def pause_consuming(self) -> None:
+        """Stop taking deliveries."""
+        ...
+
+    def stop(self, flush_s: float = 5.0) -> None:
+        """Flush the outbox for up to *flush_s*, then end."""
+        ...
+
+
+class LinkFactory(Protocol):
+    """How the agent makes its link (``NodeLink``'s constructor)."""
+
+    def __call__(
+        self,
+        cfg: BrokerConfig,
+        node: str,
+        outbox: Outbox,
+        *,
+        prefetch: int,
+        max_body: int,
+        on_state: Callable[[bool, str], None] | None = None,
+        on_delivery: Callable[[], None] | None = None,
+    ) -> Link:
+        """A link for *node*, not started."""
         ...

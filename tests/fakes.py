@@ -10,19 +10,29 @@ its spec checks, in one registry entry. A test adds that one line to
 ``femd.launchers.registry.LAUNCHERS`` and nothing else: manifests and
 policies then accept ``fake``, profiles a ``fake:`` section, and the real
 agent runs tasks with it.
+
+``FakeLink`` implements ``femd.messages.Link`` (the broker link as the agent
+uses it) in memory: a test delivers bodies, and the link records every
+settlement (ack/reject) and every outbox message it "published" (each one
+confirmed at once, so marked published in the outbox), in order. The agent
+takes it as its link factory: ``Agent(config, link=FakeLink)``.
 """
 
 from __future__ import annotations
 
+import json
+import queue
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import msgspec
 
+from femd.config import BrokerConfig
 from femd.decision import Reason, Rule
+from femd.events import EVENTS_EXCHANGE
 from femd.launchers import (
     Capabilities,
     LauncherEnv,
@@ -31,13 +41,16 @@ from femd.launchers import (
     Outcome,
     Registration,
 )
+from femd.messages import Delivery, Outbox, SideMessage
 
 __all__ = [
     "ENFORCES_ALL",
     "REGISTRATION",
     "FakeHandle",
     "FakeLauncher",
+    "FakeLink",
     "FakeSettings",
+    "Published",
     "RegisteredFake",
 ]
 
@@ -151,6 +164,8 @@ class FakeSettings(
     """Files (relative path -> text) every task of this profile outputs."""
     reserved: tuple[str, ...] = ("/fake",)
     """Mount targets the fake keeps for itself (its spec check refuses them)."""
+    hold: bool = False
+    """Tasks of this profile run until cancelled."""
 
 
 class RegisteredFake(FakeLauncher):
@@ -166,7 +181,7 @@ class RegisteredFake(FakeLauncher):
         assert isinstance(settings, FakeSettings), settings
         env.state_dir.mkdir(parents=True, exist_ok=True)
         outputs = {k: v.encode() for k, v in settings.outputs.items()}
-        launcher = cls(outputs=outputs)
+        launcher = cls(outputs=outputs, hold=settings.hold)
         launcher.env = env
         cls.built.append(launcher)
         return launcher
@@ -189,3 +204,157 @@ def _fake_reasons(spec: LaunchSpec) -> list[Reason]:
 REGISTRATION = Registration(
     factory=RegisteredFake.factory, settings=FakeSettings, spec_reasons=_fake_reasons
 )
+
+
+# ---------------------------------------------------------------------------
+# the broker link
+
+
+class Published(NamedTuple):
+    """One outbox message as the fake link published (and confirmed) it."""
+
+    seq: int
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any] | None
+
+
+class FakeLink:
+    """Implements ``femd.messages.Link`` in memory; its constructor is a LinkFactory.
+
+    ``deliver()`` puts a body in ``inbox`` as the broker would. ``settled``
+    records ``(delivery, "ack" | "reject")`` in order (a settlement of an
+    older generation is dropped, as the real link drops it); ``on_settle``,
+    if set, is called with each before it is recorded (a test checks there
+    what is durable at that moment). Every ``wake()`` publishes the outbox's
+    pending messages into ``published``, in ``seq`` order, and marks them
+    published (a broker that confirms at once). ``side`` records best-effort
+    messages. ``wait_for()`` waits for a condition on all this.
+    """
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        node: str,
+        outbox: Outbox,
+        *,
+        prefetch: int,
+        max_body: int,
+        on_state: Callable[[bool, str], None] | None = None,
+        on_delivery: Callable[[], None] | None = None,
+    ) -> None:
+        del cfg, prefetch
+        self.node = node
+        self.max_body = max_body
+        self.outbox = outbox
+        self._on_state = on_state or (lambda up, why: None)
+        self._on_delivery = on_delivery or (lambda: None)
+        self.inbox: queue.Queue[Delivery] = queue.Queue()
+        self.connected = threading.Event()
+        self.ever_connected = threading.Event()
+        self.last_error = ""
+        self.on_settle: Callable[[Delivery, str], None] | None = None
+        self.settled: list[tuple[Delivery, str]] = []
+        self.published: list[Published] = []
+        self.side: list[SideMessage] = []
+        self.paused = False
+        self.stopped = False
+        self._generation = 1
+        self._tag = 0
+        self._changed = threading.Condition()
+
+    # -- femd.messages.Link ------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def start(self) -> None:
+        self.connected.set()
+        self.ever_connected.set()
+        self._on_state(True, "")
+
+    def ack(self, delivery: Delivery) -> None:
+        self._settle(delivery, "ack")
+
+    def reject(self, delivery: Delivery) -> None:
+        self._settle(delivery, "reject")
+
+    def publish_soon(self, message: SideMessage) -> None:
+        with self._changed:
+            self.side.append(message)
+            self._changed.notify_all()
+
+    def wake(self) -> None:
+        """Publish what the outbox holds, each message once, in seq order."""
+        with self._changed:
+            if not self.connected.is_set():
+                return
+            sent = [
+                Published(m.seq, m.exchange, m.routing_key, m.body, m.headers)
+                for m in self.outbox.pending_events(1000)
+            ]
+            if sent:
+                self.published.extend(sent)
+                self.outbox.mark_published([m.seq for m in sent])
+                self._changed.notify_all()
+
+    def pause_consuming(self) -> None:
+        self.paused = True
+
+    def stop(self, flush_s: float = 5.0) -> None:
+        del flush_s
+        self.wake()
+        with self._changed:
+            self.stopped = True
+            self.connected.clear()
+            self._changed.notify_all()
+
+    # -- the broker's side, for tests ------------------------------------------------
+
+    def deliver(
+        self,
+        body: bytes,
+        *,
+        redelivered: bool = False,
+        problem: str | None = None,
+    ) -> Delivery:
+        """Put *body* in the inbox (cut as the real link cuts an oversized one)."""
+        with self._changed:
+            self._tag += 1
+            size = len(body)
+            d = Delivery(
+                generation=self._generation,
+                tag=self._tag,
+                redelivered=redelivered,
+                body=body if size <= self.max_body else b"",
+                problem=problem,
+                too_large=size if size > self.max_body else None,
+            )
+        self.inbox.put(d)
+        self._on_delivery()
+        return d
+
+    def wait_for(
+        self, what: str, predicate: Callable[[], object], timeout_s: float
+    ) -> None:
+        """Wait until *predicate()* (checked at each change) holds, or fail."""
+        with self._changed:
+            if not self._changed.wait_for(predicate, timeout_s):
+                raise AssertionError(f"fake link: timed out waiting for {what}")
+
+    def events(self, task_id: str | None = None) -> list[dict[str, Any]]:
+        """The status events published so far (of *task_id*, if given), in order."""
+        with self._changed:
+            sent = list(self.published)
+        out = [json.loads(m.body) for m in sent if m.exchange == EVENTS_EXCHANGE]
+        return [e for e in out if task_id is None or e.get("task_id") == task_id]
+
+    def _settle(self, delivery: Delivery, what: str) -> None:
+        if self.on_settle is not None:
+            self.on_settle(delivery, what)
+        with self._changed:
+            if delivery.generation == self._generation:
+                self.settled.append((delivery, what))
+            self._changed.notify_all()
