@@ -35,7 +35,14 @@ from femd.errors import cut
 if TYPE_CHECKING:
     import tarfile
 
-__all__ = ["EMPTY", "STEP_FAILED", "OutputCapture", "tmpfs_bytes", "wrap_argv"]
+__all__ = [
+    "EMPTY",
+    "STEP_FAILED",
+    "OutputCapture",
+    "send_script",
+    "tmpfs_bytes",
+    "wrap_argv",
+]
 
 _PAGE: Final = 4096
 _MAX_MEMBERS: Final = 100_000
@@ -51,15 +58,32 @@ _MAX_MEMBERS: Final = 100_000
 # are builtins, so an empty output costs no exec.
 STEP_FAILED: Final = 125  # the output step could not stream (a task's own code is kept)
 EMPTY: Final = b"empty"  # the stream's first line for an empty output directory
-_STEP: Final = (
-    'trap : TERM; out=$1; shift; "$@" </dev/null; code=$?; '
-    "kill -KILL -1 2>/dev/null; e=; "
-    'if [ -r "$out" ] && [ -x "$out" ]; then e=1; '
-    'for f in "$out"/* "$out"/.[!.]* "$out"/..?*; do '
-    'if [ -e "$f" ] || [ -L "$f" ]; then e=; break; fi; done; fi; '
-    f'if [ -n "$e" ]; then echo {EMPTY.decode()}; '
-    'else stat -f -c %a "$out" && tar -C "$out" -cf - .; fi >&0 2>/dev/null '
-    f"|| exit {STEP_FAILED}; exit $code"
+
+
+def send_script(sink: str, tools: str = "") -> str:
+    """The step's end, once the task's command ended with ``$code``: the protocol.
+
+    Kills every other process of the sandbox, then sends the output dir
+    ``$out`` to *sink* (a redirection: ``>&0``, ``>/run/femd/output``) as the
+    one line ``empty``, or the tmpfs's free blocks then a tar; exits
+    ``STEP_FAILED`` if it could not, else ``$code``. *tools*: the prefix of
+    ``stat`` and ``tar`` (``$b `` for podman's bound busybox); the rest are
+    shell builtins. Every sandbox's step ends with it, so one reader
+    (``OutputCapture``) reads them all.
+    """
+    return (
+        "kill -KILL -1 2>/dev/null; e=; "
+        'if [ -r "$out" ] && [ -x "$out" ]; then e=1; '
+        'for f in "$out"/* "$out"/.[!.]* "$out"/..?*; do '
+        'if [ -e "$f" ] || [ -L "$f" ]; then e=; break; fi; done; fi; '
+        f'if [ -n "$e" ]; then echo {EMPTY.decode()}; '
+        f'else {tools}stat -f -c %a "$out" && {tools}tar -C "$out" -cf - .; '
+        f"fi {sink} 2>/dev/null || exit {STEP_FAILED}; exit $code"
+    )
+
+
+_STEP: Final = 'trap : TERM; out=$1; shift; "$@" </dev/null; code=$?; ' + send_script(
+    ">&0"
 )
 
 

@@ -121,6 +121,37 @@ def test_task_writes_its_output_dir(podman_box: PodmanBox) -> None:
     assert outcome.finished_at >= outcome.started_at
 
 
+@pytest.mark.parametrize(
+    ("script", "files"),
+    [("true", []), ("echo h > /out/.hidden", [".hidden"]), ("mkdir /out/d", ["d"])],
+    ids=["empty", "dot-file", "empty-subdir"],
+)
+def test_the_podman_step_speaks_the_one_output_protocol(
+    podman_box: PodmanBox,
+    monkeypatch: pytest.MonkeyPatch,
+    script: str,
+    files: list[str],
+) -> None:
+    from femd.launchers import tarstream
+    from femd.launchers.capture import send_script
+    from femd.launchers.podman import outputs
+
+    assert outputs._STEP.endswith(send_script(">/run/femd/output", tools="$b "))
+    tars = []
+    real_open = tarstream.open_stream
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        tars.append(1)
+        return real_open(*args, **kw)
+
+    monkeypatch.setattr(tarstream, "open_stream", counted)
+    outcome, out, _ = podman_box.run(script)
+    assert outcome.state == "succeeded", outcome.reason
+    assert sorted(p.name for p in out.iterdir()) == files
+    # An empty dir sends the one line `empty` (busybox's builtins): no tar read.
+    assert len(tars) == (1 if files else 0)
+
+
 def _uid(name: str) -> int:
     import pwd
 

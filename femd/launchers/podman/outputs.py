@@ -13,8 +13,9 @@ tar):
   bound read-only at ``/run/femd/busybox``, runs the task's argv through
   podman's own init (``/run/podman-init``, so argv is resolved exactly as
   podman would), forwards a stop's SIGTERM to it, and when it ends kills
-  every other process of the container, then writes the tmpfs's free blocks
-  and a tar of it into a FIFO bound at ``/run/femd/output``;
+  every other process of the container, then sends the output dir into a
+  FIFO bound at ``/run/femd/output`` with every sandbox's protocol
+  (``capture.send_script``: the line ``empty``, or free blocks and a tar);
 - femd reads that FIFO with ``capture.OutputCapture``, which treats the
   stream as hostile (the step runs as the task's uid, beside it): names
   checked, regular files and directories only, bytes and members capped.
@@ -37,7 +38,7 @@ from typing import Final
 
 from femd.errors import LaunchError, cut
 from femd.launchers import LaunchSpec
-from femd.launchers.capture import STEP_FAILED, OutputCapture, tmpfs_bytes
+from femd.launchers.capture import OutputCapture, send_script, tmpfs_bytes
 
 __all__ = [
     "HELPER",
@@ -62,9 +63,8 @@ _STEP: Final = (
     f'{_INIT} -- "$@" </dev/null & pid=$!; '
     "trap 'got=1; kill -TERM $pid 2>/dev/null' TERM; "
     'while :; do got=; wait $pid; code=$?; [ -z "$got" ] && break; done; '
-    "kill -KILL -1 2>/dev/null; "
-    f'{{ $b stat -f -c %a "$out" && $b tar -C "$out" -cf - .; }} '
-    f">{_STREAM_TARGET} 2>/dev/null || exit {STEP_FAILED}; exit $code"
+    # the same end as every sandbox's step: one protocol, one reader
+    + send_script(f">{_STREAM_TARGET}", tools="$b ")
 )
 
 
