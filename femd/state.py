@@ -175,7 +175,7 @@ class State(Outbox):
         error: str | None = None,
         report: RunReport | None = None,
         usage: Mapping[str, float] | None = None,
-        passing: Sequence[TaskState] = (),
+        passing: Sequence[tuple[TaskState, datetime]] = (),
         results: Results | None = None,
     ) -> int:
         """Move a task to *state*, with its history row and status event.
@@ -191,9 +191,9 @@ class State(Outbox):
             exit_code: the workload's exit code, stored and sent when given.
             reasons: stored and sent as ``reasons`` when given.
             outputs: ``(sha256, bytes, chunks)`` of the packed outputs.
-            passing: states the task went through on its way to *state*,
-                nobody having waited for them (each gets its history row
-                and its bare status event, at *at*, before *state*'s).
+            passing: ``(state, at)`` the task went through on its way to
+                *state*, told by nobody yet (each gets its history row and
+                its bare status event, before *state*'s).
             results: a packed archive whose chunks are queued in the same
                 transaction, before the event, which then announces them as
                 ``outputs`` (instead of *outputs*).
@@ -272,9 +272,10 @@ class State(Outbox):
                 f"UPDATE tasks SET {', '.join(sets)} WHERE task_id = ?",  # noqa: S608
                 (*args, task_id),
             )
-            for step in passing:
-                db.execute(_INSERT_TRANSITION, (task_id, step, when, ""))
-                self._emit(db, _event(node, task_id, step, when))
+            for step, step_at in passing:
+                step_when = time_text(step_at)
+                db.execute(_INSERT_TRANSITION, (task_id, step, step_when, ""))
+                self._emit(db, _event(node, task_id, step, step_when))
             self._queue_chunks(db, rows)
             db.execute(
                 _INSERT_TRANSITION,

@@ -72,6 +72,7 @@ def runner() -> execution.Runner:
     r.cancelled = threading.Event()
     r.grace_s = 1.0
     r.live_log = None
+    r.running_at = None  # its running state already told
     return r
 
 

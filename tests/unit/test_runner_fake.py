@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
 
 from femd.decision import EventRule, Rule
 from femd.errors import LaunchError
-from femd.execution import Runner
+from femd.execution import TELL_RUNNING_S, Runner
 from femd.launchers import Capabilities, LauncherProfile, ProcessSettings
 from femd.manifest import Task
 from femd.policy import load_policy
@@ -119,20 +122,22 @@ def _ended(state, task_id):
 def test_an_empty_output_dir_sends_no_archive_and_folds_the_end(
     run_task, tmp_path, monkeypatch
 ):
-    """Issue 20: nothing to pack, chunk or fsync; one commit from the end of the run."""
+    """Issue 20: nothing to pack, chunk or fsync; a task that ends at once
+    is told running, uploading and succeeded in one commit."""
     commits = _count_commits(monkeypatch, run_task.state)
     states = run_task(FakeLauncher())
     assert states == [
         "received", "queued", "staging", "running", "uploading", "succeeded"
     ]  # fmt: skip
-    # staging, running, then uploading+succeeded together.
-    assert commits == ["transition"] * 3
+    # staging, then running+uploading+succeeded together.
+    assert commits == ["transition"] * 2
     events, chunks = _ended(run_task.state, run_task.task.id)
     assert chunks == []
-    *_, uploading, done = events
-    assert uploading["state"] == "uploading"
+    *_, running, uploading, done = events
+    assert [running["state"], uploading["state"]] == ["running", "uploading"]
     assert done["state"] == "succeeded"
-    assert done["event_seq"] == uploading["event_seq"] + 1
+    assert done["event_seq"] == uploading["event_seq"] + 1 == running["event_seq"] + 2
+    assert running["at"] <= uploading["at"]
     # DESIGN "Status event": no outputs, no `outputs` field.
     assert "outputs" not in done
     assert done["exit_code"] == 0
@@ -147,8 +152,8 @@ def test_outputs_are_queued_with_the_event_that_announces_them(run_task, monkeyp
     """The chunks and the terminal event: one commit (atomic, one fsync)."""
     commits = _count_commits(monkeypatch, run_task.state)
     run_task(FakeLauncher(outputs={"sub/model.bin": os.urandom(150_000)}))
-    # staging, running, uploading (before packing), then chunks+succeeded.
-    assert commits == ["transition"] * 4
+    # staging, running+uploading (before packing), then chunks+succeeded.
+    assert commits == ["transition"] * 3
     events, chunks = _ended(run_task.state, run_task.task.id)
     done = events[-1]
     assert done["state"] == "succeeded"
@@ -157,3 +162,25 @@ def test_outputs_are_queued_with_the_event_that_announces_them(run_task, monkeyp
     assert {c.headers["sha256"] for c in chunks} == {out["sha256"]}
     assert sum(len(c.body) for c in chunks) == out["bytes"]
     assert max(c.seq for c in chunks) < done["seq"]
+
+
+def test_a_task_still_running_is_told_running_dated_at_its_launch(run_task):
+    """`running` waits TELL_RUNNING_S for a quick end, then is committed alone."""
+    launcher = FakeLauncher(hold=True)
+    state, tid = run_task.state, run_task.task.id
+    done = threading.Thread(target=run_task, args=(launcher,))
+    before = datetime.now(UTC)
+    done.start()
+    deadline = time.monotonic() + 30
+    while "running" not in [s for s, _, _ in state.transitions(tid)]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    told = datetime.now(UTC)
+    (at,) = [at for s, at, _ in state.transitions(tid) if s == "running"]
+    assert before <= at
+    assert told - at >= timedelta(seconds=TELL_RUNNING_S)
+    assert state.get(tid).state == "running"
+    launcher.handles[tid].cancel(0)
+    done.join(30)
+    states = [s for s, _, _ in state.transitions(tid)]
+    assert states[-2:] == ["running", "cancelled"]
