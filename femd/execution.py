@@ -46,8 +46,8 @@ from femd.livelog import LogFollower
 from femd.manifest import Task
 from femd.model import utc_now as _now
 from femd.policy import LoadedPolicy
-from femd.stageout import pack_outputs
-from femd.state import State
+from femd.stageout import is_empty, pack_outputs
+from femd.state import Results, State
 from femd.statedir import StateDir
 from femd.tree import remove_tree
 
@@ -112,10 +112,11 @@ class Runner:
         *,
         exit_code: int | None = None,
         reasons: Sequence[tuple[str, str]] = (),
-        outputs: tuple[str, int, int] | None = None,
         error: str | None = None,
         report: RunReport | None = None,
         usage: Mapping[str, float] | None = None,
+        passing: Sequence[TaskState] = (),
+        results: Results | None = None,
     ) -> None:
         self.state.transition(
             self.task.id,
@@ -124,10 +125,11 @@ class Runner:
             at=_now(),
             exit_code=exit_code,
             reasons=reasons,
-            outputs=outputs,
             error=error,
             report=report,
             usage=usage,
+            passing=passing,
+            results=results,
         )
         self.wake()
 
@@ -272,34 +274,39 @@ class Runner:
 
     def _stage_out(self, outcome: Outcome) -> None:
         t = self.task
-        self._transition(TaskState.UPLOADING)
-        self.outgoing.mkdir(mode=0o700, exist_ok=True)
-        packed = pack_outputs(
-            self.work / "out",
-            self.outgoing / f"{t.id}.tar.gz",
-            max_bytes=output_cap(t, self.policy),
-        )
-        chunks = self.state.enqueue_results(
-            task_id=t.id,
-            node=self.node,
-            archive=Path(packed.path),
-            sha256=packed.sha256,
-            chunk_bytes=self.chunk_bytes,
-        )
+        passing: tuple[TaskState, ...] = ()
+        results = None
+        if is_empty(self.work / "out"):
+            # DESIGN "Status event": nothing to send, so no archive, no chunk
+            # and no `outputs`; `uploading` is told in the terminal commit.
+            passing = (TaskState.UPLOADING,)
+            sent = "no outputs (the output directory is empty)"
+        else:
+            self._transition(TaskState.UPLOADING)
+            self.outgoing.mkdir(mode=0o700, exist_ok=True)
+            packed = pack_outputs(
+                self.work / "out",
+                self.outgoing / f"{t.id}.tar.gz",
+                max_bytes=output_cap(t, self.policy),
+            )
+            # The chunks and the event announcing them: one commit.
+            results = Results(packed.path, packed.sha256, self.chunk_bytes)
+            sent = f"outputs sent ({packed.bytes} bytes)"
         usage = self._usage(outcome)
         self._transition(
             TaskState.SUCCEEDED,
             exit_code=outcome.exit_code,
-            outputs=(packed.sha256, packed.bytes, chunks),
             report=self._report(outcome),
             usage=usage or None,
+            passing=passing,
+            results=results,
         )
         self._audit(
             audit.Event.OUTPUTS_SENT,
-            f"task {t.id}: outputs sent ({packed.bytes} bytes, {chunks} chunks)",
+            f"task {t.id}: {sent}",
             state=TaskState.SUCCEEDED,
             exit_code=outcome.exit_code,
-            output_sha256=packed.sha256,
+            output_sha256=results.sha256 if results else None,
             extra=self._usage_fields(usage),
         )
 

@@ -26,7 +26,7 @@ from femd.events import EVENTS_EXCHANGE, RESULTS_EXCHANGE, StatusEvent
 from femd.stageout import CHUNK_BYTES, chunk_count
 from femd.statedb import Database, time_text
 
-__all__ = ["Outbox", "OutboxEvent"]
+__all__ = ["Outbox", "OutboxEvent", "Results", "chunk_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,45 @@ def _read_chunk(head: dict[str, object]) -> tuple[dict[str, object], bytes] | No
         return None
     public = {k: v for k, v in head.items() if not k.startswith("_")}
     return public, data
+
+
+class Results(msgspec.Struct, frozen=True):
+    """A packed archive to queue as result chunks (``Outbox.enqueue_results``)."""
+
+    archive: Path
+    sha256: str
+    chunk_bytes: int = CHUNK_BYTES
+
+
+def chunk_rows(
+    task_id: str, node: str, results: Results, when: str
+) -> tuple[int, list[tuple[str, str, str, str]]]:
+    """The archive's size and its chunks' outbox rows (``Outbox.enqueue_results``).
+
+    Raises:
+        StageOutError: the archive cannot be read.
+    """
+    routing_key = f"{node}.{task_id}"
+    archive, chunk_bytes = results.archive, results.chunk_bytes
+    try:
+        size = archive.stat().st_size
+        total = chunk_count(size, chunk_bytes)
+    except OSError as e:
+        raise StageOutError(f"outputs: cannot read {cut(archive)}: {cut(e)}") from e
+    rows = []
+    for index in range(total):
+        offset = index * chunk_bytes
+        headers = {
+            "index": index,
+            "total": total,
+            "offset": offset,
+            "size": size,
+            "sha256": results.sha256,
+            _FILE: str(archive),
+            _LENGTH: min(chunk_bytes, size - offset),
+        }
+        rows.append((RESULTS_EXCHANGE, routing_key, json.dumps(headers), when))
+    return size, rows
 
 
 class Outbox(Database):
@@ -170,34 +209,23 @@ class Outbox(Database):
             StageOutError: the archive cannot be read.
             StateError: the write failed.
         """
+        results = Results(archive, sha256, chunk_bytes)
         when = time_text(at or datetime.now(UTC))
-        routing_key = f"{node}.{task_id}"
-        try:
-            size = archive.stat().st_size
-            total = chunk_count(size, chunk_bytes)
-        except OSError as e:
-            raise StageOutError(f"outputs: cannot read {cut(archive)}: {cut(e)}") from e
-        rows = []
-        for index in range(total):
-            offset = index * chunk_bytes
-            headers = {
-                "index": index,
-                "total": total,
-                "offset": offset,
-                "size": size,
-                "sha256": sha256,
-                _FILE: str(archive),
-                _LENGTH: min(chunk_bytes, size - offset),
-            }
-            rows.append((RESULTS_EXCHANGE, routing_key, json.dumps(headers), when))
+        _, rows = chunk_rows(task_id, node, results, when)
         with self._write("enqueue results") as db:
-            db.executemany(
-                "INSERT INTO outbox (exchange, routing_key, headers, body,"
-                " created_at) VALUES (?, ?, ?, x'', ?)",
-                rows,
-            )
-        logger.info("state: queued %d result chunks of task %s", total, task_id)
-        return total
+            self._queue_chunks(db, rows)
+        logger.info("state: queued %d result chunks of task %s", len(rows), task_id)
+        return len(rows)
+
+    @staticmethod
+    def _queue_chunks(
+        db: sqlite3.Connection, rows: list[tuple[str, str, str, str]]
+    ) -> None:
+        db.executemany(
+            "INSERT INTO outbox (exchange, routing_key, headers, body,"
+            " created_at) VALUES (?, ?, ?, x'', ?)",
+            rows,
+        )
 
     def mark_published(self, seqs: Iterable[int]) -> None:
         """Mark messages as confirmed by the broker.
@@ -212,7 +240,18 @@ class Outbox(Database):
         batch = [(seq,) for seq in seqs]
         if not batch:
             return
-        with self._write("mark published") as db:
+        # Marking status events needs no fsync of its own: lost in a power
+        # cut, they are published again and receivers dedupe on (node, seq)
+        # (DESIGN "Status event"). A batch with result chunks is durable: the
+        # archive it completes is removed after the commit.
+        with self._read("mark published") as db:
+            marks = ",".join("?" * len(batch))
+            chunks = db.execute(
+                f"SELECT 1 FROM outbox WHERE exchange = ? AND seq IN ({marks})"  # noqa: S608
+                " LIMIT 1",
+                (RESULTS_EXCHANGE, *(seq for (seq,) in batch)),
+            ).fetchone()
+        with self._write("mark published", durable=chunks is not None) as db:
             db.executemany("UPDATE outbox SET published = 1 WHERE seq = ?", batch)
             files = {
                 str(f)

@@ -34,7 +34,7 @@ from femd.events import (
     TaskState,
 )
 from femd.launchers import Usage
-from femd.outbox import Outbox, OutboxEvent
+from femd.outbox import Outbox, OutboxEvent, Results, chunk_rows
 from femd.statedb import parse_time, time_text
 from femd.taskrow import COLUMNS, TaskRow, task_row
 
@@ -44,6 +44,7 @@ __all__ = [
     "STATES",
     "TERMINAL_STATES",
     "OutboxEvent",
+    "Results",
     "State",
     "TaskRow",
 ]
@@ -174,8 +175,13 @@ class State(Outbox):
         error: str | None = None,
         report: RunReport | None = None,
         usage: Mapping[str, float] | None = None,
+        passing: Sequence[TaskState] = (),
+        results: Results | None = None,
     ) -> int:
         """Move a task to *state*, with its history row and status event.
+
+        One transaction (one commit, one fsync) whatever the arguments: the
+        states in *passing* and the result chunks are committed with it.
 
         Args:
             task_id: a recorded task that is not in a terminal state.
@@ -185,6 +191,12 @@ class State(Outbox):
             exit_code: the workload's exit code, stored and sent when given.
             reasons: stored and sent as ``reasons`` when given.
             outputs: ``(sha256, bytes, chunks)`` of the packed outputs.
+            passing: states the task went through on its way to *state*,
+                nobody having waited for them (each gets its history row
+                and its bare status event, at *at*, before *state*'s).
+            results: a packed archive whose chunks are queued in the same
+                transaction, before the event, which then announces them as
+                ``outputs`` (instead of *outputs*).
             error: our side's one-line failure text (stored, not sent).
             report: what the run left to tell (``log_tail``, ``started_at``,
                 ``accounting``, ``network``), sent with the event.
@@ -196,9 +208,14 @@ class State(Outbox):
 
         Raises:
             StateError: unknown task, a terminal task, or the write failed.
+            StageOutError: the *results* archive cannot be read.
         """
         _check_state(state)
         when = time_text(at)
+        rows: list[tuple[str, str, str, str]] = []
+        if results is not None:
+            size, rows = chunk_rows(task_id, node, results, when)
+            outputs = (results.sha256, size, len(rows))
         event = _event(node, task_id, TaskState(state), when)
         if report is not None:
             event = msgspec.structs.replace(
@@ -255,6 +272,10 @@ class State(Outbox):
                 f"UPDATE tasks SET {', '.join(sets)} WHERE task_id = ?",  # noqa: S608
                 (*args, task_id),
             )
+            for step in passing:
+                db.execute(_INSERT_TRANSITION, (task_id, step, when, ""))
+                self._emit(db, _event(node, task_id, step, when))
+            self._queue_chunks(db, rows)
             db.execute(
                 _INSERT_TRANSITION,
                 (task_id, state, when, "; ".join(detail)),

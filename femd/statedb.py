@@ -230,16 +230,30 @@ class Database:
             raise StateError(f"state: {what} failed: {cut(e)}") from e
 
     @contextmanager
-    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One short write transaction under the lock; rolled back on any error."""
+    def _write(
+        self, what: str, *, durable: bool = True
+    ) -> Iterator[sqlite3.Connection]:
+        """One short write transaction under the lock; rolled back on any error.
+
+        A write that is not *durable* commits without its own fsync
+        (``synchronous=NORMAL`` for that commit: WAL keeps it atomic, and the
+        next durable commit's fsync covers it). Only for a change whose loss
+        in a power cut costs a repeat and breaks no promise.
+        """
         with self._lock, self._guard(what):
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous = NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous = FULL")
 
     @contextmanager
     def _read(self, what: str) -> Iterator[sqlite3.Connection]:

@@ -19,7 +19,7 @@ from femd.stageout.chunks import (
     iter_chunks,
     verify_file,
 )
-from femd.stageout.pack import ARCHIVE_SLACK_BYTES, Packed, pack_outputs
+from femd.stageout.pack import ARCHIVE_SLACK_BYTES, Packed, is_empty, pack_outputs
 from femd.stageout.unpack import unpack_outputs
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "Packed",
     "Reassembler",
     "chunk_count",
+    "is_empty",
     "iter_chunks",
     "pack_outputs",
     "unpack_outputs",

@@ -23,7 +23,7 @@ from femd.stageout.flags import DIR_FLAGS, READ_FLAGS
 if TYPE_CHECKING:
     import tarfile
 
-__all__ = ["ARCHIVE_SLACK_BYTES", "Packed", "pack_outputs"]
+__all__ = ["ARCHIVE_SLACK_BYTES", "Packed", "is_empty", "pack_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,23 @@ def _open_file(root_fd: int, entry: _Entry) -> IO[bytes]:
         os.close(file_fd)
         raise UnsafeOutputPathError(f"outputs: {cut(rel)} changed while packing")
     return os.fdopen(file_fd, "rb")
+
+
+def is_empty(output_dir: Path) -> bool:
+    """Return True if *output_dir* has no entry at all (nothing to pack or send).
+
+    Raises:
+        StageOutError: the directory cannot be opened (a link is not followed).
+    """
+    try:
+        fd = os.open(output_dir, DIR_FLAGS)
+        try:
+            with os.scandir(fd) as it:
+                return next(it, None) is None
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise StageOutError(f"outputs: cannot open {cut(output_dir)}: {cut(e)}") from e
 
 
 def pack_outputs(output_dir: Path, dest: Path, *, max_bytes: int) -> Packed:

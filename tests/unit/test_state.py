@@ -681,3 +681,37 @@ def test_enqueue_results_of_missing_archive(tmp_path: Path, state: State) -> Non
             task_id="t1", node=NODE, archive=tmp_path / "none", sha256="0" * 64
         )
     assert state.pending_events() == []
+
+
+def test_marking_events_published_commits_without_its_own_fsync(
+    tmp_path: Path, state: State
+) -> None:
+    """Issue 20: a lost mark costs a re-publish (deduped), so no fsync for it;
+    a batch completing an archive stays durable, and FULL comes back after."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_bytes(b"x" * 100)
+    packed = pack_outputs(out, tmp_path / "o.tar.gz", max_bytes=1 << 20)
+    record(state, "t1")
+    state.enqueue_results(
+        task_id="t1", node=NODE, archive=packed.path, sha256=packed.sha256
+    )
+    pending = state.pending_events()
+    events = [e.seq for e in pending if e.exchange == EVENTS_EXCHANGE]
+    chunks = [e.seq for e in pending if e.exchange == RESULTS_EXCHANGE]
+    seen: list[str] = []
+    state._db.set_trace_callback(seen.append)
+    try:
+        state.mark_published(events)
+        lazy, seen[:] = list(seen), []
+        state.mark_published(chunks)
+        durable = list(seen)
+    finally:
+        state._db.set_trace_callback(None)
+    normal = "PRAGMA synchronous = NORMAL"
+    assert lazy.index(normal) < lazy.index("BEGIN IMMEDIATE") < lazy.index("COMMIT")
+    assert lazy[-1] == "PRAGMA synchronous = FULL"
+    assert normal not in durable
+    assert state._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert state.pending_events() == []
+    assert not packed.path.exists()
