@@ -4,7 +4,8 @@ Owns the launcher of the ``podman`` back-end (see the package docstring for
 the sandbox): ``probe()`` asks the service (``info``), ``launch()`` re-checks
 the limits (fail closed), stages the image, creates the container, forwards
 its network if any, and starts it; ``adopt()`` finds a container again by its
-``femd.task`` label after an agent restart. ``TrialPodmanLauncher`` is
+``femd.task`` label after an agent restart and checks it against femd's
+launch record (``record``). ``TrialPodmanLauncher`` is
 ``femd doctor``'s, for its trivial task.
 """
 
