@@ -19,8 +19,8 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from femd.launchers import Accounting, Traffic, Usage
 from femd.model import json_schema
+from femd.usage import Accounting, Traffic, Usage
 
 __all__ = [
     "EVENTS_EXCHANGE",

@@ -33,10 +33,10 @@ from femd.events import (
     StatusEvent,
     TaskState,
 )
-from femd.launchers import Usage
 from femd.outbox import Outbox, OutboxEvent, Results, chunk_rows
 from femd.statedb import parse_time, time_text
 from femd.taskrow import COLUMNS, TaskRow, task_row
+from femd.usage import Usage
 
 __all__ = [
     "EVENTS_EXCHANGE",

@@ -10,13 +10,13 @@ Exit codes (DESIGN "command line"): 0 ok/allow, 1 deny, 2 error.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 from femd import __version__
-from femd.cli import check, doctor, fem, orchestrator, policy, run, signing, tasks
 from femd.cli.console import Parser
 from femd.errors import FemdError, cut
 
@@ -25,20 +25,38 @@ __all__ = ["main"]
 logger = logging.getLogger("femd")
 
 
-def _parser() -> argparse.ArgumentParser:
+# The command modules (femd.cli.<name>), in the order `femd --help` lists them.
+_GROUPS = (
+    "signing",
+    "check",
+    "policy",
+    "run",
+    "orchestrator",
+    "doctor",
+    "tasks",
+    "fem",
+)
+# `femd run` (systemd's ExecStart) parses with its own module only: the agent
+# does not import every other command's module (start-up time, RSS at rest).
+_ALONE = {"run": ("run",)}
+
+
+def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The ``femd`` parser; only the agent's own command's when *argv* runs it."""
     p = Parser(prog="femd", description="Federated Execution Manager daemon")
     p.add_argument("--version", action="version", version=f"femd {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    # In the order `femd --help` lists them.
-    for group in (signing, check, policy, run, orchestrator, doctor, tasks, fem):
-        group.add_commands(sub)
+    # The global options take no value: the first other word is the command.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    for name in _ALONE.get(command or "", _GROUPS):
+        importlib.import_module(f"femd.cli.{name}").add_commands(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok/allow, 1 deny, 2 error)."""
-    parser = _parser()
+    parser = _parser(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:

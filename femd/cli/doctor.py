@@ -59,7 +59,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     usable: list[str] = []
     try:
         work_root.mkdir(parents=True, exist_ok=True)
-        configs = {"podman": PodmanConfig(socket=socket)} if socket else {}
+        # Each launcher's section of femd.yaml; --podman-socket overrides podman's.
+        configs = dict(config.launcher_configs()) if config is not None else {}
+        if args.podman_socket:
+            configs["podman"] = PodmanConfig(socket=args.podman_socket)
         _, caps = build_all(profiles, state_dir=scratch, configs=configs)
         for (pname, lname), cap in caps.items():
             env = environment(lname, scratch, configs)

@@ -305,3 +305,29 @@ def test_python_dash_m_femd(site):
         check=False,
     )
     assert p.returncode == 0, p
+
+
+def test_run_parses_with_its_own_command_module_only(site, tmp_path):
+    d, _ = site
+    # `femd run` is the agent's start: no other command's module is imported.
+    code = (
+        "import sys; from femd.cli import _parser; "
+        "a = _parser(['-v', 'run', '--config', 'x.yaml']).parse_args("
+        "['-v', 'run', '--config', 'x.yaml']); "
+        "print(a.command, a.config, a.verbose, "
+        "sorted(m for m in sys.modules if m.startswith('femd.cli.')))"
+    )
+    p = subprocess.run(  # noqa: S603 (this interpreter, fixed code)
+        [sys.executable, "-c", code], capture_output=True, check=True, text=True
+    )
+    assert p.stdout.split(" ", 3) == [
+        "run",
+        "x.yaml",
+        "True",
+        "['femd.cli.console', 'femd.cli.run']\n",
+    ]
+    # Every other command line still sees every command.
+    listed = femd("--help", cwd=d).stdout.decode()
+    for command in ("keygen", "check", "policy", "run", "submit", "doctor", "tasks"):
+        assert command in listed
+    assert_one_error_line(femd("-v", "run", "--config", tmp_path / "none.yaml", cwd=d))

@@ -22,7 +22,9 @@ inputs bound read-only, no writable bind but the output stream's FIFO, no
 devices, host ``/etc/hosts`` and ``resolv.conf`` not copied in, image
 ``VOLUME``s ignored, ``k8s-file`` logs of a bounded size, labels
 ``femd.task=<id>`` (+ ``femd.timeout_s``, ``femd.log_max_bytes``,
-``femd.output_dir``, ``femd.output_max_bytes``).
+``femd.output_dir``, ``femd.output_max_bytes``), which a restarted agent
+finds containers by but never trusts: ``record`` is femd's own launch record,
+and adoption refuses a container that disagrees with it.
 
 Limits: the pids limit is ``RLIMIT_NPROC`` of the task uid inside its user
 namespace (plus the cgroup ``pids.max`` where Podman can set it). Memory and cpu
@@ -45,7 +47,9 @@ copying up to ``log_max_bytes`` of its log, which ``logs()`` serves from then on
 Timeouts are wall-clock, from the container's ``StartedAt``, and survive an agent
 restart (``adopt()``); a cancel or a timeout leaves a marker in the
 launcher's state directory (``<state_dir>/launchers/podman/``) so the
-terminal state survives one too.
+terminal state survives one too. A task whose command ended while no agent
+ran is collected, not timed out, when one comes back within the collection
+window (``container.COLLECT_WINDOW_S``).
 """
 
 from __future__ import annotations

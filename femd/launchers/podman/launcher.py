@@ -4,7 +4,8 @@ Owns the launcher of the ``podman`` back-end (see the package docstring for
 the sandbox): ``probe()`` asks the service (``info``), ``launch()`` re-checks
 the limits (fail closed), stages the image, creates the container, forwards
 its network if any, and starts it; ``adopt()`` finds a container again by its
-``femd.task`` label after an agent restart. ``TrialPodmanLauncher`` is
+``femd.task`` label after an agent restart and checks it against femd's
+launch record (``record``). ``TrialPodmanLauncher`` is
 ``femd doctor``'s, for its trivial task.
 """
 
@@ -220,27 +221,28 @@ class PodmanLauncher:
             image_id = self.ensure_image(spec.image, settings)
         except StageInError as e:
             raise LaunchError(str(e)) from e
-        # SECURITY: femd's own record of what it launched, before the
-        # container exists: after a restart adopt() trusts it, not labels.
-        record = LaunchRecord.of(spec)
-        record.save(self._markers, spec.task_id)
         stream = OutputStream.create(Path(spec.output_dir), spec.output_max_bytes)
-        body = container_spec(
-            spec,
-            settings,
-            caps,
-            image_id,
-            stream=stream.path,
-            cgroup_pids=self._cgroup_pids,
-        )
-        net = TaskNetwork(spec, spec.profile.network) if spec.network else None
-        for source, target in net.prepare() if net else ():
-            # femd's /etc/hosts, resolv.conf, nsswitch.conf (docs/network.md)
-            body["mounts"].append(
-                {"destination": target, "type": "bind", "source": source,
-                 "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}
-            )  # fmt: skip
+        net: TaskNetwork | None = None
         try:
+            body = container_spec(
+                spec,
+                settings,
+                caps,
+                image_id,
+                stream=stream.path,
+                cgroup_pids=self._cgroup_pids,
+            )
+            net = TaskNetwork(spec, spec.profile.network) if spec.network else None
+            for source, target in net.prepare() if net else ():
+                # femd's /etc/hosts, resolv.conf, nsswitch.conf (docs/network.md)
+                body["mounts"].append(
+                    {"destination": target, "type": "bind", "source": source,
+                     "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}
+                )  # fmt: skip
+            # SECURITY: femd's own record of what it launched, before the
+            # container exists: after a restart adopt() trusts it, not labels.
+            record = LaunchRecord.of(spec)
+            record.save(self._markers, spec.task_id)
             cid = self._create_and_start(spec, body, net, record)
         except LaunchError:
             stream.close()
