@@ -23,6 +23,7 @@ from typing import Final
 
 from femd import statemark
 from femd.errors import StateError, cut
+from femd.sqltx import immediate
 
 __all__ = ["SCHEMA_VERSION", "Database", "parse_time", "time_text"]
 
@@ -244,13 +245,8 @@ class Database:
             if not durable:
                 self._db.execute("PRAGMA synchronous = NORMAL")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
+                with immediate(self._db) as db:
+                    yield db
             finally:
                 if not durable:
                     self._db.execute("PRAGMA synchronous = FULL")

@@ -19,6 +19,7 @@ from typing import Any, Final
 from femd.assembly import release_dead_claims
 from femd.errors import StateError, cut
 from femd.inbox import gaps
+from femd.sqltx import immediate
 
 __all__ = ["SCHEMA_VERSION", "InboxDatabase"]
 
@@ -155,13 +156,8 @@ class InboxDatabase:
         """
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
+                with immediate(self._db) as db:
+                    yield db
             except sqlite3.Error as e:
                 raise StateError(f"inbox: {what} failed: {cut(e)}") from e
 
