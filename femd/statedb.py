@@ -23,7 +23,7 @@ from typing import Final
 
 from femd import statemark
 from femd.errors import StateError, cut
-from femd.sqltx import immediate
+from femd.sqltx import immediate, while_busy
 
 __all__ = ["SCHEMA_VERSION", "Database", "parse_time", "time_text"]
 
@@ -144,7 +144,7 @@ class Database:
         except sqlite3.Error as e:
             raise StateError(f"state: cannot open {cut(path)}: {cut(e)}") from e
         try:
-            self._setup()
+            while_busy(self._setup, _BUSY_MS / 1000)
         except sqlite3.Error as e:
             self._db.close()
             raise StateError(f"state: cannot open {cut(path)}: {cut(e)}") from e
@@ -203,7 +203,8 @@ class Database:
                 )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         statemark.write(self._path)
 

@@ -19,7 +19,7 @@ from typing import Any, Final
 from femd.assembly import release_dead_claims
 from femd.errors import StateError, cut
 from femd.inbox import gaps
-from femd.sqltx import immediate
+from femd.sqltx import immediate, while_busy
 
 __all__ = ["SCHEMA_VERSION", "InboxDatabase"]
 
@@ -106,7 +106,7 @@ class InboxDatabase:
                 isolation_level=None,
                 check_same_thread=False,
             )
-            self._setup()
+            while_busy(self._setup, _BUSY_MS / 1000)
         except (OSError, sqlite3.Error) as e:
             raise StateError(f"inbox: cannot open {cut(root)}: {cut(e)}") from e
 
@@ -139,7 +139,8 @@ class InboxDatabase:
             release_dead_claims(db)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
     def close(self) -> None:
