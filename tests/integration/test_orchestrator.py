@@ -62,16 +62,43 @@ def submit(env: NodeEnv, *envelopes: bytes) -> None:
         assert done.returncode == 0, done.stderr
 
 
-class Watcher:
-    """``femd watch`` as a subprocess, stdout and stderr in files."""
+# Runs argv[2:] as a forked child and writes the child's own peak RSS (KiB)
+# to argv[1]. Not os.wait4 on a child of pytest: a process exec'd from pytest
+# keeps pytest's RSS at exec as its ru_maxrss (the kernel records the old
+# mm's high-water mark), so a watch started from a 240 MiB pytest would
+# "peak" at 240 MiB having used 60. This shim's child starts from the shim's
+# small image. SIGTERM/SIGINT are passed on to the child.
+PEAK_SHIM = """
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda n, _f: os.kill(pid, n))
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
 
-    def __init__(self, env: NodeEnv, args: tuple[str, ...]) -> None:
+
+class Watcher:
+    """``femd watch`` as a subprocess, stdout and stderr in files.
+
+    With *peak*, it runs under ``PEAK_SHIM`` and ``peak_kib()`` is its own
+    peak RSS once it has exited.
+    """
+
+    def __init__(self, env: NodeEnv, args: tuple[str, ...], peak: bool = False) -> None:
         env_vars = {k: v for k, v in os.environ.items() if not k.startswith("FEMD_")}
         env_vars["PYTHONPATH"] = str(REPO)
         tag = time.monotonic_ns()
         self.out = env.root / f"watch-{tag}.out"
         self.err = env.root / f"watch-{tag}.err"
+        self.peak = env.root / f"watch-{tag}.peak"
         argv = [PYTHON, "-m", "femd", "watch", "--config", str(env.orch_config)]
+        if peak:
+            argv = [PYTHON, "-c", PEAK_SHIM, str(self.peak), *argv]
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen(  # noqa: S603 (fixed arguments)
                 [*argv, *args], stdout=out, stderr=err, cwd=REPO, env=env_vars
@@ -91,6 +118,10 @@ class Watcher:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+
+    def peak_kib(self) -> int:
+        """The watch's peak RSS, as the shim wrote it when the watch exited."""
+        return int(self.peak.read_text())
 
 
 def watch(env: NodeEnv, *args: str) -> Watcher:
@@ -290,12 +321,10 @@ def test_one_gib_output_with_bounded_memory(node_env: NodeEnv) -> None:
     agent = env.start_agent()
     began = time.monotonic()
     submit(env, env.sign(manifest))
-    proc = watch(env, "--task", "gib", "--timeout", "400")
-    # ru_maxrss of the watch, from the kernel, when it exits.
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.proc.returncode = os.waitstatus_to_exitcode(status)
+    # ru_maxrss of the watch, from the kernel, when it exits (see PEAK_SHIM).
+    proc = Watcher(env, ("--task", "gib", "--timeout", "400"), peak=True)
+    code, _, err = proc.finish(420)
     elapsed = time.monotonic() - began
-    code, _, err = proc.finish(1)
     assert code == 0, err
     got = hashlib.sha256()
     with (inbox_dir(env) / NODE / "gib" / "blob.bin").open("rb") as f:
@@ -303,7 +332,7 @@ def test_one_gib_output_with_bounded_memory(node_env: NodeEnv) -> None:
             got.update(data)
     assert got.hexdigest() == gib_digest()
     agent_kib = _hwm_kib(agent.proc.pid)
-    watch_kib = usage.ru_maxrss
+    watch_kib = proc.peak_kib()
     report = (
         f"1 GiB output: {elapsed:.1f} s submit-to-verified ({_stages('gib', env)}),"
         f" peak RSS agent {agent_kib / 1024:.0f} MiB, watch {watch_kib / 1024:.0f} MiB"
