@@ -148,14 +148,16 @@ class StatusEvent(_Wire, frozen=True):
 
     Routed ``<node>.<task_id>.<state>``. ``at``: when it happened (RFC 3339
     UTC, microseconds). ``seq``: the node's outbox sequence, shared with the
-    result chunks: increasing, with gaps, unique per node (receivers dedupe
-    on it). ``event_seq``: the node's status event sequence: 1, 2, 3, ... with
-    no gap on ``femd.events`` alone, so a receiver that misses a number has
-    lost an event (absent from nodes older than this field; starts again at 1
-    with a new state database). ``task_id`` is ``unverified`` for input that
-    never became a task. The other fields are present only when they say
-    something: ``reasons`` (rejected, failed, ...), ``exit_code``, ``outputs``
-    and ``usage`` (what the task used, as measured), then the run report.
+    result chunks: increasing, with gaps, unique per node and state database
+    (receivers dedupe on node, ``seq`` and ``at``: a node with a new state
+    database numbers from 1 again). ``event_seq``: the node's status event
+    sequence: 1, 2, 3, ... with no gap on ``femd.events`` alone, so a
+    receiver that misses a number has lost an event (absent from nodes older
+    than this field; starts again at 1 with a new state database).
+    ``task_id`` is ``unverified`` for input that never became a task. The
+    other fields are present only when they say something: ``reasons``
+    (rejected, failed, ...), ``exit_code``, ``outputs`` and ``usage`` (what
+    the task used, as measured), then the run report.
     """
 
     node: str

@@ -241,7 +241,7 @@ class Outbox(Database):
         if not batch:
             return
         # Marking status events needs no fsync of its own: lost in a power
-        # cut, they are published again and receivers dedupe on (node, seq)
+        # cut, they are published again and receivers dedupe on (node, seq, at)
         # (DESIGN "Status event"). A batch with result chunks is durable: the
         # archive it completes is removed after the commit.
         with self._read("mark published") as db:

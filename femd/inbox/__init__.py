@@ -2,7 +2,7 @@
 
 Owns one directory (``results_dir`` of the orchestrator config, ``--inbox``):
 
-- ``inbox.sqlite`` (WAL): status events (one per node and ``seq``) and the
+- ``inbox.sqlite`` (WAL): status events (one per node, ``seq`` and ``at``) and the
   holes in each node's ``event_seq`` numbering, the
   announced outputs and which of their chunks are in, node status, live log
   batches, and the tasks this orchestrator submitted;

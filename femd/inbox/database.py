@@ -23,7 +23,7 @@ from femd.sqltx import immediate, while_busy
 
 __all__ = ["SCHEMA_VERSION", "InboxDatabase"]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 _BUSY_MS: Final = 30000
 
 _SCHEMA: Final = """
@@ -36,7 +36,8 @@ CREATE TABLE events (
     body TEXT NOT NULL,
     received_at TEXT NOT NULL,
     event_seq INTEGER,
-    UNIQUE (node, seq)
+    at TEXT NOT NULL,
+    UNIQUE (node, seq, at)
 );
 CREATE INDEX events_task ON events (task_id, id);
 CREATE TABLE outputs (
@@ -84,6 +85,21 @@ CREATE TABLE submitted (
 """
 
 
+# Schema 2 -> 3: an event is one per (node, seq, at), no longer (node, seq):
+# a node whose state database is new numbers from 1 again, and its events
+# were dropped as duplicates of the old ones. A redelivery repeats `at`; two
+# lives of a node do not meet at the same seq and microsecond.
+_EVENTS_BY_TIME: Final = (
+    "ALTER TABLE events RENAME TO events_v2",
+    _SCHEMA[_SCHEMA.index("CREATE TABLE events") : _SCHEMA.index("CREATE INDEX")],
+    "INSERT INTO events (id, node, seq, task_id, state, body, received_at,"
+    " event_seq, at) SELECT id, node, seq, task_id, state, body, received_at,"
+    " event_seq, COALESCE(json_extract(body, '$.at'), '') FROM events_v2",
+    "DROP TABLE events_v2",
+    "CREATE INDEX events_task ON events (task_id, id)",
+)
+
+
 class InboxDatabase:
     """The database of one inbox directory; safe for one thread per instance.
 
@@ -125,10 +141,13 @@ class InboxDatabase:
                 for statement in gaps.SCHEMA:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version == 1:
-                # Events numbered by their node (`event_seq`), and the holes.
-                db.execute("ALTER TABLE events ADD COLUMN event_seq INTEGER")
-                for statement in gaps.SCHEMA:
+            elif version in (1, 2):
+                if version == 1:
+                    # Events numbered by their node (`event_seq`), the holes.
+                    db.execute("ALTER TABLE events ADD COLUMN event_seq INTEGER")
+                    for statement in gaps.SCHEMA:
+                        db.execute(statement)
+                for statement in _EVENTS_BY_TIME:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:

@@ -51,6 +51,7 @@ class _Decoded(msgspec.Struct, frozen=True):
     state: str
     seq: int
     event_seq: int | None = None
+    at: str = ""  # with node and seq, what makes an event one (a redelivery repeats it)
 
 
 _decode_event = msgspec.json.Decoder(_Decoded).decode
@@ -72,7 +73,7 @@ class Inbox(InboxReader):
     ) -> None:
         """Open (creating if needed) the inbox at *root*."""
         self.max_output_bytes = max_output_bytes
-        self._events: list[tuple[str, int, str, str, str, int | None]] = []
+        self._events: list[tuple[str, int, str, str, str, int | None, str]] = []
         self._nodes: dict[str, str] = {}
         self._logs: list[tuple[str, str, int, int, bytes]] = []
         super().__init__(root)
@@ -97,7 +98,9 @@ class Inbox(InboxReader):
             logger.warning("inbox: dropping an event routed %s", cut(routing_key))
             return
         text = json.dumps(parsed, sort_keys=True)
-        self._events.append((ev.node, ev.seq, ev.task_id, ev.state, text, ev.event_seq))
+        self._events.append(
+            (ev.node, ev.seq, ev.task_id, ev.state, text, ev.event_seq, ev.at)
+        )
 
     def stage_node(self, routing_key: str, body: bytes) -> None:
         """Keep a node status for ``commit()`` (the newest per node wins)."""
@@ -147,11 +150,12 @@ class Inbox(InboxReader):
         announced: list[tuple[str, str, dict[str, Any]]] = []
         fresh: list[str] = []
         with self.transaction("commit") as db:
-            for node, seq, task, state, text, event_seq in self._events:
+            for node, seq, task, state, text, event_seq, at in self._events:
+                # A redelivery is the same (node, seq, at): ignored.
                 if db.execute(
                     "INSERT OR IGNORE INTO events (node, seq, task_id, state, body,"
-                    " received_at, event_seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (node, seq, task, state, text, now, event_seq),
+                    " received_at, event_seq, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (node, seq, task, state, text, now, event_seq, at),
                 ).rowcount:
                     fresh.append(text)
                     if event_seq is not None:

@@ -21,9 +21,9 @@ def record(st: State, tid: str) -> None:
               decision="allow", reasons=[], node=NODE, at=T0)  # fmt: skip
 
 
-def event(task: str, state: str, seq: int, event_seq: int) -> bytes:
+def event(task: str, state: str, seq: int, event_seq: int, at: str = "t") -> bytes:
     return json.dumps({"node": NODE, "task_id": task, "state": state, "seq": seq,
-                       "event_seq": event_seq, "at": "t"}).encode()  # fmt: skip
+                       "event_seq": event_seq, "at": at}).encode()  # fmt: skip
 
 
 def gaps(inbox: Inbox) -> list[tuple[str, int, int]]:
@@ -127,3 +127,57 @@ def test_an_inbox_of_schema_1_is_migrated(tmp_path: Path):
         inbox.stage_event(f"{NODE}.t{n}.received", event(f"t{n}", "received", n, n))
     inbox.commit()
     assert gaps(inbox) == [(NODE, 2, 2)]
+
+
+def test_a_node_numbering_again_from_one_is_heard(tmp_path: Path):
+    # The node's state database is new (a reinstall): seq and event_seq start
+    # at 1 again. Its events are new events, not duplicates of the old ones;
+    # a redelivery of either life's event is still one.
+    inbox = Inbox(tmp_path / "inbox")
+    before, after = "2026-12-01T10:00:00.000001Z", "2026-12-04T09:00:00.000002Z"
+    for n in (1, 2, 3):
+        inbox.stage_event(f"{NODE}.a{n}.received",
+                          event(f"a{n}", "received", n, n, before))  # fmt: skip
+    inbox.commit()
+    for n in (1, 2):
+        inbox.stage_event(f"{NODE}.b{n}.received",
+                          event(f"b{n}", "received", n, n, after))  # fmt: skip
+        inbox.stage_event(f"{NODE}.b{n}.received",
+                          event(f"b{n}", "received", n, n, after))  # fmt: skip
+    inbox.stage_event(f"{NODE}.a3.received", event("a3", "received", 3, 3, before))
+    inbox.commit()
+    assert [e.task_id for e in inbox.events()] == ["a1", "a2", "a3", "b1", "b2"]
+    assert gaps(inbox) == []
+
+
+def test_an_inbox_of_schema_2_is_migrated(tmp_path: Path):
+    inbox = Inbox(tmp_path / "inbox")
+    inbox.close()
+    db = sqlite3.connect(tmp_path / "inbox" / "inbox.sqlite")
+    db.executescript("""
+        DROP TABLE events;
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, node TEXT NOT NULL,
+            seq INTEGER NOT NULL, task_id TEXT NOT NULL, state TEXT NOT NULL,
+            body TEXT NOT NULL, received_at TEXT NOT NULL, event_seq INTEGER,
+            UNIQUE (node, seq));
+        CREATE INDEX events_task ON events (task_id, id);
+        PRAGMA user_version = 2;
+    """)
+    body = event("t1", "received", 1, 1, "2026-12-01T10:00:00.000001Z").decode()
+    db.execute("INSERT INTO events (node, seq, task_id, state, body, received_at,"
+               " event_seq) VALUES (?, 1, 't1', 'received', ?, 'r', 1)",
+               (NODE, body))  # fmt: skip
+    db.commit()
+    db.close()
+    inbox = Inbox(tmp_path / "inbox")
+    # The old event kept its place and time: its redelivery is still a duplicate.
+    inbox.stage_event(f"{NODE}.t1.received", body.encode())
+    inbox.stage_event(f"{NODE}.t2.received", event("t2", "received", 1, 1, "later"))
+    inbox.commit()
+    assert [e.task_id for e in inbox.events()] == ["t1", "t2"]
+    db = sqlite3.connect(tmp_path / "inbox" / "inbox.sqlite")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    indexes = {r[1] for r in db.execute("PRAGMA index_list(events)")}
+    assert "events_task" in indexes
+    db.close()
