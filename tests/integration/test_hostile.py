@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -526,11 +527,18 @@ def test_flood_is_cheap_and_retention_prunes(node_env: NodeEnv) -> None:
     assert 1 < len(told) <= 12, len(told)
     # Retention: published events and the finished task's payload go; the
     # task's id, decision and hashes stay, so a replay is still refused.
-    wait_for(
-        "published events to be pruned",
-        lambda: _state_rows(env, "SELECT COUNT(*) FROM outbox")[0][0] == 0,
-        30,
-    )
+    try:
+        wait_for(
+            "published events to be pruned",
+            lambda: _state_rows(env, "SELECT COUNT(*) FROM outbox")[0][0] == 0,
+            30,
+        )
+    except AssertionError as e:
+        # What stayed, and when, for whoever reads a failure of this test.
+        rows = _state_rows(
+            env, "SELECT seq, routing_key, published, created_at FROM outbox"
+        )
+        raise AssertionError(f"{e}: left {rows} at {datetime.now(UTC)}") from None
     kept = _state_rows(
         env, "SELECT state, decision, manifest_sha256, payload FROM tasks"
     )
