@@ -17,7 +17,6 @@ from msgspec import Meta
 from femd.envelope import MAX_ENVELOPE_BYTES
 from femd.errors import ConfigError
 from femd.model import Name, Strict
-from femd.plain import first
 from femd.yamlfile import YamlError, field_of, line_of, load_yaml
 
 __all__ = [
@@ -121,6 +120,9 @@ def _load_struct(path: Path, env: Mapping[str, str], kind: type[_T]) -> _T:
     try:
         return msgspec.convert(data, kind, strict=True)
     except msgspec.ValidationError as e:
+        # Plain words only for a document that fails: not held by an idle agent.
+        from femd.plain import first
+
         parts, message = first(data, kind, e)
         line = line_of(node, parts)[0]
         field = field_of(parts)

@@ -32,7 +32,6 @@ from femd.model import (
     runs_image,
     unknown_launcher,
 )
-from femd.plain import one_line
 
 __all__ = [
     "Cancel",
@@ -202,6 +201,8 @@ def decode_manifest(payload: bytes) -> Manifest:
         refuse_duplicate_keys(payload)
         manifest: Manifest = _decoder.decode(payload)
     except msgspec.ValidationError as e:
+        from femd.plain import one_line  # the refusal's words, only when refused
+
         text = one_line(msgspec.json.decode(payload), Manifest, explain(str(e)))
         raise ManifestError(f"manifest: {text}") from e
     except (msgspec.DecodeError, ValueError) as e:

@@ -28,7 +28,6 @@ from msgspec import Meta
 
 from femd.errors import ConfigError, cut
 from femd.model import AbsPath, Name, Strict
-from femd.plain import first
 from femd.yamlfile import YamlError, field_of, line_of, load_yaml
 
 __all__ = [
@@ -240,6 +239,9 @@ def load_profile(path: Path) -> LauncherProfile:
         kind = profile_type()
         profile = msgspec.convert(data, kind, strict=True)
     except msgspec.ValidationError as e:
+        # Plain words only for a document that fails: not held by an idle agent.
+        from femd.plain import first
+
         parts, message = first(data, kind, e)
         field = field_of(parts) or "$"
         raise ConfigError(f"{_where(path, node, parts)}: {field}: {message}") from e

@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from femd.errors import InputError, PolicyError
 from femd.keys import keyid, load_public_key
-from femd.plain import first, problems
 from femd.policy.document import MaxResources, Policy, Project, default_limits
 from femd.policy.problems import lint
 from femd.yamlfile import (
@@ -200,6 +199,9 @@ def load_policy(path: Path) -> LoadedPolicy:
         # Without builtin_types msgspec takes YAML dates and quoted strings alike.
         policy = msgspec.convert(data, Policy, strict=True)
     except msgspec.ValidationError as e:
+        # Plain words only for a document that fails: not held by an idle agent.
+        from femd.plain import first
+
         parts, message = first(data, Policy, e)
         raise _fail_at(docs, parts, message) from e
     problems = lint(policy)
@@ -226,6 +228,8 @@ def lint_file(path: Path) -> list[str]:
         try:
             policy = msgspec.convert(data, Policy, strict=True)
         except msgspec.ValidationError as e:
+            from femd.plain import first, problems
+
             # Every type problem in one pass, not just msgspec's first.
             found = problems(data, Policy) or [first(data, Policy, e)]
             return [str(_fail_at(docs, p, m)) for p, m in found]
