@@ -40,11 +40,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     config = None
     if args.launchers:
-        profiles_dir, socket = Path(args.launchers), args.podman_socket
+        profiles_dir = Path(args.launchers)
     else:
         config = load_config(Path(args.config) if args.config else None, os.environ)
         profiles_dir = Path(config.launchers)
-        socket = args.podman_socket or config.podman.socket
     profiles = load_profiles(profiles_dir)
     if not args.verbose:  # the trial launcher's own warning: doctor says it
         logging.getLogger("femd.launchers.podman").setLevel(logging.ERROR)
@@ -66,11 +65,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         _, caps = build_all(profiles, state_dir=scratch, configs=configs)
         for (pname, lname), cap in caps.items():
             env = environment(lname, scratch, configs)
-            trial = doctor.trial_launcher(lname, profiles[pname], env)
             check = doctor.check_launcher(
-                pname, lname, cap, trial, profiles[pname],
-                work_root=work_root, podman_socket=socket,
-            )  # fmt: skip
+                pname, lname, cap, profiles[pname], env, work_root=work_root
+            )
             checks.append(check)
             if check.status != "fail" and doctor.enforces_all(cap):
                 usable.append(f"{lname} ({pname})")

@@ -18,7 +18,7 @@ the catatonit binary the package depends on.
 from femd.doctor.broker import CertificateInfo, certificate_info, check_broker
 from femd.doctor.host import check_clock, check_policy, check_state_dir
 from femd.doctor.report import Check, exit_code, render, to_json
-from femd.doctor.trial import check_launcher, enforces_all, trial_launcher
+from femd.doctor.trial import check_launcher, enforces_all
 
 __all__ = [
     "CertificateInfo",
@@ -33,5 +33,4 @@ __all__ = [
     "exit_code",
     "render",
     "to_json",
-    "trial_launcher",
 ]

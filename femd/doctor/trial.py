@@ -1,31 +1,28 @@
 """The doctor's launcher check: the probe, then a trivial real task.
 
-Owns the trivial task (its spec, the doctor's one-file podman image, the
-launcher it runs with) and what a failure means (hints naming the fix).
-Does not build the launchers (``femd.launchers`` does) nor print anything.
+Owns the trivial task's spec and running it, and what a failure means (hints
+naming the fix). What the trivial task is comes from each launcher's
+registration (``Registration.trial``: podman's one-file image is the podman
+package's). Does not build the launchers (``femd.launchers`` does) nor print
+anything.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import secrets
 import shutil
-import tarfile
 import time
 from pathlib import Path
 from typing import Final
 
 from femd.doctor.report import Check
 from femd.errors import FemdError, cut
-from femd.launchers import Capabilities, Launcher, LauncherEnv, LaunchSpec, Limits
+from femd.launchers import Capabilities, LauncherEnv, LaunchSpec, Limits, Trial
 from femd.launchers.profile import LauncherProfile
 
-__all__ = ["check_launcher", "enforces_all", "trial_launcher"]
+__all__ = ["check_launcher", "enforces_all"]
 
 TRIAL_TIMEOUT_S: Final = 60
-DOCTOR_IMAGE_REPO: Final = "localhost/femd-doctor/catatonit"
-CATATONIT: Final = Path("/usr/bin/catatonit")
 # What a failed trivial task's error means, and what fixes it (first match).
 _HINTS: Final = (
     (
@@ -84,71 +81,24 @@ def enforces_all(c: Capabilities) -> bool:
     return c.available and c.memory_limit and c.cpu_limit and c.pids_limit
 
 
-def _doctor_image(launcher_socket: str) -> str:
-    """Import the doctor's one-file image (catatonit) once; return repo@digest.
-
-    Raises:
-        FemdError: catatonit is missing or podman refused the import.
-    """
-    from podman import PodmanClient
-
-    from femd.errors import LaunchError
-
-    try:
-        data = CATATONIT.read_bytes()
-    except OSError as e:
-        raise LaunchError(
-            f"{CATATONIT}: {e.strerror} (Podman's container init is missing)"
-        ) from e
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo("catatonit")
-        info.size, info.mode, info.mtime = len(data), 0o755, 0
-        tar.addfile(info, io.BytesIO(data))
-    tag = f"{DOCTOR_IMAGE_REPO}:{hashlib.sha256(buf.getvalue()).hexdigest()[:32]}"
-    url = launcher_socket if "://" in launcher_socket else f"unix://{launcher_socket}"
-    try:
-        with PodmanClient(base_url=url, timeout=120) as client:
-            if not client.images.exists(tag):
-                reply = client.api.post(
-                    "/images/import",
-                    params={"reference": tag},
-                    data=buf.getvalue(),
-                    headers={"content-type": "application/x-tar"},
-                )
-                if reply.status_code >= 300:
-                    raise LaunchError(f"import: {cut(reply.text.strip(), 160)}")
-            digest = str(client.images.get(tag).attrs.get("Digest") or "")
-    except FemdError:
-        raise
-    except Exception as e:
-        raise LaunchError(f"podman: cannot import the doctor image: {cut(e)}") from e
-    return f"{DOCTOR_IMAGE_REPO}@{digest}"
-
-
 def _trial_spec(
-    launcher: str, profile: LauncherProfile, out: Path, image: str | None
+    launcher: str, profile: LauncherProfile, out: Path, trial: Trial
 ) -> LaunchSpec:
-    argv = ("/catatonit", "-V") if launcher == "podman" else ("/bin/sh", "-c", "id")
     return LaunchSpec(
         task_id=f"doctor-{secrets.token_hex(6)}",
         launcher=launcher,
         profile=profile,
-        argv=argv,
-        image=image,
+        argv=trial.argv,
+        image=trial.image,
         output_dir=str(out),
         limits=Limits(cpus=1, memory_mb=256, timeout_s=TRIAL_TIMEOUT_S, pids=256),
     )
 
 
 def _trial(
-    name: str,
-    launcher: Launcher,
-    profile: LauncherProfile,
-    work_root: Path,
-    podman_socket: str | None,
+    name: str, profile: LauncherProfile, env: LauncherEnv, work_root: Path
 ) -> tuple[bool, str]:
-    """Run one trivial task with *launcher*; (succeeded, what happened)."""
+    """Run launcher *name*'s trivial task; (succeeded, what happened)."""
     from femd.launchers import registration
 
     work = work_root / f"doctor-{secrets.token_hex(4)}"
@@ -156,11 +106,11 @@ def _trial(
     try:
         (work / "out").mkdir(parents=True)
         registration(name).prepare_work(work)
-        image = _doctor_image(podman_socket or "") if name == "podman" else None
-        spec = _trial_spec(name, profile, work / "out", image)
-        # Not start(): for podman on a host without cgroup delegation the
-        # trial runs without memory/cpu limits (see trial_launcher()).
-        handle = launcher.launch(spec)
+        trial = registration(name).trial_for(profile, env)
+        spec = _trial_spec(name, profile, work / "out", trial)
+        # Not start(): a launcher's trial may waive what this host lacks
+        # (podman's memory/cpu on rootless cgroup v1) to prove the runtime.
+        handle = trial.launcher.launch(spec)
         outcome = handle.wait(TRIAL_TIMEOUT_S + 30)
         if outcome is None:
             handle.cancel(1)
@@ -186,13 +136,15 @@ def check_launcher(
     profile_name: str,
     name: str,
     caps: Capabilities,
-    launcher: Launcher,
     profile: LauncherProfile,
+    env: LauncherEnv,
     *,
     work_root: Path,
-    podman_socket: str | None,
 ) -> Check:
-    """Probe result plus a trivial real task through *launcher*.
+    """Probe result plus a trivial real task through launcher *name*.
+
+    *env*: the launcher's environment (``launchers.environment``); its
+    registration's ``trial`` says what the trivial task is.
 
     A launcher that runs the task but cannot enforce every limit is a
     warning: femd refuses its tasks (``launcher.unenforceable``), it does not
@@ -209,7 +161,7 @@ def check_launcher(
             fix=_hint(problems),
             details=details,
         )
-    ok, what = _trial(name, launcher, profile, work_root, podman_socket)
+    ok, what = _trial(name, profile, env, work_root)
     if not ok:
         return Check(
             name=title, status="fail", summary=what, fix=_hint(what), details=details
@@ -223,21 +175,3 @@ def check_launcher(
             details=details,
         )
     return Check(name=title, status="ok", summary=what, details=details)
-
-
-def trial_launcher(name: str, profile: LauncherProfile, env: LauncherEnv) -> Launcher:
-    """The launcher the doctor's trivial task runs with (built as the agent's).
-
-    *env*: the launcher's environment (``launchers.environment``). For podman
-    on a host that cannot enforce memory/cpu limits (rootless cgroup v1), the
-    trivial task (``catatonit -V``) runs without them: it proves the runtime
-    works; the probe still says the limits are missing and every real task is
-    refused.
-    """
-    from femd.launchers import registration
-
-    if name != "podman":
-        return registration(name).factory(profile, env)
-    from femd.launchers.podman import TrialPodmanLauncher
-
-    return TrialPodmanLauncher(profile, env)

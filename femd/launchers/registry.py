@@ -1,12 +1,13 @@
 """The closed set of launchers: one registration line each (STYLE rule 6).
 
 Owns ``LAUNCHERS`` (name -> ``Registration``: factory, profile section, spec
-checks, work-dir hook), ``LauncherEnv`` (what a factory gets besides the
-profile), and building and probing one launcher per (profile, back-end).
-Everything else in femd learns about launchers from here: the names a
-manifest or policy may use (``model.LauncherName``), the sections a profile
-may hold (``profile.profile_type``), the checks admission runs. No entry
-points, no discovery: a new launcher is its own package and one line below.
+checks, work-dir hook, the doctor's trial), ``LauncherEnv`` (what a
+factory gets besides the profile), and building and probing one launcher per
+(profile, back-end). Everything else in femd learns about launchers from
+here: the names a manifest or policy may use (``model.LauncherName``), the
+sections a profile may hold (``profile.profile_type``), the checks admission
+runs. No entry points, no discovery: a new launcher is its own package and
+one line below.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 import msgspec
 
@@ -31,6 +32,7 @@ __all__ = [
     "LauncherEnv",
     "LauncherFactory",
     "Registration",
+    "Trial",
     "build",
     "build_all",
     "environment",
@@ -66,6 +68,19 @@ class LauncherFactory(Protocol):
         ...
 
 
+class Trial(NamedTuple):
+    """What ``femd doctor`` runs to prove a launcher works here.
+
+    ``launcher``: the launcher the trivial task runs with (built as the
+    agent's, unless the launcher says otherwise); ``argv``: the trivial
+    command; ``image``: the image it runs in, for launchers that run images.
+    """
+
+    launcher: Launcher
+    argv: tuple[str, ...] = ("/bin/sh", "-c", "id")
+    image: str | None = None
+
+
 def _no_reasons(spec: LaunchSpec) -> list[Reason]:
     del spec
     return []
@@ -81,7 +96,10 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     ``femd check``) and again by the launcher. ``prepare_work``: makes a
     task's work dir (``<work>/out`` inside) reachable by its sandbox's user.
     ``image``: its tasks run an image (a manifest must name one) instead of a
-    host command (a manifest must give ``command``).
+    host command (a manifest must give ``command``). ``trial``: what
+    ``femd doctor`` runs to prove it (default: ``/bin/sh -c id`` with the
+    launcher the factory builds); it may raise ``FemdError`` (the doctor
+    reports it as the trial's failure).
     """
 
     factory: LauncherFactory
@@ -89,6 +107,17 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     settings: type[msgspec.Struct] | None = None
     spec_reasons: Callable[[LaunchSpec], list[Reason]] = _no_reasons
     prepare_work: Callable[[Path], None] = open_work
+    trial: Callable[[LauncherProfile, LauncherEnv], Trial] | None = None
+
+    def trial_for(self, profile: LauncherProfile, env: LauncherEnv) -> Trial:
+        """The doctor's trial of this launcher for *profile* (see ``trial``).
+
+        Raises:
+            FemdError: the trial cannot be set up (an image cannot be made).
+        """
+        if self.trial is not None:
+            return self.trial(profile, env)
+        return Trial(self.factory(profile, env))
 
 
 def _podman(profile: LauncherProfile, env: LauncherEnv) -> Launcher:
@@ -97,6 +126,12 @@ def _podman(profile: LauncherProfile, env: LauncherEnv) -> Launcher:
     from femd.launchers.deferred import DeferredPodmanLauncher
 
     return DeferredPodmanLauncher(profile, env)
+
+
+def _podman_trial(profile: LauncherProfile, env: LauncherEnv) -> Trial:
+    from femd.launchers.podman.trial import doctor_trial
+
+    return doctor_trial(profile, env)
 
 
 def _process(profile: LauncherProfile, env: LauncherEnv) -> Launcher:
@@ -121,6 +156,7 @@ LAUNCHERS: Final[Mapping[str, Registration]] = MappingProxyType(
             image=True,
             spec_reasons=podman_reasons,
             prepare_work=podman_work,
+            trial=_podman_trial,
         ),
         "process": Registration(factory=_process, spec_reasons=process_reasons),
         "slurm": Registration(

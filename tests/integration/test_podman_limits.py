@@ -149,9 +149,9 @@ def test_an_image_with_no_shell_still_has_its_outputs_collected(
 ) -> None:
     # The doctor's one-file image (catatonit only): nothing but the task's own
     # binary; the step brings its own shell and tar.
-    from femd.doctor.trial import _doctor_image
+    from femd.launchers.podman.trial import doctor_image
 
-    image = _doctor_image(podman_box.service.url)
+    image = doctor_image(podman_box.service.url)
     outcome, out, logs = podman_box.run(
         "", argv=("/catatonit", "-V"), image=image, timeout_s=30
     )

@@ -56,6 +56,31 @@ def test_a_registration_alone_adds_the_name_and_the_profile_section(
     assert fake.env.config is None
 
 
+def test_the_doctor_s_trial_is_the_registration_s_word(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    path = tmp_path / "p.yaml"
+    path.write_text(PROFILE)
+    monkeypatch.setattr(
+        registry, "LAUNCHERS", MappingProxyType({**LAUNCHERS, "fake": REGISTRATION})
+    )
+    profile = load_profile(path)
+    env = registry.environment("fake", tmp_path / "state")
+    # By default: `id` in a shell, with the launcher the agent would build.
+    trial = REGISTRATION.trial_for(profile, env)
+    assert isinstance(trial.launcher, RegisteredFake)
+    assert (trial.argv, trial.image) == (("/bin/sh", "-c", "id"), None)
+    # A launcher that needs more (podman: an image) says so in its line.
+    own = msgspec.structs.replace(
+        REGISTRATION,
+        trial=lambda prof, e: registry.Trial(
+            REGISTRATION.factory(prof, e), ("/x",), "img@sha256:" + "0" * 64
+        ),
+    )
+    assert own.trial_for(profile, env).argv == ("/x",)
+    assert LAUNCHERS["podman"].trial is not None
+
+
 def test_whether_a_task_needs_an_image_is_the_registration_s_word(
     monkeypatch: pytest.MonkeyPatch,
 ):
@@ -71,10 +96,13 @@ def test_whether_a_task_needs_an_image_is_the_registration_s_word(
 def test_the_agent_never_branches_on_a_launcher_name():
     names = set(LAUNCHERS)
     found = []
-    for module in ("execution.py", "launchspec.py", "admission.py", "agent.py"):
+    modules = ("execution.py", "launchspec.py", "admission.py", "agent.py",
+               "dispatch.py", "reception.py", "readmission.py")  # fmt: skip
+    # The doctor neither: a launcher's trial is its registration's.
+    doctor = tuple(str(p.relative_to(FEMD)) for p in (FEMD / "doctor").glob("*.py"))
+    for module in modules + doctor:
         path = FEMD / module
-        if not path.exists():
-            continue
+        assert path.exists(), module
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and node.value in names:
                 found.append(f"{module}:{node.lineno}: {node.value!r}")
