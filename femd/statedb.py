@@ -172,8 +172,7 @@ class Database:
             if not statemark.marker_path(self._path).exists():
                 self._mark("a database created before markers")
             return
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(db):
             # Another process may have created the schema while we waited.
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
@@ -201,11 +200,6 @@ class Database:
                     f"state: unsupported schema version in {cut(self._path)}"
                     f" (got {version}, expected {SCHEMA_VERSION})"
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         statemark.write(self._path)
 
     def _mark(self, what: str) -> None:

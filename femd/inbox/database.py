@@ -131,8 +131,7 @@ class InboxDatabase:
         db.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(db):
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 for statement in _SCHEMA.split(";"):
@@ -156,11 +155,6 @@ class InboxDatabase:
                     f" (got {version}, expected {SCHEMA_VERSION})"
                 )
             release_dead_claims(db)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     def close(self) -> None:
         """Close the database."""
