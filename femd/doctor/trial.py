@@ -105,8 +105,9 @@ def _trial(
     began = time.monotonic()
     try:
         (work / "out").mkdir(parents=True)
-        registration(name).prepare_work(work)
-        trial = registration(name).trial_for(profile, env)
+        registered = registration(name)
+        registered.prepare_work(work)
+        trial = registered.trial_for(profile, env)
         spec = _trial_spec(name, profile, work / "out", trial)
         # Not start(): a launcher's trial may waive what this host lacks
         # (podman's memory/cpu on rootless cgroup v1) to prove the runtime.

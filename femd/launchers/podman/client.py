@@ -1,8 +1,9 @@
 """The podman service's REST API, as the podman launcher uses it (podman-py).
 
 Owns the one boundary where podman-py's errors become ``LaunchError``
-(``call``), a fresh client per use (``connect``), the socket pre-check and
-podman's time format. Knows nothing of tasks.
+(``call``), a fresh client per use (``connect``), the service URL of a
+configured socket (``service_url``), the socket pre-check and podman's time
+format. Knows nothing of tasks.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "connect",
     "on_container",
     "parse_time",
+    "service_url",
     "socket_problem",
 ]
 
@@ -41,6 +43,11 @@ def call(what: str, fn: Callable[[], T]) -> T:
         return fn()
     except FOREIGN as e:
         raise LaunchError(f"podman: {what}: {cut(e, 160)}") from e
+
+
+def service_url(sock: str) -> str:
+    """The API URL of a configured socket: a bare path is ``unix://``; "" stays."""
+    return sock if "://" in sock or not sock else f"unix://{sock}"
 
 
 def connect(url: str) -> PodmanClient:

@@ -29,7 +29,13 @@ from femd.launchers import (
 )
 from femd.launchers.netns import probe_join
 from femd.launchers.network import TaskNetwork
-from femd.launchers.podman.client import FOREIGN, call, connect, socket_problem
+from femd.launchers.podman.client import (
+    FOREIGN,
+    call,
+    connect,
+    service_url,
+    socket_problem,
+)
 from femd.launchers.podman.container import LABEL_TASK, container_spec
 from femd.launchers.podman.handle import PodmanHandle
 from femd.launchers.podman.image import ensure_image
@@ -73,8 +79,7 @@ class PodmanLauncher:
         """
         self._profile = profile
         self._markers = env.state_dir
-        sock = str(getattr(env.config, "socket", None) or "")
-        self._url = sock if "://" in sock or not sock else f"unix://{sock}"
+        self._url = service_url(str(getattr(env.config, "socket", None) or ""))
         self._cgroup_pids = False
         self._cached: tuple[float, Capabilities] | None = None
 

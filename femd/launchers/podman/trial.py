@@ -16,8 +16,9 @@ import tarfile
 from pathlib import Path
 from typing import Final
 
-from femd.errors import FemdError, LaunchError, cut
+from femd.errors import LaunchError, cut
 from femd.launchers import LauncherEnv, LauncherProfile, Trial
+from femd.launchers.podman.client import call, connect, service_url
 from femd.launchers.podman.launcher import TrialPodmanLauncher
 
 __all__ = ["CATATONIT", "DOCTOR_IMAGE_REPO", "doctor_image", "doctor_trial"]
@@ -32,19 +33,18 @@ def doctor_trial(profile: LauncherProfile, env: LauncherEnv) -> Trial:
     Raises:
         FemdError: catatonit is missing or podman refused the import.
     """
-    socket = str(getattr(env.config, "socket", None) or "")
-    image = doctor_image(socket)
+    image = doctor_image(service_url(str(getattr(env.config, "socket", None) or "")))
     return Trial(TrialPodmanLauncher(profile, env), ("/catatonit", "-V"), image)
 
 
-def doctor_image(socket: str) -> str:
+def doctor_image(url: str) -> str:
     """Import the doctor's one-file image (catatonit) once; return repo@digest.
+
+    *url*: the podman service (``client.service_url``).
 
     Raises:
         FemdError: catatonit is missing or podman refused the import.
     """
-    from podman import PodmanClient
-
     try:
         data = CATATONIT.read_bytes()
     except OSError as e:
@@ -57,9 +57,9 @@ def doctor_image(socket: str) -> str:
         info.size, info.mode, info.mtime = len(data), 0o755, 0
         tar.addfile(info, io.BytesIO(data))
     tag = f"{DOCTOR_IMAGE_REPO}:{hashlib.sha256(buf.getvalue()).hexdigest()[:32]}"
-    url = socket if "://" in socket else f"unix://{socket}"
-    try:
-        with PodmanClient(base_url=url, timeout=120) as client:
+
+    def imported() -> str:
+        with connect(url) as client:
             if not client.images.exists(tag):
                 reply = client.api.post(
                     "/images/import",
@@ -69,9 +69,7 @@ def doctor_image(socket: str) -> str:
                 )
                 if reply.status_code >= 300:
                     raise LaunchError(f"import: {cut(reply.text.strip(), 160)}")
-            digest = str(client.images.get(tag).attrs.get("Digest") or "")
-    except FemdError:
-        raise
-    except Exception as e:
-        raise LaunchError(f"podman: cannot import the doctor image: {cut(e)}") from e
+            return str(client.images.get(tag).attrs.get("Digest") or "")
+
+    digest = call("cannot import the doctor image", imported)
     return f"{DOCTOR_IMAGE_REPO}@{digest}"
