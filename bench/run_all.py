@@ -594,6 +594,74 @@ def compile_femd() -> str:
     return f"femd's bytecode: {how}, as a package install leaves it"
 
 
+def host_facts(mountinfo: str | None = None) -> str:
+    """The host facts that move the launch figures: cgroups and their attach lock.
+
+    Every task enters its own cgroup. The kernel's cgroup attach lock makes the
+    first migration after a quiet spell wait for an RCU grace period (~7 ms
+    here) unless a cgroup hierarchy was mounted with ``favordynmods`` (a host
+    setting femd never changes). On recent kernels (6.18 here) the option
+    cannot be turned off again, yet stops showing in the mount table once a
+    remount drops it: the wait is measured, not read from the mount table.
+    """
+    text = mountinfo
+    if text is None:
+        try:
+            text = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return "host: cgroup mounts unknown"
+    kinds, favour = set(), False
+    for line in text.splitlines():
+        fields = line.partition(" - ")[2].split()
+        if fields and fields[0] in ("cgroup", "cgroup2"):
+            kinds.add("v2" if fields[0] == "cgroup2" else "v1")
+            favour = favour or "favordynmods" in line
+    version = "+".join(sorted(kinds)) or "none"
+    facts = f"host: cgroup {version}, favordynmods {'shown' if favour else 'not shown'}"
+    if mountinfo is None:
+        facts += f"; {attach_wait()}"
+    return facts
+
+
+def attach_wait(samples: int = 5, quiet_s: float = 0.3) -> str:
+    """The median time a new process takes to enter a task-like cgroup."""
+    from femd.launchers.cgroup import CgroupLimits, TaskCgroup, detect
+
+    host = detect()
+    if host.kind == "none" or os.geteuid() != 0:
+        return "cgroup entry not measured (no cgroups, or not root)"
+    cgroup = TaskCgroup(host, f"femd-bench-attach-{os.getpid()}")
+    times = []
+    try:
+        cgroup.create(CgroupLimits(memory_bytes=64 << 20, pids=16, cpus=1))
+        files = cgroup.procs_files()
+        for _ in range(samples):
+            time.sleep(quiet_s)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child enters every hierarchy, as a task's entry step
+                t0 = time.perf_counter()
+                for f in files:
+                    with open(f, "w") as out:
+                        out.write(str(os.getpid()))
+                os.write(w, str(time.perf_counter() - t0).encode())
+                os._exit(0)
+            os.close(w)
+            took = os.read(r, 64)
+            os.close(r)
+            os.waitpid(pid, 0)
+            times.append(float(took) * 1000)
+    except (OSError, ValueError) as e:
+        return f"cgroup entry not measured: {_one_line(e)}"
+    finally:
+        cgroup.kill()
+        cgroup.remove()
+    return (
+        f"entering a task cgroup after {quiet_s:g} s quiet: "
+        f"{statistics.median(times):.2f} ms (median of {samples})"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer tasks (smoke test)")
@@ -629,6 +697,7 @@ def main() -> int:
         print(f"bench/run_all.py: cannot load the benchmarks: {_one_line(e)}")
         return 1
     print(compiled)
+    print(host_facts())
     results: list[dict[str, Any]] = []
     for run in range(1, args.runs + 1):
         began = time.monotonic()
