@@ -6,27 +6,22 @@ before anything else has imported it.
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from testbed.fresh import last_json  # noqa: E402
+
 HEAVY = ("pygit2", "podman", "requests", "urllib3")
 
 
 def _run(code: str) -> dict[str, object]:
-    done = subprocess.run(  # noqa: S603 (our interpreter, our code)
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
+    got: dict[str, object] = last_json(code, REPO)
+    return got
 
 
 _PROBE = """
