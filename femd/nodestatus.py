@@ -14,32 +14,49 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
-from cryptography import x509
 
 from femd import __version__
 from femd.events import NODES_EXCHANGE, LauncherStatus, NodeStatus
 from femd.launchers import Capabilities
 from femd.messages import SideMessage
+from femd.tlsfiles import decoded_certificate
 
 __all__ = ["cert_not_after", "status_message"]
 
 logger = logging.getLogger(__name__)
 
+_RFC3339: Final = "%Y-%m-%dT%H:%M:%SZ"
+
 
 def cert_not_after(path: str) -> str | None:
-    """The certificate's notAfter as RFC 3339 UTC, or None if it cannot be read."""
+    """The certificate's notAfter as RFC 3339 UTC, or None if it cannot be read.
+
+    Read with ``ssl``'s decoder (the one the connection's library has), else
+    with cryptography, which an agent then loads only here.
+    """
+    try:
+        decoded = decoded_certificate(path)
+        if decoded is not None:
+            seconds = ssl.cert_time_to_seconds(decoded["notAfter"])
+            return datetime.fromtimestamp(seconds, UTC).strftime(_RFC3339)
+    except (OSError, ValueError, KeyError, OverflowError) as e:
+        logger.warning("node status: cannot read certificate %s: %s", path, e)
+        return None
+    from cryptography import x509
+
     try:
         cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
     except (OSError, ValueError) as e:
         logger.warning("node status: cannot read certificate %s: %s", path, e)
         return None
-    return cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return cert.not_valid_after_utc.strftime(_RFC3339)
 
 
 def _disk_free(path: Path) -> int | None:
