@@ -30,6 +30,7 @@ from femd import audit
 from femd.broker import NodeLink
 from femd.config import AgentConfig
 from femd.dispatch import RESTART_RULE
+from femd.earlylink import EarlyLink
 from femd.errors import FemdError, cut
 from femd.execution import Runner
 from femd.flood import Tally
@@ -50,8 +51,6 @@ from femd.reception import REPLAY_RULE, Reception
 from femd.reprobe import Reprobe
 from femd.retention import Retention
 from femd.state import TERMINAL_STATES
-from femd.statedir import StateDir
-from femd.tlsfiles import check_tls_files
 
 __all__ = ["REPLAY_RULE", "RESTART_RULE", "Agent"]
 
@@ -94,10 +93,18 @@ class Agent(Reception):
         *,
         config_path: Path | None = None,
         link: LinkFactory = NodeLink,
+        early: EarlyLink | None = None,
     ) -> None:
-        """Load policy and profiles, open state; probe and connect nothing yet.
+        """Take over *early*'s state and link (else make them); load the rest.
 
-        *link* makes the broker link (tests pass an in-memory one).
+        The TLS files are checked and the state opened by ``EarlyLink``; then
+        the policy and the launcher profiles are loaded. Nothing is probed
+        yet, and without *early* nothing connects yet.
+
+        *link* makes the broker link (tests pass an in-memory one). With
+        *early* (``femd run``), the TLS files were checked, the state opened
+        and the link started before this module was even imported: the agent
+        takes them over. Either way it hears the link once ``run()`` begins.
 
         Raises:
             PolicyError: the policy is invalid.
@@ -108,28 +115,21 @@ class Agent(Reception):
         self.config = config
         self.config_path = config_path
         self.node = config.node
-        b = config.broker
-        check_tls_files(b.ca, b.cert, b.key, expected_cn=self.node)
+        # TLS files checked, state opened, link made: femd run's early link
+        # (already connecting), else one that starts when run() binds it.
+        self._early = early or EarlyLink(config, link=link, start=False)
         self.policy: LoadedPolicy = self._load_policy()
         self.profiles: dict[str, LauncherProfile] = load_profiles(
             Path(config.launchers)
         )
-        self.dirs = StateDir(config.state_path)
+        self.dirs = self._early.dirs
         self.state_dir = self.dirs.root
-        self.state = self.dirs.open_state()
+        self.state = self._early.state
+        self.link = self._early.link
         # Built and probed by run(), while the link connects.
         self.launchers: dict[tuple[str, str], Launcher] = {}
         self.caps: dict[tuple[str, str], Capabilities] = {}
         self.reprobe = Reprobe()
-        self.link = link(
-            config.broker,
-            self.node,
-            self.state,
-            prefetch=config.intake_window,
-            max_body=config.max_envelope_bytes,
-            on_state=self._on_broker_state,
-            on_delivery=self._wake,
-        )
         self.queue: deque[str] = deque()
         self.retry = Retry()
         self.flood = Tally()
@@ -336,10 +336,11 @@ class Agent(Reception):
             node=self.node,
             policy_sha256=self.policy.sha256,
         )
-        # The broker connects while the launchers are probed: deliveries wait
-        # in the link's inbox until the loop runs, after every probe (nothing
-        # is admitted on a capability not yet proven) and the recovery.
-        self.link.start()
+        # The broker connects while the launchers are probed (femd run's early
+        # link since before the agent was imported): deliveries wait in the
+        # link's inbox until the loop runs, after every probe (nothing is
+        # admitted on a capability not yet proven) and the recovery.
+        self._early.bind(self._on_broker_state, self._wake)
         self._build_launchers()
         self.recover()
         self.publish_node_status()

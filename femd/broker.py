@@ -116,6 +116,8 @@ class NodeLink(threading.Thread):
         self._generation = 0
         self._halt = threading.Event()
         self._pause = threading.Event()
+        self._intake = threading.Event()  # cleared by hold_intake()
+        self._intake.set()
         self._wake = threading.Event()
         self._consuming = False
         self.connected = threading.Event()
@@ -171,6 +173,21 @@ class NodeLink(threading.Thread):
         # closing or closed connection, whose loop is not waiting anyway.
         with contextlib.suppress(*_LINK_ERRORS):
             conn.add_callback_threadsafe(_nothing)
+
+    def hold_intake(self) -> None:
+        """Connect and publish, but take no delivery until ``open_intake()``.
+
+        Called before ``start()`` by a link that connects before its agent is
+        built (``femd.earlylink``): an agent that then fails to start (a bad
+        policy) has taken, and handed back, nothing; each hand-back would
+        count towards the queue's delivery limit.
+        """
+        self._intake.clear()
+
+    def open_intake(self) -> None:
+        """Start taking deliveries (after ``hold_intake()``)."""
+        self._intake.set()
+        self.wake()
 
     def pause_consuming(self) -> None:
         """Stop taking deliveries (SIGTERM); unacked ones are handed back on close."""
@@ -275,10 +292,14 @@ class NodeLink(threading.Thread):
             )
             self._on_delivery()
 
+        def take() -> str | None:
+            if self._pause.is_set() or not self._intake.is_set():
+                return None
+            tag: str = consume.basic_consume(q, on_message, auto_ack=False)
+            return tag
+
         side = self._side_exchanges(conn)
-        tag = None
-        if not self._pause.is_set():
-            tag = consume.basic_consume(q, on_message, auto_ack=False)
+        tag = take()
         self.connected.set()
         self.ever_connected.set()
         self.last_error = ""
@@ -290,7 +311,7 @@ class NodeLink(threading.Thread):
         )
         self._on_state(True, "")
         try:
-            self._loop(conn, consume, publish, confirms, generation, tag, side)
+            self._loop(conn, consume, publish, confirms, generation, (tag, take), side)
         finally:
             # What the broker confirmed stays confirmed, whatever ends the loop.
             if confirms.acked:
@@ -322,14 +343,17 @@ class NodeLink(threading.Thread):
         publish: Any,  # noqa: ANN401
         confirms: Confirms,
         generation: int,
-        tag: str | None,
+        taking: tuple[str | None, Callable[[], str | None]],
         side: bool,
     ) -> None:
+        tag, take = taking
         while not self._halt.is_set():
             self._wake.clear()
             if self._pause.is_set() and tag is not None:
                 consume.basic_cancel(tag)
                 tag = None
+            elif tag is None:
+                tag = take()  # the intake was held, and is open now
             self._do_acks(consume, generation)
             # One batch at a time: acks and deliveries are served between
             # batches, so a busy outbox never starves the intake.

@@ -113,6 +113,14 @@ class Link(Protocol):
         """Say the outbox (or the settlements) have something new."""
         ...
 
+    def hold_intake(self) -> None:
+        """Before ``start()``: take no delivery until ``open_intake()``."""
+        ...
+
+    def open_intake(self) -> None:
+        """Start taking deliveries (after ``hold_intake()``)."""
+        ...
+
     def pause_consuming(self) -> None:
         """Stop taking deliveries."""
         ...

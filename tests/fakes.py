@@ -259,6 +259,7 @@ class FakeLink:
         self.published: list[Published] = []
         self.side: list[SideMessage] = []
         self.paused = False
+        self.intake_open = True
         self.stopped = False
         self._generation = 1
         self._tag = 0
@@ -274,6 +275,12 @@ class FakeLink:
         self.connected.set()
         self.ever_connected.set()
         self._on_state(True, "")
+
+    def hold_intake(self) -> None:
+        self.intake_open = False
+
+    def open_intake(self) -> None:
+        self.intake_open = True
 
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, "ack")

@@ -1,7 +1,8 @@
 """``femd run``: the agent in the foreground, as systemd starts it.
 
-Owns the command's logging set-up (level, journald or JSON lines); the agent
-is ``femd.agent``'s.
+Owns the command's logging set-up (level, journald or JSON lines) and its
+order: the broker link is started (``femd.earlylink``) before the agent is
+imported and built. The agent is ``femd.agent``'s.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ def add_commands(sub: Subcommands) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from femd import audit
-    from femd.agent import Agent
     from femd.config import load_config
 
     path = Path(args.config) if args.config else None
@@ -41,4 +41,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from femd.logline import use_json_lines
 
         use_json_lines()
-    return Agent(config, config_path=path).run()
+    # The broker's handshakes run while the rest of the agent is imported,
+    # loads its policy and probes its launchers (femd.earlylink).
+    from femd.earlylink import EarlyLink
+
+    early = EarlyLink(config)
+    try:
+        from femd.agent import Agent
+
+        agent = Agent(config, config_path=path, early=early)
+    except BaseException:
+        early.close()
+        raise
+    return agent.run()

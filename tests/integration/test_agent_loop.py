@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
 
 from femd.agent import Agent  # noqa: E402
 from femd.config import load_config  # noqa: E402
+from femd.earlylink import EarlyLink  # noqa: E402
 from tests.integration.agent_support import (  # noqa: E402
     NODE,
     NodeEnv,
@@ -142,3 +143,40 @@ def test_intake_window_is_the_prefetch_not_the_task_slots(node_env: NodeEnv) -> 
     events.await_terminal(ids, 120)
     assert set(check_runs(events, env.counter, ids).values()) == {"succeeded"}
     assert agent.terminate() == 0
+
+
+def test_an_early_link_takes_no_task_before_its_agent(node_env: NodeEnv) -> None:
+    """femd run connects before the agent is built, but takes nothing until then.
+
+    An agent that fails to start (a bad policy, restarted by systemd again
+    and again) must not hand tasks back to the queue each time: each hand-back
+    counts towards the delivery limit, then the dead-letter queue.
+    """
+    env = node_env
+    env.publish(env.task("early-1"))
+    queue = f"femd.node.{NODE}"
+    ready_in_queue = _ready_count(env, queue)
+    assert ready_in_queue == 1
+    early = EarlyLink(load_config(env.config))
+    try:
+        wait_for("connected", early.link.connected.is_set, 30)
+        time.sleep(0.5)  # a consuming link (prefetch 32) has it within ms
+        assert early.link.inbox.empty()
+        assert _ready_count(env, queue) == 1  # still ready, not unacked
+        heard: list[bool] = []
+        early.bind(lambda up, _why: heard.append(up), lambda: None)
+        assert heard == [True]  # the connect, held until the agent listens
+        wait_for("the delivery", lambda: not early.link.inbox.empty(), 30)
+        assert not early.link.inbox.get_nowait().redelivered
+    finally:
+        early.close()
+
+
+def _ready_count(env: NodeEnv, queue: str) -> int:
+    """Messages ready (not unacked) in *queue*, as the node itself sees them."""
+    conn = pika.BlockingConnection(env.vhost.parameters(NODE))
+    try:
+        done = conn.channel().queue_declare(queue, passive=True)
+        return int(done.method.message_count)
+    finally:
+        conn.close()

@@ -32,6 +32,7 @@ from femd import audit  # noqa: E402
 from femd.agent import Agent  # noqa: E402
 from femd.config import load_config  # noqa: E402
 from femd.decision import EventRule, Rule  # noqa: E402
+from femd.earlylink import EarlyLink  # noqa: E402
 from femd.events import RESULTS_EXCHANGE  # noqa: E402
 from femd.launchers import registry  # noqa: E402
 from testbed.pki import make_ca  # noqa: E402
@@ -107,9 +108,13 @@ class Node:
         assert isinstance(link, FakeLink)
         return link
 
-    def start(self) -> None:
+    def start(self, *, early: bool = False) -> None:
+        """Build and run the agent; *early*: as ``femd run`` does (earlylink)."""
         audit.configure("stderr", self.audit)
-        self.agent = Agent(self.config, link=FakeLink)
+        if early:
+            self.agent = Agent(self.config, early=EarlyLink(self.config, link=FakeLink))
+        else:
+            self.agent = Agent(self.config, link=FakeLink)
         agent = self.agent
         self._thread = threading.Thread(
             target=lambda: self.exit_codes.append(agent.run()), daemon=True
@@ -237,6 +242,27 @@ def test_a_signed_task_is_acked_once_durable_runs_and_reports_in_order(node: Nod
         if a.get("FEMD_TASK_ID") == "t-1" and a["SYSLOG_IDENTIFIER"] == "femd"
     ]
     assert states[:5] == ["received", "queued", "staging", "running", "succeeded"]
+
+
+def test_an_early_link_serves_the_agent_and_the_audit_reads_as_before(node: Node):
+    """femd run starts the link before the agent exists (femd.earlylink).
+
+    FakeLink connects as soon as it starts, i.e. before the agent is built:
+    the agent still says "policy loaded" first, then "broker connected",
+    then "ready", and runs a task on that link like any other.
+    """
+    node.start(early=True)
+    d = node.link.deliver(node.task("t-1"))
+    node.await_state("t-1")
+    assert node.link.settled == [(d, "ack")]
+    assert [e["state"] for e in node.link.events("t-1")][-1] == "succeeded"
+    ids = [e.get("MESSAGE_ID") for e in node.audit_entries()]
+    order = [
+        audit.Event.POLICY_LOADED.value,
+        audit.Event.BROKER_CONNECTED.value,
+        audit.Event.AGENT_STARTED.value,
+    ]
+    assert [i for i in ids if i in order] == order
 
 
 def test_garbage_and_unsigned_deliveries_are_refused_without_a_task(node: Node):

@@ -1,0 +1,91 @@
+"""femd.earlylink: a link started before its agent; what it says is held, in order."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from femd.config import load_config  # noqa: E402
+from femd.earlylink import EarlyLink  # noqa: E402
+from femd.errors import BrokerError  # noqa: E402
+from testbed.pki import make_ca  # noqa: E402
+from tests.fakes import FakeLink  # noqa: E402
+
+
+@pytest.fixture(name="config")
+def config_fixture(tmp_path: Path) -> Any:
+    ca = make_ca(tmp_path / "ca")
+    mine = ca.issue("fdn-01", tmp_path / "node", sans=())
+    (tmp_path / "femd.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "node": "fdn-01",
+                "broker": {
+                    "url": "amqps://broker.invalid:5671/femd",
+                    "ca": str(ca.cert),
+                    "cert": str(mine.cert),
+                    "key": str(mine.key),
+                },
+                "policy": str(tmp_path / "policy.yaml"),
+                "state_dir": str(tmp_path / "state"),
+            }
+        )
+    )
+    return load_config(tmp_path / "femd.yaml")
+
+
+def test_what_the_link_says_before_bind_is_handed_over_in_order(config: Any) -> None:
+    early = EarlyLink(config, link=FakeLink)
+    link = early.link
+    assert isinstance(link, FakeLink)
+    assert link.connected.is_set()  # started, and connected, before any agent
+    assert not link.intake_open  # but taking no delivery before its agent
+    link._on_state(False, "connection reset")
+    link._on_state(True, "")
+    link.deliver(b"x")
+    link.deliver(b"y")
+    heard: list[tuple[bool, str]] = []
+    wakes: list[None] = []
+    early.bind(lambda up, why: heard.append((up, why)), lambda: wakes.append(None))
+    assert heard == [(True, ""), (False, "connection reset"), (True, "")]
+    assert wakes == [None]  # one wake for what waits in the inbox
+    assert link.intake_open
+    assert link.inbox.qsize() == 2
+    link._on_state(False, "closed")
+    link.deliver(b"z")
+    assert heard[-1] == (False, "closed")
+    assert wakes == [None, None]
+
+
+def test_a_bad_tls_file_stops_before_any_link(config: Any, tmp_path: Path) -> None:
+    import msgspec
+
+    broken = msgspec.structs.replace(
+        config,
+        broker=msgspec.structs.replace(config.broker, cert=str(tmp_path / "none.pem")),
+    )
+    started: list[object] = []
+
+    def link(*args: object, **kwargs: object) -> FakeLink:
+        started.append(args)
+        return FakeLink(*args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.raises(BrokerError, match=r"none\.pem"):
+        EarlyLink(broken, link=link)  # type: ignore[arg-type]
+    assert started == []
+
+
+def test_close_stops_the_link(config: Any) -> None:
+    early = EarlyLink(config, link=FakeLink)
+    early.close()
+    link = early.link
+    assert isinstance(link, FakeLink)
+    assert link.stopped
