@@ -89,8 +89,10 @@ class EarlyLink:
         self.link.open_intake()
 
     def close(self) -> None:
-        """The agent could not be built: hand back what came, close the link."""
-        self.link.stop(0)
+        """The agent could not be built: close the link (it took nothing)."""
+        if self._started:
+            self.link.stop(0)
+        self.state.close()
 
     def _state(self, up: bool, why: str) -> None:
         with self._lock:

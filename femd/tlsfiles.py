@@ -46,12 +46,30 @@ def decoded_certificate(path: str) -> dict[str, Any] | None:
     Raises:
         OSError: the file cannot be read.
         ssl.SSLError: it holds no PEM certificate.
+
+    None too for a file with other PEM blocks than plain certificates.
     """
     decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
-    if decode is None:
+    if decode is None or not _plain_certificates(Path(path).read_bytes()):
         return None
     decoded: dict[str, Any] = decode(path)
     return decoded
+
+
+def _plain_certificates(pem: bytes) -> bool:
+    """True when every PEM block of *pem* is a plain ``CERTIFICATE``.
+
+    The decoder reads the first such block, while OpenSSL's chain loader also
+    takes ``TRUSTED CERTIFICATE`` blocks as the leaf: in a file that mixes
+    them, the CN read and the certificate presented could differ. Such files
+    are left to cryptography, as before.
+    """
+    labels = [
+        line.removeprefix(b"-----BEGIN ").removesuffix(b"-----").strip()
+        for line in pem.splitlines()
+        if line.startswith(b"-----BEGIN ")
+    ]
+    return bool(labels) and all(label == b"CERTIFICATE" for label in labels)
 
 
 def _common_name(decoded: dict[str, Any]) -> str:

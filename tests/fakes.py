@@ -327,7 +327,11 @@ class FakeLink:
         redelivered: bool = False,
         problem: str | None = None,
     ) -> Delivery:
-        """Put *body* in the inbox (cut as the real link cuts an oversized one)."""
+        """Put *body* in the inbox (cut as the real link cuts an oversized one).
+
+        A link whose intake is held takes nothing: delivering then is a bug.
+        """
+        assert self.intake_open, "a delivery to a link whose intake is held"
         with self._changed:
             self._tag += 1
             size = len(body)

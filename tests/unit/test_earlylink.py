@@ -50,19 +50,18 @@ def test_what_the_link_says_before_bind_is_handed_over_in_order(config: Any) -> 
     assert not link.intake_open  # but taking no delivery before its agent
     link._on_state(False, "connection reset")
     link._on_state(True, "")
-    link.deliver(b"x")
-    link.deliver(b"y")
+    link._on_delivery()  # none can come while held; a wake is still relayed
     heard: list[tuple[bool, str]] = []
     wakes: list[None] = []
     early.bind(lambda up, why: heard.append((up, why)), lambda: wakes.append(None))
     assert heard == [(True, ""), (False, "connection reset"), (True, "")]
-    assert wakes == [None]  # one wake for what waits in the inbox
+    assert wakes == [None]  # held until the agent listens
     assert link.intake_open
-    assert link.inbox.qsize() == 2
-    link._on_state(False, "closed")
-    link.deliver(b"z")
-    assert heard[-1] == (False, "closed")
+    link.deliver(b"x")
+    assert link.inbox.qsize() == 1
     assert wakes == [None, None]
+    link._on_state(False, "closed")
+    assert heard[-1] == (False, "closed")
 
 
 def test_a_bad_tls_file_stops_before_any_link(config: Any, tmp_path: Path) -> None:
@@ -83,9 +82,19 @@ def test_a_bad_tls_file_stops_before_any_link(config: Any, tmp_path: Path) -> No
     assert started == []
 
 
-def test_close_stops_the_link(config: Any) -> None:
+def test_close_stops_the_link_and_closes_the_state(config: Any) -> None:
     early = EarlyLink(config, link=FakeLink)
     early.close()
     link = early.link
     assert isinstance(link, FakeLink)
     assert link.stopped
+    with pytest.raises(Exception, match="closed"):
+        early.state.pending_events(1)
+
+
+def test_close_of_a_link_never_started_stops_nothing(config: Any) -> None:
+    early = EarlyLink(config, link=FakeLink, start=False)
+    early.close()
+    link = early.link
+    assert isinstance(link, FakeLink)
+    assert not link.stopped

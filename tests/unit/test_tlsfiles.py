@@ -179,3 +179,36 @@ def test_an_agent_starting_never_loads_x509_nor_pem_serialization(
         ca=pki["ca"], cert=pki["cert"], key=pki["key"], pub=str(pub)
     )
     assert last_json(code) == []
+
+
+def test_a_trusted_certificate_block_leaves_the_check_to_cryptography(
+    tmp_path: Path,
+) -> None:
+    """OpenSSL's chain loader takes a ``TRUSTED CERTIFICATE`` block as the leaf,
+    the decoder skips it: a file mixing them must not pass with the key of one
+    certificate and the CN of another."""
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509 import load_pem_x509_certificate
+
+    ca = make_ca(tmp_path / "ca")
+    other = ca.issue("other-node", tmp_path / "a", sans=())
+    mine = ca.issue("fdn-01", tmp_path / "b", sans=())
+    der = load_pem_x509_certificate(other.cert.read_bytes()).public_bytes(Encoding.DER)
+    body = base64.encodebytes(der).replace(b"\n", b"")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    trusted = b"\n".join(
+        [
+            b"-----BEGIN TRUSTED CERTIFICATE-----",
+            *lines,
+            b"-----END TRUSTED CERTIFICATE-----",
+            b"",
+        ]
+    )
+    combo = tmp_path / "combo.pem"
+    combo.write_bytes(trusted + mine.cert.read_bytes())
+    assert tlsfiles.decoded_certificate(str(combo)) is None
+    with pytest.raises(BrokerError):
+        check_tls_files(str(ca.cert), str(combo), str(other.key), expected_cn="fdn-01")
+    assert cert_not_after(str(combo)) is not None  # cryptography reads it
