@@ -45,6 +45,10 @@ _NEVER_STARTED: Final = frozenset({"created", "configured", "initialized"})
 _STEP_PROCESSES: Final = 2  # podman's init and femd's output step
 _COLLECT_S: Final = 300.0  # for a step that waited to stream, once read
 _UNKNOWN_MAX: Final = 3  # process lists refused before the deadline holds
+# Inspections that fail in a row before wait() gives up: podman answers 500
+# ("read /proc/PID/cgroup: no such process") when asked while the container's
+# process exits, and the next inspection sees it exited.
+_INSPECT_TRIES: Final = 3
 
 
 class PodmanHandle:
@@ -106,8 +110,18 @@ class PodmanHandle:
             return self._outcome
         end = None if timeout_s is None else time.monotonic() + timeout_s
         pause = 0.02
+        failed = 0
         while True:
-            attrs = self._attrs()
+            try:
+                attrs = self._attrs()
+            except LaunchError as e:
+                failed += 1
+                if failed >= _INSPECT_TRIES:
+                    raise
+                logger.info("task %s: %s; inspecting again", self.task_id, e)
+                time.sleep(0.1 * failed)
+                continue
+            failed = 0
             if attrs is None:
                 return self._finish(None)
             state = attrs.get("State") or {}
