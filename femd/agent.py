@@ -97,14 +97,11 @@ class Agent(Reception):
     ) -> None:
         """Take over *early*'s state and link (else make them); load the rest.
 
-        The TLS files are checked and the state opened by ``EarlyLink``; then
-        the policy and the launcher profiles are loaded. Nothing is probed
-        yet, and without *early* nothing connects yet.
-
-        *link* makes the broker link (tests pass an in-memory one). With
-        *early* (``femd run``), the TLS files were checked, the state opened
-        and the link started before this module was even imported: the agent
-        takes them over. Either way it hears the link once ``run()`` begins.
+        ``EarlyLink`` checks the TLS files, opens the state and makes the link
+        (*link*: tests pass an in-memory one); ``femd run``'s has been
+        connecting since before this module was imported. Then the policy and
+        the launcher profiles are loaded; nothing is probed yet, and the agent
+        hears the link once ``run()`` begins.
 
         Raises:
             PolicyError: the policy is invalid.
@@ -115,8 +112,6 @@ class Agent(Reception):
         self.config = config
         self.config_path = config_path
         self.node = config.node
-        # TLS files checked, state opened, link made: femd run's early link
-        # (already connecting), else one that starts when run() binds it.
         self._early = early or EarlyLink(config, link=link, start=False)
         self.policy: LoadedPolicy = self._load_policy()
         self.profiles: dict[str, LauncherProfile] = load_profiles(
