@@ -28,7 +28,6 @@ from femd import amqpframe
 from femd.amqpconn import connection_parameters, describe
 from femd.config import BrokerConfig
 from femd.confirms import Confirms
-from femd.envelope import MAX_ENVELOPE_BYTES
 from femd.errors import BrokerError, StateError, cut
 from femd.events import (
     EVENTS_EXCHANGE,
@@ -39,6 +38,7 @@ from femd.events import (
     node_queue,
 )
 from femd.messages import Delivery, Outbox, SideMessage
+from femd.model import MAX_ENVELOPE_BYTES
 
 __all__ = [
     "EVENTS_EXCHANGE",

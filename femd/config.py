@@ -14,9 +14,8 @@ from typing import Annotated, Final, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
-from femd.envelope import MAX_ENVELOPE_BYTES
 from femd.errors import ConfigError
-from femd.model import Name, Strict
+from femd.model import MAX_ENVELOPE_BYTES, Name, Strict
 from femd.yamlfile import YamlError, field_of, line_of, load_yaml
 
 __all__ = [

@@ -24,7 +24,12 @@ from msgspec import Meta
 
 from femd.errors import EnvelopeError, cut
 from femd.keys import keyid as keyid_of
-from femd.model import DuplicateKeyError, Strict, refuse_duplicate_keys
+from femd.model import (
+    MAX_ENVELOPE_BYTES,
+    DuplicateKeyError,
+    Strict,
+    refuse_duplicate_keys,
+)
 
 __all__ = [
     "MAX_ENVELOPE_BYTES",
@@ -41,7 +46,6 @@ __all__ = [
 ]
 
 PAYLOAD_TYPE: Final = "application/vnd.femd.task+json"
-MAX_ENVELOPE_BYTES: Final = 1024 * 1024
 MAX_SIGNATURES: Final = 64
 
 _B64 = Annotated[str, Meta(max_length=2 * MAX_ENVELOPE_BYTES)]

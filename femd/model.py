@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Meta
 
 __all__ = [
+    "MAX_ENVELOPE_BYTES",
     "AbsPath",
     "DuplicateKeyError",
     "EnvName",
@@ -43,6 +44,13 @@ __all__ = [
     "unknown_launcher",
     "utc_now",
 ]
+
+
+# The largest envelope femd reads (DESIGN "signed envelope"): the envelope
+# decoder's limit and the ceiling of femd.yaml's max_envelope_bytes. Here, not in
+# ``envelope``, so that the config and the broker link load without the
+# signature code (``femd run`` connects before it imports that).
+MAX_ENVELOPE_BYTES: Final = 1024 * 1024
 
 
 def _full(body: str) -> str:

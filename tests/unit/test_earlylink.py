@@ -16,6 +16,7 @@ if str(REPO) not in sys.path:
 from femd.config import load_config  # noqa: E402
 from femd.earlylink import EarlyLink  # noqa: E402
 from femd.errors import BrokerError  # noqa: E402
+from testbed.fresh import last_json  # noqa: E402
 from testbed.pki import make_ca  # noqa: E402
 from tests.fakes import FakeLink  # noqa: E402
 
@@ -98,3 +99,14 @@ def test_close_of_a_link_never_started_stops_nothing(config: Any) -> None:
     link = early.link
     assert isinstance(link, FakeLink)
     assert not link.stopped
+
+
+def test_the_config_and_the_link_load_without_the_signature_code() -> None:
+    """femd run starts its link before it imports cryptography (~15 ms here)."""
+    code = (
+        "import json, sys\n"
+        "import femd.config, femd.earlylink\n"
+        "print(json.dumps(sorted(m for m in sys.modules\n"
+        "    if m.startswith(('cryptography', 'femd.envelope', 'femd.keys')))))\n"
+    )
+    assert last_json(code) == []
