@@ -31,6 +31,7 @@ from femd.broker import NodeLink
 from femd.config import AgentConfig
 from femd.dispatch import RESTART_RULE
 from femd.earlylink import EarlyLink
+from femd.earlyprobe import EarlyProbe
 from femd.errors import FemdError, cut
 from femd.execution import Runner
 from femd.flood import Tally
@@ -39,7 +40,7 @@ from femd.launchers import (
     Capabilities,
     Launcher,
     LauncherProfile,
-    build,
+    build_all,
     load_profiles,
     probe,
 )
@@ -94,14 +95,16 @@ class Agent(Reception):
         config_path: Path | None = None,
         link: LinkFactory = NodeLink,
         early: EarlyLink | None = None,
+        probes: EarlyProbe | None = None,
     ) -> None:
         """Take over *early*'s state and link (else make them); load the rest.
 
         ``EarlyLink`` checks the TLS files, opens the state and makes the link
         (*link*: tests pass an in-memory one); ``femd run``'s has been
         connecting since before this module was imported. Then the policy and
-        the launcher profiles are loaded; nothing is probed yet, and the agent
-        hears the link once ``run()`` begins.
+        the launcher profiles are loaded: *probes*' (``femd run`` has been
+        probing its launchers meanwhile), else from their directory, to be
+        probed in ``run()``. The agent hears the link once ``run()`` begins.
 
         Raises:
             PolicyError: the policy is invalid.
@@ -114,8 +117,9 @@ class Agent(Reception):
         self.node = config.node
         self._early = early or EarlyLink(config, link=link, start=False)
         self.policy: LoadedPolicy = self._load_policy()
-        self.profiles: dict[str, LauncherProfile] = load_profiles(
-            Path(config.launchers)
+        self._probes = probes
+        self.profiles: dict[str, LauncherProfile] = (
+            probes.profiles() if probes else load_profiles(Path(config.launchers))
         )
         self.dirs = self._early.dirs
         self.state_dir = self.dirs.root
@@ -165,21 +169,28 @@ class Agent(Reception):
         return policy
 
     def _build_launchers(self) -> None:
-        """One launcher per (profile, back-end): a profile is construction input."""
-        launchers = build(
-            self.profiles,
-            state_dir=self.state_dir,
-            configs=self.config.launcher_configs(),
+        """One launcher per (profile, back-end): a profile is construction input.
+
+        The first time, ``femd run``'s early probes are taken if it made them.
+        """
+        probes, self._probes = self._probes, None
+        launchers, probed = (
+            probes.result()
+            if probes
+            else build_all(
+                self.profiles,
+                state_dir=self.state_dir,
+                configs=self.config.launcher_configs(),
+            )
         )
-        caps = {key: self._probe(key, launcher) for key, launcher in launchers.items()}
+        caps = {key: self._report(key, cap) for key, cap in probed.items()}
         self.launchers, self.caps = launchers, caps
         self.reprobe.reset(
             time.monotonic(), unavailable=not all(c.available for c in caps.values())
         )
 
-    def _probe(self, key: tuple[str, str], launcher: Launcher) -> Capabilities:
-        """Probe one launcher; log it, and audit a change of availability."""
-        cap = probe(launcher)
+    def _report(self, key: tuple[str, str], cap: Capabilities) -> Capabilities:
+        """Log what a probe found, and audit a change of availability."""
         before = self.caps.get(key)
         what = "/".join(key)
         if cap.available:
@@ -208,7 +219,7 @@ class Agent(Reception):
         """Probe again the launchers that failed; back off while some still fail."""
         for key, cap in list(self.caps.items()):
             if not cap.available:
-                self.caps[key] = self._probe(key, self.launchers[key])
+                self.caps[key] = self._report(key, probe(self.launchers[key]))
         self.reprobe.probed(
             time.monotonic(),
             unavailable=not all(c.available for c in self.caps.values()),

@@ -46,11 +46,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from femd.earlylink import EarlyLink
 
     early = EarlyLink(config)
+    probes = None
     try:
+        # The launchers are probed (sandboxes run) while the agent loads.
+        from femd.earlyprobe import EarlyProbe
+
+        probes = EarlyProbe(config, early.dirs.root)
         from femd.agent import Agent
 
-        agent = Agent(config, config_path=path, early=early)
+        agent = Agent(config, config_path=path, early=early, probes=probes)
     except BaseException:
+        if probes is not None:
+            probes.close()
         early.close()
         raise
     return agent.run()

@@ -22,7 +22,7 @@ from typing import Final
 
 from femd.errors import LaunchError, cut
 
-__all__ = ["Helper", "probe_join"]
+__all__ = ["Helper", "probe_join", "warm"]
 
 _HELPER: Final = Path(__file__).with_name("nsjoin.py")
 
@@ -114,6 +114,12 @@ class _Zygote:
             self._registered = True
         return ours
 
+    def warm(self) -> None:
+        """Start the zygote if it never ran; a failure waits for the first use."""
+        with self._lock, contextlib.suppress(OSError):
+            if self._proc is None:
+                self._start()
+
     def stop(self) -> None:
         """End the zygote (its helpers end with their tasks' sockets)."""
         with self._lock:
@@ -155,6 +161,15 @@ class _Zygote:
 
 
 _zygote: Final = _Zygote()
+
+
+def warm() -> None:
+    """Start the helpers' zygote now: a probe or a task is about to need it.
+
+    Its interpreter then starts while femd does other work (``femd run``:
+    while the agent loads); if it cannot start, the first use says why.
+    """
+    _zygote.warm()
 
 
 def probe_join(uid: int | None) -> str | None:

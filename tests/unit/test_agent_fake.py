@@ -33,8 +33,9 @@ from femd.agent import Agent  # noqa: E402
 from femd.config import load_config  # noqa: E402
 from femd.decision import EventRule, Rule  # noqa: E402
 from femd.earlylink import EarlyLink  # noqa: E402
+from femd.earlyprobe import EarlyProbe  # noqa: E402
 from femd.events import RESULTS_EXCHANGE  # noqa: E402
-from femd.launchers import registry  # noqa: E402
+from femd.launchers import Capabilities, netns, registry  # noqa: E402
 from testbed.pki import make_ca  # noqa: E402
 from tests.conftest import NODE, PROJECT, make_policy, sign, task_dict  # noqa: E402
 from tests.fakes import REGISTRATION, FakeLink, RegisteredFake  # noqa: E402
@@ -109,10 +110,13 @@ class Node:
         return link
 
     def start(self, *, early: bool = False) -> None:
-        """Build and run the agent; *early*: as ``femd run`` does (earlylink)."""
+        """Build and run the agent; *early*: as ``femd run`` does (the link
+        started and the launchers probing before the agent is built)."""
         audit.configure("stderr", self.audit)
         if early:
-            self.agent = Agent(self.config, early=EarlyLink(self.config, link=FakeLink))
+            link = EarlyLink(self.config, link=FakeLink)
+            probes = EarlyProbe(self.config, link.dirs.root)
+            self.agent = Agent(self.config, early=link, probes=probes)
         else:
             self.agent = Agent(self.config, link=FakeLink)
         agent = self.agent
@@ -197,6 +201,8 @@ def node(
     lines = {**registry.LAUNCHERS, "fake": REGISTRATION}
     monkeypatch.setattr(registry, "LAUNCHERS", MappingProxyType(lines))
     RegisteredFake.built.clear()
+    # The fake needs no network helper: no zygote process in this test run.
+    monkeypatch.setattr(netns, "warm", lambda: None)
     n = Node(tmp_path, pki, keys)
     try:
         yield n
@@ -262,6 +268,33 @@ def test_an_early_link_serves_the_agent_and_the_audit_reads_as_before(node: Node
         audit.Event.BROKER_CONNECTED.value,
         audit.Event.AGENT_STARTED.value,
     ]
+    assert [i for i in ids if i in order] == order
+
+
+def test_early_probes_are_the_agents_launchers_reported_after_the_policy(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """femd run probes the launchers in a thread while the agent loads.
+
+    The agent uses what that thread built and probed (it builds no launcher
+    of its own) and reports the result when its loop begins: a launcher
+    found unavailable is audited after "policy loaded", as before.
+    """
+    probed_in: list[str] = []
+
+    def unavailable(self: RegisteredFake) -> Capabilities:
+        probed_in.append(threading.current_thread().name)
+        return Capabilities(launcher="fake", available=False, problems=("no fake",))
+
+    monkeypatch.setattr(RegisteredFake, "probe", unavailable)
+    node.start(early=True)
+    assert probed_in == ["femd-probe"]
+    (built,) = RegisteredFake.built
+    assert node.agent is not None
+    assert node.agent.launchers == {("default", "fake"): built}
+    assert node.agent.caps[("default", "fake")].problems == ("no fake",)
+    ids = [e.get("MESSAGE_ID") for e in node.audit_entries()]
+    order = [audit.Event.POLICY_LOADED.value, audit.Event.LAUNCHER_UNAVAILABLE.value]
     assert [i for i in ids if i in order] == order
 
 

@@ -1,0 +1,115 @@
+"""femd.earlyprobe: the launchers probed in a thread while the agent loads."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from femd import earlyprobe  # noqa: E402
+from femd.config import load_config  # noqa: E402
+from femd.earlyprobe import EarlyProbe  # noqa: E402
+from femd.errors import ConfigError  # noqa: E402
+from femd.launchers import Capabilities, netns, registry  # noqa: E402
+from tests.fakes import REGISTRATION, RegisteredFake  # noqa: E402
+
+
+@pytest.fixture(name="warmed")
+def warmed_fixture(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    monkeypatch.setattr(netns, "warm", lambda: calls.append("warm"))
+    lines = {**registry.LAUNCHERS, "fake": REGISTRATION}
+    monkeypatch.setattr(registry, "LAUNCHERS", MappingProxyType(lines))
+    RegisteredFake.built.clear()
+    return calls
+
+
+def _config(tmp_path: Path, profile: dict[str, Any] | None) -> Any:
+    launchers = tmp_path / "launchers"
+    launchers.mkdir()
+    if profile is not None:
+        doc = {"apiVersion": "femd/v1", "kind": "LauncherProfile", **profile}
+        (launchers / f"{profile['name']}.yaml").write_text(yaml.safe_dump(doc))
+    (tmp_path / "femd.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "node": "fdn-01",
+                "broker": {
+                    "url": "amqps://broker.invalid:5671/femd",
+                    "ca": str(tmp_path / "ca.pem"),
+                    "cert": str(tmp_path / "node.pem"),
+                    "key": str(tmp_path / "node.key"),
+                },
+                "policy": str(tmp_path / "policy.yaml"),
+                "launchers": str(launchers),
+                "state_dir": str(tmp_path / "state"),
+            }
+        )
+    )
+    return load_config(tmp_path / "femd.yaml")
+
+
+def test_launchers_are_built_and_probed_in_a_thread(
+    tmp_path: Path, warmed: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[str] = []
+
+    def probe(self: RegisteredFake) -> Capabilities:
+        threads.append(threading.current_thread().name)
+        return self.capabilities
+
+    monkeypatch.setattr(RegisteredFake, "probe", probe)
+    config = _config(tmp_path, {"name": "default", "fake": {}})
+    probes = EarlyProbe(config, tmp_path / "state")
+    assert list(probes.profiles()) == ["default"]
+    launchers, caps = probes.result()
+    (built,) = RegisteredFake.built
+    assert launchers == {("default", "fake"): built}
+    assert caps[("default", "fake")].available
+    assert threads == ["femd-probe"]
+    # A profile that gives tasks network: the helpers' zygote starts at once.
+    assert warmed == ["warm"]
+
+
+def test_a_profile_without_network_starts_no_zygote(
+    tmp_path: Path, warmed: list[str]
+) -> None:
+    profile = {"name": "default", "fake": {}, "network": {"enabled": False}}
+    EarlyProbe(_config(tmp_path, profile), tmp_path / "state").result()
+    assert warmed == []
+
+
+def test_a_bad_profile_is_raised_by_profiles_and_nothing_is_probed(
+    tmp_path: Path, warmed: list[str]
+) -> None:
+    profile = {"name": "default", "fake": {"nonsense": 1}}
+    probes = EarlyProbe(_config(tmp_path, profile), tmp_path / "state")
+    with pytest.raises(ConfigError, match="nonsense"):
+        probes.profiles()
+    with pytest.raises(ConfigError, match="nonsense"):
+        probes.result()
+    probes.close()
+    assert RegisteredFake.built == []
+    assert warmed == []
+
+
+def test_what_building_raises_is_raised_to_the_agent(
+    tmp_path: Path, warmed: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("no launcher today")
+
+    monkeypatch.setattr(earlyprobe, "build_all", broken)
+    probes = EarlyProbe(_config(tmp_path, {"name": "default", "fake": {}}), tmp_path)
+    assert list(probes.profiles()) == ["default"]
+    with pytest.raises(RuntimeError, match="no launcher today"):
+        probes.result()
