@@ -164,6 +164,63 @@ def bare_bwrap_once() -> float:
     return time.perf_counter() - t0
 
 
+_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _pid_cpu(pid: int) -> float:
+    """utime + stime of *pid* (all its threads), seconds; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TCK
+
+
+def _beams() -> list[int]:
+    """The RabbitMQ (Erlang VM) processes on this host."""
+    found = []
+    for d in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if d.name.isdigit() and (d / "comm").read_text().strip() == "beam.smp":
+                found.append(int(d.name))
+    return found
+
+
+@dataclass(frozen=True)
+class CpuMark:
+    """CPU seconds used so far: the whole host (busy, all cores), one process
+    (the agent, if any), the brokers."""
+
+    host: float
+    agent: float
+    brokers: float
+
+    @classmethod
+    def now(cls, agent: int | None, brokers: list[int]) -> CpuMark:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+        return cls(
+            busy / _TCK,
+            _pid_cpu(agent) if agent else 0.0,
+            sum(_pid_cpu(b) for b in brokers),
+        )
+
+    def per_task_ms(self, start: CpuMark, count: int) -> tuple[float, str]:
+        """Milliseconds of host CPU per task from *start* to this mark, and
+        how they split."""
+        host, agent, brokers = (
+            (getattr(self, k) - getattr(start, k)) * 1000 / count
+            for k in ("host", "agent", "brokers")
+        )
+        split = f"the agent {agent:.1f}, " if agent else ""
+        return host, (
+            f"{split}RabbitMQ {brokers:.1f}, the rest (sandboxes, this client) "
+            f"{host - agent - brokers:.1f} ms"
+        )
+
+
 def bare_bwrap_burst(count: int, concurrency: int) -> float:
     """Seconds for *count* bare sandboxes, *concurrency* at a time."""
     t0 = time.perf_counter()
@@ -444,8 +501,13 @@ def measure(n: int, burst_size: int, warmup: int = 3) -> list[Row]:
                 bwrap_lat.append(bare_bwrap_once())
                 time.sleep(0.1)  # see launch.py: let PID 1 reap bwrap's orphans
             settle()  # start the burst from a settled host
-            femd_burst = burst(
-                tap, AGENT_NODE, [bed.envelope() for _ in range(burst_size)], burst_fail
+            bodies = [bed.envelope() for _ in range(burst_size)]
+            brokers = _beams()
+            agent_pid = bed.agent.pid if bed.agent else None
+            cpu0 = CpuMark.now(agent_pid, brokers)
+            femd_burst = burst(tap, AGENT_NODE, bodies, burst_fail)
+            femd_cpu, femd_split = CpuMark.now(agent_pid, brokers).per_task_ms(
+                cpu0, burst_size
             )
             pika_burst = burst(
                 tap, ECHO_NODE, [bed.envelope() for _ in range(burst_size)], Failures()
@@ -455,7 +517,9 @@ def measure(n: int, burst_size: int, warmup: int = 3) -> list[Row]:
             echo.stopping.set()
             echo.join(10)
         settle()
+        cpu0 = CpuMark.now(None, [])
         bwrap_burst = bare_bwrap_burst(burst_size, CONCURRENCY)
+        bwrap_cpu, _ = CpuMark.now(None, []).per_task_ms(cpu0, burst_size)
         settle()
 
     ms = 1000.0
@@ -490,6 +554,9 @@ def measure(n: int, burst_size: int, warmup: int = 3) -> list[Row]:
         Row("burst throughput", femd_tput, base_tput, "/s", femd_tput / base_tput,
             f"{burst_size} tasks in {femd_burst:.2f} s; concurrency {CONCURRENCY}; "
             "ratio = femd rate / baseline rate. " + burst_fail.note()),
+        Row("  burst: host CPU per task", femd_cpu, bwrap_cpu, "ms",
+            femd_cpu / bwrap_cpu,
+            f"all cores; femd: {femd_split}; baseline: a bare bwrap run"),
         Row("  baseline: bare pika burst", burst_size / pika_burst, None, "/s",
             note=f"{pika_burst:.2f} s"),
         Row(f"  baseline: bare bwrap burst, {CONCURRENCY} at a time",
