@@ -5,10 +5,12 @@ starts the broker link (``femd.earlylink``) and builds and probes a launcher
 per (profile, back-end) in a thread, while the agent is imported and loads
 its policy. A probe mostly waits on its sandboxes (a smoke run, a network
 namespace); on a small host it took as long as the broker's handshakes, after
-them. The agent takes the launchers and their capabilities when its loop is
-about to run, and reports them (log, audit) then, as if it had probed then:
-nothing is admitted on a capability not yet proven, and the audit trail reads
-as before. A reload probes afresh, in the agent. Does not log or audit.
+them. The network helpers' zygote, when a launcher of the profiles uses it,
+starts at once, so that its interpreter boots meanwhile. The agent takes the
+launchers and their capabilities when its loop is about to run, and reports
+them (log, audit) then, as if it had probed then: nothing is admitted on a
+capability not yet proven, and the audit trail reads as before. A reload
+probes afresh, in the agent. Does not log or audit.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from femd.launchers import (
     build_all,
     load_profiles,
     netns,
+    registry,
 )
+from femd.launchers.cgroup import detect
 
 __all__ = ["EarlyProbe"]
 
@@ -42,6 +46,7 @@ class EarlyProbe:
         A profile error is kept for ``profiles()``: the agent raises it after
         loading its policy, as it did when it loaded both itself.
         """
+        self._profile_error: ConfigError | None = None
         self._error: BaseException | None = None
         self._probed: Probed | None = None
         self._profiles: dict[str, LauncherProfile] = {}
@@ -49,10 +54,15 @@ class EarlyProbe:
         try:
             self._profiles = load_profiles(Path(config.launchers))
         except ConfigError as e:
-            self._error = e
+            self._profile_error = e
             return
-        if any(p.network.enabled for p in self._profiles.values()):
-            netns.warm()  # its interpreter starts while the agent loads
+        if _use_helper(self._profiles):
+            # cgroup v2: femd leaves its unit's cgroup for a leaf of its own
+            # before it starts a lasting process, or that process would stay
+            # beside the task cgroups, where v2 allows none (detect() moves
+            # femd; the process launcher's probe calls it again, a no-op).
+            detect()
+            netns.warm()
         self._thread = threading.Thread(
             target=self._probe,
             args=(state_dir, config),
@@ -67,8 +77,8 @@ class EarlyProbe:
         Raises:
             ConfigError: a profile is invalid (the whole set is refused).
         """
-        if isinstance(self._error, ConfigError):
-            raise self._error
+        if self._profile_error is not None:
+            raise self._profile_error
         return self._profiles
 
     def result(self) -> Probed:
@@ -80,6 +90,8 @@ class EarlyProbe:
                 is an unavailable launcher, not an error).
         """
         self.close()
+        if self._profile_error is not None:
+            raise self._profile_error
         if self._error is not None:
             raise self._error
         assert self._probed is not None  # noqa: S101 (set when no error)
@@ -99,3 +111,12 @@ class EarlyProbe:
             )
         except BaseException as e:  # noqa: BLE001 (raised in the agent's thread)
             self._error = e
+
+
+def _use_helper(profiles: dict[str, LauncherProfile]) -> bool:
+    """Does a launcher of *profiles* give its tasks network through the helper?"""
+    return any(
+        reg.network_helper and p.network.enabled and p.section(name) is not None
+        for p in profiles.values()
+        for name, reg in registry.LAUNCHERS.items()
+    )

@@ -99,7 +99,9 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     host command (a manifest must give ``command``). ``trial``: what
     ``femd doctor`` runs to prove it (default: ``/bin/sh -c id`` with the
     launcher the factory builds); it may raise ``FemdError`` (the doctor
-    reports it as the trial's failure).
+    reports it as the trial's failure). ``network_helper``: its tasks reach
+    the network through femd's namespace helper (``femd.launchers.netns``),
+    whose zygote ``femd run`` then starts early.
     """
 
     factory: LauncherFactory
@@ -108,6 +110,7 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     spec_reasons: Callable[[LaunchSpec], list[Reason]] = _no_reasons
     prepare_work: Callable[[Path], None] = open_work
     trial: Callable[[LauncherProfile, LauncherEnv], Trial] | None = None
+    network_helper: bool = False
 
     def trial_for(self, profile: LauncherProfile, env: LauncherEnv) -> Trial:
         """The doctor's trial of this launcher for *profile* (see ``trial``).
@@ -157,8 +160,11 @@ LAUNCHERS: Final[Mapping[str, Registration]] = MappingProxyType(
             spec_reasons=podman_reasons,
             prepare_work=podman_work,
             trial=_podman_trial,
+            network_helper=True,
         ),
-        "process": Registration(factory=_process, spec_reasons=process_reasons),
+        "process": Registration(
+            factory=_process, spec_reasons=process_reasons, network_helper=True
+        ),
         "slurm": Registration(
             factory=_slurm, settings=SlurmSettings, spec_reasons=slurm_reasons
         ),

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 
@@ -27,6 +28,7 @@ from tests.fakes import REGISTRATION, RegisteredFake  # noqa: E402
 def warmed_fixture(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     monkeypatch.setattr(netns, "warm", lambda: calls.append("warm"))
+    monkeypatch.setattr(earlyprobe, "detect", lambda: calls.append("detect"))
     lines = {**registry.LAUNCHERS, "fake": REGISTRATION}
     monkeypatch.setattr(registry, "LAUNCHERS", MappingProxyType(lines))
     RegisteredFake.built.clear()
@@ -58,6 +60,13 @@ def _config(tmp_path: Path, profile: dict[str, Any] | None) -> Any:
     return load_config(tmp_path / "femd.yaml")
 
 
+def _uses_helper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake as a launcher whose tasks use the network helper."""
+    fake = msgspec.structs.replace(REGISTRATION, network_helper=True)
+    lines = {**registry.LAUNCHERS, "fake": fake}
+    monkeypatch.setattr(registry, "LAUNCHERS", MappingProxyType(lines))
+
+
 def test_launchers_are_built_and_probed_in_a_thread(
     tmp_path: Path, warmed: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -68,6 +77,7 @@ def test_launchers_are_built_and_probed_in_a_thread(
         return self.capabilities
 
     monkeypatch.setattr(RegisteredFake, "probe", probe)
+    _uses_helper(monkeypatch)
     config = _config(tmp_path, {"name": "default", "fake": {}})
     probes = EarlyProbe(config, tmp_path / "state")
     assert list(probes.profiles()) == ["default"]
@@ -76,15 +86,24 @@ def test_launchers_are_built_and_probed_in_a_thread(
     assert launchers == {("default", "fake"): built}
     assert caps[("default", "fake")].available
     assert threads == ["femd-probe"]
-    # A profile that gives tasks network: the helpers' zygote starts at once.
-    assert warmed == ["warm"]
+    # A launcher whose tasks get network through the helper: its zygote starts
+    # at once, after femd has left its unit's cgroup root (cgroup v2).
+    assert warmed == ["detect", "warm"]
 
 
 def test_a_profile_without_network_starts_no_zygote(
-    tmp_path: Path, warmed: list[str]
+    tmp_path: Path, warmed: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _uses_helper(monkeypatch)
     profile = {"name": "default", "fake": {}, "network": {"enabled": False}}
     EarlyProbe(_config(tmp_path, profile), tmp_path / "state").result()
+    assert warmed == []
+
+
+def test_launchers_without_the_helper_start_no_zygote(
+    tmp_path: Path, warmed: list[str]
+) -> None:
+    EarlyProbe(_config(tmp_path, {"name": "default", "fake": {}}), tmp_path).result()
     assert warmed == []
 
 
@@ -106,10 +125,11 @@ def test_what_building_raises_is_raised_to_the_agent(
     tmp_path: Path, warmed: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*_: Any, **__: Any) -> Any:
-        raise RuntimeError("no launcher today")
+        raise ConfigError("no launcher today")
 
     monkeypatch.setattr(earlyprobe, "build_all", broken)
     probes = EarlyProbe(_config(tmp_path, {"name": "default", "fake": {}}), tmp_path)
-    assert list(probes.profiles()) == ["default"]
-    with pytest.raises(RuntimeError, match="no launcher today"):
+    with pytest.raises(ConfigError, match="no launcher today"):
         probes.result()
+    # The profiles loaded: what the thread raised is the launchers' error only.
+    assert list(probes.profiles()) == ["default"]
