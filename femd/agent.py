@@ -287,11 +287,9 @@ class Agent(Reception):
     def _status(self) -> str:
         counts = self.state.counts()
         done = sum(v for k, v in counts.items() if k in TERMINAL_STATES)
-        broker = (
-            "broker connected"
-            if self.link.connected.is_set()
-            else (f"broker disconnected ({self.link.last_error or 'connecting'})")
-        )
+        why = self.link.last_error or "connecting"
+        up = self.link.connected.is_set()
+        broker = "broker connected" if up else f"broker disconnected ({why})"
         return (
             f"running {len(self.runners)} tasks, {len(self.queue)} queued, "
             f"{done} done, {broker}"
@@ -315,16 +313,12 @@ class Agent(Reception):
     # -- main loop --------------------------------------------------------------------
 
     def _signals(self) -> None:
-        def stop(_sig: int, _frame: FrameType | None) -> None:
-            self._stop.set()
-            self._wake()
-
         def reload(_sig: int, _frame: FrameType | None) -> None:
             self._reload.set()
             self._wake()
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, lambda _sig, _frame: self.request_stop())
+        signal.signal(signal.SIGINT, lambda _sig, _frame: self.request_stop())
         signal.signal(signal.SIGHUP, reload)
 
     def request_stop(self) -> None:
@@ -332,10 +326,15 @@ class Agent(Reception):
         self._stop.set()
         self._wake()
 
-    def run(self) -> int:
-        """Serve until SIGTERM; return the exit code (0 on a clean stop)."""
+    def run(self, *, stop_asked: threading.Event | None = None) -> int:
+        """Serve until SIGTERM; return the exit code (0 on a clean stop).
+
+        *stop_asked*: a stop asked for before this took the signals over.
+        """
         if threading.current_thread() is threading.main_thread():
             self._signals()
+        if stop_asked is not None and stop_asked.is_set():
+            self.request_stop()
         audit.emit(
             audit.Event.POLICY_LOADED,
             f"policy loaded from {self.policy.source}",

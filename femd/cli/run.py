@@ -1,8 +1,9 @@
 """``femd run``: the agent in the foreground, as systemd starts it.
 
 Owns the command's logging set-up (level, journald or JSON lines) and its
-order: the broker link is started (``femd.earlylink``) before the agent is
-imported and built. The agent is ``femd.agent``'s.
+order: the broker link is started (``femd.earlylink``), then the launchers'
+probes (``femd.earlyprobe``), before the agent is imported and built; a stop
+asked for meanwhile is kept for the agent. The agent is ``femd.agent``'s.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 from femd.cli.console import Subcommands
@@ -46,6 +49,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from femd.earlylink import EarlyLink
 
     early = EarlyLink(config)
+    # Until the agent takes SIGTERM and SIGINT over, a stop is kept for it: the
+    # probes then end as they would (sandboxes, cgroups removed), and the agent
+    # stops as soon as it has started.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _sig, _frame: stop.set())
     probes = None
     try:
         # The launchers are probed (sandboxes run) while the agent loads.
@@ -60,4 +69,4 @@ def _cmd_run(args: argparse.Namespace) -> int:
             probes.close()
         early.close()
         raise
-    return agent.run()
+    return agent.run(stop_asked=stop)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from femd.earlylink import EarlyLink  # noqa: E402
 from femd.errors import BrokerError  # noqa: E402
 from testbed.fresh import last_json  # noqa: E402
 from testbed.pki import make_ca  # noqa: E402
+from tests.conftest import make_policy  # noqa: E402
 from tests.fakes import FakeLink  # noqa: E402
 
 
@@ -36,7 +39,9 @@ def config_fixture(tmp_path: Path) -> Any:
                     "key": str(mine.key),
                 },
                 "policy": str(tmp_path / "policy.yaml"),
+                "launchers": str(tmp_path / "launchers"),
                 "state_dir": str(tmp_path / "state"),
+                "audit": "stderr",
             }
         )
     )
@@ -110,3 +115,45 @@ def test_the_config_and_the_link_load_without_the_signature_code() -> None:
         "    if m.startswith(('cryptography', 'femd.envelope', 'femd.keys')))))\n"
     )
     assert last_json(code) == []
+
+
+# SIGTERM while the launchers are probed, before the agent exists; then the
+# exit code of femd run and whether the agent ever said READY (its audit).
+_STOPPED_WHILE_PROBING = """
+import json, os, signal
+from femd import earlyprobe
+from femd.cli import main
+
+start = earlyprobe.EarlyProbe.__init__
+
+def init(self, *args, **kwargs):
+    start(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+earlyprobe.EarlyProbe.__init__ = init
+print(json.dumps(main(["run", "--config", {config!r}])))
+"""
+
+
+def test_a_stop_during_start_up_is_kept_for_the_agent(
+    config: Any, tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    """femd run: a SIGTERM while the launchers are probed, before the agent
+    exists, is not a death by signal half-way through a probe (its cgroup
+    left behind): the agent starts, stops at once without READY, exits 0."""
+    make_policy(tmp_path, keys)
+    (tmp_path / "launchers").mkdir()
+    code = _STOPPED_WHILE_PROBING.format(config=str(tmp_path / "femd.yaml"))
+    done = subprocess.run(  # noqa: S603 (this interpreter, fixed code)
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == 0
+    said = [json.loads(line).get("MESSAGE", "") for line in done.stderr.splitlines()]
+    assert "policy loaded" in " ".join(said)
+    assert not [m for m in said if "ready" in m], said
