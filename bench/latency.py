@@ -200,7 +200,9 @@ class CpuMark:
     def now(cls, agent: int | None, brokers: list[int]) -> CpuMark:
         with open("/proc/stat") as f:
             ticks = [int(v) for v in f.readline().split()[1:]]
-        busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+        # user nice system idle iowait irq softirq steal guest guest_nice:
+        # guest time is inside user and nice; steal is not this host's work.
+        busy = sum(ticks[:7]) - ticks[3] - ticks[4]
         return cls(
             busy / _TCK,
             _pid_cpu(agent) if agent else 0.0,
