@@ -6,7 +6,7 @@ per (profile, back-end) in a thread, while the agent is imported and loads
 its policy. A probe mostly waits on its sandboxes (a smoke run, a network
 namespace); on a small host it took as long as the broker's handshakes, after
 them. The network helpers' zygote, when a launcher of the profiles uses it,
-starts at once, so that its interpreter boots meanwhile. The agent takes the
+starts first, so that its interpreter boots meanwhile. The agent takes the
 launchers and their capabilities when its loop is about to run, and reports
 them (log, audit) then, as if it had probed then: nothing is admitted on a
 capability not yet proven, and the audit trail reads as before. A reload
@@ -56,16 +56,9 @@ class EarlyProbe:
         except ConfigError as e:
             self._profile_error = e
             return
-        if _use_helper(self._profiles):
-            # cgroup v2: femd leaves its unit's cgroup for a leaf of its own
-            # before it starts a lasting process, or that process would stay
-            # beside the task cgroups, where v2 allows none (detect() moves
-            # femd; the process launcher's probe calls it again, a no-op).
-            detect()
-            netns.warm()
         self._thread = threading.Thread(
             target=self._probe,
-            args=(state_dir, config),
+            args=(state_dir, config, _use_helper(self._profiles)),
             name="femd-probe",
             daemon=True,
         )
@@ -102,7 +95,15 @@ class EarlyProbe:
         if self._thread is not None:
             self._thread.join()
 
-    def _probe(self, state_dir: Path, config: AgentConfig) -> None:
+    def _probe(self, state_dir: Path, config: AgentConfig, helper: bool) -> None:
+        if helper:
+            # cgroup v2: femd leaves its unit's cgroup for a leaf of its own
+            # before it starts a lasting process, or that process would stay
+            # beside the task cgroups, where v2 allows none (detect() moves
+            # femd, all its threads; the process launcher's probe calls it
+            # again, a no-op). Meanwhile femd's other threads start no process.
+            detect()
+            netns.warm()
         try:
             self._probed = build_all(
                 self._profiles,

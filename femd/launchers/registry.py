@@ -101,7 +101,8 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     launcher the factory builds); it may raise ``FemdError`` (the doctor
     reports it as the trial's failure). ``network_helper``: its tasks reach
     the network through femd's namespace helper (``femd.launchers.netns``),
-    whose zygote ``femd run`` then starts early.
+    whose zygote ``femd run`` then starts early (not podman's: it joins a
+    container's namespace only when femd runs as root, not under its unit).
     """
 
     factory: LauncherFactory
@@ -160,7 +161,6 @@ LAUNCHERS: Final[Mapping[str, Registration]] = MappingProxyType(
             spec_reasons=podman_reasons,
             prepare_work=podman_work,
             trial=_podman_trial,
-            network_helper=True,
         ),
         "process": Registration(
             factory=_process, spec_reasons=process_reasons, network_helper=True

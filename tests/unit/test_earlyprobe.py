@@ -74,6 +74,7 @@ def test_launchers_are_built_and_probed_in_a_thread(
 
     def probe(self: RegisteredFake) -> Capabilities:
         threads.append(threading.current_thread().name)
+        warmed.append("probe")
         return self.capabilities
 
     monkeypatch.setattr(RegisteredFake, "probe", probe)
@@ -87,8 +88,8 @@ def test_launchers_are_built_and_probed_in_a_thread(
     assert caps[("default", "fake")].available
     assert threads == ["femd-probe"]
     # A launcher whose tasks get network through the helper: its zygote starts
-    # at once, after femd has left its unit's cgroup root (cgroup v2).
-    assert warmed == ["detect", "warm"]
+    # first, after femd has left its unit's cgroup root (cgroup v2).
+    assert warmed == ["detect", "warm", "probe"]
 
 
 def test_a_profile_without_network_starts_no_zygote(
