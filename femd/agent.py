@@ -14,17 +14,15 @@ import contextlib
 import ctypes
 import gc
 import logging
-import os
 import queue
 import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Collection
 from pathlib import Path
 from types import FrameType
 from typing import Final, Literal
-
-import sdnotify
 
 from femd import audit
 from femd.broker import NodeLink
@@ -47,6 +45,7 @@ from femd.launchers import (
 from femd.messages import Delivery, LinkFactory
 from femd.model import utc_now as _now
 from femd.nodestatus import cert_not_after, status_message
+from femd.notifier import Notifier
 from femd.policy import LoadedPolicy, load_policy
 from femd.reception import REPLAY_RULE, Reception
 from femd.reprobe import Reprobe
@@ -60,21 +59,11 @@ logger = logging.getLogger(__name__)
 _STATUS_EVERY_S: Final = 5.0
 
 
-def _watchdog_interval() -> float | None:
-    """WatchdogSec for this process in seconds, or None (like sd_watchdog_enabled)."""
-    usec = os.environ.get("WATCHDOG_USEC", "")
-    pid = os.environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
-        return None
-    return int(usec) / 1e6
-
-
 def _release_startup_memory() -> None:
     """Give the heap that start-up used (YAML, probes, imports) back to the OS.
 
     An idle agent keeps what it holds for days: collect the garbage once, then
-    glibc's ``malloc_trim`` returns the free pages (~1.5 MB). A libc without
-    it (musl) keeps them; nothing else changes.
+    glibc's ``malloc_trim`` returns the free pages (~1.5 MB); musl keeps them.
     """
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
@@ -143,12 +132,7 @@ class Agent(Reception):
         self._finished: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self._notifier = sdnotify.SystemdNotifier()
-        if self._notifier.socket is not None:
-            # A notify reader that stops reading must never block the main loop.
-            self._notifier.socket.setblocking(False)
-        self._watchdog_s = _watchdog_interval()
-        self._last_ping = 0.0
+        self._sd = Notifier()
         self._ready = False
         self._last_status = 0.0
         self._last_node_status = 0.0
@@ -272,18 +256,6 @@ class Agent(Reception):
 
     # -- notify ----------------------------------------------------------------
 
-    def _notify(self, text: str) -> None:
-        self._notifier.notify(text)
-
-    def _ping(self) -> None:
-        """WATCHDOG=1 at half of systemd's WatchdogSec, only when it asked for it."""
-        if self._watchdog_s is None:
-            return
-        now = time.monotonic()
-        if now - self._last_ping >= self._watchdog_s / 2:
-            self._last_ping = now
-            self._notify("WATCHDOG=1")
-
     def _status(self) -> str:
         counts = self.state.counts()
         done = sum(v for k, v in counts.items() if k in TERMINAL_STATES)
@@ -326,15 +298,21 @@ class Agent(Reception):
         self._stop.set()
         self._wake()
 
-    def run(self, *, stop_asked: threading.Event | None = None) -> int:
+    def run(self, *, held: Collection[int] = ()) -> int:
         """Serve until SIGTERM; return the exit code (0 on a clean stop).
 
-        *stop_asked*: a stop asked for before this took the signals over.
+        *held*: signals ``femd run`` kept until now. SIGTERM: close, taking no
+        task (none handed back, none adopted and cancelled); SIGHUP: reload.
         """
         if threading.current_thread() is threading.main_thread():
             self._signals()
-        if stop_asked is not None and stop_asked.is_set():
-            self.request_stop()
+        if signal.SIGTERM in held:
+            logger.info("stopped while starting: no task taken")
+            if self._probes is not None:
+                self._probes.close()
+            return self._close()
+        if signal.SIGHUP in held:
+            self._reload.set()
         audit.emit(
             audit.Event.POLICY_LOADED,
             f"policy loaded from {self.policy.source}",
@@ -366,7 +344,7 @@ class Agent(Reception):
     def _tick(self) -> None:
         if not self._ready and self.link.ever_connected.is_set():
             self._ready = True
-            self._notify("READY=1")
+            self._sd.notify("READY=1")
             logger.info("ready: node %s, policy %s", self.node, self.policy.sha256[:12])
             # docs/auditor.md: AGENT_STARTED means "up and ready", so after READY.
             audit.emit(
@@ -378,9 +356,9 @@ class Agent(Reception):
             _release_startup_memory()
         if self._reload.is_set():
             self._reload.clear()
-            self._notify("RELOADING=1")
+            self._sd.notify("RELOADING=1")
             self.reload()
-            self._notify("READY=1")
+            self._sd.notify("READY=1")
         self._sleep()
         now = time.monotonic()
         if self.reprobe.due(now):
@@ -400,12 +378,12 @@ class Agent(Reception):
             self._dispatch()  # a free slot takes the task before the next delivery
         self._dispatch()
         now = time.monotonic()
-        self._ping()
+        self._sd.ping()
         if now - self._last_node_status >= self.config.node_status_interval_s:
             self.publish_node_status()
         if now - self._last_status > _STATUS_EVERY_S:
             self._last_status = now
-            self._notify(f"STATUS={self._status()}")
+            self._sd.notify(f"STATUS={self._status()}")
 
     def _sleep(self) -> None:
         """Wait for a wake-up, or until something on a timer is due."""
@@ -414,18 +392,10 @@ class Agent(Reception):
             self._last_status + _STATUS_EVERY_S,
             self._last_node_status + self.config.node_status_interval_s,
         )
-        if self._watchdog_s is not None:
-            due = min(due, self._last_ping + self._watchdog_s / 2)
         # issue 17's timers: commits to retry, launchers to probe again, a
-        # flood summary, the state's retention.
-        for at in (
-            self.retry.next_at(),
-            self.reprobe.next_at(),
-            self.flood.next_at(),
-            self.retention.next_at(),
-        ):
-            if at is not None:
-                due = min(due, at)
+        # flood summary, the state's retention; and the watchdog's ping.
+        timers = (self.retry, self.reprobe, self.flood, self.retention, self._sd)
+        due = min([due, *(at for t in timers if (at := t.next_at()) is not None)])
         try:
             self._wakeups.get(timeout=min(max(0.0, due - now), _STATUS_EVERY_S))
         except queue.Empty:
@@ -437,14 +407,14 @@ class Agent(Reception):
                 return
 
     def _shutdown(self) -> int:
-        self._notify("STOPPING=1")
+        self._sd.notify("STOPPING=1")
         audit.emit(audit.Event.AGENT_STOPPING, "femd agent stopping", node=self.node)
         self.link.pause_consuming()
         self.publish_node_status("stopping")
         deadline = time.monotonic() + self.config.stop_grace_s
         while self.threads and time.monotonic() < deadline:
-            self._ping()
-            self._notify(f"STATUS=stopping: waiting for {len(self.threads)} tasks")
+            self._sd.ping()
+            self._sd.notify(f"STATUS=stopping: waiting for {len(self.threads)} tasks")
             with contextlib.suppress(queue.Empty):
                 self._wakeups.get(timeout=0.2)
             self._reap()
@@ -452,8 +422,11 @@ class Agent(Reception):
             runner.cancel("agent stopping")
         for thread in list(self.threads.values()):
             thread.join(timeout=30)
+        return self._close()
+
+    def _close(self) -> int:
+        """Flush and close the link, close the state and the notify socket."""
         self.link.stop(flush_s=5.0)
         self.state.close()
-        if self._notifier.socket is not None:
-            self._notifier.socket.close()
+        self._sd.close()
         return 0

@@ -2,8 +2,8 @@
 
 Owns the command's logging set-up (level, journald or JSON lines) and its
 order: the broker link is started (``femd.earlylink``), then the launchers'
-probes (``femd.earlyprobe``), before the agent is imported and built; a stop
-asked for meanwhile is kept for the agent. The agent is ``femd.agent``'s.
+probes (``femd.earlyprobe``), before the agent is imported and built; a
+SIGTERM or SIGHUP meanwhile is kept for the agent. The agent is ``femd.agent``'s.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import signal
-import threading
 from pathlib import Path
 
 from femd.cli.console import Subcommands
@@ -49,12 +48,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from femd.earlylink import EarlyLink
 
     early = EarlyLink(config)
-    # Until the agent takes SIGTERM and SIGINT over, a stop is kept for it: the
-    # probes then end as they would (sandboxes, cgroups removed), and the agent
-    # stops as soon as it has started.
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda _sig, _frame: stop.set())
+    # Until the agent takes the signals over, SIGTERM and SIGHUP are kept for
+    # it: the probes end as they would (sandboxes, cgroups removed), then the
+    # agent closes without taking a task, or reloads. (SIGINT still raises
+    # KeyboardInterrupt: the probes are awaited as after any start-up error.)
+    held: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda sig, _frame: held.append(sig))
     probes = None
     try:
         # The launchers are probed (sandboxes run) while the agent loads.
@@ -69,4 +69,4 @@ def _cmd_run(args: argparse.Namespace) -> int:
             probes.close()
         early.close()
         raise
-    return agent.run(stop_asked=stop)
+    return agent.run(held=held)

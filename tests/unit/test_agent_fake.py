@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import socket
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -296,6 +298,64 @@ def test_early_probes_are_the_agents_launchers_reported_after_the_policy(
     ids = [e.get("MESSAGE_ID") for e in node.audit_entries()]
     order = [audit.Event.POLICY_LOADED.value, audit.Event.LAUNCHER_UNAVAILABLE.value]
     assert [i for i in ids if i in order] == order
+
+
+def test_a_sigterm_held_while_starting_closes_without_taking_a_task(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """femd run kept a SIGTERM: the probes end, nothing is taken or adopted."""
+    probed = threading.Event()
+
+    def slow(self: RegisteredFake) -> Capabilities:
+        time.sleep(0.2)  # still probing when the agent runs
+        probed.set()
+        return self.capabilities
+
+    monkeypatch.setattr(RegisteredFake, "probe", slow)
+    audit.configure("stderr", node.audit)
+    early = EarlyLink(node.config, link=FakeLink)
+    agent = Agent(
+        node.config, early=early, probes=EarlyProbe(node.config, early.dirs.root)
+    )
+    codes: list[int] = []
+    thread = threading.Thread(
+        target=lambda: codes.append(agent.run(held=[signal.SIGTERM])), daemon=True
+    )
+    thread.start()
+    thread.join(WAIT_S)
+    assert codes == [0]
+    assert probed.is_set()  # the probe ended before the agent closed
+    link = agent.link
+    assert isinstance(link, FakeLink)
+    assert link.stopped
+    assert not link.intake_open  # never bound: nothing taken to hand back
+    assert node.audit_entries() == []  # no "policy loaded", no "ready"
+
+
+def test_a_sighup_held_while_starting_reloads_once_started(node: Node) -> None:
+    audit.configure("stderr", node.audit)
+    early = EarlyLink(node.config, link=FakeLink)
+    probes = EarlyProbe(node.config, early.dirs.root)
+    node.agent = agent = Agent(node.config, early=early, probes=probes)
+    thread = threading.Thread(
+        target=lambda: node.exit_codes.append(agent.run(held=[signal.SIGHUP])),
+        daemon=True,
+    )
+    node._thread = thread
+    thread.start()
+    reloaded = audit.Event.POLICY_RELOADED.value
+
+    def ids() -> list[str]:
+        return [e.get("MESSAGE_ID", "") for e in node.audit_entries()]
+
+    # The reload builds the launchers again and publishes the node's status
+    # again, then audits; the link hears the status.
+    node.link.wait_for("a second status", lambda: len(node.link.side) >= 2, WAIT_S)
+    deadline = time.monotonic() + WAIT_S
+    while reloaded not in ids() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(RegisteredFake.built) == 2  # the early probe's, the reload's
+    assert ids().index(audit.Event.POLICY_LOADED.value) < ids().index(reloaded)
 
 
 def test_garbage_and_unsigned_deliveries_are_refused_without_a_task(node: Node):

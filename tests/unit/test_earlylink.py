@@ -117,13 +117,25 @@ def test_the_config_and_the_link_load_without_the_signature_code() -> None:
     assert last_json(code) == []
 
 
-# SIGTERM while the launchers are probed, before the agent exists; then the
-# exit code of femd run and whether the agent ever said READY (its audit).
+# femd run with the fake launcher registered, whose probe takes a while and
+# then leaves a mark; a SIGTERM while it probes, before the agent exists.
 _STOPPED_WHILE_PROBING = """
-import json, os, signal
+import json, os, signal, time
+from pathlib import Path
+from types import MappingProxyType
 from femd import earlyprobe
 from femd.cli import main
+from femd.launchers import registry
+from tests.fakes import REGISTRATION, RegisteredFake
 
+registry.LAUNCHERS = MappingProxyType({{**registry.LAUNCHERS, "fake": REGISTRATION}})
+
+def probe(self):
+    time.sleep(0.3)
+    Path({mark!r}).touch()
+    return self.capabilities
+
+RegisteredFake.probe = probe
 start = earlyprobe.EarlyProbe.__init__
 
 def init(self, *args, **kwargs):
@@ -131,7 +143,8 @@ def init(self, *args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
 
 earlyprobe.EarlyProbe.__init__ = init
-print(json.dumps(main(["run", "--config", {config!r}])))
+code = main(["run", "--config", {config!r}])
+print(json.dumps([code, Path({mark!r}).exists()]))
 """
 
 
@@ -140,10 +153,20 @@ def test_a_stop_during_start_up_is_kept_for_the_agent(
 ) -> None:
     """femd run: a SIGTERM while the launchers are probed, before the agent
     exists, is not a death by signal half-way through a probe (its cgroup
-    left behind): the agent starts, stops at once without READY, exits 0."""
+    left behind): the probe ends, the agent closes without taking a task or
+    saying READY, and femd run exits 0."""
+    del config  # the fixture wrote femd.yaml
     make_policy(tmp_path, keys)
     (tmp_path / "launchers").mkdir()
-    code = _STOPPED_WHILE_PROBING.format(config=str(tmp_path / "femd.yaml"))
+    (tmp_path / "launchers" / "default.yaml").write_text(
+        yaml.safe_dump(
+            {"apiVersion": "femd/v1", "kind": "LauncherProfile", "name": "default",
+             "fake": {}, "network": {"enabled": False}}
+        )
+    )  # fmt: skip
+    code = _STOPPED_WHILE_PROBING.format(
+        config=str(tmp_path / "femd.yaml"), mark=str(tmp_path / "probed")
+    )
     done = subprocess.run(  # noqa: S603 (this interpreter, fixed code)
         [sys.executable, "-c", code],
         capture_output=True,
@@ -153,7 +176,8 @@ def test_a_stop_during_start_up_is_kept_for_the_agent(
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == 0
+    # femd run returned 0, and only after the probe had ended.
+    assert json.loads(done.stdout.splitlines()[-1]) == [0, True]
     said = [json.loads(line).get("MESSAGE", "") for line in done.stderr.splitlines()]
-    assert "policy loaded" in " ".join(said)
-    assert not [m for m in said if "ready" in m], said
+    assert "stopped while starting: no task taken" in said
+    assert not [m for m in said if m.startswith(("policy loaded", "ready"))], said
