@@ -89,7 +89,7 @@ class EarlyLink:
         self.link.open_intake()
 
     def close(self) -> None:
-        """No agent runs on it (not built, or stopped first): close it and the state."""
+        """The agent could not be built: close the link (it took nothing), the state."""
         if self._started:
             self.link.stop(0)
         self.state.close()

@@ -40,14 +40,13 @@ def decoded_certificate(path: str) -> dict[str, Any] | None:
     """The first certificate of the PEM file *path*, as ``ssl`` decodes it.
 
     The keys are those of ``SSLSocket.getpeercert()`` (``subject``,
-    ``notAfter``, ...). None when this Python has no such decoder (the
-    callers then ask cryptography).
+    ``notAfter``, ...). None when this Python has no such decoder, or when
+    the file holds other PEM blocks than plain certificates (the callers
+    then ask cryptography).
 
     Raises:
         OSError: the file cannot be read.
         ssl.SSLError: it holds no PEM certificate.
-
-    None too for a file with other PEM blocks than plain certificates.
     """
     decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
     if decode is None or not _plain_certificates(Path(path).read_bytes()):
