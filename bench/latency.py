@@ -167,7 +167,7 @@ def bare_bwrap_once() -> float:
 _TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _pid_cpu(pid: int) -> float:
+def pid_cpu(pid: int) -> float:
     """utime + stime of *pid* (all its threads), seconds; 0 once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -205,8 +205,8 @@ class CpuMark:
         busy = sum(ticks[:7]) - ticks[3] - ticks[4]
         return cls(
             busy / _TCK,
-            _pid_cpu(agent) if agent else 0.0,
-            sum(_pid_cpu(b) for b in brokers),
+            pid_cpu(agent) if agent else 0.0,
+            sum(pid_cpu(b) for b in brokers),
         )
 
     def per_task_ms(self, start: CpuMark, count: int) -> tuple[float, str]:

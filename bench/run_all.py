@@ -65,7 +65,6 @@ STARTS = 5  # start->READY: the median of this many starts, each side
 FLOOD_N = 1000
 # The agent's intake_window (femd.yaml default): the flood baseline's prefetch.
 INTAKE_WINDOW = 32
-_TICK = os.sysconf("SC_CLK_TCK")
 # Row names the summary reads (bench/latency.py and bench/launch.py use them).
 LATENCY = "latency p50, submit->succeeded"
 BURST = "burst throughput"
@@ -171,9 +170,9 @@ def proc_usage(pid: int) -> tuple[float, float]:
     """(VmRSS MiB, utime+stime s) of *pid*."""
     status = Path(f"/proc/{pid}/status").read_text()
     rss_kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    cpu = (int(fields[11]) + int(fields[12])) / _TICK
-    return rss_kb / 1024, cpu
+    from latency import pid_cpu
+
+    return rss_kb / 1024, pid_cpu(pid)
 
 
 def idle(pid: int) -> tuple[float, float]:
