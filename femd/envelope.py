@@ -12,14 +12,9 @@ import binascii
 import contextlib
 import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Final, Literal
 
 import msgspec
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
 from msgspec import Meta
 
 from femd.errors import EnvelopeError, cut
@@ -30,6 +25,11 @@ from femd.model import (
     Strict,
     refuse_duplicate_keys,
 )
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from femd.ed25519 import PublicKey
 
 __all__ = [
     "MAX_ENVELOPE_BYTES",
@@ -152,7 +152,7 @@ def decode_envelope(
 
 
 def check_signatures(
-    env: Envelope, payload: bytes, trusted: Mapping[str, Ed25519PublicKey]
+    env: Envelope, payload: bytes, trusted: Mapping[str, PublicKey]
 ) -> SignatureCheck:
     """Verify every signature of *env* over PAE(payloadType, payload).
 
@@ -171,12 +171,11 @@ def check_signatures(
             continue
         try:
             sig = b64decode(s.sig, "signature")
-            # SECURITY: verify over the raw payload bytes, before any decoding.
-            key.verify(sig, message)
-        except (EnvelopeError, InvalidSignature):
+        except EnvelopeError:
             invalid.add(s.keyid)
-        else:
-            valid.add(s.keyid)
+            continue
+        # SECURITY: verify over the raw payload bytes, before any decoding.
+        (valid if key.verify(sig, message) else invalid).add(s.keyid)
     # DESIGN "signed envelope": a key with one good signature is valid even if
     # another signature carrying its keyid is bad.
     return SignatureCheck(

@@ -2,9 +2,11 @@
 
 Owns the key file formats (PKCS#8 PEM private keys written 0600,
 SubjectPublicKeyInfo PEM public keys) and ``keyid()``. Knows nothing of
-envelopes or policies. An agent loads only public keys: the usual PEM of an
-Ed25519 key is read here, anything else by cryptography's PEM loader, which
-(with its ``ssh`` module) an agent then never imports (~18 ms of start-up).
+envelopes or policies. An agent loads only public keys, as ``femd.ed25519``
+keys (verified by the libcrypto ``ssl`` loaded): the usual PEM of an Ed25519
+key is read here, anything else by cryptography's PEM loader, which an agent
+then never imports (~6 MB and ~10 ms of start-up). Private keys (signing:
+the CLI, the orchestrator's client) are cryptography's.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import binascii
 import hashlib
 import os
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-
+from femd.ed25519 import PublicKey
 from femd.errors import InputError, cut
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 __all__ = [
     "generate",
@@ -32,13 +36,15 @@ __all__ = [
 ]
 
 
-def keyid(key: Ed25519PublicKey) -> str:
+def keyid(key: PublicKey | Ed25519PublicKey) -> str:
     """Return the lowercase hex SHA-256 of the key's raw 32 bytes (DESIGN "keyid")."""
     return hashlib.sha256(key.public_bytes_raw()).hexdigest()
 
 
 def generate() -> Ed25519PrivateKey:
     """Return a new Ed25519 private key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     return Ed25519PrivateKey.generate()
 
 
@@ -105,6 +111,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     data = _read(path, "private key")
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -117,17 +124,27 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key(data: bytes, where: str) -> Ed25519PublicKey:
+def load_public_key(data: bytes, where: str) -> PublicKey:
     """Parse an Ed25519 public key from SubjectPublicKeyInfo PEM bytes.
 
     Raises:
-        InputError: not PEM, or not Ed25519; the message starts with *where*.
+        InputError: not PEM, not Ed25519, or this host cannot verify Ed25519
+            (``femd.ed25519``); the message starts with *where*.
     """
     raw = _usual_ed25519_pem(data)
-    if raw is not None:
-        return Ed25519PublicKey.from_public_bytes(raw)
+    if raw is None:
+        raw = _other_pem(data, where)
+    try:
+        return PublicKey(raw)
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from e
+
+
+def _other_pem(data: bytes, where: str) -> bytes:
+    """The raw bytes of an Ed25519 key in any PEM form cryptography reads."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     try:
         key = serialization.load_pem_public_key(data)
@@ -135,7 +152,7 @@ def load_public_key(data: bytes, where: str) -> Ed25519PublicKey:
         raise InputError(f"{where}: not a PEM public key") from e
     if not isinstance(key, Ed25519PublicKey):
         raise InputError(f"{where}: not an Ed25519 public key")
-    return key
+    return key.public_bytes_raw()
 
 
 # DER of an Ed25519 SubjectPublicKeyInfo (RFC 8410) before its 32 key bytes:

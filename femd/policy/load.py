@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from femd.ed25519 import PublicKey
 from femd.errors import InputError, PolicyError
 from femd.keys import keyid, load_public_key
 from femd.policy.document import MaxResources, Policy, Project, default_limits
@@ -37,7 +37,7 @@ class SignerKey(msgspec.Struct, frozen=True):
 
     name: str
     keyid: str
-    key: Ed25519PublicKey
+    key: PublicKey
     expires: date | None
 
 

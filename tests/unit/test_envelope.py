@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from femd.ed25519 import PublicKey
 from femd.envelope import (
     MAX_ENVELOPE_BYTES,
     PAYLOAD_TYPE,
@@ -178,7 +179,7 @@ def test_keyid_is_sha256_of_the_raw_public_key(keypair):
 
 
 def _trusted(*kps):
-    return {kp.keyid: kp.public for kp in kps}
+    return {kp.keyid: PublicKey(kp.public.public_bytes_raw()) for kp in kps}
 
 
 def test_signed_envelope_roundtrips_and_verifies(keypair):

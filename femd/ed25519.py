@@ -1,0 +1,149 @@
+"""Ed25519 verification by the OpenSSL that Python's ``ssl`` already loaded.
+
+Owns ``PublicKey``: a raw 32-byte Ed25519 public key (RFC 8032) that verifies
+a signature over a message, and nothing else. An agent only ever verifies
+(DESIGN "signed envelope"); the libcrypto its TLS link runs on is mapped into
+the process by ``ssl`` before any key is read, and its EVP interface verifies
+Ed25519. Four calls into it, bound here with ctypes, spare an agent
+cryptography's Rust extension (~6 MB resident, ~10 ms of start-up). Signing
+(the CLI, the orchestrator's client) stays with cryptography.
+
+Fails closed: a libcrypto that cannot be loaded, or that cannot make an
+Ed25519 key, is an error when a key is made (the policy then does not load),
+never a signature that quietly fails or passes. A signature verifies only
+when OpenSSL says 1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import ssl  # noqa: F401 (maps the system's libcrypto before _lib() looks)
+import weakref
+from ctypes import c_char_p, c_int, c_size_t, c_void_p
+from typing import Final
+
+__all__ = ["KEY_BYTES", "SIGNATURE_BYTES", "PublicKey"]
+
+KEY_BYTES: Final = 32
+SIGNATURE_BYTES: Final = 64
+_NID_ED25519: Final = 1087  # OpenSSL's obj_mac.h, stable since 1.1.1
+_FALLBACK: Final = "libcrypto.so.3"
+
+
+def mapped_libcrypto(maps: str) -> str | None:
+    """The path of the libcrypto mapped in a ``/proc/PID/maps`` text, if any."""
+    for line in maps.splitlines():
+        path = line.split(maxsplit=5)[5:]
+        if path and path[0].rsplit("/", 1)[-1].startswith("libcrypto.so"):
+            return path[0]
+    return None
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    """The libcrypto, with the prototypes used here.
+
+    The one ``ssl`` loaded (dlopen of a mapped path returns that very library),
+    else the system's by soname.
+
+    Raises:
+        ValueError: no libcrypto, or one without these functions.
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            path = mapped_libcrypto(f.read()) or _FALLBACK
+        lib = ctypes.CDLL(path)
+        lib.EVP_PKEY_new_raw_public_key.restype = c_void_p
+        lib.EVP_PKEY_new_raw_public_key.argtypes = [c_int, c_void_p, c_char_p, c_size_t]
+        lib.EVP_PKEY_free.restype = None
+        lib.EVP_PKEY_free.argtypes = [c_void_p]
+        lib.EVP_MD_CTX_new.restype = c_void_p
+        lib.EVP_MD_CTX_new.argtypes = []
+        lib.EVP_MD_CTX_free.restype = None
+        lib.EVP_MD_CTX_free.argtypes = [c_void_p]
+        lib.EVP_DigestVerifyInit.restype = c_int
+        lib.EVP_DigestVerifyInit.argtypes = [c_void_p] * 5
+        lib.EVP_DigestVerify.restype = c_int
+        lib.EVP_DigestVerify.argtypes = [
+            c_void_p,
+            c_char_p,
+            c_size_t,
+            c_char_p,
+            c_size_t,
+        ]
+        lib.ERR_clear_error.restype = None
+        lib.ERR_clear_error.argtypes = []
+    except (OSError, AttributeError) as e:
+        raise ValueError(f"cannot load libcrypto for Ed25519 verification: {e}") from e
+    return lib
+
+
+class PublicKey:
+    """An Ed25519 public key held by libcrypto; compares by its raw bytes."""
+
+    __slots__ = ("__weakref__", "_pkey", "_raw")
+
+    def __init__(self, raw: bytes) -> None:
+        """Make the key from its 32 raw bytes.
+
+        Raises:
+            ValueError: not 32 bytes, or libcrypto cannot make an Ed25519 key.
+        """
+        if len(raw) != KEY_BYTES:
+            n = len(raw)
+            raise ValueError(f"an Ed25519 public key is {KEY_BYTES} bytes, not {n}")
+        lib = _lib()
+        raw = bytes(raw)
+        pkey = lib.EVP_PKEY_new_raw_public_key(_NID_ED25519, None, raw, KEY_BYTES)
+        if not pkey:
+            lib.ERR_clear_error()
+            raise ValueError("libcrypto cannot make an Ed25519 public key")
+        self._raw = raw
+        self._pkey = pkey
+        weakref.finalize(self, lib.EVP_PKEY_free, pkey)
+
+    def public_bytes_raw(self) -> bytes:
+        """The key's 32 raw bytes."""
+        return self._raw
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        """True only when *signature* is this key's Ed25519 signature of *message*.
+
+        Raises:
+            MemoryError: libcrypto could not allocate a context.
+        """
+        if len(signature) != SIGNATURE_BYTES:
+            return False
+        lib = _lib()
+        ctx = lib.EVP_MD_CTX_new()
+        if not ctx:
+            raise MemoryError("libcrypto: EVP_MD_CTX_new failed")
+        try:
+            # Ed25519 is one-shot: no digest (NULL), the whole message at once.
+            ok: bool = (
+                lib.EVP_DigestVerifyInit(ctx, None, None, None, self._pkey) == 1
+                and lib.EVP_DigestVerify(
+                    ctx, signature, SIGNATURE_BYTES, message, len(message)
+                )
+                == 1
+            )
+        finally:
+            lib.EVP_MD_CTX_free(ctx)
+        if not ok:
+            lib.ERR_clear_error()  # leave no stale error for the ssl module
+        return ok
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a key with the same bytes."""
+        if not isinstance(other, PublicKey):
+            return NotImplemented
+        return self._raw == other._raw
+
+    def __hash__(self) -> int:
+        """The hash of the key's bytes."""
+        return hash(self._raw)
+
+    def __repr__(self) -> str:
+        """The key's bytes in hex."""
+        return f"PublicKey({self._raw.hex()})"

@@ -1,0 +1,239 @@
+"""femd.ed25519: the agent's Ed25519 verifier, on the libcrypto ``ssl`` loaded.
+
+Checked against what nobody here wrote: RFC 8032's test vectors (section 7.1)
+and, differentially, cryptography's verifier over valid, tampered, malleated
+and random signatures. The failure branches (no libcrypto, a NULL key or
+context) are driven through a stand-in library: the real one never fails so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from femd import ed25519
+from femd.ed25519 import PublicKey, mapped_libcrypto
+from femd.errors import InputError
+from femd.keys import load_public_key, public_pem
+
+# RFC 8032 section 7.1, TEST 1, 2 and 3: public key, message, signature.
+RFC8032 = [
+    (
+        "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+        "",
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555f"
+        "b8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b",
+    ),
+    (
+        "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
+        "72",
+        "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da08"
+        "5ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00",
+    ),
+    (
+        "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025",
+        "af82",
+        "6291d657deec24024827e69c3abe01a30ce548a284743a445e3680d7db5ac3ac18"
+        "ff9b538d16f290ae67f760984dc6594a7c15e9716ed28dc027beceea1ec40a",
+    ),
+]
+# The order of the Ed25519 group (RFC 8032 section 5.1): S must be below it.
+L = 2**252 + 27742317777372353535851937790883648493
+
+
+@pytest.mark.parametrize(("pk", "msg", "sig"), RFC8032)
+def test_rfc8032_vectors_verify_and_any_flipped_bit_fails(pk, msg, sig):
+    key = PublicKey(bytes.fromhex(pk))
+    message, signature = bytes.fromhex(msg), bytes.fromhex(sig)
+    assert key.verify(signature, message)
+    for i in range(len(signature) * 8):
+        flipped = bytearray(signature)
+        flipped[i // 8] ^= 1 << (i % 8)
+        assert not key.verify(bytes(flipped), message), i
+    assert not key.verify(signature, message + b"\0")
+
+
+def _cryptography_says(private: Ed25519PrivateKey, sig: bytes, msg: bytes) -> bool:
+    try:
+        private.public_key().verify(sig, msg)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def test_agrees_with_cryptography_on_valid_tampered_and_random_signatures():
+    for n in range(40):
+        private = Ed25519PrivateKey.generate()
+        key = PublicKey(private.public_key().public_bytes_raw())
+        msg = os.urandom(n * 13)
+        good = private.sign(msg)
+        cases = [
+            good,
+            good[:63] + bytes([good[63] ^ 0x80]),
+            good[:-1],
+            good + b"\0",
+            os.urandom(64),
+            b"\0" * 64,
+            b"",
+        ]
+        for sig in cases:
+            assert key.verify(sig, msg) is _cryptography_says(private, sig, msg)
+        assert key.verify(good, msg) is True
+
+
+def test_a_malleated_signature_s_plus_l_is_refused():
+    """S + L verifies the same equation; RFC 8032 requires S < L (no malleability)."""
+    private = Ed25519PrivateKey.generate()
+    key = PublicKey(private.public_key().public_bytes_raw())
+    sig = private.sign(b"task")
+    s = int.from_bytes(sig[32:], "little") + L
+    malleated = sig[:32] + s.to_bytes(32, "little")
+    assert not _cryptography_says(private, malleated, b"task")
+    assert not key.verify(malleated, b"task")
+
+
+def test_a_key_must_be_32_bytes():
+    for raw in (b"", b"\1" * 31, b"\1" * 33):
+        with pytest.raises(ValueError, match="32 bytes"):
+            PublicKey(raw)
+
+
+def test_keys_compare_and_hash_by_their_bytes():
+    raw = bytes.fromhex(RFC8032[0][0])
+    a, b = PublicKey(raw), PublicKey(raw)
+    other = PublicKey(bytes.fromhex(RFC8032[1][0]))
+    assert a == b
+    assert hash(a) == hash(b)
+    assert a.public_bytes_raw() == raw
+    assert a != other
+    assert a != raw  # not a key: NotImplemented, then identity
+    assert RFC8032[0][0] in repr(a)
+
+
+def test_a_failed_verify_leaves_no_openssl_error_behind():
+    lib = ctypes.CDLL(mapped_libcrypto(Path("/proc/self/maps").read_text()))
+    lib.ERR_peek_error.restype = ctypes.c_ulong
+    key = PublicKey(bytes.fromhex(RFC8032[0][0]))
+    for sig in (b"\xff" * 64, bytes.fromhex(RFC8032[1][2])):
+        assert not key.verify(sig, b"")
+        assert lib.ERR_peek_error() == 0
+
+
+def test_verifies_from_many_threads_at_once():
+    private = Ed25519PrivateKey.generate()
+    key = PublicKey(private.public_key().public_bytes_raw())
+    msgs = [os.urandom(100) for _ in range(8)]
+    sigs = [private.sign(m) for m in msgs]
+    wrong: list[int] = []
+
+    def work(i: int) -> None:
+        for _ in range(50):
+            if not key.verify(sigs[i], msgs[i]) or key.verify(sigs[i], msgs[i - 1]):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_the_libcrypto_is_the_one_ssl_mapped():
+    path = mapped_libcrypto(Path("/proc/self/maps").read_text())
+    assert path is not None
+    assert Path(path).name.startswith("libcrypto.so")
+    maps = (
+        "7f0-7f1 r--p 00000000 08:01 1 /usr/lib/libcryptsetup.so.12\n"
+        "7f1-7f2 rw-p 00000000 00:00 0 \n"
+        "7f2-7f3 r-xp 00000000 08:01 2 /opt/ssl/lib/libcrypto.so.3\n"
+    )
+    assert mapped_libcrypto(maps) == "/opt/ssl/lib/libcrypto.so.3"
+    assert mapped_libcrypto("7f1-7f2 rw-p 00000000 00:00 0 [heap]\n") is None
+
+
+@pytest.fixture
+def fresh_lib():
+    ed25519._lib.cache_clear()
+    yield
+    ed25519._lib.cache_clear()
+
+
+def test_no_libcrypto_fails_closed_with_one_line(fresh_lib, monkeypatch):
+    def missing(path: str) -> None:
+        raise OSError(f"{path}: cannot open shared object file")
+
+    monkeypatch.setattr(ed25519.ctypes, "CDLL", missing)
+    with pytest.raises(ValueError, match="cannot load libcrypto for Ed25519"):
+        PublicKey(b"\1" * 32)
+    pem = public_pem(Ed25519PrivateKey.generate().public_key())
+    with pytest.raises(InputError, match=r"^key: cannot load libcrypto"):
+        load_public_key(pem, "key")
+
+
+def _stand_in(**calls):
+    lib = types.SimpleNamespace(
+        EVP_PKEY_new_raw_public_key=lambda *a: 1,
+        EVP_PKEY_free=lambda p: None,
+        EVP_MD_CTX_new=lambda: 2,
+        EVP_MD_CTX_free=lambda c: None,
+        EVP_DigestVerifyInit=lambda *a: 1,
+        EVP_DigestVerify=lambda *a: 1,
+        ERR_clear_error=lambda: None,
+    )
+    for name, call in calls.items():
+        setattr(lib, name, call)
+    return lib
+
+
+def test_a_libcrypto_that_cannot_make_the_key_is_an_error(monkeypatch):
+    monkeypatch.setattr(ed25519, "_lib", lambda: _stand_in(
+        EVP_PKEY_new_raw_public_key=lambda *a: None))  # fmt: skip
+    with pytest.raises(ValueError, match="cannot make an Ed25519 public key"):
+        PublicKey(b"\1" * 32)
+
+
+def test_only_a_one_from_openssl_is_a_valid_signature(monkeypatch):
+    sig = b"\1" * 64
+    monkeypatch.setattr(ed25519, "_lib", lambda: _stand_in())
+    key = PublicKey(b"\1" * 32)
+    assert key.verify(sig, b"m")
+    for init, verify in ((0, 1), (-1, 1), (1, 0), (1, -1), (1, 2)):
+        lib = _stand_in(
+            EVP_DigestVerifyInit=lambda *a, i=init: i,
+            EVP_DigestVerify=lambda *a, v=verify: v,
+        )
+        monkeypatch.setattr(ed25519, "_lib", lambda lib=lib: lib)
+        assert not key.verify(sig, b"m"), (init, verify)
+    monkeypatch.setattr(ed25519, "_lib", lambda: _stand_in(EVP_MD_CTX_new=lambda: None))
+    with pytest.raises(MemoryError):
+        key.verify(sig, b"m")
+
+
+def test_an_agent_verifies_without_importing_cryptography(tmp_path):
+    """The policy keys load and a signature verifies; cryptography never loads."""
+    private = Ed25519PrivateKey.generate()
+    pub = tmp_path / "k.pub"
+    pub.write_bytes(public_pem(private.public_key()))
+    sig = private.sign(b"x")
+    code = (
+        "import sys\n"
+        "import femd.agent, femd.cli, femd.earlylink, femd.earlyprobe\n"
+        "from femd.keys import load_public_key\n"
+        f"key = load_public_key(open({str(pub)!r}, 'rb').read(), 'k')\n"
+        f"assert key.verify({sig!r}, b'x')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('cryptography')))\n"
+    )
+    out = subprocess.run(  # noqa: S603 (this interpreter, our own code)
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
