@@ -378,19 +378,21 @@ def verify_rows() -> list[Any]:
     for line in done.stdout.splitlines():
         m = re.match(
             r"\s*(raw Ed25519 verify x2|admit\(\) verify\+decide"
-            r"|verifies\+decodes\+rules)\s+([\d.]+)",
+            r"|verifies\+decodes\+rules|femd.ed25519 verify x2)\s+([\d.]+)",
             line,
         )
         if m:
             us[m.group(1)] = float(m.group(2))
-    if len(us) != 3:
+    if len(us) != 4:
         tail = " ".join((done.stdout + done.stderr).split())[-160:]
         return [_row(VERIFY, "us", tail)]
     admit, raw = us["admit() verify+decide"], us["raw Ed25519 verify x2"]
     floor = us["verifies+decodes+rules"]
+    own = us["femd.ed25519 verify x2"]
     return [
         Row(VERIFY, admit, raw, "us", raw / admit,
-            "ratio = raw / admit; baseline: 2 raw Ed25519 verifies; the floor "
+            "ratio = raw / admit; baseline: 2 raw Ed25519 verifies "
+            f"(cryptography; femd's own libcrypto binding: {own:.0f} us); the floor "
             f"(verifies, strict decodes, rules back to back): {floor:.0f} us, "
             f"raw/floor {raw / floor:.2f}"),
     ]  # fmt: skip
