@@ -1,27 +1,31 @@
-"""Ed25519 verification by the OpenSSL that Python's ``ssl`` already loaded.
+"""Ed25519 verification by the OpenSSL that Python's ``ssl`` runs on.
 
 Owns ``PublicKey``: a raw 32-byte Ed25519 public key (RFC 8032) that verifies
 a signature over a message, and nothing else. An agent only ever verifies
-(DESIGN "signed envelope"); the libcrypto its TLS link runs on is mapped into
-the process by ``ssl`` before any key is read, and its EVP interface verifies
-Ed25519. Four calls into it, bound here with ctypes, spare an agent
-cryptography's Rust extension (~6 MB resident, ~10 ms of start-up). Signing
-(the CLI, the orchestrator's client) stays with cryptography.
+(DESIGN "signed envelope"); the libcrypto its TLS link runs on is already in
+the process, linked by ``_ssl``, and its EVP interface verifies Ed25519. Four
+calls into it, bound here with ctypes through ``_ssl``'s own handle (so the
+very library ``ssl`` uses), spare an agent cryptography's Rust extension
+(~6 MB resident, ~10 ms of start-up). Signing (the CLI, the orchestrator's
+client) stays with cryptography. Verification follows the host's OpenSSL
+configuration (``openssl.cnf``, providers), as the TLS link does.
 
 Fails closed: a libcrypto that cannot be loaded, or that cannot make an
-Ed25519 key, is an error when a key is made (the policy then does not load),
-never a signature that quietly fails or passes. A signature verifies only
-when OpenSSL says 1.
+Ed25519 key (e.g. a configuration without it), is an error when a key is made
+(the policy then does not load), never a signature that quietly fails or
+passes. A signature verifies only when OpenSSL says 1. A key cannot be
+copied or pickled (the copy would hold a pointer it does not own), nor
+changed, and stays usable until the interpreter is gone.
 """
 
 from __future__ import annotations
 
+import _ssl
 import ctypes
 import functools
-import ssl  # noqa: F401 (maps the system's libcrypto before _lib() looks)
 import weakref
 from ctypes import c_char_p, c_int, c_size_t, c_void_p
-from typing import Final
+from typing import Final, NoReturn
 
 __all__ = ["KEY_BYTES", "SIGNATURE_BYTES", "PublicKey"]
 
@@ -31,29 +35,31 @@ _NID_ED25519: Final = 1087  # OpenSSL's obj_mac.h, stable since 1.1.1
 _FALLBACK: Final = "libcrypto.so.3"
 
 
-def mapped_libcrypto(maps: str) -> str | None:
-    """The path of the libcrypto mapped in a ``/proc/PID/maps`` text, if any."""
-    for line in maps.splitlines():
-        path = line.split(maxsplit=5)[5:]
-        if path and path[0].rsplit("/", 1)[-1].startswith("libcrypto.so"):
-            return path[0]
-    return None
+def _open() -> ctypes.CDLL:
+    """The libcrypto ``ssl`` runs on, else the system's by soname.
+
+    ``dlsym`` on a library's handle also searches the libraries it links, so
+    through ``_ssl``'s handle the EVP functions are those of its libcrypto. A
+    Python whose ``_ssl`` is built in, or does not export OpenSSL's symbols,
+    gets ``libcrypto.so.3``.
+    """
+    path = getattr(_ssl, "__file__", None)
+    if path is not None:
+        lib = ctypes.CDLL(path)
+        if hasattr(lib, "EVP_DigestVerify"):
+            return lib
+    return ctypes.CDLL(_FALLBACK)
 
 
 @functools.cache
 def _lib() -> ctypes.CDLL:
-    """The libcrypto, with the prototypes used here.
-
-    The one ``ssl`` loaded (dlopen of a mapped path returns that very library),
-    else the system's by soname.
+    """The libcrypto, with the prototypes used here (a failure is not cached).
 
     Raises:
         ValueError: no libcrypto, or one without these functions.
     """
     try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            path = mapped_libcrypto(f.read()) or _FALLBACK
-        lib = ctypes.CDLL(path)
+        lib = _open()
         lib.EVP_PKEY_new_raw_public_key.restype = c_void_p
         lib.EVP_PKEY_new_raw_public_key.argtypes = [c_int, c_void_p, c_char_p, c_size_t]
         lib.EVP_PKEY_free.restype = None
@@ -83,25 +89,44 @@ class PublicKey:
     """An Ed25519 public key held by libcrypto; compares by its raw bytes."""
 
     __slots__ = ("__weakref__", "_pkey", "_raw")
+    _raw: bytes
+    _pkey: int
 
     def __init__(self, raw: bytes) -> None:
-        """Make the key from its 32 raw bytes.
+        """Make the key from its 32 raw bytes (copied: a later change is not seen).
 
         Raises:
             ValueError: not 32 bytes, or libcrypto cannot make an Ed25519 key.
         """
+        raw = bytes(raw)
         if len(raw) != KEY_BYTES:
             n = len(raw)
             raise ValueError(f"an Ed25519 public key is {KEY_BYTES} bytes, not {n}")
         lib = _lib()
-        raw = bytes(raw)
         pkey = lib.EVP_PKEY_new_raw_public_key(_NID_ED25519, None, raw, KEY_BYTES)
         if not pkey:
             lib.ERR_clear_error()
             raise ValueError("libcrypto cannot make an Ed25519 public key")
-        self._raw = raw
-        self._pkey = pkey
-        weakref.finalize(self, lib.EVP_PKEY_free, pkey)
+        object.__setattr__(self, "_raw", raw)
+        object.__setattr__(self, "_pkey", pkey)
+        # Freed with the key, not by atexit: a thread may verify until the end.
+        weakref.finalize(self, lib.EVP_PKEY_free, pkey).atexit = False
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        """Refuse: the bytes and the key OpenSSL holds must stay one."""
+        raise AttributeError("an Ed25519 PublicKey cannot be changed")
+
+    def __copy__(self) -> PublicKey:
+        """The key itself (immutable; a copy would hold a pointer it does not own)."""
+        return self
+
+    def __deepcopy__(self, memo: object) -> PublicKey:
+        """The key itself, as ``__copy__``."""
+        return self
+
+    def __reduce__(self) -> NoReturn:
+        """Refuse to pickle: a key is made from its bytes, in the process using it."""
+        raise TypeError("an Ed25519 PublicKey cannot be pickled; pickle its bytes")
 
     def public_bytes_raw(self) -> bytes:
         """The key's 32 raw bytes."""

@@ -8,8 +8,10 @@ context) are driven through a stand-in library: the real one never fails so.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -21,7 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from femd import ed25519
-from femd.ed25519 import PublicKey, mapped_libcrypto
+from femd.ed25519 import PublicKey
 from femd.errors import InputError
 from femd.keys import load_public_key, public_pem
 
@@ -119,13 +121,42 @@ def test_keys_compare_and_hash_by_their_bytes():
     assert RFC8032[0][0] in repr(a)
 
 
-def test_a_failed_verify_leaves_no_openssl_error_behind():
-    lib = ctypes.CDLL(mapped_libcrypto(Path("/proc/self/maps").read_text()))
+def _ssl_libcrypto() -> ctypes.CDLL:
+    import _ssl
+
+    lib = ctypes.CDLL(_ssl.__file__)
     lib.ERR_peek_error.restype = ctypes.c_ulong
+    lib.EVP_PKEY_new_raw_public_key.restype = ctypes.c_void_p
+    lib.EVP_PKEY_new_raw_public_key.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
+    ]  # fmt: skip
+    return lib
+
+
+def test_a_failed_verify_leaves_no_openssl_error_behind():
+    """A failure clears this thread's OpenSSL error queue, for ssl after it."""
+    lib = _ssl_libcrypto()
     key = PublicKey(bytes.fromhex(RFC8032[0][0]))
     for sig in (b"\xff" * 64, bytes.fromhex(RFC8032[1][2])):
+        # An error on the queue first (a 31-byte key is refused with one).
+        assert not lib.EVP_PKEY_new_raw_public_key(1087, None, b"\1" * 31, 31)
+        assert lib.ERR_peek_error() != 0
         assert not key.verify(sig, b"")
         assert lib.ERR_peek_error() == 0
+
+
+def test_the_functions_are_those_of_the_libcrypto_ssl_links():
+    lib = ed25519._lib()
+    at = ctypes.cast(lib.EVP_DigestVerify, ctypes.c_void_p).value
+    assert at is not None
+    mapped = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= at < hi:
+            mapped.append(fields[5] if len(fields) > 5 else "")
+    assert len(mapped) == 1
+    assert Path(mapped[0]).name.startswith("libcrypto.so")
 
 
 def test_verifies_from_many_threads_at_once():
@@ -148,19 +179,6 @@ def test_verifies_from_many_threads_at_once():
     assert wrong == []
 
 
-def test_the_libcrypto_is_the_one_ssl_mapped():
-    path = mapped_libcrypto(Path("/proc/self/maps").read_text())
-    assert path is not None
-    assert Path(path).name.startswith("libcrypto.so")
-    maps = (
-        "7f0-7f1 r--p 00000000 08:01 1 /usr/lib/libcryptsetup.so.12\n"
-        "7f1-7f2 rw-p 00000000 00:00 0 \n"
-        "7f2-7f3 r-xp 00000000 08:01 2 /opt/ssl/lib/libcrypto.so.3\n"
-    )
-    assert mapped_libcrypto(maps) == "/opt/ssl/lib/libcrypto.so.3"
-    assert mapped_libcrypto("7f1-7f2 rw-p 00000000 00:00 0 [heap]\n") is None
-
-
 @pytest.fixture
 def fresh_lib():
     ed25519._lib.cache_clear()
@@ -178,6 +196,44 @@ def test_no_libcrypto_fails_closed_with_one_line(fresh_lib, monkeypatch):
     pem = public_pem(Ed25519PrivateKey.generate().public_key())
     with pytest.raises(InputError, match=r"^key: cannot load libcrypto"):
         load_public_key(pem, "key")
+
+
+class _Loader:
+    """``ctypes.CDLL`` as seen by ``_open()``: which paths it opened."""
+
+    def __init__(self, exports: bool) -> None:
+        self.opened: list[str] = []
+        self.exports = exports
+
+    def __call__(self, path: str) -> object:
+        self.opened.append(path)
+        lib = _stand_in()
+        if not self.exports and path != ed25519._FALLBACK:
+            del lib.EVP_DigestVerify
+        return lib
+
+
+@pytest.mark.parametrize(
+    ("ssl_module", "exports", "opened"),
+    [
+        (types.SimpleNamespace(__file__="/x/_ssl.so"), True, ["/x/_ssl.so"]),
+        (
+            types.SimpleNamespace(__file__="/x/_ssl.so"),
+            False,
+            ["/x/_ssl.so", "libcrypto.so.3"],
+        ),
+        (types.SimpleNamespace(), True, ["libcrypto.so.3"]),
+    ],
+    ids=["through _ssl", "_ssl hides OpenSSL", "_ssl built in"],
+)
+def test_the_library_is_ssls_else_the_system_soname(
+    fresh_lib, monkeypatch, ssl_module, exports, opened
+):
+    loader = _Loader(exports)
+    monkeypatch.setattr(ed25519, "_ssl", ssl_module)
+    monkeypatch.setattr(ed25519.ctypes, "CDLL", loader)
+    ed25519._lib()
+    assert loader.opened == opened
 
 
 def _stand_in(**calls):
@@ -217,6 +273,57 @@ def test_only_a_one_from_openssl_is_a_valid_signature(monkeypatch):
     monkeypatch.setattr(ed25519, "_lib", lambda: _stand_in(EVP_MD_CTX_new=lambda: None))
     with pytest.raises(MemoryError):
         key.verify(sig, b"m")
+
+
+def test_a_key_is_not_copied_pickled_or_changed():
+    """A copy would hold OpenSSL's pointer without owning it (use after free)."""
+    private = Ed25519PrivateKey.generate()
+    key = PublicKey(private.public_key().public_bytes_raw())
+    assert copy.copy(key) is key
+    assert copy.deepcopy({"k": key})["k"] is key
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(key)
+    for name in ("_raw", "_pkey", "other"):
+        with pytest.raises(AttributeError, match="cannot be changed"):
+            setattr(key, name, b"\0" * 32)
+    assert key.verify(private.sign(b"m"), b"m")
+
+
+def test_the_key_bytes_are_copied_when_made():
+    private = Ed25519PrivateKey.generate()
+    raw = bytearray(private.public_key().public_bytes_raw())
+    key = PublicKey(raw)
+    raw[:] = bytes(32)
+    assert key.public_bytes_raw() == private.public_key().public_bytes_raw()
+    assert key.verify(private.sign(b"m"), b"m")
+
+
+def test_a_key_verifies_until_the_interpreter_is_gone():
+    """Daemon threads verify during exit: no key is freed under them by atexit."""
+    code = (
+        "import atexit, threading, time\n"
+        "from cryptography.hazmat.primitives.asymmetric.ed25519 import "
+        "Ed25519PrivateKey\n"
+        "bad = []\n"
+        "atexit.register(lambda: (time.sleep(0.3), print(len(bad), flush=True)))\n"
+        "from femd.ed25519 import PublicKey\n"
+        "p = Ed25519PrivateKey.generate()\n"
+        "k = PublicKey(p.public_key().public_bytes_raw())\n"
+        "sig = p.sign(b'm')\n"
+        "def work():\n"
+        "    while True:\n"
+        "        if not k.verify(sig, b'm'):\n"
+        "            bad.append(1)\n"
+        "for _ in range(2):\n"
+        "    threading.Thread(target=work, daemon=True).start()\n"
+        "time.sleep(0.2)\n"
+    )
+    for _ in range(3):
+        out = subprocess.run(  # noqa: S603 (this interpreter, our own code)
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr[-300:]
+        assert out.stdout.strip() == "0"
 
 
 def test_an_agent_verifies_without_importing_cryptography(tmp_path):
