@@ -13,9 +13,11 @@ configuration (``openssl.cnf``, providers), as the TLS link does.
 Fails closed: a libcrypto that cannot be loaded, or that cannot make an
 Ed25519 key (e.g. a configuration without it), is an error when a key is made
 (the policy then does not load), never a signature that quietly fails or
-passes. A signature verifies only when OpenSSL says 1. A key cannot be
-copied or pickled (the copy would hold a pointer it does not own), nor
-changed, and stays usable until the interpreter is gone.
+passes. So is a key of small order, for which signatures verify without a
+private key (OpenSSL, like cryptography, accepts it; ``small_order()``). A
+signature verifies only when OpenSSL says 1. A key cannot be copied or
+pickled (the copy would hold a pointer it does not own), nor changed, and
+stays usable until the interpreter is gone.
 """
 
 from __future__ import annotations
@@ -27,12 +29,69 @@ import weakref
 from ctypes import c_char_p, c_int, c_size_t, c_void_p
 from typing import Final, NoReturn
 
-__all__ = ["KEY_BYTES", "SIGNATURE_BYTES", "PublicKey"]
+__all__ = [
+    "KEY_BYTES",
+    "SIGNATURE_BYTES",
+    "Point",
+    "PublicKey",
+    "add",
+    "decode_point",
+    "small_order",
+]
 
 KEY_BYTES: Final = 32
 SIGNATURE_BYTES: Final = 64
 _NID_ED25519: Final = 1087  # OpenSSL's obj_mac.h, stable since 1.1.1
 _FALLBACK: Final = "libcrypto.so.3"
+
+# The curve (RFC 8032 section 5.1), twisted Edwards: -x^2 + y^2 = 1 + d x^2 y^2.
+_P: Final = 2**255 - 19
+_D: Final = -121665 * pow(121666, -1, _P) % _P
+_SQRT_M1: Final = pow(2, (_P - 1) // 4, _P)
+
+Point = tuple[int, int]
+
+
+def decode_point(raw: bytes) -> Point | None:
+    """The point (x, y) of a 32-byte encoding, or None when it is off the curve.
+
+    y is taken mod p, as OpenSSL reads it, so a non-canonical encoding names
+    the point it is read as (RFC 8032 section 5.1.3, without its y < p check).
+    """
+    n = int.from_bytes(raw, "little")
+    y, sign = (n & ((1 << 255) - 1)) % _P, n >> 255
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P
+    if v * x * x % _P == -u % _P:
+        x = x * _SQRT_M1 % _P
+    if v * x * x % _P != u:
+        return None
+    if x & 1 != sign:
+        x = -x % _P
+    return x, y
+
+
+def add(a: Point, b: Point) -> Point:
+    """The sum of two points (the addition law is complete: no exceptions)."""
+    (x1, y1), (x2, y2) = a, b
+    t = _D * x1 * x2 * y1 * y2 % _P
+    x = (x1 * y2 + y1 * x2) * pow(1 + t, -1, _P) % _P
+    y = (y1 * y2 + x1 * x2) * pow(1 - t, -1, _P) % _P
+    return x, y
+
+
+def small_order(raw: bytes) -> bool:
+    """True when *raw* is a point of order 1, 2, 4 or 8 (8 * P is the identity).
+
+    SECURITY: for such a key a signature verifies without any private key
+    (the identity point accepts R = the identity, S = 0 for every message).
+    """
+    point = decode_point(raw)
+    if point is None:
+        return False
+    for _ in range(3):
+        point = add(point, point)
+    return point == (0, 1)
 
 
 def _open() -> ctypes.CDLL:
@@ -102,6 +161,8 @@ class PublicKey:
         if len(raw) != KEY_BYTES:
             n = len(raw)
             raise ValueError(f"an Ed25519 public key is {KEY_BYTES} bytes, not {n}")
+        if small_order(raw):
+            raise ValueError("a small-order Ed25519 point: anyone could sign for it")
         lib = _lib()
         pkey = lib.EVP_PKEY_new_raw_public_key(_NID_ED25519, None, raw, KEY_BYTES)
         if not pkey:

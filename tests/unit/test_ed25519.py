@@ -8,6 +8,7 @@ context) are driven through a stand-in library: the real one never fails so.
 
 from __future__ import annotations
 
+import base64
 import copy
 import ctypes
 import os
@@ -20,12 +21,15 @@ from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
 from femd import ed25519
-from femd.ed25519 import PublicKey
+from femd.ed25519 import Point, PublicKey, add, decode_point, small_order
 from femd.errors import InputError
-from femd.keys import load_public_key, public_pem
+from femd.keys import _ED25519_SPKI, load_public_key, public_pem
 
 # RFC 8032 section 7.1, TEST 1, 2 and 3: public key, message, signature.
 RFC8032 = [
@@ -101,6 +105,89 @@ def test_a_malleated_signature_s_plus_l_is_refused():
     malleated = sig[:32] + s.to_bytes(32, "little")
     assert not _cryptography_says(private, malleated, b"task")
     assert not key.verify(malleated, b"task")
+
+
+IDENTITY = (1).to_bytes(32, "little")  # the neutral point (0, 1)
+# Two order-8 points as libsodium's small-order blocklist spells them.
+PUBLISHED_ORDER_8 = [
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+]
+
+
+def _encode(point: Point) -> bytes:
+    x, y = point
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def _times(k: int, point: Point) -> Point:
+    out: Point = (0, 1)
+    while k:
+        if k & 1:
+            out = add(out, point)
+        point, k = add(point, point), k >> 1
+    return out
+
+
+def _torsion() -> set[bytes]:
+    """The 8 points of order dividing 8: [L]Q for points Q off the prime-order group."""
+    found: set[bytes] = set()
+    for seed in range(2000):
+        q = decode_point(seed.to_bytes(32, "little"))
+        if q is not None:
+            found.add(_encode(_times(L, q)))
+        if len(found) == 8:
+            return found
+    raise AssertionError(f"only {len(found)} torsion points found")
+
+
+def test_a_small_order_key_lets_anyone_sign_and_is_refused():
+    """The identity key accepts R = identity, S = 0 for any message (in
+    cryptography too, which we did not write): femd refuses to make such a key."""
+    forged = IDENTITY + bytes(32)
+    for message in (b"", b"any task at all"):
+        Ed25519PublicKey.from_public_bytes(IDENTITY).verify(forged, message)
+    with pytest.raises(ValueError, match=r"small-order .* anyone could sign"):
+        PublicKey(IDENTITY)
+    pem = b"-----BEGIN PUBLIC KEY-----\n%s\n-----END PUBLIC KEY-----\n" % (
+        base64.b64encode(_ED25519_SPKI + IDENTITY)
+    )
+    with pytest.raises(InputError, match=r"^key: a small-order Ed25519 point"):
+        load_public_key(pem, "key")
+
+
+def test_every_point_of_small_order_is_refused_in_every_spelling():
+    torsion = _torsion()
+    assert IDENTITY in torsion
+    assert {bytes.fromhex(h) for h in PUBLISHED_ORDER_8} <= torsion
+    p = 2**255 - 19
+    spellings = set(torsion)
+    for raw in torsion:
+        n = int.from_bytes(raw, "little")
+        y = n & ((1 << 255) - 1)
+        spellings.add((n ^ 1 << 255).to_bytes(32, "little"))  # the other sign
+        if y + p < 1 << 255:
+            spellings.add((n + p).to_bytes(32, "little"))  # y not reduced
+    assert len(spellings) > 8
+    for raw in spellings:
+        assert small_order(raw), raw.hex()
+        with pytest.raises(ValueError, match="small-order"):
+            PublicKey(raw)
+
+
+def test_real_and_off_curve_keys_are_not_small_order():
+    for _ in range(20):
+        raw = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        assert not small_order(raw)
+        assert decode_point(raw) is not None
+    off = next(
+        raw
+        for raw in (y.to_bytes(32, "little") for y in range(2, 100))
+        if decode_point(raw) is None
+    )
+    assert not small_order(off)
+    key = PublicKey(off)  # OpenSSL takes the bytes; nothing verifies with them
+    assert not key.verify(IDENTITY + bytes(32), b"m")
 
 
 def test_a_key_must_be_32_bytes():
