@@ -14,7 +14,9 @@ Fails closed: a libcrypto that cannot be loaded, or that cannot make an
 Ed25519 key (e.g. a configuration without it), is an error when a key is made
 (the policy then does not load), never a signature that quietly fails or
 passes. So is a key of small order, for which signatures verify without a
-private key (OpenSSL, like cryptography, accepts it; ``small_order()``). A
+private key (OpenSSL, like cryptography, accepts it; ``small_order()``), and
+bytes off the curve, with which no signature verifies (a signer who could
+never sign: said when the policy loads, not found out at the first task). A
 signature verifies only when OpenSSL says 1. A key cannot be copied or
 pickled (the copy would hold a pointer it does not own), nor changed, and
 stays usable until the interpreter is gone.
@@ -55,8 +57,9 @@ Point = tuple[int, int]
 def decode_point(raw: bytes) -> Point | None:
     """The point (x, y) of a 32-byte encoding, or None when it is off the curve.
 
-    y is taken mod p, as OpenSSL reads it, so a non-canonical encoding names
-    the point it is read as (RFC 8032 section 5.1.3, without its y < p check).
+    Read as OpenSSL reads it: RFC 8032 section 5.1.3 without two of its
+    checks, y < p (y is taken mod p) and x = 0 with the sign bit set (x stays
+    0), so a non-canonical encoding names the point OpenSSL verifies with.
     """
     n = int.from_bytes(raw, "little")
     y, sign = (n & ((1 << 255) - 1)) % _P, n >> 255
@@ -87,8 +90,10 @@ def small_order(raw: bytes) -> bool:
     (the identity point accepts R = the identity, S = 0 for every message).
     """
     point = decode_point(raw)
-    if point is None:
-        return False
+    return point is not None and _order_divides_8(point)
+
+
+def _order_divides_8(point: Point) -> bool:
     for _ in range(3):
         point = add(point, point)
     return point == (0, 1)
@@ -155,13 +160,20 @@ class PublicKey:
         """Make the key from its 32 raw bytes (copied: a later change is not seen).
 
         Raises:
-            ValueError: not 32 bytes, or libcrypto cannot make an Ed25519 key.
+            ValueError: not 32 bytes, not a point of the curve (no signature
+                could verify), of small order (any could), or libcrypto cannot
+                make an Ed25519 key.
         """
+        if hasattr(self, "_pkey"):
+            raise AttributeError("an Ed25519 PublicKey cannot be changed")
         raw = bytes(raw)
         if len(raw) != KEY_BYTES:
             n = len(raw)
             raise ValueError(f"an Ed25519 public key is {KEY_BYTES} bytes, not {n}")
-        if small_order(raw):
+        point = decode_point(raw)
+        if point is None:
+            raise ValueError("not a point of the Ed25519 curve: no signature verifies")
+        if _order_divides_8(point):
             raise ValueError("a small-order Ed25519 point: anyone could sign for it")
         lib = _lib()
         pkey = lib.EVP_PKEY_new_raw_public_key(_NID_ED25519, None, raw, KEY_BYTES)
@@ -175,6 +187,10 @@ class PublicKey:
 
     def __setattr__(self, name: str, value: object) -> NoReturn:
         """Refuse: the bytes and the key OpenSSL holds must stay one."""
+        raise AttributeError("an Ed25519 PublicKey cannot be changed")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        """Refuse, as ``__setattr__``."""
         raise AttributeError("an Ed25519 PublicKey cannot be changed")
 
     def __copy__(self) -> PublicKey:

@@ -8,6 +8,7 @@ context) are driven through a stand-in library: the real one never fails so.
 
 from __future__ import annotations
 
+import array
 import base64
 import copy
 import ctypes
@@ -108,6 +109,7 @@ def test_a_malleated_signature_s_plus_l_is_refused():
 
 
 IDENTITY = (1).to_bytes(32, "little")  # the neutral point (0, 1)
+ON_CURVE = bytes.fromhex(RFC8032[0][0])
 # Two order-8 points as libsodium's small-order blocklist spells them.
 PUBLISHED_ORDER_8 = [
     "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
@@ -175,19 +177,46 @@ def test_every_point_of_small_order_is_refused_in_every_spelling():
             PublicKey(raw)
 
 
-def test_real_and_off_curve_keys_are_not_small_order():
+def test_real_keys_load_and_bytes_off_the_curve_are_refused():
     for _ in range(20):
         raw = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
         assert not small_order(raw)
-        assert decode_point(raw) is not None
+        assert PublicKey(raw).public_bytes_raw() == raw
     off = next(
         raw
         for raw in (y.to_bytes(32, "little") for y in range(2, 100))
         if decode_point(raw) is None
     )
     assert not small_order(off)
-    key = PublicKey(off)  # OpenSSL takes the bytes; nothing verifies with them
-    assert not key.verify(IDENTITY + bytes(32), b"m")
+    with pytest.raises(ValueError, match="not a point of the Ed25519 curve"):
+        PublicKey(off)
+    # OpenSSL takes those bytes as a key; nothing verifies with them.
+    assert not _cryptography_verifies(off, IDENTITY + bytes(32), b"m")
+
+
+def _cryptography_verifies(raw: bytes, sig: bytes, msg: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(raw).verify(sig, msg)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def test_a_point_is_read_as_openssl_reads_it():
+    """The sign bit picks x's parity; y is taken mod p; x = 0 keeps its sign bit."""
+    p = 2**255 - 19
+    raw = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    point = decode_point(raw)
+    assert point is not None
+    assert _encode(point) == raw
+    n = int.from_bytes(raw, "little")
+    flipped = decode_point((n ^ 1 << 255).to_bytes(32, "little"))
+    assert flipped == ((-point[0]) % p, point[1])
+    assert decode_point((p + 1).to_bytes(32, "little")) == (0, 1)
+    assert decode_point((1 | 1 << 255).to_bytes(32, "little")) == (0, 1)
+    # OpenSSL agrees: the identity with the sign bit set still takes the forgery.
+    forged = IDENTITY + bytes(32)
+    assert _cryptography_verifies((1 | 1 << 255).to_bytes(32, "little"), forged, b"m")
 
 
 def test_a_key_must_be_32_bytes():
@@ -279,7 +308,7 @@ def test_no_libcrypto_fails_closed_with_one_line(fresh_lib, monkeypatch):
 
     monkeypatch.setattr(ed25519.ctypes, "CDLL", missing)
     with pytest.raises(ValueError, match="cannot load libcrypto for Ed25519"):
-        PublicKey(b"\1" * 32)
+        PublicKey(ON_CURVE)
     pem = public_pem(Ed25519PrivateKey.generate().public_key())
     with pytest.raises(InputError, match=r"^key: cannot load libcrypto"):
         load_public_key(pem, "key")
@@ -342,13 +371,13 @@ def test_a_libcrypto_that_cannot_make_the_key_is_an_error(monkeypatch):
     monkeypatch.setattr(ed25519, "_lib", lambda: _stand_in(
         EVP_PKEY_new_raw_public_key=lambda *a: None))  # fmt: skip
     with pytest.raises(ValueError, match="cannot make an Ed25519 public key"):
-        PublicKey(b"\1" * 32)
+        PublicKey(ON_CURVE)
 
 
 def test_only_a_one_from_openssl_is_a_valid_signature(monkeypatch):
     sig = b"\1" * 64
     monkeypatch.setattr(ed25519, "_lib", lambda: _stand_in())
-    key = PublicKey(b"\1" * 32)
+    key = PublicKey(ON_CURVE)
     assert key.verify(sig, b"m")
     for init, verify in ((0, 1), (-1, 1), (1, 0), (1, -1), (1, 2)):
         lib = _stand_in(
@@ -374,6 +403,23 @@ def test_a_key_is_not_copied_pickled_or_changed():
         with pytest.raises(AttributeError, match="cannot be changed"):
             setattr(key, name, b"\0" * 32)
     assert key.verify(private.sign(b"m"), b"m")
+
+
+def test_the_length_is_that_of_the_bytes_made():
+    wide = memoryview(array.array("I", [0] * 32))  # len 32, 128 bytes
+    with pytest.raises(ValueError, match="32 bytes, not 128"):
+        PublicKey(wide)
+
+
+def test_a_key_is_not_deleted_or_made_again():
+    other = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    key = PublicKey(ON_CURVE)
+    for name in ("_raw", "_pkey"):
+        with pytest.raises(AttributeError, match="cannot be changed"):
+            delattr(key, name)
+    with pytest.raises(AttributeError, match="cannot be changed"):
+        key.__init__(other)
+    assert key.public_bytes_raw() == ON_CURVE
 
 
 def test_the_key_bytes_are_copied_when_made():
