@@ -368,27 +368,24 @@ AGENT_ROWS = ((READY, "ms"), (RSS, "MB"), (FLOOD, "msg/s"))
 
 def verify_rows() -> list[Any]:
     from latency import Row
+    from verify import ADMIT, FEMD_RAW, FLOOR, RAW
 
     done = subprocess.run(
         # Many short rounds, best of each: a loaded host spoils some rounds, not all.
         [sys.executable, str(BENCH / "verify.py"), "--n", "200", "--repeat", "25"],
         capture_output=True, text=True, check=False, cwd=REPO,
     )  # fmt: skip
+    # The rows by the names verify.py prints them under (name, then the value).
     us: dict[str, float] = {}
     for line in done.stdout.splitlines():
-        m = re.match(
-            r"\s*(raw Ed25519 verify x2|admit\(\) verify\+decide"
-            r"|verifies\+decodes\+rules|femd.ed25519 verify x2)\s+([\d.]+)",
-            line,
-        )
-        if m:
-            us[m.group(1)] = float(m.group(2))
+        for name in (RAW, ADMIT, FLOOR, FEMD_RAW):
+            rest = line[len(name) :].split() if line.startswith(name) else []
+            if rest:
+                us[name] = float(rest[0])
     if len(us) != 4:
         tail = " ".join((done.stdout + done.stderr).split())[-160:]
         return [_row(VERIFY, "us", tail)]
-    admit, raw = us["admit() verify+decide"], us["raw Ed25519 verify x2"]
-    floor = us["verifies+decodes+rules"]
-    own = us["femd.ed25519 verify x2"]
+    admit, raw, floor, own = us[ADMIT], us[RAW], us[FLOOR], us[FEMD_RAW]
     return [
         Row(VERIFY, admit, raw, "us", raw / admit,
             "ratio = raw / admit; baseline: 2 raw Ed25519 verifies "
